@@ -1,0 +1,1374 @@
+//! The client-side state machine.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::Instant;
+use crate::framer::{Frame, Framer};
+use crate::wire::{self, CommandError, Event, Greeting, Incoming, RawJson, WireId};
+
+/// Which protocol the connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mode {
+    /// The QEMU machine protocol: greeting, then `qmp_capabilities`, then commands and events.
+    Qmp,
+    /// The guest agent protocol: no greeting; the session starts with a 0xFF byte and
+    /// `guest-sync-delimited`. `sync_seed` is the first sync id (later syncs count up from it);
+    /// the caller SHOULD pick it at random so replies meant for an earlier client cannot match.
+    Qga {
+        /// The id sent with the first `guest-sync-delimited`.
+        sync_seed: u64,
+    },
+}
+
+/// Settings for a [`Connection`]. Defaults may change between releases.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// The protocol. Default: [`Mode::Qmp`].
+    pub mode: Mode,
+    /// Capabilities to enable when the server offers them. Default: `["oob"]`.
+    pub capabilities: Vec<String>,
+    // --- Time ---
+    /// Budget for the greeting plus negotiation (QMP) or the first sync (QGA). Default 10 s.
+    pub handshake_timeout: Option<Duration>,
+    /// Default per-command timeout, counted from `send`. Default: none.
+    pub command_timeout: Option<Duration>,
+    // --- Flow control ---
+    /// Maximum in-band commands on the wire without a reply. Default 8 (QEMU's queue length).
+    pub max_in_flight: usize,
+    /// Maximum commands waiting locally for a free slot. Default 65,536.
+    pub max_queued: usize,
+    // --- Limits ---
+    /// Largest message accepted from the peer, in bytes. Default 16 MiB.
+    pub max_message_size: usize,
+    /// Deepest nesting accepted from the peer. Default 1024 (QEMU's own input limit).
+    pub max_depth: usize,
+    /// Largest request this side will write, in bytes. Default 32 MiB (QEMU accepts 64 MiB).
+    pub max_request_size: usize,
+    /// Deepest arguments this side will write. Default 512 (QEMU accepts 1024).
+    pub max_request_depth: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Qmp,
+            capabilities: vec!["oob".to_owned()],
+            handshake_timeout: Some(Duration::from_secs(10)),
+            command_timeout: None,
+            max_in_flight: 8,
+            max_queued: 65_536,
+            max_message_size: 16 << 20,
+            max_depth: 1024,
+            max_request_size: 32 << 20,
+            max_request_depth: 512,
+        }
+    }
+}
+
+impl Config {
+    /// The defaults for QMP.
+    pub fn qmp() -> Self {
+        Self::default()
+    }
+
+    /// The defaults for the guest agent, with the first sync id.
+    pub fn qga(sync_seed: u64) -> Self {
+        Self {
+            mode: Mode::Qga { sync_seed },
+            capabilities: Vec::new(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the capabilities to enable when offered.
+    #[must_use]
+    pub fn capabilities<I: IntoIterator<Item = S>, S: Into<String>>(mut self, caps: I) -> Self {
+        self.capabilities = caps.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the handshake timeout (`None`: wait forever).
+    #[must_use]
+    pub fn handshake_timeout(mut self, t: Option<Duration>) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+
+    /// Sets the default command timeout (`None`: no timeout).
+    #[must_use]
+    pub fn command_timeout(mut self, t: Option<Duration>) -> Self {
+        self.command_timeout = t;
+        self
+    }
+
+    /// Sets the in-band in-flight cap (at least 1).
+    #[must_use]
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Sets the local queue bound.
+    #[must_use]
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = n;
+        self
+    }
+
+    /// Sets the largest accepted message.
+    #[must_use]
+    pub fn max_message_size(mut self, n: usize) -> Self {
+        self.max_message_size = n;
+        self
+    }
+
+    /// Sets the deepest accepted nesting.
+    #[must_use]
+    pub fn max_depth(mut self, n: usize) -> Self {
+        self.max_depth = n;
+        self
+    }
+}
+
+/// Identifies one request for the life of a [`Connection`]. Never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(u64);
+
+impl RequestId {
+    /// The number written as the request's `id` on the wire.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// A command to send, built by chaining.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    name: String,
+    arguments: Option<String>,
+    oob: bool,
+    timeout: Option<Option<Duration>>,
+    expect_reply: bool,
+    fds: bool,
+}
+
+impl Command {
+    /// A command with no arguments.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            arguments: None,
+            oob: false,
+            timeout: None,
+            expect_reply: true,
+            fds: false,
+        }
+    }
+
+    /// Serialises `args` (which must serialise to a JSON object, or to `null` for none).
+    ///
+    /// # Errors
+    /// [`LocalError::Serialize`] or [`LocalError::InvalidArguments`].
+    pub fn arguments<T: Serialize + ?Sized>(mut self, args: &T) -> Result<Self, LocalError> {
+        let text = serde_json::to_string(args).map_err(|e| LocalError::Serialize(e.to_string()))?;
+        self.arguments = check_arguments(text)?;
+        Ok(self)
+    }
+
+    /// Uses `json`, which must be a JSON object (or `null`), as the arguments, written as given.
+    ///
+    /// # Errors
+    /// [`LocalError::InvalidArguments`] when it is not a single JSON object.
+    pub fn raw_arguments(mut self, json: impl Into<String>) -> Result<Self, LocalError> {
+        let text = json.into();
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| LocalError::InvalidArguments(e.to_string()))?;
+        self.arguments = check_arguments(text.trim().to_owned())?;
+        Ok(self)
+    }
+
+    /// Sends it as `exec-oob` (needs the `oob` capability).
+    #[must_use]
+    pub fn oob(mut self) -> Self {
+        self.oob = true;
+        self
+    }
+
+    /// Overrides the connection's command timeout for this command (`None`: no timeout).
+    #[must_use]
+    pub fn timeout(mut self, t: Option<Duration>) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Marks a command that sends no success reply (QGA's `guest-shutdown` and friends). It
+    /// resolves as [`Outcome::Sent`] once written; an error reply, if any, is then discarded.
+    #[must_use]
+    pub fn no_reply(mut self) -> Self {
+        self.expect_reply = false;
+        self
+    }
+
+    /// Marks a command that carries file descriptors. [`Connection::poll_fds`] names it when its
+    /// first byte is next to go out, and the driver MUST attach the descriptors to that write.
+    #[must_use]
+    pub fn with_fds(mut self) -> Self {
+        self.fds = true;
+        self
+    }
+
+    /// The command name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The arguments as compact JSON text, if any.
+    pub fn arguments_json(&self) -> Option<&str> {
+        self.arguments.as_deref()
+    }
+
+    /// Whether it goes out as `exec-oob`.
+    pub fn is_oob(&self) -> bool {
+        self.oob
+    }
+}
+
+fn check_arguments(text: String) -> Result<Option<String>, LocalError> {
+    match text.as_bytes().first() {
+        Some(b'{') => Ok(Some(text)),
+        _ if text == "null" => Ok(None),
+        _ => Err(LocalError::InvalidArguments(format!(
+            "arguments must be a JSON object, got {}",
+            wire::excerpt(&text, 40)
+        ))),
+    }
+}
+
+/// The caller misused the API. The connection is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocalError {
+    /// The connection is closed; nothing more can be sent.
+    #[error("the connection is closed")]
+    Closed,
+    /// `exec-oob` needs the `oob` capability, which this session did not negotiate.
+    #[error("exec-oob needs the oob capability, which this session did not negotiate")]
+    OobNotNegotiated,
+    /// The guest agent has no out-of-band execution.
+    #[error("the guest agent protocol has no exec-oob")]
+    OobUnsupported,
+    /// The arguments are not a JSON object.
+    #[error("invalid arguments: {0}")]
+    InvalidArguments(String),
+    /// The arguments could not be serialised.
+    #[error("cannot serialise the arguments: {0}")]
+    Serialize(String),
+    /// The request would be larger than the configured limit.
+    #[error("the request is {size} bytes, over the {max}-byte limit")]
+    RequestTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The arguments nest deeper than the configured limit.
+    #[error("the arguments nest deeper than {max} levels")]
+    RequestTooDeep {
+        /// The limit.
+        max: usize,
+    },
+    /// Too many commands are already waiting locally.
+    #[error("{max} commands are already waiting to be sent")]
+    QueueFull {
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// The peer broke the protocol badly enough to end the session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteError {
+    /// No greeting (QMP) or sync reply (QGA) arrived in time.
+    #[error("the server did not complete the handshake in time (is another client attached?)")]
+    HandshakeTimeout,
+    /// The server refused `qmp_capabilities`.
+    #[error("capability negotiation failed: {0}")]
+    NegotiationFailed(CommandError),
+}
+
+/// Why the connection closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The peer closed the stream (EOF, reset or broken pipe).
+    PeerClosed,
+    /// [`Connection::close`] was called.
+    Local,
+    /// The peer broke the protocol.
+    Remote(RemoteError),
+}
+
+/// Why a request did not get an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// Its deadline passed.
+    Timeout,
+    /// The peer closed the connection.
+    PeerClosed,
+    /// The connection was closed locally.
+    LocalClose,
+    /// The handshake failed, so the session never became ready.
+    HandshakeFailed,
+    /// It needs `oob`, which the server did not offer.
+    OobUnavailable,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Timeout => "timed out",
+            Self::PeerClosed => "the peer closed the connection",
+            Self::LocalClose => "the connection was closed",
+            Self::HandshakeFailed => "the handshake failed",
+            Self::OobUnavailable => "the server does not offer oob",
+        })
+    }
+}
+
+/// How a request ended. Every request gets exactly one, unless the caller abandons it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The server answered: the raw `return` value, or the error.
+    Replied(Result<RawJson, CommandError>),
+    /// A [`Command::no_reply`] command was written in full.
+    Sent,
+    /// No byte of it reached the transport: retrying is always safe.
+    NotSent(Failure),
+    /// It was (at least partly) written but no answer came: it may or may not have run.
+    Unknown(Failure),
+}
+
+/// Something the peer sent that does not fit the protocol. The session continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Anomaly {
+    /// A complete value that is not valid JSON (or not UTF-8), skipped.
+    InvalidJson {
+        /// Its length in bytes.
+        len: usize,
+        /// What the parser said.
+        error: String,
+    },
+    /// Bytes between messages that cannot start one, skipped.
+    Garbage {
+        /// How many.
+        len: usize,
+    },
+    /// A message over [`Config::max_message_size`], skipped.
+    Oversized {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A message nested deeper than [`Config::max_depth`], skipped.
+    TooDeep {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// Valid JSON that is not a message this state expects (the text, shortened).
+    Unexpected(String),
+    /// An error reply without an id: QEMU's answer to input it could not parse. This crate
+    /// always sends an id, so such errors are never matched to a request.
+    IdlessError(CommandError),
+    /// The stream ended inside a message of this many bytes.
+    Truncated {
+        /// How many bytes of it arrived.
+        len: usize,
+    },
+}
+
+/// The negotiated session, reported once by [`Output::Ready`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Ready {
+    /// The capabilities that were enabled.
+    pub capabilities: Vec<String>,
+}
+
+/// What the machine emits, drained with [`Connection::poll_output`].
+#[must_use = "outputs carry replies and events that would otherwise be lost"]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Output {
+    /// The server's greeting (QMP only).
+    Greeting(Greeting),
+    /// The session is ready for commands.
+    Ready(Ready),
+    /// A request finished.
+    Completed {
+        /// Which one.
+        id: RequestId,
+        /// How.
+        outcome: Outcome,
+    },
+    /// An asynchronous event.
+    Event(Event),
+    /// A protocol anomaly; the session goes on.
+    Anomaly(Anomaly),
+    /// The connection is closed; nothing follows.
+    Closed(CloseReason),
+}
+
+/// The phase of the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum State {
+    /// Waiting for the QMP greeting.
+    AwaitingGreeting,
+    /// `qmp_capabilities` is on its way.
+    Negotiating,
+    /// The guest agent sync is on its way.
+    Syncing,
+    /// Commands flow.
+    Ready,
+    /// Done.
+    Closed,
+}
+
+/// Counters a caller can read at any time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Bytes fed to `handle_input`.
+    pub bytes_received: u64,
+    /// Bytes reported by `handle_transmitted`.
+    pub bytes_sent: u64,
+    /// Complete messages received (valid or not).
+    pub messages_received: u64,
+    /// Requests whose first byte was written (including internal ones).
+    pub requests_sent: u64,
+    /// Replies delivered to their request.
+    pub replies: u64,
+    /// Events delivered.
+    pub events: u64,
+    /// Replies for requests that had timed out or been abandoned, dropped.
+    pub late_replies: u64,
+    /// Replies whose id this session never sent (or stale replies during a QGA sync), dropped.
+    pub unknown_replies: u64,
+    /// Anomalies reported.
+    pub anomalies: u64,
+}
+
+/// How much of a request reached the transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Nothing,
+    Partly,
+    All,
+}
+
+/// What an id on the wire belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    User,
+    Negotiation,
+    Sync(u64),
+}
+
+#[derive(Debug)]
+struct Pending {
+    purpose: Purpose,
+    inband: bool,
+    expect_reply: bool,
+    written: Written,
+    deadline: Option<Instant>,
+    /// Encoded bytes while still waiting in the local queue.
+    queued: Option<Vec<u8>>,
+    fds: bool,
+}
+
+/// A request's bytes inside the transmit buffer.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    id: u64,
+    start: usize,
+    end: usize,
+}
+
+/// The wire id reserved for `qmp_capabilities`; user requests count up from 1.
+const NEGOTIATION_ID: u64 = 0;
+/// Input is framed in pieces of at most this size so buffers stay near the message limit.
+const FEED_CHUNK: usize = 64 * 1024;
+/// Ids of abandoned or timed-out requests remembered to tell late replies from unknown ones.
+const MAX_TOMBSTONES: usize = 4096;
+
+/// A sans-IO QMP or QGA client connection.
+///
+/// It does no I/O, reads no clock and spawns nothing: bytes and time go in through `handle_*`
+/// calls, and bytes to write, the next deadline and outputs come out through `poll_*` calls.
+///
+/// After **every** `handle_*` call and every [`send`](Self::send), [`abandon`](Self::abandon)
+/// or [`close`](Self::close), the driver MUST, in this order:
+/// 1. write what [`poll_transmit`](Self::poll_transmit) shows (attaching file descriptors when
+///    [`poll_fds`](Self::poll_fds) names a request) and report the count with
+///    [`handle_transmitted`](Self::handle_transmitted), until it shows nothing or the
+///    transport would block;
+/// 2. re-arm its single timer from [`poll_timeout`](Self::poll_timeout) and call
+///    [`handle_timeout`](Self::handle_timeout) when it fires;
+/// 3. drain [`poll_output`](Self::poll_output).
+///
+/// `now` values MUST never go backwards.
+///
+/// # Correlation rules
+/// - Every request carries a numeric id; replies are matched by id alone, never by order.
+/// - A reply whose id belongs to a timed-out or abandoned request is counted in
+///   [`Stats::late_replies`] and dropped; an id never sent is counted in
+///   [`Stats::unknown_replies`] and dropped. Ids are never reused, so nothing is misrouted.
+/// - An error without an id (QEMU's answer to unparsable input) is reported as
+///   [`Anomaly::IdlessError`], never matched to a request: this crate always sends ids and
+///   never leaves half a request on the wire, so such an error cannot answer one of ours.
+/// - At most [`Config::max_in_flight`] in-band requests are on the wire without a reply
+///   (abandoned and timed-out ones still count until a later in-band reply shows QEMU got past
+///   them); more wait in a local queue. `exec-oob` requests skip that queue.
+pub struct Connection {
+    config: Config,
+    state: State,
+    framer: Framer,
+    greeting: Option<Greeting>,
+    capabilities: Vec<String>,
+    handshake_deadline: Option<Instant>,
+    /// The next user id.
+    next_id: u64,
+    /// The next QGA sync id.
+    next_sync: u64,
+    /// The sync id being waited for, and whether its 0xFF was seen.
+    syncing: Option<(u64, bool)>,
+    /// Every unresolved request, by wire id.
+    pending: HashMap<u64, Pending>,
+    /// Requests waiting for admission, in order.
+    queue: VecDeque<u64>,
+    /// In-band requests on the wire without a reply (including tombstoned ones), in order.
+    inband: VecDeque<u64>,
+    /// Abandoned or timed-out ids whose replies may still arrive.
+    tombstones: HashSet<u64>,
+    tombstone_order: VecDeque<u64>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    out: Vec<u8>,
+    out_pos: usize,
+    segments: VecDeque<Segment>,
+    outputs: VecDeque<Output>,
+    stats: Stats,
+    /// Whether [`Output::Closed`] was queued.
+    closed_reported: bool,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("state", &self.state)
+            .field("pending", &self.pending.len())
+            .field("queued", &self.queue.len())
+            .field("in_flight", &self.inband.len())
+            .field("unsent_bytes", &(self.out.len() - self.out_pos))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// A connection that has just been opened at `now`.
+    pub fn new(now: Instant, config: Config) -> Self {
+        let handshake_deadline = config.handshake_timeout.map(|t| now + t);
+        let framer = Framer::new(config.max_message_size, config.max_depth);
+        let mut conn = Self {
+            state: State::AwaitingGreeting,
+            framer,
+            greeting: None,
+            capabilities: Vec::new(),
+            handshake_deadline,
+            next_id: 1,
+            next_sync: 0,
+            syncing: None,
+            pending: HashMap::new(),
+            queue: VecDeque::new(),
+            inband: VecDeque::new(),
+            tombstones: HashSet::new(),
+            tombstone_order: VecDeque::new(),
+            deadlines: BTreeSet::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            segments: VecDeque::new(),
+            outputs: VecDeque::new(),
+            stats: Stats::default(),
+            closed_reported: false,
+            config,
+        };
+        if let Mode::Qga { sync_seed } = conn.config.mode {
+            conn.next_sync = sync_seed;
+            conn.start_sync();
+        }
+        conn
+    }
+
+    // --- Inputs ---
+
+    /// Feeds bytes read from the transport.
+    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.stats.bytes_received += data.len() as u64;
+        for chunk in data.chunks(FEED_CHUNK) {
+            self.feed(now, chunk);
+            if self.state == State::Closed {
+                return;
+            }
+        }
+    }
+
+    fn feed(&mut self, now: Instant, mut chunk: &[u8]) {
+        // While a QGA sync waits for its 0xFF, bytes before that marker are stale: complete
+        // messages in them are still routed by id, partial ones are dropped at the marker.
+        while let Some((sync, false)) = self.syncing {
+            match chunk.iter().position(|&b| b == 0xFF) {
+                Some(i) => {
+                    self.framer.push(&chunk[..i]);
+                    self.drain_frames(now);
+                    self.framer.reset();
+                    self.syncing = Some((sync, true));
+                    chunk = &chunk[i + 1..];
+                }
+                None => break,
+            }
+        }
+        self.framer.push(chunk);
+        self.drain_frames(now);
+    }
+
+    fn drain_frames(&mut self, now: Instant) {
+        while let Some(frame) = self.framer.next_frame() {
+            match frame {
+                Frame::Value(range) => {
+                    self.stats.messages_received += 1;
+                    let len = range.len();
+                    let bytes = self.framer.take(range);
+                    match wire::classify(bytes) {
+                        Ok(msg) => self.on_message(now, msg),
+                        Err(bad) => self.anomaly(Anomaly::InvalidJson { len, error: bad.0 }),
+                    }
+                }
+                // Outside a sync the 0xFF marker carries no meaning.
+                Frame::Delimiter => {}
+                Frame::Garbage { len } => self.anomaly(Anomaly::Garbage { len }),
+                Frame::Oversized { len } => {
+                    self.stats.messages_received += 1;
+                    self.anomaly(Anomaly::Oversized { len });
+                }
+                Frame::TooDeep { len } => {
+                    self.stats.messages_received += 1;
+                    self.anomaly(Anomaly::TooDeep { len });
+                }
+            }
+            if self.state == State::Closed {
+                return;
+            }
+        }
+    }
+
+    /// Reports that the peer closed the stream (EOF, reset, broken pipe).
+    pub fn handle_eof(&mut self, _now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        if self.framer.has_partial() {
+            let len = self.framer.partial_len();
+            self.anomaly(Anomaly::Truncated { len });
+        }
+        self.shut(CloseReason::PeerClosed, Failure::PeerClosed);
+    }
+
+    /// Expires every deadline at or before `now`. Harmless when nothing is due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        if self.handshake_deadline.is_some_and(|d| d <= now) {
+            self.handshake_deadline = None;
+            self.shut(
+                CloseReason::Remote(RemoteError::HandshakeTimeout),
+                Failure::HandshakeFailed,
+            );
+            return;
+        }
+        let mut resync = false;
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            let Some(p) = self.pending.get(&id) else {
+                continue;
+            };
+            if p.purpose != Purpose::User {
+                continue;
+            }
+            let written = p.written;
+            resync |= written != Written::Nothing;
+            let outcome = self.forget(id, Failure::Timeout);
+            self.complete(id, outcome);
+        }
+        if resync && matches!(self.config.mode, Mode::Qga { .. }) && self.state == State::Ready {
+            // The agent may hold a half-read request or owe us stale replies: resynchronise.
+            self.start_sync();
+        }
+        self.admit();
+    }
+
+    /// Reports that the first `n` bytes shown by [`poll_transmit`](Self::poll_transmit) were
+    /// written.
+    pub fn handle_transmitted(&mut self, n: usize) {
+        let n = n.min(self.out.len() - self.out_pos);
+        if n == 0 {
+            return;
+        }
+        self.out_pos += n;
+        self.stats.bytes_sent += n as u64;
+        while let Some(seg) = self.segments.front().copied() {
+            if seg.start >= self.out_pos {
+                break;
+            }
+            let done = seg.end <= self.out_pos;
+            if let Some(p) = self.pending.get_mut(&seg.id) {
+                if p.written == Written::Nothing {
+                    self.stats.requests_sent += 1;
+                }
+                p.written = if done { Written::All } else { Written::Partly };
+                if done && !p.expect_reply {
+                    self.pending.remove(&seg.id);
+                    self.complete(seg.id, Outcome::Sent);
+                }
+            }
+            if !done {
+                break;
+            }
+            self.segments.pop_front();
+        }
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+            self.segments.clear();
+        }
+    }
+
+    // --- Commands from the application ---
+
+    /// Submits a command. It is written once the session is ready and an in-flight slot is
+    /// free; its deadline counts from `now`.
+    ///
+    /// # Errors
+    /// See [`LocalError`]; on error nothing changed.
+    pub fn send(&mut self, now: Instant, cmd: Command) -> Result<RequestId, LocalError> {
+        if self.state == State::Closed {
+            return Err(LocalError::Closed);
+        }
+        if cmd.oob {
+            if matches!(self.config.mode, Mode::Qga { .. }) {
+                return Err(LocalError::OobUnsupported);
+            }
+            if self.state == State::Ready && !self.has_capability("oob") {
+                return Err(LocalError::OobNotNegotiated);
+            }
+        }
+        if let Some(args) = &cmd.arguments {
+            if nesting(args.as_bytes()) > self.config.max_request_depth {
+                return Err(LocalError::RequestTooDeep {
+                    max: self.config.max_request_depth,
+                });
+            }
+        }
+        let id = self.next_id;
+        let mut bytes =
+            Vec::with_capacity(32 + cmd.name.len() + cmd.arguments.as_ref().map_or(0, String::len));
+        wire::encode_request(
+            &mut bytes,
+            &cmd.name,
+            cmd.arguments.as_deref(),
+            cmd.oob,
+            Some(id),
+        );
+        if bytes.len() > self.config.max_request_size {
+            return Err(LocalError::RequestTooLarge {
+                size: bytes.len(),
+                max: self.config.max_request_size,
+            });
+        }
+        let ready = self.state == State::Ready;
+        let direct = ready
+            && (cmd.oob
+                || (self.queue.is_empty() && self.inband.len() < self.config.max_in_flight));
+        if !direct && self.queue.len() >= self.config.max_queued {
+            return Err(LocalError::QueueFull {
+                max: self.config.max_queued,
+            });
+        }
+        self.next_id += 1;
+        let deadline = cmd
+            .timeout
+            .unwrap_or(self.config.command_timeout)
+            .map(|t| now + t);
+        if let Some(at) = deadline {
+            self.deadlines.insert((at, id));
+        }
+        self.pending.insert(
+            id,
+            Pending {
+                purpose: Purpose::User,
+                inband: !cmd.oob,
+                expect_reply: cmd.expect_reply,
+                written: Written::Nothing,
+                deadline,
+                queued: None,
+                fds: cmd.fds,
+            },
+        );
+        if direct {
+            self.put_on_wire(id, &bytes);
+        } else {
+            self.pending.get_mut(&id).expect("just inserted").queued = Some(bytes);
+            self.queue.push_back(id);
+        }
+        Ok(RequestId(id))
+    }
+
+    /// Gives up on a request without an outcome. If none of its bytes were written it is
+    /// dropped; if some were, the rest is still written (a request is never cut short) and its
+    /// reply, when it comes, is discarded. Returns whether the request was still pending.
+    pub fn abandon(&mut self, id: RequestId) -> bool {
+        let id = id.0;
+        match self.pending.get(&id) {
+            Some(p) if p.purpose == Purpose::User => {
+                let _ = self.forget(id, Failure::LocalClose);
+                self.admit();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Starts a new guest-agent sync (0xFF plus `guest-sync-delimited`), for instance after a
+    /// reconnect of the transport or an anomaly. New commands wait until it completes. Has no
+    /// effect in QMP mode or when closed.
+    pub fn resync(&mut self) {
+        if matches!(self.config.mode, Mode::Qga { .. }) && self.state != State::Closed {
+            self.start_sync();
+        }
+    }
+
+    /// Closes the connection: every pending request resolves now, unsent bytes are dropped, and
+    /// [`Output::Closed`] follows. The driver SHOULD then shut the transport down.
+    pub fn close(&mut self, _now: Instant) {
+        if self.state != State::Closed {
+            self.shut(CloseReason::Local, Failure::LocalClose);
+        }
+    }
+
+    // --- Outputs ---
+
+    /// The bytes to write next, if any. Peek only: report progress with
+    /// [`handle_transmitted`](Self::handle_transmitted).
+    #[must_use]
+    pub fn poll_transmit(&self) -> Option<&[u8]> {
+        if self.out_pos == self.out.len() {
+            return None;
+        }
+        // Bytes of a request that carries fds start a write of their own, so the descriptors
+        // travel with its first byte; the write before stops short of it.
+        let mut end = self.out.len();
+        for seg in &self.segments {
+            if seg.start > self.out_pos && self.pending.get(&seg.id).is_some_and(|p| p.fds) {
+                end = seg.start;
+                break;
+            }
+        }
+        Some(&self.out[self.out_pos..end])
+    }
+
+    /// The request whose file descriptors MUST be attached to the next write, when the bytes
+    /// that [`poll_transmit`](Self::poll_transmit) shows begin a request marked
+    /// [`Command::with_fds`].
+    #[must_use]
+    pub fn poll_fds(&self) -> Option<RequestId> {
+        let seg = self.segments.front()?;
+        let p = self.pending.get(&seg.id)?;
+        (seg.start == self.out_pos && p.fds && p.written == Written::Nothing)
+            .then_some(RequestId(seg.id))
+    }
+
+    /// The earliest deadline, if any.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.state == State::Closed {
+            return None;
+        }
+        let first = self.deadlines.first().map(|&(at, _)| at);
+        match (self.handshake_deadline, first) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next output, if any.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    // --- Getters ---
+
+    /// The phase of the session.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Whether commands flow.
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// The server's greeting, once received.
+    pub fn greeting(&self) -> Option<&Greeting> {
+        self.greeting.as_ref()
+    }
+
+    /// The capabilities enabled by negotiation.
+    pub fn capabilities(&self) -> &[String] {
+        &self.capabilities
+    }
+
+    /// Whether capability `name` was enabled.
+    pub fn has_capability(&self, name: &str) -> bool {
+        self.capabilities.iter().any(|c| c == name)
+    }
+
+    /// In-band requests on the wire without a reply (counting abandoned ones QEMU still holds).
+    pub fn in_flight(&self) -> usize {
+        self.inband.len()
+    }
+
+    /// Requests waiting locally.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Unresolved requests of the caller's (queued, on the wire or awaiting a reply).
+    pub fn pending(&self) -> usize {
+        self.pending
+            .values()
+            .filter(|p| p.purpose == Purpose::User)
+            .count()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    // --- Internals ---
+
+    fn anomaly(&mut self, a: Anomaly) {
+        self.stats.anomalies += 1;
+        self.outputs.push_back(Output::Anomaly(a));
+    }
+
+    fn complete(&mut self, id: u64, outcome: Outcome) {
+        self.outputs.push_back(Output::Completed {
+            id: RequestId(id),
+            outcome,
+        });
+    }
+
+    fn on_message(&mut self, now: Instant, msg: Incoming) {
+        match msg {
+            Incoming::Event(ev) => {
+                if self.syncing.is_some_and(|(_, seen)| !seen) && self.state != State::Ready {
+                    // QGA sends no events; anything before the sync marker is stale.
+                    self.stats.unknown_replies += 1;
+                    return;
+                }
+                self.stats.events += 1;
+                self.outputs.push_back(Output::Event(ev));
+            }
+            Incoming::Greeting(g) => {
+                if self.state == State::AwaitingGreeting && self.config.mode == Mode::Qmp {
+                    self.on_greeting(g);
+                } else {
+                    self.anomaly(Anomaly::Unexpected("a second greeting".to_owned()));
+                }
+            }
+            Incoming::Return { id, value } => self.on_reply(now, id, Ok(value)),
+            Incoming::Error { id, error } => self.on_reply(now, id, Err(error)),
+            Incoming::Unexpected(text) => self.anomaly(Anomaly::Unexpected(text)),
+        }
+    }
+
+    fn on_greeting(&mut self, g: Greeting) {
+        let caps: Vec<String> = self
+            .config
+            .capabilities
+            .iter()
+            .filter(|c| g.offers(c))
+            .cloned()
+            .collect();
+        self.outputs.push_back(Output::Greeting(g.clone()));
+        self.greeting = Some(g);
+        self.state = State::Negotiating;
+        let args = (!caps.is_empty()).then(|| serde_json::json!({ "enable": caps }).to_string());
+        self.capabilities = caps;
+        let mut bytes = Vec::new();
+        wire::encode_request(
+            &mut bytes,
+            "qmp_capabilities",
+            args.as_deref(),
+            false,
+            Some(NEGOTIATION_ID),
+        );
+        self.pending.insert(
+            NEGOTIATION_ID,
+            Pending {
+                purpose: Purpose::Negotiation,
+                inband: false,
+                expect_reply: true,
+                written: Written::Nothing,
+                deadline: None,
+                queued: None,
+                fds: false,
+            },
+        );
+        self.put_on_wire(NEGOTIATION_ID, &bytes);
+    }
+
+    fn on_reply(&mut self, now: Instant, id: WireId, result: Result<RawJson, CommandError>) {
+        let _ = now;
+        let id = match id {
+            WireId::Number(id) => id,
+            WireId::Missing => {
+                if let Some((sync, true)) = self.syncing {
+                    if let Ok(v) = &result {
+                        if v.get().trim().parse::<u64>() == Ok(sync) {
+                            self.finish_sync();
+                            return;
+                        }
+                    }
+                }
+                if self.syncing.is_some() {
+                    // The parse error our 0xFF provokes, or replies meant for someone else.
+                    self.stats.unknown_replies += 1;
+                    return;
+                }
+                match result {
+                    Err(e) => self.anomaly(Anomaly::IdlessError(e)),
+                    Ok(_) => self.stats.unknown_replies += 1,
+                }
+                return;
+            }
+            WireId::Foreign => {
+                self.stats.unknown_replies += 1;
+                return;
+            }
+        };
+        if self.state == State::AwaitingGreeting
+            || (self.syncing.is_some() && self.state != State::Ready)
+        {
+            // Before the handshake no id of ours is on the wire: stale output.
+            self.stats.unknown_replies += 1;
+            return;
+        }
+        self.retire_inband(id);
+        match self.pending.get(&id).map(|p| (p.purpose, p.written)) {
+            Some((Purpose::Negotiation, _)) => {
+                self.pending.remove(&id);
+                match result {
+                    Ok(_) => self.become_ready(),
+                    Err(e) => self.shut(
+                        CloseReason::Remote(RemoteError::NegotiationFailed(e)),
+                        Failure::HandshakeFailed,
+                    ),
+                }
+            }
+            Some((_, written)) if written != Written::Nothing => {
+                let p = self.pending.remove(&id).expect("present");
+                if let Some(at) = p.deadline {
+                    self.deadlines.remove(&(at, id));
+                }
+                self.stats.replies += 1;
+                if p.expect_reply {
+                    self.complete(id, Outcome::Replied(result));
+                }
+                self.admit();
+            }
+            _ => {
+                if self.tombstones.remove(&id) {
+                    self.stats.late_replies += 1;
+                } else {
+                    self.stats.unknown_replies += 1;
+                }
+                self.admit();
+            }
+        }
+    }
+
+    /// In-band replies come in order: a reply to `id` means QEMU is done with every earlier
+    /// in-band request, including abandoned ones whose replies were lost or discarded.
+    fn retire_inband(&mut self, id: u64) {
+        if !self.inband.contains(&id) {
+            return;
+        }
+        while let Some(first) = self.inband.pop_front() {
+            if first == id {
+                break;
+            }
+        }
+    }
+
+    fn become_ready(&mut self) {
+        self.state = State::Ready;
+        self.handshake_deadline = None;
+        self.outputs.push_back(Output::Ready(Ready {
+            capabilities: self.capabilities.clone(),
+        }));
+        if !self.has_capability("oob") {
+            let oob: Vec<u64> = self
+                .queue
+                .iter()
+                .copied()
+                .filter(|id| self.pending.get(id).is_some_and(|p| !p.inband))
+                .collect();
+            for id in oob {
+                self.queue.retain(|&q| q != id);
+                let outcome = self.forget(id, Failure::OobUnavailable);
+                self.complete(id, outcome);
+            }
+        }
+        self.admit();
+    }
+
+    fn start_sync(&mut self) {
+        let sync = self.next_sync;
+        self.next_sync = self.next_sync.wrapping_add(1);
+        self.syncing = Some((sync, false));
+        if self.state != State::Ready {
+            self.state = State::Syncing;
+        }
+        let mut bytes = vec![0xFF];
+        let args = format!("{{\"id\":{sync}}}");
+        wire::encode_request(&mut bytes, "guest-sync-delimited", Some(&args), false, None);
+        // Sync requests have no wire id; they are tracked under a key no user id can take.
+        let key = u64::MAX - (sync % (1 << 20));
+        self.pending.insert(
+            key,
+            Pending {
+                purpose: Purpose::Sync(sync),
+                inband: false,
+                expect_reply: true,
+                written: Written::Nothing,
+                deadline: None,
+                queued: None,
+                fds: false,
+            },
+        );
+        self.put_on_wire(key, &bytes);
+    }
+
+    fn finish_sync(&mut self) {
+        self.syncing = None;
+        self.pending
+            .retain(|_, p| !matches!(p.purpose, Purpose::Sync(_)));
+        if self.state != State::Ready {
+            self.become_ready();
+        } else {
+            self.admit();
+        }
+    }
+
+    /// Moves queued requests onto the wire while slots are free.
+    fn admit(&mut self) {
+        if self.state != State::Ready || self.syncing.is_some() {
+            return;
+        }
+        while let Some(&id) = self.queue.front() {
+            let Some(p) = self.pending.get(&id) else {
+                self.queue.pop_front();
+                continue;
+            };
+            if p.inband && p.expect_reply && self.inband.len() >= self.config.max_in_flight {
+                // An oob request queued before the session was ready must not wait here.
+                if let Some(pos) = self
+                    .queue
+                    .iter()
+                    .position(|q| self.pending.get(q).is_some_and(|p| !p.inband))
+                {
+                    let oob = self.queue.remove(pos).expect("in range");
+                    let bytes = self.pending.get_mut(&oob).and_then(|p| p.queued.take());
+                    self.put_on_wire(oob, &bytes.unwrap_or_default());
+                    continue;
+                }
+                break;
+            }
+            self.queue.pop_front();
+            let bytes = self
+                .pending
+                .get_mut(&id)
+                .and_then(|p| p.queued.take())
+                .unwrap_or_default();
+            self.put_on_wire(id, &bytes);
+        }
+    }
+
+    fn put_on_wire(&mut self, id: u64, bytes: &[u8]) {
+        if self.out_pos > 0 && self.out_pos >= self.out.len() / 2 {
+            // Compact so the buffer does not grow while the transport drains it slowly.
+            self.out.drain(..self.out_pos);
+            for seg in &mut self.segments {
+                seg.start -= self.out_pos;
+                seg.end -= self.out_pos;
+            }
+            self.out_pos = 0;
+        }
+        let start = self.out.len();
+        self.out.extend_from_slice(bytes);
+        self.segments.push_back(Segment {
+            id,
+            start,
+            end: self.out.len(),
+        });
+        if let Some(p) = self.pending.get(&id) {
+            if p.inband && p.expect_reply && p.purpose == Purpose::User {
+                self.inband.push_back(id);
+            }
+        }
+    }
+
+    /// Drops a request's state. Unwritten bytes are removed from the wire buffer; a request
+    /// already (partly) written is tombstoned and its remaining bytes still go out. Returns the
+    /// outcome it would resolve with.
+    fn forget(&mut self, id: u64, why: Failure) -> Outcome {
+        let Some(p) = self.pending.remove(&id) else {
+            return Outcome::NotSent(why);
+        };
+        if let Some(at) = p.deadline {
+            self.deadlines.remove(&(at, id));
+        }
+        if p.queued.is_some() {
+            self.queue.retain(|&q| q != id);
+            return Outcome::NotSent(why);
+        }
+        if p.written == Written::Nothing {
+            if let Some(i) = self.segments.iter().position(|s| s.id == id) {
+                let seg = self.segments.remove(i).expect("in range");
+                let len = seg.end - seg.start;
+                self.out.drain(seg.start..seg.end);
+                for later in self.segments.iter_mut().skip(i) {
+                    later.start -= len;
+                    later.end -= len;
+                }
+            }
+            self.inband.retain(|&q| q != id);
+            return Outcome::NotSent(why);
+        }
+        if p.expect_reply {
+            self.tombstones.insert(id);
+            self.tombstone_order.push_back(id);
+            if self.tombstone_order.len() > MAX_TOMBSTONES {
+                if let Some(old) = self.tombstone_order.pop_front() {
+                    self.tombstones.remove(&old);
+                }
+            }
+        }
+        Outcome::Unknown(why)
+    }
+
+    fn shut(&mut self, reason: CloseReason, why: Failure) {
+        let mut ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.purpose == Purpose::User)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        for id in ids {
+            let p = self.pending.remove(&id).expect("listed");
+            let outcome = if p.written == Written::Nothing {
+                Outcome::NotSent(why)
+            } else {
+                Outcome::Unknown(why)
+            };
+            self.complete(id, outcome);
+        }
+        self.pending.clear();
+        self.queue.clear();
+        self.inband.clear();
+        self.deadlines.clear();
+        self.tombstones.clear();
+        self.tombstone_order.clear();
+        self.out.clear();
+        self.out_pos = 0;
+        self.segments.clear();
+        self.framer.reset();
+        self.syncing = None;
+        self.handshake_deadline = None;
+        self.state = State::Closed;
+        if !self.closed_reported {
+            self.closed_reported = true;
+            self.outputs.push_back(Output::Closed(reason));
+        }
+    }
+}
+
+/// The deepest bracket nesting in JSON text (brackets inside strings do not count).
+fn nesting(json: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut esc) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_str {
+            match (esc, b) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
