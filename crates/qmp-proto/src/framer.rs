@@ -547,3 +547,46 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod cost_probe {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore = "manual cost probe"]
+    fn probe() {
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/schema-qsd.json")).unwrap();
+        let n = 2000;
+        let t = Instant::now();
+        for _ in 0..n {
+            let mut v = Vec::new();
+            v.extend_from_slice(&bytes);
+            std::hint::black_box(v);
+        }
+        println!("copy {:?}", t.elapsed() / n);
+        let t = Instant::now();
+        for _ in 0..n {
+            let mut f = Framer::new(16 << 20, 1024);
+            f.push(&bytes);
+            std::hint::black_box(f.next_frame());
+        }
+        println!("copy+scan {:?}", t.elapsed() / n);
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(std::str::from_utf8(&bytes).unwrap());
+        }
+        println!("utf8 {:?}", t.elapsed() / n);
+        let s = std::str::from_utf8(&bytes).unwrap();
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(serde_json::from_str::<serde::de::IgnoredAny>(s).unwrap());
+        }
+        println!("ignored(str) {:?}", t.elapsed() / n);
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(crate::wire::classify(bytes.clone()).unwrap());
+        }
+        println!("clone+classify {:?}", t.elapsed() / n);
+    }
+}
