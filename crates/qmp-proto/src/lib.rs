@@ -43,12 +43,14 @@
 
 mod connection;
 mod framer;
+mod server;
 mod wire;
 
 pub use connection::{
     Anomaly, CloseReason, Command, Config, Connection, Failure, LocalError, Mode, Outcome, Output,
     Ready, RemoteError, RequestId, State, Stats,
 };
+pub use server::{EncodeError, Received, Server, ServerConfig, ServerRequest};
 pub use wire::{
     CommandError, ErrorClass, Event, Greeting, RawJson, Timestamp, VersionInfo, VersionTriple,
 };
