@@ -4,8 +4,8 @@
 //! - `value`: `serde_json::from_slice::<serde_json::Value>`, the usual baseline;
 //! - `floor`: `serde::de::IgnoredAny`, serde_json's validate-only pass, which nothing that
 //!   checks the JSON can beat by much;
-//! - `proto`: a ready [`Connection`] fed the bytes: framing, envelope parse with the return
-//!   kept raw, correlation to the pending request, and the output drained.
+//! - `proto`: a long-lived ready `Connection` fed the bytes: framing, envelope parse with the
+//!   return kept raw, correlation to its pending request, and the output drained.
 //!
 //! After criterion's own report, a summary prints one machine-readable line per input with the
 //! throughputs and the ratios `proto/floor` (time) and `value/proto` (speed-up).
@@ -16,20 +16,18 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use criterion::{BatchSize, Criterion, Throughput};
+use criterion::{Criterion, Throughput};
 use qmp_proto::{Command, Config, Connection, Outcome, Output};
 
 const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": [\"oob\"]}}\r\n";
 
-/// A connection past negotiation with request #1 written and awaiting its reply.
-fn ready_with_pending() -> Connection {
+/// A long-lived connection past negotiation, with no cap on in-flight commands.
+fn ready() -> Connection {
     let t0 = Instant::now();
-    let mut c = Connection::new(t0, Config::default());
+    let mut c = Connection::new(t0, Config::default().max_in_flight(usize::MAX));
     c.handle_input(t0, GREETING);
     drain_tx(&mut c);
     c.handle_input(t0, b"{\"return\": {}, \"id\": 0}\r\n");
-    c.send(t0, Command::new("query-qmp-schema")).unwrap();
-    drain_tx(&mut c);
     while c.poll_output().is_some() {}
     c
 }
@@ -38,6 +36,49 @@ fn drain_tx(c: &mut Connection) {
     while let Some(n) = c.poll_transmit().map(<[u8]>::len) {
         c.handle_transmitted(n);
     }
+}
+
+/// The reply bytes with their trailing `"id": 1}` replaced by `id`.
+fn with_id(reply: &[u8], id: u64) -> Vec<u8> {
+    let cut = reply
+        .iter()
+        .rposition(|&b| b == b':')
+        .expect("an id member")
+        + 1;
+    let mut v = reply[..cut].to_vec();
+    v.extend_from_slice(format!(" {id}}}\r\n").as_bytes());
+    v
+}
+
+/// Times only `handle_input` plus draining outputs, over `iters` messages, on one connection.
+/// Requests are sent and reply bytes prepared outside the timed sections.
+fn time_proto(iters: u64, bytes: &[u8], is_event: bool) -> Duration {
+    let mut conn = ready();
+    let batch = (4 << 20) / bytes.len().max(1);
+    let batch = batch.clamp(1, 1024) as u64;
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(batch);
+        left -= n;
+        let msgs: Vec<Vec<u8>> = (0..n)
+            .map(|_| {
+                if is_event {
+                    bytes.to_vec()
+                } else {
+                    let id = conn.send(Instant::now(), Command::new("x")).unwrap();
+                    with_id(bytes, id.get())
+                }
+            })
+            .collect();
+        drain_tx(&mut conn);
+        let start = Instant::now();
+        for m in &msgs {
+            proto_parse(&mut conn, black_box(m));
+        }
+        total += start.elapsed();
+    }
+    total
 }
 
 struct Input {
@@ -66,12 +107,15 @@ fn inputs() -> Vec<Input> {
     ]
 }
 
-fn proto_parse(c: &mut Connection, bytes: &[u8], is_event: bool) {
+fn proto_parse(c: &mut Connection, bytes: &[u8]) {
     c.handle_input(Instant::now(), bytes);
     let mut got = false;
     while let Some(out) = c.poll_output() {
         match out {
-            Output::Completed { outcome: Outcome::Replied(Ok(v)), .. } => {
+            Output::Completed {
+                outcome: Outcome::Replied(Ok(v)),
+                ..
+            } => {
                 black_box(v);
                 got = true;
             }
@@ -82,7 +126,7 @@ fn proto_parse(c: &mut Connection, bytes: &[u8], is_event: bool) {
             other => panic!("unexpected output {other:?}"),
         }
     }
-    assert!(got, "no reply or event parsed (is_event={is_event})");
+    assert!(got, "no reply or event parsed");
 }
 
 fn bench(c: &mut Criterion) {
@@ -94,24 +138,19 @@ fn bench(c: &mut Criterion) {
         }
         let bytes = &input.bytes;
         g.bench_function("value", |b| {
-            b.iter(|| black_box(serde_json::from_slice::<serde_json::Value>(black_box(bytes)).unwrap()))
+            b.iter(|| {
+                black_box(serde_json::from_slice::<serde_json::Value>(black_box(bytes)).unwrap())
+            })
         });
         g.bench_function("floor", |b| {
             b.iter(|| {
-                black_box(serde_json::from_slice::<serde::de::IgnoredAny>(black_box(bytes)).unwrap())
+                black_box(
+                    serde_json::from_slice::<serde::de::IgnoredAny>(black_box(bytes)).unwrap(),
+                )
             })
         });
         g.bench_function("proto", |b| {
-            if input.is_event {
-                let mut conn = ready_with_pending();
-                b.iter(|| proto_parse(&mut conn, black_box(bytes), true));
-            } else {
-                b.iter_batched_ref(
-                    ready_with_pending,
-                    |conn| proto_parse(conn, black_box(bytes), false),
-                    BatchSize::SmallInput,
-                );
-            }
+            b.iter_custom(|iters| time_proto(iters, bytes, input.is_event))
         });
         g.finish();
     }
@@ -120,9 +159,16 @@ fn bench(c: &mut Criterion) {
 /// Reads criterion's point estimate (mean time in ns) for one benchmark.
 fn mean_ns(group: &str, func: &str) -> Option<f64> {
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target").to_string_lossy().into_owned()
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target")
+            .to_string_lossy()
+            .into_owned()
     });
-    let path = Path::new(&target).join("criterion").join(group).join(func).join("new/estimates.json");
+    let path = Path::new(&target)
+        .join("criterion")
+        .join(group)
+        .join(func)
+        .join("new/estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["mean"]["point_estimate"].as_f64()
@@ -134,9 +180,11 @@ fn main() {
     c.final_summary();
     println!("\nsummary (time ratios from criterion's mean estimates; MB/s = 1e6 bytes/s)");
     for input in inputs() {
-        let (Some(v), Some(f), Some(p)) =
-            (mean_ns(input.name, "value"), mean_ns(input.name, "floor"), mean_ns(input.name, "proto"))
-        else {
+        let (Some(v), Some(f), Some(p)) = (
+            mean_ns(input.name, "value"),
+            mean_ns(input.name, "floor"),
+            mean_ns(input.name, "proto"),
+        ) else {
             continue;
         };
         let mbps = |ns: f64| input.bytes.len() as f64 / ns * 1e3;

@@ -512,7 +512,7 @@ struct Segment {
 /// The wire id reserved for `qmp_capabilities`; user requests count up from 1.
 const NEGOTIATION_ID: u64 = 0;
 /// Input is framed in pieces of at most this size so buffers stay near the message limit.
-const FEED_CHUNK: usize = 64 * 1024;
+const FEED_CHUNK: usize = 256 * 1024;
 /// Ids of abandoned or timed-out requests remembered to tell late replies from unknown ones.
 const MAX_TOMBSTONES: usize = 4096;
 
@@ -661,11 +661,11 @@ impl Connection {
     fn drain_frames(&mut self, now: Instant) {
         while let Some(frame) = self.framer.next_frame() {
             match frame {
-                Frame::Value(range) => {
+                Frame::Value { range, ascii } => {
                     self.stats.messages_received += 1;
                     let len = range.len();
                     let bytes = self.framer.take(range);
-                    match wire::classify(bytes) {
+                    match wire::classify(bytes, ascii) {
                         Ok(msg) => self.on_message(now, msg),
                         Err(bad) => self.anomaly(Anomaly::InvalidJson { len, error: bad.0 }),
                     }
@@ -815,7 +815,7 @@ impl Connection {
                 max: self.config.max_request_size,
             });
         }
-        let ready = self.state == State::Ready;
+        let ready = self.state == State::Ready && self.syncing.is_none();
         let direct = ready
             && (cmd.oob
                 || (self.queue.is_empty() && self.inband.len() < self.config.max_in_flight));
@@ -1143,6 +1143,11 @@ impl Connection {
     /// In-band replies come in order: a reply to `id` means QEMU is done with every earlier
     /// in-band request, including abandoned ones whose replies were lost or discarded.
     fn retire_inband(&mut self, id: u64) {
+        if self.inband.front() == Some(&id) {
+            // The usual case: replies arrive in the order the requests went out.
+            self.inband.pop_front();
+            return;
+        }
         if !self.inband.contains(&id) {
             return;
         }

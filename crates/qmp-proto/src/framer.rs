@@ -20,13 +20,18 @@
 
 use std::ops::Range;
 
+/// Values at least this long leave the framer by handing over its buffer (copying whatever
+/// follows them) instead of being copied; smaller ones are copied so the buffer is reused.
+const SPLIT_MIN: usize = 4096;
+
 /// One unit found in the input stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Frame {
-    /// A complete top-level value (object or array), as a range of the framer's buffer (see [`Framer::take`]).
+    /// A complete top-level value (object or array), as a range of the framer's buffer (see
+    /// [`Framer::take`]). `ascii` is true when every byte of it is below 0x80.
     ///
     /// The range stays valid until the next call that mutates the framer.
-    Value(Range<usize>),
+    Value { range: Range<usize>, ascii: bool },
     /// A 0xFF byte between values.
     Delimiter,
     /// Bytes between values that cannot start one; `len` bytes were skipped.
@@ -59,6 +64,8 @@ struct ScanState {
     escape: bool,
     /// The depth limit was exceeded somewhere in this value.
     too_deep: bool,
+    /// A byte of 0x80 or above was seen in a scanned block (possibly just past the value).
+    non_ascii: bool,
 }
 
 /// A streaming splitter of JSON values with size and depth limits.
@@ -105,7 +112,7 @@ impl Framer {
     pub(crate) fn take(&mut self, range: Range<usize>) -> Vec<u8> {
         debug_assert_eq!(range.end, self.consumed);
         let tail = self.buf.len() - range.end;
-        if range.start == 0 && range.len() >= tail {
+        if range.start == 0 && range.len() >= SPLIT_MIN && range.len() >= tail {
             // Keep the (small) tail, hand out the (large) front without copying it.
             let rest = self.buf.split_off(range.end);
             self.consumed = 0;
@@ -195,7 +202,10 @@ impl Framer {
                             if self.state.too_deep {
                                 return Some(Frame::TooDeep { len: end });
                             }
-                            return Some(Frame::Value(0..end));
+                            return Some(Frame::Value {
+                                range: 0..end,
+                                ascii: !self.state.non_ascii,
+                            });
                         }
                         None if self.buf.len() > self.max_size => {
                             // Too long: stop buffering and skip the rest as it streams in.
@@ -264,6 +274,8 @@ impl Framer {
 /// The bit masks of one block of up to 64 bytes.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Masks {
+    /// Bytes of 0x80 and above.
+    high: u64,
     quote: u64,
     backslash: u64,
     open: u64,
@@ -273,49 +285,80 @@ struct Masks {
 /// Scans `buf[from..]` continuing from `state`. Returns the index just past the byte that closes
 /// the value, or `None` when the value continues past the end of `buf`.
 fn scan(state: &mut ScanState, buf: &[u8], from: usize, max_depth: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("pclmulqdq") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { x86::scan_avx512(state, buf, from, max_depth) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("pclmulqdq") {
+            // SAFETY: as above.
+            return unsafe { x86::scan_avx2(state, buf, from, max_depth) };
+        }
+        scan_with(state, buf, from, max_depth, x86::classify_sse2, prefix_xor)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    scan_with(state, buf, from, max_depth, classify_portable, prefix_xor)
+}
+
+/// The block loop, generic over how masks and prefix XORs are computed so that each CPU
+/// flavour gets one fully inlined copy.
+#[inline(always)]
+fn scan_with(
+    state: &mut ScanState,
+    buf: &[u8],
+    from: usize,
+    max_depth: usize,
+    classify: impl Fn(&[u8; 64]) -> Masks,
+    pxor: impl Fn(u64) -> u64,
+) -> Option<usize> {
     let mut pos = from;
-    while pos < buf.len() {
-        let n = (buf.len() - pos).min(64);
-        let masks = if n == 64 {
-            let block: &[u8; 64] = buf[pos..pos + 64].try_into().expect("64 bytes");
-            classify(block)
-        } else {
-            let mut block = [0u8; 64];
-            block[..n].copy_from_slice(&buf[pos..pos + n]);
-            classify(&block)
-        };
-        if let Some(i) = step(state, masks, n, max_depth) {
+    while let Some(block) = buf.get(pos..pos + 64) {
+        let block: &[u8; 64] = block.try_into().expect("64 bytes");
+        if let Some(i) = step(state, classify(block), 64, max_depth, &pxor) {
             return Some(pos + i + 1);
         }
-        pos += n;
+        pos += 64;
+    }
+    if pos < buf.len() {
+        // The tail, padded with zeros: a zero byte is neither a quote, a backslash nor a
+        // bracket, so padding changes no mask.
+        let mut block = [0u8; 64];
+        block[..buf.len() - pos].copy_from_slice(&buf[pos..]);
+        if let Some(i) = step(state, classify(&block), buf.len() - pos, max_depth, &pxor) {
+            return Some(pos + i + 1);
+        }
     }
     None
 }
 
-/// Advances `state` over one block of `n` bytes. Returns the offset of the byte that brings the
-/// depth to zero, if any; the state is then only meaningful up to that byte.
-fn step(state: &mut ScanState, m: Masks, n: usize, max_depth: usize) -> Option<usize> {
-    let valid = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+/// Advances `state` over one block of `len` bytes. Returns the offset of the byte that brings the depth to
+/// zero, if any; the state is then only meaningful up to that byte.
+#[inline(always)]
+fn step(
+    state: &mut ScanState,
+    m: Masks,
+    len: usize,
+    max_depth: usize,
+    pxor: impl Fn(u64) -> u64,
+) -> Option<usize> {
     let escaped = if m.backslash == 0 && !state.escape {
         0
     } else {
-        escaped_bits(m.backslash, &mut state.escape, n)
+        escaped_bits(m.backslash, &mut state.escape, len)
     };
+    state.non_ascii |= m.high != 0;
     let quotes = m.quote & !escaped;
-    let mut inside = prefix_xor(quotes);
-    if state.in_string {
-        inside = !inside;
-    }
-    // Brackets count only outside strings. An opening quote is marked inside, the closing one
-    // outside, which does not matter since neither is a bracket.
-    let open = m.open & !inside & valid;
-    let close = m.close & !inside & valid;
-    let next_in_string = (quotes & valid).count_ones() % 2 == 1;
+    // Bit i is set when byte i is inside a string (the opening quote counts as inside, the
+    // closing one as outside; neither is a bracket, so that does not matter).
+    let inside = pxor(quotes) ^ 0u64.wrapping_sub(u64::from(state.in_string));
+    let open = m.open & !inside;
+    let close = m.close & !inside;
     let opens = open.count_ones() as usize;
     let closes = close.count_ones() as usize;
     if state.depth > closes && state.depth + opens <= max_depth {
         state.depth = state.depth + opens - closes;
-        state.in_string ^= next_in_string;
+        state.in_string = inside >> 63 != 0;
         return None;
     }
     let mut bits = open | close;
@@ -334,15 +377,17 @@ fn step(state: &mut ScanState, m: Masks, n: usize, max_depth: usize) -> Option<u
             }
         }
     }
-    state.in_string ^= next_in_string;
+    state.in_string = inside >> 63 != 0;
     None
 }
 
-/// Marks the bytes that a backslash escapes, over the first `n` bits, carrying across blocks.
-fn escaped_bits(backslash: u64, carry: &mut bool, n: usize) -> u64 {
+/// Marks the bytes that a backslash escapes among the first `len`, carrying an escape from the
+/// last byte to the next block.
+#[cold]
+fn escaped_bits(backslash: u64, carry: &mut bool, len: usize) -> u64 {
     let mut escaped = 0u64;
     let mut pending = *carry;
-    for i in 0..n {
+    for i in 0..len {
         if pending {
             escaped |= 1 << i;
             pending = false;
@@ -355,6 +400,7 @@ fn escaped_bits(backslash: u64, carry: &mut bool, n: usize) -> u64 {
 }
 
 /// Bit `i` of the result is the XOR of bits `0..=i` of `x`.
+#[inline(always)]
 fn prefix_xor(mut x: u64) -> u64 {
     x ^= x << 1;
     x ^= x << 2;
@@ -366,40 +412,142 @@ fn prefix_xor(mut x: u64) -> u64 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn classify(block: &[u8; 64]) -> Masks {
-    use std::arch::x86_64::{
-        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
-    };
-    let mut m = Masks::default();
-    // SAFETY: SSE2 is part of the x86_64 baseline, so these intrinsics are always available;
-    // each unaligned load reads 16 bytes at offsets 0, 16, 32 and 48 of a 64-byte array.
-    unsafe {
-        let quote = _mm_set1_epi8(b'"' as i8);
-        let backslash = _mm_set1_epi8(b'\\' as i8);
-        let open = _mm_set1_epi8(b'{' as i8);
-        let close = _mm_set1_epi8(b'}' as i8);
-        // '[' | 0x20 == '{' and ']' | 0x20 == '}', and no other byte maps to either.
-        let fold = _mm_set1_epi8(0x20);
-        for i in 0..4 {
-            let v = _mm_loadu_si128(block.as_ptr().add(i * 16).cast::<__m128i>());
-            let folded = _mm_or_si128(v, fold);
-            let shift = i * 16;
-            let bits = |x| u64::from(_mm_movemask_epi8(x) as u16) << shift;
-            m.quote |= bits(_mm_cmpeq_epi8(v, quote));
-            m.backslash |= bits(_mm_cmpeq_epi8(v, backslash));
-            m.open |= bits(_mm_cmpeq_epi8(folded, open));
-            m.close |= bits(_mm_cmpeq_epi8(folded, close));
+mod x86 {
+    //! SIMD classifiers. Each `scan_*` is compiled with its CPU features enabled and MUST
+    //! only be called after checking them at run time.
+
+    use super::{Masks, ScanState, scan_with};
+    use std::arch::x86_64::*;
+
+    /// Prefix XOR by carry-less multiplication with all ones.
+    #[inline(always)]
+    fn clmul_prefix_xor(x: u64) -> u64 {
+        // SAFETY: only inlined into functions compiled with `pclmulqdq` (checked by callers).
+        unsafe {
+            let v = _mm_set_epi64x(0, x as i64);
+            let ones = _mm_set1_epi8(-1);
+            _mm_cvtsi128_si64(_mm_clmulepi64_si128(v, ones, 0)) as u64
         }
     }
-    m
+
+    #[target_feature(enable = "avx512bw,pclmulqdq")]
+    pub(super) unsafe fn scan_avx512(
+        state: &mut ScanState,
+        buf: &[u8],
+        from: usize,
+        max_depth: usize,
+    ) -> Option<usize> {
+        let classify = |block: &[u8; 64]| {
+            // SAFETY: 64-byte unaligned load from a 64-byte array; features enabled above.
+            unsafe {
+                let v = _mm512_loadu_si512(block.as_ptr().cast());
+                let folded = _mm512_or_si512(v, _mm512_set1_epi8(0x20));
+                Masks {
+                    high: _mm512_movepi8_mask(v),
+                    quote: _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(b'"' as i8)),
+                    backslash: _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(b'\\' as i8)),
+                    open: _mm512_cmpeq_epi8_mask(folded, _mm512_set1_epi8(b'{' as i8)),
+                    close: _mm512_cmpeq_epi8_mask(folded, _mm512_set1_epi8(b'}' as i8)),
+                }
+            }
+        };
+        scan_with(state, buf, from, max_depth, classify, clmul_prefix_xor)
+    }
+
+    #[target_feature(enable = "avx2,pclmulqdq")]
+    pub(super) unsafe fn scan_avx2(
+        state: &mut ScanState,
+        buf: &[u8],
+        from: usize,
+        max_depth: usize,
+    ) -> Option<usize> {
+        let classify = |block: &[u8; 64]| {
+            let mut m = Masks::default();
+            // SAFETY: two 32-byte unaligned loads at offsets 0 and 32 of a 64-byte array;
+            // features enabled above.
+            unsafe {
+                let fold = _mm256_set1_epi8(0x20);
+                for half in 0..2 {
+                    let v = _mm256_loadu_si256(block.as_ptr().add(half * 32).cast());
+                    let folded = _mm256_or_si256(v, fold);
+                    let bits = |x| u64::from(_mm256_movemask_epi8(x) as u32) << (half * 32);
+                    m.high |= bits(v);
+                    m.quote |= bits(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'"' as i8)));
+                    m.backslash |= bits(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'\\' as i8)));
+                    m.open |= bits(_mm256_cmpeq_epi8(folded, _mm256_set1_epi8(b'{' as i8)));
+                    m.close |= bits(_mm256_cmpeq_epi8(folded, _mm256_set1_epi8(b'}' as i8)));
+                }
+            }
+            m
+        };
+        scan_with(state, buf, from, max_depth, classify, clmul_prefix_xor)
+    }
+
+    /// SSE2 is part of the x86_64 baseline, so this one needs no run-time check.
+    pub(super) fn classify_sse2(block: &[u8; 64]) -> Masks {
+        let mut m = Masks::default();
+        // SAFETY: SSE2 is always available on x86_64; each unaligned load reads 16 bytes at
+        // offsets 0, 16, 32 and 48 of a 64-byte array.
+        unsafe {
+            // '[' | 0x20 == '{' and ']' | 0x20 == '}', and no other byte maps to either.
+            let fold = _mm_set1_epi8(0x20);
+            for i in 0..4 {
+                let v = _mm_loadu_si128(block.as_ptr().add(i * 16).cast::<__m128i>());
+                let folded = _mm_or_si128(v, fold);
+                let bits = |x| u64::from(_mm_movemask_epi8(x) as u16) << (i * 16);
+                m.high |= bits(v);
+                m.quote |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8)));
+                m.backslash |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8)));
+                m.open |= bits(_mm_cmpeq_epi8(folded, _mm_set1_epi8(b'{' as i8)));
+                m.close |= bits(_mm_cmpeq_epi8(folded, _mm_set1_epi8(b'}' as i8)));
+            }
+        }
+        m
+    }
+
+    /// Runs every flavour this CPU supports over the same input, for tests.
+    #[cfg(test)]
+    pub(super) fn all_flavours(
+        buf: &[u8],
+        max_depth: usize,
+    ) -> Vec<(&'static str, Option<usize>, ScanState)> {
+        let mut out = Vec::new();
+        let run = |f: &dyn Fn(&mut ScanState) -> Option<usize>| {
+            let mut st = ScanState {
+                depth: 1,
+                ..ScanState::default()
+            };
+            let end = f(&mut st);
+            (end, st)
+        };
+        let (e, s) = run(&|st| {
+            scan_with(
+                st,
+                buf,
+                1,
+                max_depth,
+                super::classify_portable,
+                super::prefix_xor,
+            )
+        });
+        out.push(("portable", e, s));
+        let (e, s) = run(&|st| scan_with(st, buf, 1, max_depth, classify_sse2, super::prefix_xor));
+        out.push(("sse2", e, s));
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("pclmulqdq") {
+            // SAFETY: features checked just above.
+            let (e, s) = run(&|st| unsafe { scan_avx2(st, buf, 1, max_depth) });
+            out.push(("avx2", e, s));
+        }
+        if std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("pclmulqdq") {
+            // SAFETY: features checked just above.
+            let (e, s) = run(&|st| unsafe { scan_avx512(st, buf, 1, max_depth) });
+            out.push(("avx512", e, s));
+        }
+        out
+    }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-fn classify(block: &[u8; 64]) -> Masks {
-    classify_portable(block)
-}
-
-/// The portable classifier, also the reference that the SIMD one is tested against.
+/// The portable classifier, also the reference that the SIMD ones are tested against.
 #[cfg_attr(
     target_arch = "x86_64",
     allow(dead_code, reason = "reference for tests")
@@ -408,6 +556,9 @@ fn classify_portable(block: &[u8; 64]) -> Masks {
     let mut m = Masks::default();
     for (i, &b) in block.iter().enumerate() {
         let bit = 1u64 << i;
+        if b >= 0x80 {
+            m.high |= bit;
+        }
         match b {
             b'"' => m.quote |= bit,
             b'\\' => m.backslash |= bit,
@@ -428,8 +579,8 @@ mod tests {
         let mut out = Vec::new();
         while let Some(fr) = f.next_frame() {
             out.push(match fr {
-                Frame::Value(r) => {
-                    let v = f.take(r);
+                Frame::Value { range, .. } => {
+                    let v = f.take(range);
                     format!("V {}", String::from_utf8_lossy(&v))
                 }
                 Frame::Delimiter => "FF".to_owned(),
@@ -532,18 +683,28 @@ mod tests {
     }
 
     #[test]
-    fn simd_and_portable_classifiers_agree() {
-        let mut block = [0u8; 64];
-        for seed in 0..2000u32 {
-            let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-            for b in &mut block {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                *b = b"{}[]\"\\ax\xff\x7b\x5b"[(x % 11) as usize]
-                    ^ if x & 1 << 20 != 0 { 0x20 } else { 0 };
+    #[cfg(target_arch = "x86_64")]
+    fn every_simd_flavour_agrees_with_the_portable_scan() {
+        let alphabet: &[u8] = b"{}[]\"\\ax\xff:,\x80\x7f";
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for len in [1usize, 63, 64, 65, 127, 128, 200, 1000] {
+            for _ in 0..200 {
+                let mut buf = vec![b'{'];
+                for _ in 0..len {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    buf.push(alphabet[(x % alphabet.len() as u64) as usize]);
+                }
+                let results = x86::all_flavours(&buf, 6);
+                for (name, end, st) in &results[1..] {
+                    assert_eq!(
+                        (end, st),
+                        (&results[0].1, &results[0].2),
+                        "{name} on {buf:?}"
+                    );
+                }
             }
-            assert_eq!(classify(&block), classify_portable(&block), "{block:?}");
         }
     }
 }
@@ -556,7 +717,11 @@ mod cost_probe {
     #[test]
     #[ignore = "manual cost probe"]
     fn probe() {
-        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/schema-qsd.json")).unwrap();
+        let bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/data/schema-qsd.json"
+        ))
+        .unwrap();
         let n = 2000;
         let t = Instant::now();
         for _ in 0..n {
@@ -585,7 +750,7 @@ mod cost_probe {
         println!("ignored(str) {:?}", t.elapsed() / n);
         let t = Instant::now();
         for _ in 0..n {
-            std::hint::black_box(crate::wire::classify(bytes.clone()).unwrap());
+            std::hint::black_box(crate::wire::classify(bytes.clone(), false).unwrap());
         }
         println!("clone+classify {:?}", t.elapsed() / n);
     }

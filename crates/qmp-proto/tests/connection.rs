@@ -1,0 +1,743 @@
+//! Behaviour of the client machine, one test per rule, asserting exact outputs and bytes.
+
+use std::time::{Duration, Instant};
+
+use qmp_proto::{
+    Anomaly, CloseReason, Command, CommandError, Config, Connection, ErrorClass, Failure,
+    LocalError, Outcome, Output, Ready, RemoteError, RequestId, State,
+};
+
+const GREETING: &str = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"Debian 1:10.0.2\"}, \"capabilities\": [\"oob\"]}}\r\n";
+const GREETING_NO_OOB: &str = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 9}, \"package\": \"\"}, \"capabilities\": []}}\r\n";
+const NEGOTIATE_OOB: &str =
+    r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":0}"#;
+const OK0: &str = "{\"return\": {}, \"id\": 0}\r\n";
+
+/// Writes everything the machine wants to send and returns it as text (lossy for 0xFF).
+fn tx(c: &mut Connection) -> String {
+    let mut all = Vec::new();
+    while let Some(bytes) = c.poll_transmit() {
+        let bytes = bytes.to_vec();
+        c.handle_transmitted(bytes.len());
+        all.extend_from_slice(&bytes);
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+fn outs(c: &mut Connection) -> Vec<Output> {
+    std::iter::from_fn(|| c.poll_output()).collect()
+}
+
+fn ok(id: u64, ret: &str) -> Output {
+    Output::Completed {
+        id: rid(id),
+        outcome: Outcome::Replied(Ok(raw(ret))),
+    }
+}
+
+fn raw(s: &str) -> qmp_proto::RawJson {
+    qmp_proto::RawJson::from_string(s.to_owned()).unwrap()
+}
+
+fn rid(n: u64) -> RequestId {
+    // Ids are assigned in order from 1; get one by sending on a scratch connection.
+    let mut c = Connection::new(Instant::now(), Config::default());
+    let mut id = c.send(Instant::now(), Command::new("x")).unwrap();
+    for _ in 1..n {
+        id = c.send(Instant::now(), Command::new("x")).unwrap();
+    }
+    id
+}
+
+fn ready(config: Config) -> (Instant, Connection) {
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, config);
+    c.handle_input(t0, GREETING.as_bytes());
+    assert_eq!(tx(&mut c), NEGOTIATE_OOB);
+    c.handle_input(t0, OK0.as_bytes());
+    let o = outs(&mut c);
+    assert!(matches!(o.last(), Some(Output::Ready(_))), "{o:?}");
+    (t0, c)
+}
+
+fn ready_outputs() -> Vec<Output> {
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, Config::default());
+    c.handle_input(t0, GREETING.as_bytes());
+    c.handle_input(t0, OK0.as_bytes());
+    outs(&mut c)
+}
+
+#[test]
+fn handshake_negotiates_oob_and_releases_commands_queued_before_it() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, Config::default());
+    assert_eq!(c.state(), State::AwaitingGreeting);
+    let id = c.send(t0, Command::new("query-status")).unwrap();
+    assert_eq!(tx(&mut c), "", "nothing is written before the greeting");
+    c.handle_input(t0, GREETING.as_bytes());
+    assert_eq!(tx(&mut c), NEGOTIATE_OOB);
+    assert_eq!(c.state(), State::Negotiating);
+    c.handle_input(t0, OK0.as_bytes());
+    assert_eq!(tx(&mut c), r#"{"execute":"query-status","id":1}"#);
+    let o = outs(&mut c);
+    assert!(matches!(&o[0], Output::Greeting(g) if g.version.package == "Debian 1:10.0.2"));
+    assert_eq!(o[1], Output::Ready(ready_caps(&["oob"])));
+    assert_eq!(o.len(), 2);
+    assert!(c.has_capability("oob"));
+    c.handle_input(
+        t0,
+        b"{\"return\": {\"status\": \"running\"}, \"id\": 1}\r\n",
+    );
+    assert_eq!(
+        outs(&mut c),
+        vec![Output::Completed {
+            id,
+            outcome: Outcome::Replied(Ok(raw(r#"{"status": "running"}"#)))
+        }]
+    );
+}
+
+fn ready_caps(caps: &[&str]) -> Ready {
+    match ready_outputs().pop() {
+        Some(Output::Ready(mut r)) => {
+            r.capabilities = caps.iter().map(|s| s.to_string()).collect();
+            r
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn capabilities_are_intersected_with_the_offer() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, Config::default());
+    c.handle_input(t0, GREETING_NO_OOB.as_bytes());
+    assert_eq!(tx(&mut c), r#"{"execute":"qmp_capabilities","id":0}"#);
+    let mut c = Connection::new(t0, Config::default().capabilities(Vec::<String>::new()));
+    c.handle_input(t0, GREETING.as_bytes());
+    assert_eq!(tx(&mut c), r#"{"execute":"qmp_capabilities","id":0}"#);
+    c.handle_input(t0, OK0.as_bytes());
+    assert!(!c.has_capability("oob"));
+    assert_eq!(
+        c.send(t0, Command::new("yank").oob()),
+        Err(LocalError::OobNotNegotiated)
+    );
+}
+
+#[test]
+fn greeting_with_unknown_members_and_capabilities_is_accepted() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, Config::default());
+    c.handle_input(t0, br#"{"QMP": {"version": {"qemu": {"micro": 50, "minor": 1, "major": 11}, "package": "", "extra": [1]}, "capabilities": ["oob", "future-cap"], "new": {}}}"#);
+    assert_eq!(tx(&mut c), NEGOTIATE_OOB);
+    assert_eq!(
+        c.greeting().unwrap().capabilities,
+        vec!["oob", "future-cap"]
+    );
+    assert_eq!(c.greeting().unwrap().version.qemu.micro, 50);
+}
+
+#[test]
+fn events_before_the_greeting_and_before_the_negotiation_reply_are_delivered() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, Config::default());
+    c.handle_input(
+        t0,
+        b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"EARLY\"}\r\n",
+    );
+    c.handle_input(t0, GREETING.as_bytes());
+    let _ = tx(&mut c);
+    c.handle_input(
+        t0,
+        b"{\"timestamp\": {\"seconds\": 3, \"microseconds\": 4}, \"event\": \"RESUME\"}\r\n",
+    );
+    c.handle_input(t0, OK0.as_bytes());
+    let names: Vec<String> = outs(&mut c)
+        .into_iter()
+        .map(|o| match o {
+            Output::Event(e) => format!("event {} {}", e.name, e.timestamp.seconds),
+            Output::Greeting(_) => "greeting".into(),
+            Output::Ready(_) => "ready".into(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["event EARLY 1", "greeting", "event RESUME 3", "ready"]
+    );
+    assert_eq!(c.stats().events, 2);
+}
+
+#[test]
+fn negotiation_failure_closes_and_fails_queued_commands_as_not_sent() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, Config::default());
+    let id = c.send(t0, Command::new("query-status")).unwrap();
+    c.handle_input(t0, GREETING.as_bytes());
+    let _ = tx(&mut c);
+    c.handle_input(t0, b"{\"id\": 0, \"error\": {\"class\": \"GenericError\", \"desc\": \"Capability oob not available\"}}\r\n");
+    let o = outs(&mut c);
+    let err = CommandError::new(ErrorClass::GenericError, "Capability oob not available");
+    assert_eq!(
+        o[1..],
+        [
+            Output::Completed {
+                id,
+                outcome: Outcome::NotSent(Failure::HandshakeFailed)
+            },
+            Output::Closed(CloseReason::Remote(RemoteError::NegotiationFailed(err))),
+        ]
+    );
+    assert_eq!(c.send(t0, Command::new("x")), Err(LocalError::Closed));
+}
+
+#[test]
+fn handshake_timeout_covers_a_monitor_that_never_greets() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(
+        t0,
+        Config::default().handshake_timeout(Some(Duration::from_secs(2))),
+    );
+    let id = c.send(t0, Command::new("query-status")).unwrap();
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+    c.handle_timeout(t0 + Duration::from_millis(1999));
+    assert!(outs(&mut c).is_empty());
+    c.handle_timeout(t0 + Duration::from_secs(2));
+    assert_eq!(
+        outs(&mut c),
+        vec![
+            Output::Completed {
+                id,
+                outcome: Outcome::NotSent(Failure::HandshakeFailed)
+            },
+            Output::Closed(CloseReason::Remote(RemoteError::HandshakeTimeout)),
+        ]
+    );
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn framing_does_not_depend_on_lines_or_read_boundaries() {
+    // CRLF, LF, pretty-printed, two messages in one read, no separator at all.
+    let stream = "{\"return\": 1, \"id\": 1}\r\n{\"return\": [2], \"id\": 2}\n{\r\n    \"return\": {\r\n        \"a\": \"}\\\"{\"\r\n    },\r\n    \"id\": 3\r\n}\r\n{\"return\": 4, \"id\": 4}{\"return\": 5, \"id\": 5}";
+    let expect = vec![
+        ok(1, "1"),
+        ok(2, "[2]"),
+        ok(3, "{\r\n        \"a\": \"}\\\"{\"\r\n    }"),
+        ok(4, "4"),
+        ok(5, "5"),
+    ];
+    for split in [usize::MAX, 1, 2, 3, 7, 64] {
+        let (t0, mut c) = ready(Config::default());
+        for _ in 0..5 {
+            c.send(t0, Command::new("x")).unwrap();
+        }
+        let _ = tx(&mut c);
+        for chunk in stream.as_bytes().chunks(split.min(stream.len())) {
+            c.handle_input(t0, chunk);
+        }
+        assert_eq!(outs(&mut c), expect, "split {split}");
+    }
+}
+
+#[test]
+fn oversized_and_too_deep_messages_are_skipped_and_the_session_goes_on() {
+    let (t0, mut c) = ready(Config::default().max_message_size(1000).max_depth(16));
+    c.send(t0, Command::new("x")).unwrap();
+    c.send(t0, Command::new("y")).unwrap();
+    let _ = tx(&mut c);
+    let big = format!("{{\"return\": \"{}\", \"id\": 1}}\r\n", "a".repeat(5000));
+    let deep = format!(
+        "{{\"return\": {}0{}, \"id\": 1}}\r\n",
+        "[".repeat(20),
+        "]".repeat(20)
+    );
+    for chunk in big.as_bytes().chunks(300) {
+        c.handle_input(t0, chunk);
+    }
+    c.handle_input(t0, deep.as_bytes());
+    c.handle_input(t0, b"{\"return\": {}, \"id\": 2}\r\n");
+    assert_eq!(
+        outs(&mut c),
+        vec![
+            Output::Anomaly(Anomaly::Oversized { len: big.len() - 2 }),
+            Output::Anomaly(Anomaly::TooDeep {
+                len: deep.len() - 2
+            }),
+            ok(2, "{}"),
+        ]
+    );
+    assert_eq!(c.stats().anomalies, 2);
+}
+
+#[test]
+fn invalid_json_non_utf8_nuls_and_garbage_are_anomalies_not_fatal() {
+    let (t0, mut c) = ready(Config::default());
+    c.send(t0, Command::new("x")).unwrap();
+    let _ = tx(&mut c);
+    c.handle_input(
+        t0,
+        b"{\"id\": -inf, \"error\": {\"class\": \"GenericError\", \"desc\": \"x\"}}\r\n",
+    );
+    c.handle_input(t0, b"{\"return\": \"\xff\xfe\", \"id\": 1}\r\n");
+    c.handle_input(t0, b"\0\0\0\r\nthis is not json\r\n");
+    c.handle_input(t0, b"{\"return\": \"ok\", \"id\": 1}\r\n");
+    let o = outs(&mut c);
+    assert!(
+        matches!(&o[0], Output::Anomaly(Anomaly::InvalidJson { len: 61, .. })),
+        "{o:?}"
+    );
+    assert!(
+        matches!(&o[1], Output::Anomaly(Anomaly::InvalidJson { error, .. }) if error.starts_with("invalid UTF-8")),
+        "{o:?}"
+    );
+    assert_eq!(
+        o[2..],
+        [
+            Output::Anomaly(Anomaly::Garbage { len: 5 }),
+            Output::Anomaly(Anomaly::Garbage { len: 18 }),
+            ok(1, "\"ok\"")
+        ]
+    );
+}
+
+#[test]
+fn idless_errors_and_unknown_ids_never_misroute_or_close() {
+    let (t0, mut c) = ready(Config::default());
+    let a = c.send(t0, Command::new("a")).unwrap();
+    let _ = tx(&mut c);
+    // One bad input can produce several id-less errors (QEMU's nesting-limit recovery).
+    let parse_err = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, expecting value\"}}\r\n";
+    c.handle_input(t0, parse_err.repeat(3).as_bytes());
+    c.handle_input(
+        t0,
+        b"{\"return\": {}, \"id\": 99}\r\n{\"return\": {}, \"id\": \"foreign\"}\r\n",
+    );
+    c.handle_input(t0, b"{\"return\": 7, \"id\": 1}\r\n");
+    let e = CommandError::new(
+        ErrorClass::GenericError,
+        "JSON parse error, expecting value",
+    );
+    assert_eq!(
+        outs(&mut c),
+        vec![
+            Output::Anomaly(Anomaly::IdlessError(e.clone())),
+            Output::Anomaly(Anomaly::IdlessError(e.clone())),
+            Output::Anomaly(Anomaly::IdlessError(e)),
+            Output::Completed {
+                id: a,
+                outcome: Outcome::Replied(Ok(raw("7")))
+            },
+        ]
+    );
+    assert_eq!(c.stats().unknown_replies, 2);
+    assert!(c.is_ready());
+}
+
+#[test]
+fn errors_keep_an_open_class_and_the_description() {
+    let (t0, mut c) = ready(Config::default());
+    let id = c.send(t0, Command::new("nope")).unwrap();
+    let _ = tx(&mut c);
+    c.handle_input(t0, b"{\"id\": 1, \"error\": {\"class\": \"SomeFutureClass\", \"desc\": \"The command nope has not been found\"}}\r\n");
+    assert_eq!(
+        outs(&mut c),
+        vec![Output::Completed {
+            id,
+            outcome: Outcome::Replied(Err(CommandError::new(
+                ErrorClass::Other("SomeFutureClass".into()),
+                "The command nope has not been found"
+            )))
+        }]
+    );
+}
+
+#[test]
+fn in_band_commands_are_capped_and_oob_bypasses_the_cap() {
+    let (t0, mut c) = ready(Config::default());
+    for _ in 0..10 {
+        c.send(t0, Command::new("q")).unwrap();
+    }
+    let wire = tx(&mut c);
+    assert_eq!(wire.matches("\"execute\"").count(), 8);
+    assert_eq!((c.in_flight(), c.queued()), (8, 2));
+    let oob = c.send(t0, Command::new("query-yank").oob()).unwrap();
+    assert_eq!(tx(&mut c), r#"{"exec-oob":"query-yank","id":11}"#);
+    assert_eq!(oob.get(), 11);
+    c.handle_input(
+        t0,
+        b"{\"return\": [], \"id\": 11}\r\n{\"return\": {}, \"id\": 1}\r\n",
+    );
+    assert_eq!(tx(&mut c), r#"{"execute":"q","id":9}"#);
+    assert_eq!((c.in_flight(), c.queued()), (8, 1));
+}
+
+#[test]
+fn oob_queued_before_ready_fails_as_not_sent_when_not_offered() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, Config::default());
+    let id = c.send(t0, Command::new("yank").oob()).unwrap();
+    c.handle_input(t0, GREETING_NO_OOB.as_bytes());
+    let _ = tx(&mut c);
+    c.handle_input(t0, OK0.as_bytes());
+    let o = outs(&mut c);
+    assert_eq!(
+        o.last(),
+        Some(&Output::Completed {
+            id,
+            outcome: Outcome::NotSent(Failure::OobUnavailable)
+        })
+    );
+    assert_eq!(tx(&mut c), "");
+}
+
+#[test]
+fn timeouts_distinguish_not_sent_from_unknown_and_late_replies_are_dropped() {
+    let cfg = Config::default()
+        .max_in_flight(1)
+        .command_timeout(Some(Duration::from_secs(5)));
+    let (t0, mut c) = ready(cfg);
+    let sent = c.send(t0, Command::new("slow")).unwrap();
+    let queued = c
+        .send(t0 + Duration::from_secs(1), Command::new("next"))
+        .unwrap();
+    assert_eq!(tx(&mut c), r#"{"execute":"slow","id":1}"#);
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+    c.handle_timeout(t0 + Duration::from_secs(5));
+    assert_eq!(
+        outs(&mut c),
+        vec![Output::Completed {
+            id: sent,
+            outcome: Outcome::Unknown(Failure::Timeout)
+        }]
+    );
+    // QEMU still holds the timed-out command, so the slot stays taken.
+    assert_eq!(tx(&mut c), "");
+    c.handle_timeout(t0 + Duration::from_secs(6));
+    assert_eq!(
+        outs(&mut c),
+        vec![Output::Completed {
+            id: queued,
+            outcome: Outcome::NotSent(Failure::Timeout)
+        }]
+    );
+    // The late reply is dropped and counted, and frees the slot.
+    c.handle_input(
+        t0 + Duration::from_secs(7),
+        b"{\"return\": {}, \"id\": 1}\r\n",
+    );
+    assert!(outs(&mut c).is_empty());
+    assert_eq!(c.stats().late_replies, 1);
+    let third = c
+        .send(
+            t0 + Duration::from_secs(7),
+            Command::new("third").timeout(None),
+        )
+        .unwrap();
+    assert_eq!(tx(&mut c), r#"{"execute":"third","id":3}"#);
+    assert_eq!(c.poll_timeout(), None);
+    c.handle_input(t0, b"{\"return\": 3, \"id\": 3}\r\n");
+    assert_eq!(
+        outs(&mut c),
+        vec![Output::Completed {
+            id: third,
+            outcome: Outcome::Replied(Ok(raw("3")))
+        }]
+    );
+}
+
+#[test]
+fn eof_resolves_everything_with_the_right_outcome() {
+    let (t0, mut c) = ready(Config::default().max_in_flight(1));
+    let written = c.send(t0, Command::new("a")).unwrap();
+    let _ = tx(&mut c);
+    let partial = c.send(t0, Command::new("b").oob()).unwrap();
+    let n = c.poll_transmit().unwrap().len();
+    c.handle_transmitted(n - 3);
+    let queued = c.send(t0, Command::new("c")).unwrap();
+    c.handle_input(t0, b"{\"return\": {}, \"i");
+    c.handle_eof(t0);
+    assert_eq!(
+        outs(&mut c),
+        vec![
+            Output::Anomaly(Anomaly::Truncated { len: 17 }),
+            Output::Completed {
+                id: written,
+                outcome: Outcome::Unknown(Failure::PeerClosed)
+            },
+            Output::Completed {
+                id: partial,
+                outcome: Outcome::Unknown(Failure::PeerClosed)
+            },
+            Output::Completed {
+                id: queued,
+                outcome: Outcome::NotSent(Failure::PeerClosed)
+            },
+            Output::Closed(CloseReason::PeerClosed),
+        ]
+    );
+    assert!(c.is_closed());
+    assert_eq!(c.poll_transmit(), None);
+    assert_eq!(c.send(t0, Command::new("d")), Err(LocalError::Closed));
+    c.handle_eof(t0);
+    assert!(outs(&mut c).is_empty(), "closed is reported once");
+}
+
+#[test]
+fn local_close_resolves_everything_and_drops_unsent_bytes() {
+    let (t0, mut c) = ready(Config::default());
+    let a = c.send(t0, Command::new("a")).unwrap();
+    let _ = tx(&mut c);
+    let b = c.send(t0, Command::new("b")).unwrap();
+    c.close(t0);
+    assert_eq!(
+        outs(&mut c),
+        vec![
+            Output::Completed {
+                id: a,
+                outcome: Outcome::Unknown(Failure::LocalClose)
+            },
+            Output::Completed {
+                id: b,
+                outcome: Outcome::NotSent(Failure::LocalClose)
+            },
+            Output::Closed(CloseReason::Local),
+        ]
+    );
+    assert_eq!(c.poll_transmit(), None);
+}
+
+#[test]
+fn abandoning_never_leaves_half_a_request_on_the_wire() {
+    let (t0, mut c) = ready(Config::default());
+    let a = c.send(t0, Command::new("first")).unwrap();
+    let b = c.send(t0, Command::new("second")).unwrap();
+    let cc = c.send(t0, Command::new("third")).unwrap();
+    c.handle_transmitted(5);
+    // `a` is partly written: the rest still goes. `b` has no byte out: it vanishes.
+    assert!(c.abandon(a));
+    assert!(c.abandon(b));
+    assert!(!c.abandon(b));
+    assert_eq!(
+        tx(&mut c),
+        r#"cute":"first","id":1}{"execute":"third","id":3}"#
+    );
+    c.handle_input(
+        t0,
+        b"{\"return\": 1, \"id\": 1}\r\n{\"return\": 3, \"id\": 3}\r\n",
+    );
+    assert_eq!(
+        outs(&mut c),
+        vec![Output::Completed {
+            id: cc,
+            outcome: Outcome::Replied(Ok(raw("3")))
+        }]
+    );
+    assert_eq!(c.stats().late_replies, 1);
+    assert_eq!(c.pending(), 0);
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[test]
+fn file_descriptor_requests_start_their_own_write() {
+    let (t0, mut c) = ready(Config::default());
+    c.send(t0, Command::new("a")).unwrap();
+    let fd = c
+        .send(
+            t0,
+            Command::new("getfd")
+                .raw_arguments(r#"{"fdname":"f"}"#)
+                .unwrap()
+                .with_fds(),
+        )
+        .unwrap();
+    assert_eq!(c.poll_fds(), None);
+    let first = c.poll_transmit().unwrap().to_vec();
+    assert_eq!(first, br#"{"execute":"a","id":1}"#);
+    c.handle_transmitted(first.len());
+    assert_eq!(c.poll_fds(), Some(fd));
+    assert_eq!(
+        c.poll_transmit().unwrap(),
+        br#"{"execute":"getfd","arguments":{"fdname":"f"},"id":2}"#
+    );
+    c.handle_transmitted(1);
+    assert_eq!(c.poll_fds(), None, "fds go with the first byte only");
+}
+
+#[test]
+fn requests_over_the_local_limits_are_refused_before_anything_is_written() {
+    let (t0, mut c) = ready(Config::default());
+    let deep = format!("{{\"a\":{}1{}}}", "[".repeat(600), "]".repeat(600));
+    assert_eq!(
+        c.send(t0, Command::new("x").raw_arguments(deep).unwrap()),
+        Err(LocalError::RequestTooDeep { max: 512 })
+    );
+    assert!(matches!(
+        Command::new("x").raw_arguments("[1]"),
+        Err(LocalError::InvalidArguments(_))
+    ));
+    assert!(matches!(
+        Command::new("x").raw_arguments("{"),
+        Err(LocalError::InvalidArguments(_))
+    ));
+    assert!(matches!(
+        Command::new("x").arguments(&5),
+        Err(LocalError::InvalidArguments(_))
+    ));
+    let mut small = Config::default();
+    small.max_request_size = 64;
+    let (t0, mut c) = ready(small);
+    let big = Command::new("x")
+        .arguments(&serde_json::json!({"s": "y".repeat(100)}))
+        .unwrap();
+    assert!(matches!(
+        c.send(t0, big),
+        Err(LocalError::RequestTooLarge { max: 64, .. })
+    ));
+    assert_eq!(tx(&mut c), "");
+    let mut tiny = Config::default();
+    tiny.max_queued = 1;
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, tiny);
+    c.send(t0, Command::new("a")).unwrap();
+    assert_eq!(
+        c.send(t0, Command::new("b")),
+        Err(LocalError::QueueFull { max: 1 })
+    );
+}
+
+#[test]
+fn stats_count_bytes_messages_and_drops() {
+    let (t0, mut c) = ready(Config::default());
+    c.send(t0, Command::new("a")).unwrap();
+    let _ = tx(&mut c);
+    let input = b"{\"return\": {}, \"id\": 1}\r\n{\"event\": \"X\", \"timestamp\": {\"seconds\": 0, \"microseconds\": 0}}\r\nxx\n";
+    c.handle_input(t0, input);
+    let s = c.stats();
+    assert_eq!(
+        s.bytes_sent as usize,
+        NEGOTIATE_OOB.len() + r#"{"execute":"a","id":1}"#.len()
+    );
+    assert_eq!(
+        s.bytes_received as usize,
+        GREETING.len() + OK0.len() + input.len()
+    );
+    assert_eq!(
+        (
+            s.messages_received,
+            s.replies,
+            s.events,
+            s.anomalies,
+            s.requests_sent
+        ),
+        (4, 1, 1, 1, 2)
+    );
+}
+
+mod qga {
+    use super::*;
+
+    const SYNC: &str = "\u{FFFD}{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":4242}}";
+
+    fn synced() -> (Instant, Connection) {
+        let t0 = Instant::now();
+        let mut c = Connection::new(t0, Config::qga(4242));
+        assert_eq!(c.state(), State::Syncing);
+        assert_eq!(tx(&mut c), SYNC);
+        c.handle_input(t0, b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error\"}}\n\xff{\"return\": 4242}\n");
+        assert_eq!(outs(&mut c), vec![Output::Ready(ready_caps(&[]))]);
+        (t0, c)
+    }
+
+    #[test]
+    fn sync_discards_stale_input_up_to_the_delimiter() {
+        let t0 = Instant::now();
+        let mut c = Connection::new(t0, Config::qga(7));
+        let id = c.send(t0, Command::new("guest-ping")).unwrap();
+        assert_eq!(tx(&mut c), SYNC.replace("4242", "7"));
+        // A previous client's half reply, a stale complete reply, then our marker and reply.
+        c.handle_input(t0, b"{\"return\": {}, \"id\": 1}\n{\"return\": {\"half");
+        c.handle_input(t0, b"\xff{\"return\": 6}\n{\"return\": 7}\n");
+        assert_eq!(outs(&mut c), vec![Output::Ready(ready_caps(&[]))]);
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-ping","id":1}"#);
+        c.handle_input(t0, b"{\"return\": {}, \"id\": 1}\n");
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id,
+                outcome: Outcome::Replied(Ok(raw("{}")))
+            }]
+        );
+        assert_eq!(c.stats().unknown_replies, 2);
+    }
+
+    #[test]
+    fn oob_is_refused_and_no_reply_commands_resolve_when_written() {
+        let (t0, mut c) = synced();
+        assert_eq!(
+            c.send(t0, Command::new("x").oob()),
+            Err(LocalError::OobUnsupported)
+        );
+        let id = c
+            .send(t0, Command::new("guest-shutdown").no_reply())
+            .unwrap();
+        assert!(outs(&mut c).is_empty());
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-shutdown","id":1}"#);
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id,
+                outcome: Outcome::Sent
+            }]
+        );
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_timeout_triggers_a_resync_and_commands_wait_for_it() {
+        let (t0, mut c) = synced();
+        let id = c
+            .send(
+                t0,
+                Command::new("guest-info").timeout(Some(Duration::from_secs(1))),
+            )
+            .unwrap();
+        let _ = tx(&mut c);
+        c.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id,
+                outcome: Outcome::Unknown(Failure::Timeout)
+            }]
+        );
+        assert_eq!(tx(&mut c), SYNC.replace("4242", "4243"));
+        let next = c.send(t0, Command::new("guest-ping")).unwrap();
+        assert_eq!(tx(&mut c), "", "commands wait for the sync");
+        c.handle_input(
+            t0,
+            b"{\"return\": {\"late\": 1}, \"id\": 1}\n\xff{\"return\": 4243}\n",
+        );
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-ping","id":2}"#);
+        c.handle_input(t0, b"{\"return\": {}, \"id\": 2}\n");
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id: next,
+                outcome: Outcome::Replied(Ok(raw("{}")))
+            }]
+        );
+        assert_eq!(c.stats().late_replies, 1);
+    }
+
+    #[test]
+    fn explicit_resync_after_a_reconnect() {
+        let (t0, mut c) = synced();
+        c.resync();
+        assert_eq!(tx(&mut c), SYNC.replace("4242", "4243"));
+        c.handle_input(t0, b"garbage from before\xff{\"return\": 4243}\n");
+        assert!(outs(&mut c).is_empty(), "already ready: no second Ready");
+        assert_eq!(c.state(), State::Ready);
+    }
+}
