@@ -1,0 +1,596 @@
+//! The client handle and the builder that performs the handshake.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use futures_io::{AsyncRead, AsyncWrite};
+use qmp_proto::{Command, Config, Event, Greeting, Outcome, RawJson, RequestId, Stats};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::driver::{Connection, Plain, Transport};
+use crate::error::{Error, ErrorKind, SendStatus};
+use crate::events::{EventFilter, EventItem, EventStream, Subscriber};
+use crate::rt::Timer;
+use crate::shared::Shared;
+
+/// Default capacity of each subscriber's event queue.
+const DEFAULT_EVENT_QUEUE: usize = 1024;
+
+/// Configures a session and performs the handshake. Defaults may change between releases.
+///
+/// # Example
+/// ```no_run
+/// # async fn demo(io: impl futures_io::AsyncRead + futures_io::AsyncWrite + Send + Unpin + 'static,
+/// #               timer: impl qmp_client::rt::Timer) -> Result<(), qmp_client::Error> {
+/// use std::time::Duration;
+/// let (client, connection) = qmp_client::Builder::new()
+///     .command_timeout(Duration::from_secs(30))
+///     .event_queue(256)
+///     .handshake(io, timer)
+///     .await?;
+/// // Spawn `connection` on your runtime, then use `client` from any task.
+/// # drop((client, connection)); Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until .handshake() is awaited"]
+pub struct Builder {
+    config: Config,
+    event_queue: usize,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Builder {
+    /// QMP with the defaults: `oob` enabled when offered, 10 s handshake timeout, no command
+    /// timeout, 8 in-band commands in flight, 16 MiB message limit, 1024 events per subscriber.
+    pub fn new() -> Self {
+        Self {
+            config: Config::qmp(),
+            event_queue: DEFAULT_EVENT_QUEUE,
+        }
+    }
+
+    /// Starts from a complete protocol configuration.
+    pub fn with_config(config: Config) -> Self {
+        Self {
+            config,
+            event_queue: DEFAULT_EVENT_QUEUE,
+        }
+    }
+
+    /// The guest agent protocol (no greeting; the session starts with a
+    /// `guest-sync-delimited` whose id is chosen at random).
+    pub fn qga(mut self) -> Self {
+        let seed = u64::from(fastrand::u32(1..)) << 8 | u64::from(fastrand::u8(..));
+        let mut config = Config::qga(seed);
+        config.handshake_timeout = self.config.handshake_timeout;
+        config.command_timeout = self.config.command_timeout;
+        config.max_in_flight = self.config.max_in_flight;
+        config.max_message_size = self.config.max_message_size;
+        self.config = config;
+        self
+    }
+
+    /// Default timeout of every command, counted from when it is submitted.
+    pub fn command_timeout(mut self, t: Duration) -> Self {
+        self.config.command_timeout = Some(t);
+        self
+    }
+
+    /// Budget for the greeting plus negotiation (or the QGA sync). `None`: wait forever.
+    pub fn handshake_timeout(mut self, t: Option<Duration>) -> Self {
+        self.config.handshake_timeout = t;
+        self
+    }
+
+    /// Capacity of each subscriber's queue (at least 1).
+    pub fn event_queue(mut self, n: usize) -> Self {
+        self.event_queue = n.max(1);
+        self
+    }
+
+    /// In-band commands on the wire without a reply (at least 1); more wait locally.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Commands allowed to wait locally for a free slot.
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.config.max_queued = n;
+        self
+    }
+
+    /// Largest message accepted from the server, in bytes.
+    pub fn max_message_size(mut self, n: usize) -> Self {
+        self.config.max_message_size = n;
+        self
+    }
+
+    /// Capabilities to enable when the server offers them (default `["oob"]`).
+    pub fn capabilities<I: IntoIterator<Item = S>, S: Into<String>>(mut self, caps: I) -> Self {
+        self.config.capabilities = caps.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Performs the handshake over a plain futures-io transport and returns the client handle
+    /// and the driver future, which the caller MUST spawn.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Handshake`] when the server never greets within the handshake timeout (for
+    /// instance because another client holds the monitor), refuses negotiation, or closes the
+    /// connection first; [`ErrorKind::Io`] when the transport fails.
+    pub async fn handshake<IO, T>(self, io: IO, timer: T) -> Result<(Client, Connection), Error>
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        T: Timer,
+    {
+        self.start(Box::pin(Plain(io)), Arc::new(timer), false)
+            .await
+    }
+
+    /// Like [`handshake`](Self::handshake), over a unix transport that can pass file
+    /// descriptors, enabling [`Client::execute_with_fds`].
+    ///
+    /// # Errors
+    /// As for [`handshake`](Self::handshake).
+    #[cfg(unix)]
+    pub async fn handshake_with_fds<IO, T>(
+        self,
+        io: IO,
+        timer: T,
+    ) -> Result<(Client, Connection), Error>
+    where
+        IO: AsyncRead + crate::rt::FdWrite + Send + Unpin + 'static,
+        T: Timer,
+    {
+        self.start(Box::pin(crate::driver::WithFds(io)), Arc::new(timer), true)
+            .await
+    }
+
+    async fn start(
+        self,
+        io: Pin<Box<dyn Transport>>,
+        timer: Arc<dyn Timer>,
+        fds: bool,
+    ) -> Result<(Client, Connection), Error> {
+        let shared = Shared::new(self.config, timer, self.event_queue, fds);
+        let mut conn = Connection::new(Arc::clone(&shared), io);
+        futures_util::future::poll_fn(|cx| {
+            let res = conn.poll_drive(cx);
+            let inner = shared.lock();
+            if inner.proto.is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            if let Poll::Ready(res) = res {
+                res?;
+                let reason = inner
+                    .closed
+                    .clone()
+                    .unwrap_or(qmp_proto::CloseReason::PeerClosed);
+                let err = match reason {
+                    qmp_proto::CloseReason::PeerClosed => Error::new(
+                        ErrorKind::Handshake,
+                        "the server closed the connection before the session was ready",
+                    ),
+                    other => Error::closed(&other),
+                };
+                return Poll::Ready(Err(err));
+            }
+            Poll::Pending
+        })
+        .await?;
+        Ok((Client { shared }, conn))
+    }
+}
+
+/// Performs a QMP handshake with the default settings: see [`Builder::handshake`].
+///
+/// # Errors
+/// As for [`Builder::handshake`].
+pub async fn handshake<IO, T>(io: IO, timer: T) -> Result<(Client, Connection), Error>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    T: Timer,
+{
+    Builder::new().handshake(io, timer).await
+}
+
+/// A handle on a QMP (or QGA) session: cheap to clone, usable from many tasks at once.
+///
+/// Every command resolves exactly once: with its return value, with the server's error, or
+/// with an [`Error`] whose [`send_status`](Error::send_status) says whether it was sent. It
+/// does no I/O itself; the [`Connection`] future does, and MUST be running.
+///
+/// # Cancel safety
+/// Dropping a command's future abandons it: if it was not written it never will be, and if it
+/// was, its late reply is discarded, never given to another command.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("proto", &self.shared.lock().proto)
+            .finish()
+    }
+}
+
+/// A command submitted to the machine, waiting for its outcome.
+struct Call {
+    shared: Arc<Shared>,
+    id: RequestId,
+    rx: oneshot::Receiver<Outcome>,
+    done: bool,
+}
+
+impl Future for Call {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Ready(res) => {
+                self.done = true;
+                // A dropped sender means the session ended without a word for this request.
+                Poll::Ready(res.unwrap_or(Outcome::Unknown(qmp_proto::Failure::LocalClose)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.lock().abandon(self.id);
+        }
+    }
+}
+
+impl Client {
+    fn submit(
+        &self,
+        cmd: Command,
+        #[cfg(unix)] fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Call, Error> {
+        let name = cmd.name().to_owned();
+        let mut inner = self.shared.lock();
+        if let Some(reason) = &inner.closed {
+            return Err(Error::closed(reason).with_command(&name));
+        }
+        let now = inner.now(&*self.shared.timer);
+        let id = inner
+            .proto
+            .send(now, cmd)
+            .map_err(|e| Error::local(e).with_command(&name))?;
+        let (tx, rx) = oneshot::channel();
+        inner.waiters.insert(id, tx);
+        #[cfg(unix)]
+        if !fds.is_empty() {
+            inner.fds.insert(id, fds);
+        }
+        inner.wake_driver();
+        Ok(Call {
+            shared: Arc::clone(&self.shared),
+            id,
+            rx,
+            done: false,
+        })
+    }
+
+    async fn outcome(&self, cmd: Command) -> Result<RawJson, Error> {
+        #[cfg(unix)]
+        let call = self.submit(cmd.clone(), Vec::new());
+        #[cfg(not(unix))]
+        let call = self.submit(cmd.clone());
+        finish(cmd.name(), call?.await)
+    }
+
+    /// Runs a command built with [`Command`] (per-call timeout, oob, no reply) and returns its
+    /// raw `return` value (`null` for a [`Command::no_reply`] command once written).
+    ///
+    /// # Errors
+    /// See [`Error`]: the server's error, a timeout, a closed connection, invalid arguments.
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the command (see [`Client`]).
+    pub async fn run_raw(&self, cmd: Command) -> Result<RawJson, Error> {
+        self.outcome(cmd).await
+    }
+
+    /// Runs a command built with [`Command`] and deserialises its return value into `T`
+    /// straight from the reply's bytes.
+    ///
+    /// # Errors
+    /// As for [`run_raw`](Self::run_raw), plus [`ErrorKind::Decode`].
+    pub async fn run<T: DeserializeOwned>(&self, cmd: Command) -> Result<T, Error> {
+        let name = cmd.name().to_owned();
+        let raw = self.outcome(cmd).await?;
+        raw.deserialize().map_err(|e| Error::decode(&name, e))
+    }
+
+    /// Executes `name` with `args` (any value that serialises to a JSON object, or `&()` for
+    /// none) and deserialises the return value into `T`. Use [`serde::de::IgnoredAny`] when
+    /// the return value does not matter.
+    ///
+    /// # Errors
+    /// As for [`run`](Self::run).
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the command (see [`Client`]).
+    pub async fn execute<T: DeserializeOwned, A: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        args: &A,
+    ) -> Result<T, Error> {
+        self.run(command(name, args)?).await
+    }
+
+    /// Executes `name` with `args` and returns the raw JSON of the return value.
+    ///
+    /// # Errors
+    /// As for [`run_raw`](Self::run_raw).
+    pub async fn execute_raw<A: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        args: &A,
+    ) -> Result<RawJson, Error> {
+        self.run_raw(command(name, args)?).await
+    }
+
+    /// Executes `name` out of band (`exec-oob`), overtaking queued in-band commands. Needs
+    /// the `oob` capability.
+    ///
+    /// # Errors
+    /// As for [`run`](Self::run); [`ErrorKind::Unsupported`] without `oob`.
+    pub async fn exec_oob<T: DeserializeOwned, A: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        args: &A,
+    ) -> Result<T, Error> {
+        self.run(command(name, args)?.oob()).await
+    }
+
+    /// Executes `name` with a timeout for this call only, overriding the default.
+    ///
+    /// # Errors
+    /// As for [`run`](Self::run); [`ErrorKind::Timeout`] with
+    /// [`SendStatus::Unanswered`] (or [`SendStatus::NotSent`] if it never left the queue).
+    pub async fn execute_timeout<T: DeserializeOwned, A: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        args: &A,
+        timeout: Duration,
+    ) -> Result<T, Error> {
+        self.run(command(name, args)?.timeout(Some(timeout))).await
+    }
+
+    /// Executes `name` with file descriptors attached (`SCM_RIGHTS`), for `getfd` and
+    /// `add-fd`. The descriptors are closed on this side once sent or once the command ends.
+    ///
+    /// # Errors
+    /// As for [`run`](Self::run); [`ErrorKind::Unsupported`] when the session was not started
+    /// with [`Builder::handshake_with_fds`].
+    #[cfg(unix)]
+    pub async fn execute_with_fds<T: DeserializeOwned, A: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        args: &A,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<T, Error> {
+        if !self.shared.supports_fds {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "this transport cannot pass file descriptors",
+            )
+            .with_command(name)
+            .with_status(SendStatus::NotSent));
+        }
+        let cmd = command(name, args)?.with_fds();
+        let call = self.submit(cmd, fds)?;
+        let raw = finish(name, call.await)?;
+        raw.deserialize().map_err(|e| Error::decode(name, e))
+    }
+
+    /// Subscribes to the events that pass `filter`, with the builder's queue capacity. Only
+    /// events that arrive after this call are seen.
+    pub fn subscribe(&self, filter: impl Into<EventFilter>) -> EventStream {
+        self.subscribe_with_capacity(filter, self.shared.event_queue)
+    }
+
+    /// Subscribes with a queue of `capacity` events (at least 1).
+    pub fn subscribe_with_capacity(
+        &self,
+        filter: impl Into<EventFilter>,
+        capacity: usize,
+    ) -> EventStream {
+        let sub = Subscriber::new(filter.into(), capacity);
+        let mut inner = self.shared.lock();
+        match &inner.closed {
+            Some(reason) => sub.close(reason),
+            None => inner.subscribers.push(Arc::downgrade(&sub)),
+        }
+        EventStream::new(sub)
+    }
+
+    /// Waits for the first event passing `filter` and `predicate`, up to `timeout`. Only events
+    /// arriving after this call count; to catch an event caused by a command, use
+    /// [`execute_then_wait`](Self::execute_then_wait).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Timeout`], or [`ErrorKind::Disconnected`]/[`ErrorKind::Closed`] when the
+    /// connection ends first.
+    pub async fn wait_event(
+        &self,
+        filter: impl Into<EventFilter>,
+        predicate: impl FnMut(&Event) -> bool,
+        timeout: Option<Duration>,
+    ) -> Result<Event, Error> {
+        let stream = self.subscribe(filter);
+        self.wait_on(stream, predicate, timeout).await
+    }
+
+    /// Executes a command and waits for the event it causes, race-free: the subscription is
+    /// made before the command is sent, so an event QEMU emits before its reply is not missed.
+    /// Returns the command's return value and the event.
+    ///
+    /// # Errors
+    /// The command's error, or as for [`wait_event`](Self::wait_event).
+    pub async fn execute_then_wait<T: DeserializeOwned, A: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        args: &A,
+        filter: impl Into<EventFilter>,
+        predicate: impl FnMut(&Event) -> bool,
+        timeout: Option<Duration>,
+    ) -> Result<(T, Event), Error> {
+        let stream = self.subscribe(filter);
+        let value = self.execute(name, args).await?;
+        let event = self.wait_on(stream, predicate, timeout).await?;
+        Ok((value, event))
+    }
+
+    async fn wait_on(
+        &self,
+        mut stream: EventStream,
+        mut predicate: impl FnMut(&Event) -> bool,
+        timeout: Option<Duration>,
+    ) -> Result<Event, Error> {
+        let timer = &self.shared.timer;
+        let mut sleep = timeout.map(|t| timer.sleep_until(timer.now() + t));
+        futures_util::future::poll_fn(|cx| {
+            loop {
+                match Pin::new(&mut stream).poll_next_item(cx) {
+                    Poll::Ready(Some(EventItem::Event(ev))) => {
+                        if predicate(&ev) {
+                            return Poll::Ready(Ok(ev));
+                        }
+                    }
+                    Poll::Ready(Some(EventItem::Lagged(_))) => {}
+                    Poll::Ready(Some(EventItem::Closed(reason))) => {
+                        return Poll::Ready(Err(Error::closed(&reason)));
+                    }
+                    Poll::Ready(None) => {
+                        return Poll::Ready(Err(Error::new(
+                            ErrorKind::Closed,
+                            "the event stream ended",
+                        )));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if sleep
+                .as_mut()
+                .is_some_and(|s| s.as_mut().poll(cx).is_ready())
+            {
+                return Poll::Ready(Err(Error::new(
+                    ErrorKind::Timeout,
+                    "no matching event arrived in time",
+                )));
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Closes the session: every pending command resolves at once (not sent, or sent but
+    /// unanswered), event streams end, and the driver shuts the transport down. Returns once
+    /// the driver has finished.
+    pub async fn close(&self) {
+        {
+            let mut inner = self.shared.lock();
+            if !inner.proto.is_closed() {
+                let now = inner.now(&*self.shared.timer);
+                inner.proto.close(now);
+                inner.dispatch();
+            }
+            inner.wake_driver();
+        }
+        self.closed().await;
+    }
+
+    /// Completes once the driver has finished (the session is closed and the transport shut).
+    pub async fn closed(&self) {
+        futures_util::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if inner.driver_done {
+                Poll::Ready(())
+            } else {
+                inner.done_wakers.push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// Whether the session is closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().proto.is_closed()
+    }
+
+    /// The server's greeting (QMP only).
+    pub fn greeting(&self) -> Option<Greeting> {
+        self.shared.lock().proto.greeting().cloned()
+    }
+
+    /// The capabilities negotiated for this session.
+    pub fn capabilities(&self) -> Vec<String> {
+        self.shared.lock().proto.capabilities().to_vec()
+    }
+
+    /// Whether capability `name` was negotiated.
+    pub fn has_capability(&self, name: &str) -> bool {
+        self.shared.lock().proto.has_capability(name)
+    }
+
+    /// The protocol counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().proto.stats()
+    }
+
+    /// Commands not yet resolved (queued, on the wire, or awaiting a reply).
+    pub fn pending(&self) -> usize {
+        self.shared.lock().proto.pending()
+    }
+
+    /// In-band commands on the wire without a reply.
+    pub fn in_flight(&self) -> usize {
+        self.shared.lock().proto.in_flight()
+    }
+}
+
+impl EventStream {
+    fn poll_next_item(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
+        futures_core::Stream::poll_next(self, cx)
+    }
+}
+
+fn command<A: Serialize + ?Sized>(name: &str, args: &A) -> Result<Command, Error> {
+    Command::new(name)
+        .arguments(args)
+        .map_err(|e| Error::local(e).with_command(name))
+}
+
+fn finish(name: &str, outcome: Outcome) -> Result<RawJson, Error> {
+    match outcome {
+        Outcome::Replied(Ok(raw)) => Ok(raw),
+        Outcome::Replied(Err(e)) => Err(Error::server(name, e)),
+        Outcome::Sent => Ok(RawJson::from_string("null".to_owned()).expect("valid JSON")),
+        Outcome::NotSent(f) => Err(Error::failure(f, false).with_command(name)),
+        Outcome::Unknown(f) => Err(Error::failure(f, true).with_command(name)),
+        _ => Err(Error::new(ErrorKind::Closed, "unknown outcome")
+            .with_command(name)
+            .with_status(SendStatus::Unanswered)),
+    }
+}

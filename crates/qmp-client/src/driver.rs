@@ -1,0 +1,327 @@
+//! The driver future: the only code that touches the transport.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_io::{AsyncRead, AsyncWrite};
+use qmp_proto::CloseReason;
+
+use crate::error::Error;
+use crate::rt::Sleep;
+use crate::shared::Shared;
+
+/// The transport, erased: plain futures-io, or with fd passing.
+pub(crate) trait Transport: Send {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>>;
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>>;
+    #[cfg(unix)]
+    fn poll_write_fds(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Poll<io::Result<usize>>;
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// A futures-io transport without fd passing.
+pub(crate) struct Plain<T>(pub(crate) T);
+
+/// A unix transport with fd passing.
+#[cfg(unix)]
+pub(crate) struct WithFds<T>(pub(crate) T);
+
+macro_rules! delegate_io {
+    () => {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        }
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        }
+        fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_close(cx)
+        }
+    };
+}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for Plain<T> {
+    delegate_io!();
+
+    #[cfg(unix)]
+    fn poll_write_fds(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &[u8],
+        _fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Poll<io::Result<usize>> {
+        // Never reached: the client refuses fds when the transport cannot pass them.
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this transport cannot pass file descriptors",
+        )))
+    }
+}
+
+#[cfg(unix)]
+impl<T: AsyncRead + crate::rt::FdWrite + Send + Unpin> Transport for WithFds<T> {
+    delegate_io!();
+
+    fn poll_write_fds(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_fds(cx, buf, fds)
+    }
+}
+
+/// Read buffer size.
+const READ_BUF: usize = 64 * 1024;
+/// Loop turns before the driver yields to the executor.
+const BUDGET: usize = 64;
+
+/// The driver future of one QMP session: it reads and writes the transport, arms the timer,
+/// and routes replies and events to the [`Client`](crate::Client) handles.
+///
+/// It is the only code that touches the transport. It does not spawn anything and reads the
+/// clock only through the [`Timer`](crate::rt::Timer). The caller MUST spawn it (or await it
+/// alongside its other work) for any command to make progress.
+///
+/// It completes when the session closes: `Ok(())` after a local close or when the peer went
+/// away (EOF or reset, as after `quit`); an error when the peer broke the protocol or the
+/// transport failed.
+///
+/// # Drop behavior
+/// Dropping it closes the session: every pending command resolves at once (as not sent, or
+/// sent but unanswered) and event streams end.
+#[must_use = "the connection does nothing unless spawned or awaited"]
+pub struct Connection {
+    shared: Arc<Shared>,
+    io: Pin<Box<dyn Transport>>,
+    buf: Box<[u8]>,
+    read_done: bool,
+    need_flush: bool,
+    sleep: Option<(Instant, Sleep)>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("read_done", &self.read_done)
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotConnected
+    )
+}
+
+impl Connection {
+    pub(crate) fn new(shared: Arc<Shared>, io: Pin<Box<dyn Transport>>) -> Self {
+        Self {
+            shared,
+            io,
+            buf: vec![0; READ_BUF].into_boxed_slice(),
+            read_done: false,
+            need_flush: false,
+            sleep: None,
+            finished: false,
+        }
+    }
+
+    /// Runs the loop until nothing more can happen without a wake-up. Returns `Ready` once the
+    /// session is closed.
+    pub(crate) fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        let shared = Arc::clone(&self.shared);
+        let timer = &*shared.timer;
+        for _ in 0..BUDGET {
+            let mut progress = false;
+
+            // Read, without holding the lock.
+            if !self.read_done {
+                let got = self.io.as_mut().poll_read(cx, &mut self.buf);
+                if let Poll::Ready(res) = got {
+                    progress = true;
+                    let mut inner = shared.lock();
+                    let now = inner.now(timer);
+                    match res {
+                        Ok(0) => {
+                            self.read_done = true;
+                            inner.proto.handle_eof(now);
+                        }
+                        Ok(n) => inner.proto.handle_input(now, &self.buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            self.read_done = true;
+                            if !is_peer_gone(&e) {
+                                inner.io_error = Some((e.kind(), e.to_string()));
+                            }
+                            inner.proto.handle_eof(now);
+                        }
+                    }
+                }
+            }
+
+            let mut inner = shared.lock();
+            // 1. Write what the machine shows, attaching fds where it says so.
+            loop {
+                let inner = &mut *inner;
+                let Some(bytes) = inner.proto.poll_transmit() else {
+                    break;
+                };
+                #[cfg(unix)]
+                let fd_id = inner.proto.poll_fds();
+                #[cfg(unix)]
+                let res = match fd_id.and_then(|id| inner.fds.get(&id)) {
+                    Some(fds) if !fds.is_empty() => {
+                        use std::os::fd::AsFd;
+                        let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+                        self.io.as_mut().poll_write_fds(cx, bytes, &borrowed)
+                    }
+                    _ => self.io.as_mut().poll_write(cx, bytes),
+                };
+                #[cfg(not(unix))]
+                let res = self.io.as_mut().poll_write(cx, bytes);
+                match res {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        #[cfg(unix)]
+                        if let Some(id) = fd_id {
+                            // Sent with these bytes; our copies can go.
+                            inner.fds.remove(&id);
+                        }
+                        inner.proto.handle_transmitted(n);
+                        self.need_flush = true;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Poll::Ready(res) => {
+                        match res {
+                            Err(e) if !is_peer_gone(&e) => {
+                                inner.io_error = Some((e.kind(), e.to_string()));
+                            }
+                            _ => {}
+                        }
+                        let now = inner.now(timer);
+                        inner.proto.handle_eof(now);
+                        progress = true;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if self.need_flush && self.io.as_mut().poll_flush(cx).is_ready() {
+                self.need_flush = false;
+            }
+
+            // 2. One timer, at the earliest deadline.
+            let want = inner.proto.poll_timeout();
+            if want != self.sleep.as_ref().map(|(at, _)| *at) {
+                self.sleep = want.map(|at| (at, timer.sleep_until(at)));
+            }
+            if self
+                .sleep
+                .as_mut()
+                .is_some_and(|(_, sleep)| sleep.as_mut().poll(cx).is_ready())
+            {
+                self.sleep = None;
+                let now = inner.now(timer);
+                inner.proto.handle_timeout(now);
+                progress = true;
+            }
+
+            // 3. Route the outputs.
+            inner.dispatch();
+
+            if inner.proto.is_closed() {
+                let result = match (&inner.io_error, &inner.closed) {
+                    (Some((kind, msg)), _) => Err(Error::io(
+                        "the transport failed",
+                        io::Error::new(*kind, msg.clone()),
+                    )),
+                    (None, Some(reason @ CloseReason::Remote(_))) => Err(Error::closed(reason)),
+                    _ => Ok(()),
+                };
+                inner.finish_driver();
+                drop(inner);
+                self.finished = true;
+                // Best effort: the session is over whatever the transport says.
+                let _ = self.io.as_mut().poll_close(cx);
+                return Poll::Ready(result);
+            }
+            if !progress {
+                if !inner
+                    .driver_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    inner.driver_waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+        }
+        // Out of budget: let other tasks run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Future for Connection {
+    type Output = Result<(), Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().poll_drive(cx)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut inner = self.shared.lock();
+        if !inner.proto.is_closed() {
+            let now = inner.now(&*self.shared.timer);
+            inner.proto.close(now);
+        }
+        inner.dispatch();
+        inner.finish_driver();
+    }
+}

@@ -1,0 +1,237 @@
+//! The one error type of this crate.
+
+use std::fmt;
+
+use qmp_proto::{CloseReason, CommandError, Failure, LocalError, RemoteError};
+
+/// What kind of failure an [`Error`] is. New kinds may be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The transport failed (read or write error other than a peer reset).
+    Io,
+    /// The session never became ready: no greeting in time, negotiation refused, or the peer
+    /// went away during the handshake.
+    Handshake,
+    /// The server answered with an error; see [`Error::server_error`].
+    Command,
+    /// The reply arrived but did not match the requested type.
+    Decode,
+    /// The command or wait ran out of time.
+    Timeout,
+    /// The peer closed the connection (EOF, reset, QEMU exited).
+    Disconnected,
+    /// The connection was closed on this side ([`Client::close`](crate::Client::close) or the
+    /// driver future was dropped).
+    Closed,
+    /// The request is invalid: bad arguments, too large or too deep.
+    InvalidRequest,
+    /// Too many commands are already waiting locally.
+    QueueFull,
+    /// The session cannot do this: exec-oob without the `oob` capability, fds on a transport
+    /// without fd passing, oob in guest-agent mode.
+    Unsupported,
+}
+
+/// How far a command got, so a retry layer can decide whether retrying is safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SendStatus {
+    /// No byte of it reached the transport: retrying is always safe.
+    NotSent,
+    /// It was written but no answer came: it may or may not have run.
+    Unanswered,
+    /// The server answered (with an error, or with a value that did not decode).
+    Answered,
+}
+
+/// An error from the client: its [`kind`](Self::kind), the command it concerns, the server's
+/// class and description for [`ErrorKind::Command`], and the [`SendStatus`].
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    command: Option<String>,
+    status: Option<SendStatus>,
+    server: Option<CommandError>,
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            inner: Box::new(Inner {
+                kind,
+                command: None,
+                status: None,
+                server: None,
+                message: message.into(),
+                source: None,
+            }),
+        }
+    }
+
+    pub(crate) fn with_command(mut self, name: &str) -> Self {
+        self.inner.command = Some(name.to_owned());
+        self
+    }
+
+    pub(crate) fn with_status(mut self, status: SendStatus) -> Self {
+        self.inner.status = Some(status);
+        self
+    }
+
+    pub(crate) fn with_source(
+        mut self,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        self.inner.source = Some(Box::new(source));
+        self
+    }
+
+    pub(crate) fn io(context: &str, e: std::io::Error) -> Self {
+        Self::new(ErrorKind::Io, format!("{context}: {e}")).with_source(e)
+    }
+
+    pub(crate) fn server(name: &str, e: CommandError) -> Self {
+        let mut err = Self::new(ErrorKind::Command, e.to_string())
+            .with_command(name)
+            .with_status(SendStatus::Answered);
+        err.inner.server = Some(e);
+        err
+    }
+
+    pub(crate) fn decode(name: &str, e: serde_json::Error) -> Self {
+        Self::new(
+            ErrorKind::Decode,
+            format!("the reply does not match the expected type: {e}"),
+        )
+        .with_command(name)
+        .with_status(SendStatus::Answered)
+        .with_source(e)
+    }
+
+    pub(crate) fn local(e: LocalError) -> Self {
+        let kind = match e {
+            LocalError::Closed => ErrorKind::Closed,
+            LocalError::OobNotNegotiated | LocalError::OobUnsupported => ErrorKind::Unsupported,
+            LocalError::QueueFull { .. } => ErrorKind::QueueFull,
+            _ => ErrorKind::InvalidRequest,
+        };
+        Self::new(kind, e.to_string())
+            .with_status(SendStatus::NotSent)
+            .with_source(e)
+    }
+
+    pub(crate) fn failure(failure: Failure, sent: bool) -> Self {
+        let kind = match failure {
+            Failure::Timeout => ErrorKind::Timeout,
+            Failure::PeerClosed => ErrorKind::Disconnected,
+            Failure::LocalClose => ErrorKind::Closed,
+            Failure::HandshakeFailed => ErrorKind::Handshake,
+            Failure::OobUnavailable => ErrorKind::Unsupported,
+            _ => ErrorKind::Closed,
+        };
+        let status = if sent {
+            SendStatus::Unanswered
+        } else {
+            SendStatus::NotSent
+        };
+        let what = if sent {
+            "sent, but no reply came"
+        } else {
+            "not sent"
+        };
+        Self::new(kind, format!("{failure} ({what})")).with_status(status)
+    }
+
+    pub(crate) fn closed(reason: &CloseReason) -> Self {
+        match reason {
+            CloseReason::PeerClosed => Self::new(
+                ErrorKind::Disconnected,
+                "the peer closed the connection (not sent)",
+            ),
+            CloseReason::Remote(RemoteError::HandshakeTimeout) => Self::new(
+                ErrorKind::Handshake,
+                "the server accepted the connection but never completed the handshake in time \
+                 (is another client attached to this monitor?)",
+            ),
+            CloseReason::Remote(e) => Self::new(ErrorKind::Handshake, e.to_string()),
+            _ => Self::new(ErrorKind::Closed, "the connection is closed (not sent)"),
+        }
+        .with_status(SendStatus::NotSent)
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The command this error concerns, if any.
+    pub fn command(&self) -> Option<&str> {
+        self.inner.command.as_deref()
+    }
+
+    /// How far the command got; `None` when no command was involved (a handshake or a wait
+    /// for an event).
+    pub fn send_status(&self) -> Option<SendStatus> {
+        self.inner.status
+    }
+
+    /// The server's error (class and description) for [`ErrorKind::Command`].
+    pub fn server_error(&self) -> Option<&CommandError> {
+        self.inner.server.as_ref()
+    }
+
+    /// Whether retrying the command is safe whatever it does: nothing of it was sent.
+    pub fn is_not_sent(&self) -> bool {
+        self.inner.status == Some(SendStatus::NotSent)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.inner.kind)
+            .field("command", &self.inner.command)
+            .field("status", &self.inner.status)
+            .field("server", &self.inner.server)
+            .field("message", &self.inner.message)
+            .finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(name) = &self.inner.command {
+            write!(f, "{name}: ")?;
+        }
+        f.write_str(&self.inner.message)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> Self {
+        let kind = match e.kind() {
+            ErrorKind::Timeout => std::io::ErrorKind::TimedOut,
+            ErrorKind::Disconnected => std::io::ErrorKind::ConnectionReset,
+            ErrorKind::Closed => std::io::ErrorKind::NotConnected,
+            ErrorKind::InvalidRequest | ErrorKind::Decode => std::io::ErrorKind::InvalidData,
+            ErrorKind::Unsupported => std::io::ErrorKind::Unsupported,
+            _ => std::io::ErrorKind::Other,
+        };
+        Self::new(kind, e)
+    }
+}

@@ -1,0 +1,226 @@
+//! Event subscriptions: a name filter and a bounded stream per subscriber.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use qmp_proto::{CloseReason, Event};
+
+/// Which events a subscription receives, by name. Defaults to all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    names: Option<Vec<String>>,
+}
+
+impl EventFilter {
+    /// Every event.
+    pub fn all() -> Self {
+        Self { names: None }
+    }
+
+    /// Only events with one of these names (exact, case-sensitive, as QEMU spells them).
+    pub fn names<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Self {
+        Self {
+            names: Some(names.into_iter().map(Into::into).collect()),
+        }
+    }
+
+    /// Whether an event named `name` passes.
+    pub fn matches(&self, name: &str) -> bool {
+        self.names
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
+    }
+}
+
+impl From<&str> for EventFilter {
+    fn from(name: &str) -> Self {
+        Self::names([name])
+    }
+}
+
+impl<const N: usize> From<[&str; N]> for EventFilter {
+    fn from(names: [&str; N]) -> Self {
+        Self::names(names)
+    }
+}
+
+impl From<&[&str]> for EventFilter {
+    fn from(names: &[&str]) -> Self {
+        Self::names(names.iter().copied())
+    }
+}
+
+impl From<Vec<String>> for EventFilter {
+    fn from(names: Vec<String>) -> Self {
+        Self::names(names)
+    }
+}
+
+/// One item of an [`EventStream`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventItem {
+    /// An event that passed the filter.
+    Event(Event),
+    /// The subscriber fell behind: this many of its oldest events were dropped here.
+    Lagged(u64),
+    /// The connection closed; this is the last item, the stream ends after it.
+    Closed(CloseReason),
+}
+
+#[derive(Debug)]
+struct State {
+    queue: VecDeque<Event>,
+    lagged: u64,
+    closed: Option<CloseReason>,
+    finished: bool,
+    waker: Option<Waker>,
+}
+
+/// The subscriber side shared with the dispatcher.
+#[derive(Debug)]
+pub(crate) struct Subscriber {
+    filter: EventFilter,
+    capacity: usize,
+    state: Mutex<State>,
+}
+
+impl Subscriber {
+    pub(crate) fn new(filter: EventFilter, capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            filter,
+            capacity: capacity.max(1),
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                lagged: 0,
+                closed: None,
+                finished: false,
+                waker: None,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `ev` if it passes the filter, dropping the oldest when full. Never blocks.
+    pub(crate) fn offer(&self, ev: &Event) {
+        if !self.filter.matches(&ev.name) {
+            return;
+        }
+        let mut st = self.lock();
+        if st.closed.is_some() {
+            return;
+        }
+        if st.queue.len() >= self.capacity {
+            st.queue.pop_front();
+            st.lagged += 1;
+        }
+        st.queue.push_back(ev.clone());
+        if let Some(w) = st.waker.take() {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn close(&self, reason: &CloseReason) {
+        let mut st = self.lock();
+        if st.closed.is_none() {
+            st.closed = Some(reason.clone());
+        }
+        if let Some(w) = st.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// A stream of the events one subscription receives, from
+/// [`Client::subscribe`](crate::Client::subscribe).
+///
+/// It has its own bounded queue. When the queue is full the oldest event is dropped and the
+/// stream yields [`EventItem::Lagged`] with the count before the events that follow, so a slow
+/// reader never delays command replies or other subscribers. When the connection closes, the
+/// remaining events are yielded, then [`EventItem::Closed`], then the stream ends.
+///
+/// # Drop behavior
+/// Dropping the stream unsubscribes it.
+#[derive(Debug)]
+#[must_use = "streams do nothing unless polled"]
+pub struct EventStream {
+    sub: Arc<Subscriber>,
+}
+
+impl EventStream {
+    pub(crate) fn new(sub: Arc<Subscriber>) -> Self {
+        Self { sub }
+    }
+
+    /// The next item, or `None` once the stream has ended.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: an item is removed only when it is returned.
+    pub async fn recv(&mut self) -> Option<EventItem> {
+        futures_util::future::poll_fn(|cx| self.poll_item(cx)).await
+    }
+
+    /// The next event, skipping [`EventItem::Lagged`]; `None` once the connection has closed.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            match self.recv().await? {
+                EventItem::Event(ev) => return Some(ev),
+                EventItem::Lagged(_) => {}
+                EventItem::Closed(_) => return None,
+            }
+        }
+    }
+
+    /// Events queued and not yet read.
+    pub fn len(&self) -> usize {
+        self.sub.lock().queue.len()
+    }
+
+    /// Whether no event is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
+        let mut st = self.sub.lock();
+        if st.lagged > 0 {
+            let n = std::mem::take(&mut st.lagged);
+            return Poll::Ready(Some(EventItem::Lagged(n)));
+        }
+        if let Some(ev) = st.queue.pop_front() {
+            return Poll::Ready(Some(EventItem::Event(ev)));
+        }
+        if st.finished {
+            return Poll::Ready(None);
+        }
+        if let Some(reason) = st.closed.clone() {
+            st.finished = true;
+            return Poll::Ready(Some(EventItem::Closed(reason)));
+        }
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+impl futures_core::Stream for EventStream {
+    type Item = EventItem;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
+        self.get_mut().poll_item(cx)
+    }
+}
+
+impl futures_core::FusedStream for EventStream {
+    fn is_terminated(&self) -> bool {
+        self.sub.lock().finished
+    }
+}

@@ -1,0 +1,38 @@
+//! A runtime-agnostic async client for QEMU's machine protocol (QMP) and guest agent (QGA).
+//!
+//! [`handshake`] (or [`Builder::handshake`]) takes any futures-io transport and a
+//! [`rt::Timer`], waits until the session is ready, and returns a [`Client`] and its
+//! [`Connection`]. The connection is the driver future: spawn it on your runtime (the
+//! `qmp-tokio`, `qmp-smol` and `qmp-async-std` adapters do this for you). The client is a cheap
+//! clonable handle usable from many tasks: typed and raw commands, exec-oob, fd passing,
+//! per-call timeouts, and event subscriptions with bounded, drop-oldest queues.
+//!
+//! This crate does no I/O of its own, spawns nothing, and depends on no runtime. The protocol
+//! logic lives in the sans-IO [`qmp_proto`] machine.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo(io: impl futures_io::AsyncRead + futures_io::AsyncWrite + Send + Unpin + 'static,
+//! #               timer: impl qmp_client::rt::Timer) -> Result<(), qmp_client::Error> {
+//! let (client, connection) = qmp_client::handshake(io, timer).await?;
+//! // spawn(connection);
+//! let status: serde_json::Value = client.execute("query-status", &()).await?;
+//! # drop((status, connection)); Ok(()) }
+//! ```
+#![cfg_attr(not(fuzzing), warn(missing_docs))]
+
+mod client;
+mod driver;
+mod error;
+mod events;
+pub mod rt;
+mod shared;
+
+pub use client::{Builder, Client, handshake};
+pub use driver::Connection;
+pub use error::{Error, ErrorKind, SendStatus};
+pub use events::{EventFilter, EventItem, EventStream};
+pub use qmp_proto::{
+    CloseReason, Command, CommandError, Config, ErrorClass, Event, Greeting, RawJson, Stats,
+    Timestamp, VersionInfo,
+};

@@ -1,0 +1,145 @@
+//! State shared by the client handles and the driver.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::Waker;
+use std::time::Instant;
+
+use futures_channel::oneshot;
+use qmp_proto::{CloseReason, Outcome, Output, RequestId};
+
+use crate::events::Subscriber;
+use crate::rt::Timer;
+
+pub(crate) struct Shared {
+    pub(crate) inner: Mutex<Inner>,
+    pub(crate) timer: Arc<dyn Timer>,
+    pub(crate) event_queue: usize,
+    pub(crate) supports_fds: bool,
+}
+
+pub(crate) struct Inner {
+    pub(crate) proto: qmp_proto::Connection,
+    /// The latest `now` passed to the machine, so time never goes backwards.
+    last_now: Instant,
+    pub(crate) waiters: HashMap<RequestId, oneshot::Sender<Outcome>>,
+    pub(crate) subscribers: Vec<Weak<Subscriber>>,
+    #[cfg(unix)]
+    pub(crate) fds: HashMap<RequestId, Vec<std::os::fd::OwnedFd>>,
+    pub(crate) closed: Option<CloseReason>,
+    /// The transport error that ended the session, if one did.
+    pub(crate) io_error: Option<(std::io::ErrorKind, String)>,
+    pub(crate) driver_waker: Option<Waker>,
+    pub(crate) driver_done: bool,
+    pub(crate) done_wakers: Vec<Waker>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        proto_config: qmp_proto::Config,
+        timer: Arc<dyn Timer>,
+        event_queue: usize,
+        supports_fds: bool,
+    ) -> Arc<Self> {
+        let now = timer.now();
+        Arc::new(Self {
+            inner: Mutex::new(Inner {
+                proto: qmp_proto::Connection::new(now, proto_config),
+                last_now: now,
+                waiters: HashMap::new(),
+                subscribers: Vec::new(),
+                #[cfg(unix)]
+                fds: HashMap::new(),
+                closed: None,
+                io_error: None,
+                driver_waker: None,
+                driver_done: false,
+                done_wakers: Vec::new(),
+            }),
+            timer,
+            event_queue,
+            supports_fds,
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    /// A `now` for the machine: the timer's, never earlier than one already used.
+    pub(crate) fn now(&mut self, timer: &dyn Timer) -> Instant {
+        let now = timer.now().max(self.last_now);
+        self.last_now = now;
+        now
+    }
+
+    pub(crate) fn wake_driver(&mut self) {
+        if let Some(w) = self.driver_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Forgets a request whose caller went away.
+    pub(crate) fn abandon(&mut self, id: RequestId) {
+        self.waiters.remove(&id);
+        #[cfg(unix)]
+        self.fds.remove(&id);
+        if self.proto.abandon(id) {
+            self.wake_driver();
+        }
+    }
+
+    /// Routes every output of the machine: completions to their callers, events to the
+    /// subscribers, and the close to everyone.
+    pub(crate) fn dispatch(&mut self) {
+        while let Some(out) = self.proto.poll_output() {
+            match out {
+                Output::Completed { id, outcome } => {
+                    #[cfg(unix)]
+                    self.fds.remove(&id);
+                    if let Some(tx) = self.waiters.remove(&id) {
+                        // The caller may have gone; then nobody wants the outcome.
+                        let _ = tx.send(outcome);
+                    }
+                }
+                Output::Event(ev) => {
+                    self.subscribers.retain(|w| match w.upgrade() {
+                        Some(sub) => {
+                            sub.offer(&ev);
+                            true
+                        }
+                        None => false,
+                    });
+                }
+                Output::Closed(reason) => {
+                    #[cfg(feature = "tracing")]
+                    tracing::debug!(?reason, "qmp connection closed");
+                    for sub in self.subscribers.drain(..).filter_map(|w| w.upgrade()) {
+                        sub.close(&reason);
+                    }
+                    self.closed = Some(reason);
+                    // Every request has been completed before the close output; any waiter
+                    // left belongs to nothing.
+                    self.waiters.clear();
+                }
+                Output::Anomaly(_a) => {
+                    #[cfg(feature = "tracing")]
+                    tracing::warn!(anomaly = ?_a, "qmp protocol anomaly");
+                }
+                Output::Greeting(_) | Output::Ready(_) => {}
+                _ => {}
+            }
+        }
+    }
+
+    /// Marks the driver finished and wakes whoever waits for it.
+    pub(crate) fn finish_driver(&mut self) {
+        self.driver_done = true;
+        self.driver_waker = None;
+        for w in self.done_wakers.drain(..) {
+            w.wake();
+        }
+    }
+}

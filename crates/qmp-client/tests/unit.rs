@@ -1,0 +1,512 @@
+//! The client over an in-memory pipe, a manual clock and a server scripted by hand, on a
+//! single-threaded executor. No wall-clock sleeps.
+
+mod support;
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use futures_executor::{LocalPool, LocalSpawner};
+use futures_util::task::LocalSpawnExt;
+use qmp_client::{
+    Builder, Client, CloseReason, Error, ErrorClass, ErrorKind, EventItem, SendStatus,
+};
+use support::{ManualTimer, Server, pipe};
+
+fn spawn<T: 'static>(
+    sp: &LocalSpawner,
+    fut: impl Future<Output = T> + 'static,
+) -> oneshot::Receiver<T> {
+    let (tx, rx) = oneshot::channel();
+    sp.spawn_local(async move {
+        let _ = tx.send(fut.await);
+    })
+    .unwrap();
+    rx
+}
+
+fn done<T>(pool: &mut LocalPool, rx: &mut oneshot::Receiver<T>) -> Option<T> {
+    pool.run_until_stalled();
+    rx.try_recv().unwrap()
+}
+
+struct Session {
+    pool: LocalPool,
+    sp: LocalSpawner,
+    client: Client,
+    srv: Server,
+    timer: ManualTimer,
+    driver: oneshot::Receiver<Result<(), Error>>,
+}
+
+const NEGOTIATE: &str = r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":0}"#;
+
+fn session(builder: Builder) -> Session {
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (io, srv) = pipe();
+    let timer = ManualTimer::new();
+    let mut hs = spawn(&sp, builder.handshake(io, timer.clone()));
+    assert!(done(&mut pool, &mut hs).is_none());
+    assert_eq!(srv.take(), "");
+    srv.greet();
+    assert!(done(&mut pool, &mut hs).is_none());
+    assert_eq!(srv.take(), NEGOTIATE);
+    srv.send("{\"return\": {}, \"id\": 0}\r\n");
+    let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
+    let driver = spawn(&sp, conn);
+    Session {
+        pool,
+        sp,
+        client,
+        srv,
+        timer,
+        driver,
+    }
+}
+
+#[derive(Debug, PartialEq, serde::Deserialize)]
+struct Status {
+    status: String,
+    running: bool,
+}
+
+#[test]
+fn client_is_send_sync_and_connection_is_send() {
+    fn check<T: Send + Sync + Clone>() {}
+    fn send<T: Send + 'static>() {}
+    check::<Client>();
+    send::<qmp_client::Connection>();
+    send::<qmp_client::EventStream>();
+}
+
+#[test]
+fn handshake_then_typed_and_raw_execute() {
+    let mut s = session(Builder::new());
+    assert_eq!(s.client.capabilities(), vec!["oob".to_owned()]);
+    assert_eq!(s.client.greeting().unwrap().version.qemu.major, 10);
+
+    let c = s.client.clone();
+    let mut typed = spawn(&s.sp, async move {
+        c.execute::<Status, _>("query-status", &()).await
+    });
+    assert!(done(&mut s.pool, &mut typed).is_none());
+    assert_eq!(s.srv.take(), r#"{"execute":"query-status","id":1}"#);
+    s.srv
+        .send("{\"return\": {\"status\": \"running\", \"running\": true}, \"id\": 1}\n");
+    let st = done(&mut s.pool, &mut typed).unwrap().unwrap();
+    assert_eq!(
+        st,
+        Status {
+            status: "running".into(),
+            running: true
+        }
+    );
+
+    let c = s.client.clone();
+    let mut raw = spawn(&s.sp, async move {
+        c.execute_raw("query-name", &serde_json::json!({"x": 1}))
+            .await
+    });
+    assert!(done(&mut s.pool, &mut raw).is_none());
+    assert_eq!(
+        s.srv.take(),
+        r#"{"execute":"query-name","arguments":{"x":1},"id":2}"#
+    );
+    // A pretty-printed reply split across writes.
+    s.srv.send("{\n    \"return\": {\n        \"name\"");
+    assert!(done(&mut s.pool, &mut raw).is_none());
+    s.srv.send(": \"vm\"\n    },\n    \"id\": 2\n}\n");
+    let r = done(&mut s.pool, &mut raw).unwrap().unwrap();
+    assert_eq!(r.get(), "{\n        \"name\": \"vm\"\n    }");
+    assert_eq!(s.client.pending(), 0);
+    assert_eq!(s.client.stats().replies, 2);
+}
+
+#[test]
+fn server_error_carries_name_class_desc_and_status() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move {
+        c.execute::<serde::de::IgnoredAny, _>(
+            "blockdev-del",
+            &serde_json::json!({"node-name": "x"}),
+        )
+        .await
+    });
+    assert!(done(&mut s.pool, &mut call).is_none());
+    s.srv.take();
+    s.srv.send(r#"{"id": 1, "error": {"class": "GenericError", "desc": "Failed to find node with node-name='x'"}}"#);
+    let err = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Command);
+    assert_eq!(err.command(), Some("blockdev-del"));
+    assert_eq!(err.send_status(), Some(SendStatus::Answered));
+    let server = err.server_error().unwrap();
+    assert_eq!(server.class, ErrorClass::GenericError);
+    assert_eq!(server.desc, "Failed to find node with node-name='x'");
+    assert_eq!(
+        err.to_string(),
+        "blockdev-del: GenericError: Failed to find node with node-name='x'"
+    );
+
+    // A reply of the wrong shape is a decode error, answered.
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move {
+        c.execute::<Status, _>("query-status", &()).await
+    });
+    assert!(done(&mut s.pool, &mut call).is_none());
+    s.srv.take();
+    s.srv.send(r#"{"return": [1, 2], "id": 2}"#);
+    let err = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Decode);
+    assert_eq!(err.send_status(), Some(SendStatus::Answered));
+
+    // Arguments that are not an object never leave.
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &[1, 2]).await });
+    let err = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest);
+    assert!(err.is_not_sent());
+    assert_eq!(s.srv.take(), "");
+}
+
+fn event(name: &str, n: u32) -> String {
+    format!(
+        "{{\"event\": \"{name}\", \"data\": {{\"n\": {n}}}, \"timestamp\": {{\"seconds\": 1, \"microseconds\": 2}}}}\r\n"
+    )
+}
+
+#[test]
+fn slow_subscriber_drops_oldest_reports_lag_and_ends_with_closed() {
+    let mut s = session(Builder::new());
+    let mut slow = s.client.subscribe_with_capacity("STOP", 2);
+    let mut all = s.client.subscribe(qmp_client::EventFilter::all());
+    for n in 0..5 {
+        s.srv.send(&event("STOP", n));
+    }
+    s.srv.send(&event("RESUME", 9));
+    s.pool.run_until_stalled();
+    assert_eq!(slow.len(), 2);
+    assert_eq!(all.len(), 6);
+
+    let mut got = Vec::new();
+    let mut slow_rx = spawn(&s.sp, async move {
+        let mut items = Vec::new();
+        while let Some(item) = slow.recv().await {
+            items.push(match item {
+                EventItem::Event(ev) => format!("{}:{}", ev.name, ev.data.unwrap()),
+                EventItem::Lagged(n) => format!("lagged {n}"),
+                EventItem::Closed(r) => format!("closed {r:?}"),
+                _ => unreachable!(),
+            });
+        }
+        items
+    });
+    s.pool.run_until_stalled();
+    s.srv.hang_up();
+    got.extend(done(&mut s.pool, &mut slow_rx).unwrap());
+    assert_eq!(
+        got,
+        vec![
+            "lagged 3".to_owned(),
+            "STOP:{\"n\": 3}".to_owned(),
+            "STOP:{\"n\": 4}".to_owned(),
+            "closed PeerClosed".to_owned(),
+        ]
+    );
+    // The other subscriber lost nothing.
+    let mut all_rx = spawn(&s.sp, async move {
+        let mut n = 0;
+        while all.next_event().await.is_some() {
+            n += 1;
+        }
+        n
+    });
+    assert_eq!(done(&mut s.pool, &mut all_rx), Some(6));
+    assert!(matches!(done(&mut s.pool, &mut s.driver), Some(Ok(()))));
+}
+
+#[test]
+fn peer_gone_resolves_every_call_with_its_send_status() {
+    let mut s = session(Builder::new().max_in_flight(1));
+    let c = s.client.clone();
+    let mut first = spawn(&s.sp, async move { c.execute_raw("a", &()).await });
+    let c = s.client.clone();
+    let mut second = spawn(&s.sp, async move { c.execute_raw("b", &()).await });
+    let mut events = s.client.subscribe(qmp_client::EventFilter::all());
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"a","id":1}"#);
+    s.srv.hang_up();
+    let e1 = done(&mut s.pool, &mut first).unwrap().unwrap_err();
+    let e2 = done(&mut s.pool, &mut second).unwrap().unwrap_err();
+    assert_eq!(
+        (e1.kind(), e1.send_status()),
+        (ErrorKind::Disconnected, Some(SendStatus::Unanswered))
+    );
+    assert_eq!(
+        (e2.kind(), e2.send_status()),
+        (ErrorKind::Disconnected, Some(SendStatus::NotSent))
+    );
+    assert_eq!(e1.command(), Some("a"));
+    assert!(matches!(done(&mut s.pool, &mut s.driver), Some(Ok(()))));
+
+    // Later calls fail at once, not sent.
+    let c = s.client.clone();
+    let mut later = spawn(&s.sp, async move { c.execute_raw("c", &()).await });
+    let e3 = done(&mut s.pool, &mut later).unwrap().unwrap_err();
+    assert_eq!(
+        (e3.kind(), e3.send_status()),
+        (ErrorKind::Disconnected, Some(SendStatus::NotSent))
+    );
+    let mut ev = spawn(
+        &s.sp,
+        async move { (events.recv().await, events.recv().await) },
+    );
+    assert_eq!(
+        done(&mut s.pool, &mut ev),
+        Some((Some(EventItem::Closed(CloseReason::PeerClosed)), None))
+    );
+    // A subscription made after the close ends at once too.
+    let mut late = s.client.subscribe("STOP");
+    let mut ev = spawn(&s.sp, async move { late.recv().await });
+    assert_eq!(
+        done(&mut s.pool, &mut ev),
+        Some(Some(EventItem::Closed(CloseReason::PeerClosed)))
+    );
+    assert!(s.client.is_closed());
+}
+
+#[test]
+fn dropped_call_is_abandoned_and_its_late_reply_never_misrouted() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+    let mut dropped = spawn(&s.sp, async move {
+        futures_util::future::select(Box::pin(c.execute_raw("slow", &())), cancel_rx).await;
+    });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"slow","id":1}"#);
+    assert_eq!(s.client.pending(), 1);
+    cancel_tx.send(()).unwrap();
+    assert_eq!(done(&mut s.pool, &mut dropped), Some(()));
+    assert_eq!(s.client.pending(), 0);
+
+    let c = s.client.clone();
+    let mut next = spawn(&s.sp, async move { c.execute_raw("fast", &()).await });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"fast","id":2}"#);
+    s.srv.send(r#"{"return": "late", "id": 1}"#);
+    assert!(done(&mut s.pool, &mut next).is_none());
+    s.srv.send(r#"{"return": "mine", "id": 2}"#);
+    assert_eq!(
+        done(&mut s.pool, &mut next).unwrap().unwrap().get(),
+        "\"mine\""
+    );
+    assert_eq!(s.client.stats().late_replies, 1);
+    assert_eq!(s.client.pending(), 0);
+}
+
+#[test]
+fn a_call_dropped_before_it_was_written_never_goes_out() {
+    let mut s = session(Builder::new().max_in_flight(1));
+    let c = s.client.clone();
+    let mut first = spawn(&s.sp, async move { c.execute_raw("first", &()).await });
+    let c = s.client.clone();
+    let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+    let mut queued = spawn(&s.sp, async move {
+        futures_util::future::select(Box::pin(c.execute_raw("queued", &())), cancel_rx).await;
+    });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"first","id":1}"#);
+    cancel_tx.send(()).unwrap();
+    assert_eq!(done(&mut s.pool, &mut queued), Some(()));
+    s.srv.send(r#"{"return": {}, "id": 1}"#);
+    assert!(done(&mut s.pool, &mut first).unwrap().is_ok());
+    assert_eq!(s.srv.take(), "");
+    assert_eq!(s.client.pending(), 0);
+}
+
+#[test]
+fn command_timeout_follows_the_manual_clock() {
+    let mut s = session(Builder::new().command_timeout(Duration::from_secs(5)));
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    let c = s.client.clone();
+    let mut short = spawn(&s.sp, async move {
+        c.execute_timeout::<serde::de::IgnoredAny, _>("y", &(), Duration::from_secs(1))
+            .await
+    });
+    s.pool.run_until_stalled();
+    s.timer.advance(Duration::from_millis(999));
+    assert!(done(&mut s.pool, &mut short).is_none());
+    s.timer.advance(Duration::from_millis(1));
+    let e = done(&mut s.pool, &mut short).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Timeout, Some(SendStatus::Unanswered))
+    );
+    assert!(done(&mut s.pool, &mut call).is_none());
+    s.timer.advance(Duration::from_secs(4));
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    assert_eq!(e.to_string(), "x: timed out (sent, but no reply came)");
+    // The session goes on.
+    let c = s.client.clone();
+    let mut ok = spawn(&s.sp, async move { c.execute_raw("z", &()).await });
+    s.pool.run_until_stalled();
+    s.srv.take();
+    s.srv.send(r#"{"return": 7, "id": 3}"#);
+    assert_eq!(done(&mut s.pool, &mut ok).unwrap().unwrap().get(), "7");
+}
+
+#[test]
+fn never_greeted_is_a_clear_handshake_error() {
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (io, srv) = pipe();
+    let timer = ManualTimer::new();
+    let mut hs = spawn(
+        &sp,
+        Builder::new()
+            .handshake_timeout(Some(Duration::from_secs(3)))
+            .handshake(io, timer.clone()),
+    );
+    assert!(done(&mut pool, &mut hs).is_none());
+    timer.advance(Duration::from_secs(3));
+    let err = done(&mut pool, &mut hs).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Handshake);
+    assert!(
+        err.to_string().contains("is another client attached"),
+        "{err}"
+    );
+    assert!(srv.client_closed());
+}
+
+#[test]
+fn eof_during_handshake_is_a_handshake_error() {
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (io, srv) = pipe();
+    let mut hs = spawn(&sp, Builder::new().handshake(io, ManualTimer::new()));
+    srv.greet();
+    assert!(done(&mut pool, &mut hs).is_none());
+    srv.hang_up();
+    let err = done(&mut pool, &mut hs).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Handshake);
+    assert_eq!(
+        err.to_string(),
+        "the server closed the connection before the session was ready"
+    );
+}
+
+#[test]
+fn execute_then_wait_sees_an_event_sent_before_the_reply() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move {
+        c.execute_then_wait::<serde::de::IgnoredAny, _>(
+            "stop",
+            &(),
+            "STOP",
+            |_| true,
+            Some(Duration::from_secs(1)),
+        )
+        .await
+    });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"stop","id":1}"#);
+    s.srv.send(&event("STOP", 1));
+    s.srv.send(r#"{"return": {}, "id": 1}"#);
+    let (_, ev) = done(&mut s.pool, &mut call).unwrap().unwrap();
+    assert_eq!(ev.name, "STOP");
+    assert_eq!(ev.data.unwrap().get(), r#"{"n": 1}"#);
+
+    // wait_event with a predicate and a timeout.
+    let c = s.client.clone();
+    let mut wait = spawn(&s.sp, async move {
+        c.wait_event(
+            ["RESUME"],
+            |e| e.data::<serde_json::Value>().unwrap()["n"] == 2,
+            Some(Duration::from_secs(2)),
+        )
+        .await
+    });
+    s.pool.run_until_stalled();
+    s.srv.send(&event("RESUME", 1));
+    s.srv.send(&event("STOP", 2));
+    assert!(done(&mut s.pool, &mut wait).is_none());
+    s.srv.send(&event("RESUME", 2));
+    assert_eq!(
+        done(&mut s.pool, &mut wait).unwrap().unwrap().name,
+        "RESUME"
+    );
+
+    let c = s.client.clone();
+    let mut wait = spawn(&s.sp, async move {
+        c.wait_event("NOPE", |_| true, Some(Duration::from_secs(2)))
+            .await
+    });
+    assert!(done(&mut s.pool, &mut wait).is_none());
+    s.timer.advance(Duration::from_secs(2));
+    let e = done(&mut s.pool, &mut wait).unwrap().unwrap_err();
+    assert_eq!((e.kind(), e.send_status()), (ErrorKind::Timeout, None));
+}
+
+#[test]
+fn close_resolves_pending_calls_and_stops_the_driver() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    s.pool.run_until_stalled();
+    let c = s.client.clone();
+    let mut closing = spawn(&s.sp, async move { c.close().await });
+    assert_eq!(done(&mut s.pool, &mut closing), Some(()));
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Closed, Some(SendStatus::Unanswered))
+    );
+    assert!(matches!(done(&mut s.pool, &mut s.driver), Some(Ok(()))));
+    assert!(s.srv.client_closed());
+}
+
+#[test]
+fn dropping_the_connection_resolves_pending_calls() {
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (io, srv) = pipe();
+    let timer = ManualTimer::new();
+    let mut hs = spawn(&sp, Builder::new().handshake(io, timer));
+    srv.greet();
+    pool.run_until_stalled();
+    srv.send("{\"return\": {}, \"id\": 0}");
+    let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
+    let c = client.clone();
+    let mut call = spawn(&sp, async move { c.execute_raw("x", &()).await });
+    assert!(done(&mut pool, &mut call).is_none());
+    drop(conn);
+    let e = done(&mut pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Closed, Some(SendStatus::NotSent))
+    );
+}
+
+#[test]
+fn garbage_and_idless_errors_do_not_end_the_session() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    s.pool.run_until_stalled();
+    s.srv.take();
+    s.srv.send(
+        "}}garbage{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error\"}}\r\n",
+    );
+    s.srv
+        .send(r#"{"return": 1, "id": 99}{"return": 2, "id": 1}"#);
+    assert_eq!(done(&mut s.pool, &mut call).unwrap().unwrap().get(), "2");
+    let st = s.client.stats();
+    assert_eq!(st.unknown_replies, 1);
+    assert!(st.anomalies >= 2, "{st:?}");
+}
