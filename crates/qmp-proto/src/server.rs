@@ -109,6 +109,16 @@ pub struct ServerRequest {
 }
 
 impl ServerRequest {
+    /// A request, as the server would classify it (`arguments` and `id` are raw JSON text).
+    pub fn new(name: &str, arguments: Option<String>, id: Option<String>, oob: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            arguments,
+            id,
+            oob,
+        }
+    }
+
     /// The value of argument `key` as raw JSON text, if present.
     pub fn argument(&self, key: &str) -> Option<String> {
         let args = self.arguments.as_deref()?;
