@@ -1,0 +1,147 @@
+//! [`Reconnecting`]: an [`Execute`] that opens a fresh session when the current one is gone.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_channel::mpsc;
+use qmp_proto::RawJson;
+use serde_json::value::RawValue;
+
+use crate::exec::{BoxFuture, ExecError, Execute};
+use crate::mutex::KeyedMutex;
+
+/// Sent to subscribers when a session replaced an earlier one: events emitted between the two
+/// sessions were missed, and state learnt from them SHOULD be refreshed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reconnected {
+    /// The new session's generation (the first session is 1, so this is at least 2).
+    pub generation: u64,
+}
+
+/// An executor that connects lazily and reconnects after a disconnect.
+///
+/// `connect` is any async function returning a ready, negotiated session (for `qmp-client`:
+/// connect the socket, handshake, spawn the driver, return the client). Each command runs on
+/// the current session; a failure that means the session is gone
+/// ([`ExecError::is_disconnect`]) drops it, so the next call, typically a retry made by
+/// [`crate::Ops`], runs on a new session. The failure itself is returned unchanged, so the
+/// retry layer still decides by send status whether a retry is safe.
+///
+/// Concurrent callers that find no session wait for a single connect attempt. A failed
+/// connect is reported as [`ExecError::Connect`] (nothing was sent).
+pub struct Reconnecting<E, F> {
+    connect: F,
+    session: Mutex<Option<(u64, Arc<E>)>>,
+    generation: AtomicU64,
+    connecting: KeyedMutex<()>,
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<Reconnected>>>,
+}
+
+impl<E, F> fmt::Debug for Reconnecting<E, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reconnecting")
+            .field("generation", &self.generation.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Single-step updates only: a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<E, F, Fut, Err> Reconnecting<E, F>
+where
+    E: Execute,
+    F: Fn() -> Fut + Send + Sync,
+    Fut: Future<Output = Result<E, Err>> + Send,
+    Err: fmt::Display,
+{
+    /// An executor that calls `connect` for its first session and after each disconnect.
+    pub fn new(connect: F) -> Self {
+        Self {
+            connect,
+            session: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            connecting: KeyedMutex::new(),
+            subscribers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The current session's generation: 0 before the first connect, then 1, 2, ...
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a session is currently held.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.session).is_some()
+    }
+
+    /// A channel told about every reconnection from now on.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Reconnected> {
+        let (tx, rx) = mpsc::unbounded();
+        lock(&self.subscribers).push(tx);
+        rx
+    }
+
+    /// Drops the current session (if it is still generation `generation`).
+    pub fn invalidate(&self, generation: u64) {
+        let mut s = lock(&self.session);
+        if s.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *s = None;
+        }
+    }
+
+    /// The current session, connecting first if there is none.
+    ///
+    /// # Errors
+    /// [`ExecError::Connect`] when `connect` fails.
+    pub async fn session(&self) -> Result<(u64, Arc<E>), ExecError> {
+        if let Some((g, s)) = lock(&self.session).as_ref() {
+            return Ok((*g, Arc::clone(s)));
+        }
+        let _guard = self.connecting.lock(()).await;
+        if let Some((g, s)) = lock(&self.session).as_ref() {
+            return Ok((*g, Arc::clone(s)));
+        }
+        let session = Arc::new(
+            (self.connect)()
+                .await
+                .map_err(|e| ExecError::Connect(e.to_string()))?,
+        );
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        *lock(&self.session) = Some((generation, Arc::clone(&session)));
+        if generation > 1 {
+            lock(&self.subscribers)
+                .retain(|tx| tx.unbounded_send(Reconnected { generation }).is_ok());
+        }
+        Ok((generation, session))
+    }
+}
+
+impl<E, F, Fut, Err> Execute for Reconnecting<E, F>
+where
+    E: Execute,
+    F: Fn() -> Fut + Send + Sync,
+    Fut: Future<Output = Result<E, Err>> + Send,
+    Err: fmt::Display,
+{
+    fn execute<'a>(
+        &'a self,
+        name: &'a str,
+        args: Option<&'a RawValue>,
+    ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
+        Box::pin(async move {
+            let (generation, session) = self.session().await?;
+            let result = session.execute(name, args).await;
+            if result.as_ref().is_err_and(ExecError::is_disconnect) {
+                self.invalidate(generation);
+            }
+            result
+        })
+    }
+}
