@@ -10,3 +10,5 @@
 #![cfg_attr(not(fuzzing), warn(missing_docs))]
 
 pub mod fake;
+pub mod launch;
+pub mod transcript;

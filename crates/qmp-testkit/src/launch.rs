@@ -1,0 +1,294 @@
+//! Starts real QEMU programs for tests.
+//!
+//! Each [`Qemu`] gets its own temp dir and its own child process, with a QMP (or guest-agent)
+//! Unix socket in that dir that is ready to connect when [`Launch::spawn`] returns. The child is
+//! killed by its PID and reaped when the [`Qemu`] is dropped; nothing is ever killed by name.
+//!
+//! A missing binary makes [`Launch::spawn`] print `SKIP: <reason>` and return `None`, unless the
+//! environment sets `QMP_REQUIRE_QEMU=1` (as CI does): then it panics.
+//!
+//! # Example
+//! ```no_run
+//! use qmp_testkit::launch::Launch;
+//!
+//! let Some(qemu) = Launch::storage_daemon().pretty().spawn() else { return };
+//! let stream = std::os::unix::net::UnixStream::connect(qemu.socket_path()).unwrap();
+//! # drop(stream);
+//! ```
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The read-only guest-agent commands tests may use (the agent runs on the host).
+pub const QGA_ALLOW_LIST: &str = "guest-sync-delimited,guest-sync,guest-ping,guest-info,guest-get-osinfo,guest-get-time,guest-get-timezone,guest-get-host-name";
+
+/// How long a program gets to create its socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    StorageDaemon,
+    System,
+    GuestAgent,
+}
+
+/// A builder for one QEMU program. Defaults may change.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Launch {
+    kind: Kind,
+    pretty: bool,
+    tcp: bool,
+    args: Vec<OsString>,
+}
+
+impl Launch {
+    /// `qemu-storage-daemon` with a QMP monitor.
+    pub fn storage_daemon() -> Self {
+        Self::new(Kind::StorageDaemon)
+    }
+
+    /// `qemu-system-x86_64 -M q35 -accel tcg -S -m 64 -nodefaults -display none -device
+    /// qemu-xhci,id=xhci` with a QMP monitor (no guest code runs: the VM starts paused).
+    pub fn system() -> Self {
+        Self::new(Kind::System)
+    }
+
+    /// `qemu-ga` listening on a Unix socket, limited to [`QGA_ALLOW_LIST`].
+    pub fn guest_agent() -> Self {
+        Self::new(Kind::GuestAgent)
+    }
+
+    fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            pretty: false,
+            tcp: false,
+            args: Vec::new(),
+        }
+    }
+
+    /// Pretty-printed monitor output (`pretty=on`). No effect on the guest agent.
+    pub fn pretty(mut self) -> Self {
+        self.pretty = true;
+        self
+    }
+
+    /// A second QMP monitor on `127.0.0.1` with a free port ([`Qemu::tcp_addr`]). No effect on
+    /// the guest agent.
+    pub fn tcp(mut self) -> Self {
+        self.tcp = true;
+        self
+    }
+
+    /// An extra command-line argument.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    fn program(&self) -> &'static str {
+        match self.kind {
+            Kind::StorageDaemon => "qemu-storage-daemon",
+            Kind::System => "qemu-system-x86_64",
+            Kind::GuestAgent => "qemu-ga",
+        }
+    }
+
+    /// Starts the program and waits until its socket exists.
+    ///
+    /// Returns `None` after printing `SKIP: <reason>` when the binary is not installed.
+    ///
+    /// # Panics
+    /// When the binary is missing and `QMP_REQUIRE_QEMU=1`; when the program cannot be started,
+    /// exits early, or does not create its socket in time (with its stderr in the message).
+    pub fn spawn(self) -> Option<Qemu> {
+        let program = self.program();
+        let Some(binary) = find_binary(program) else {
+            let reason = format!("{program} not found on PATH, /usr/sbin or /usr/bin");
+            assert!(
+                std::env::var_os("QMP_REQUIRE_QEMU").as_deref() != Some(OsStr::new("1")),
+                "QMP_REQUIRE_QEMU=1 but {reason}"
+            );
+            println!("SKIP: {reason}");
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("qmp-testkit-")
+            .tempdir()
+            .expect("create a temp dir");
+        let socket = dir.path().join("qmp.sock");
+        let mut cmd = Command::new(&binary);
+        let tcp_addr = (self.tcp && self.kind != Kind::GuestAgent).then(free_port);
+        let pretty = if self.pretty { ",pretty=on" } else { "" };
+        let chardev = |id: &str, addr: &str| format!("socket,{addr},server=on,wait=off,id={id}");
+        let unix = format!("path={}", socket.display());
+        match self.kind {
+            Kind::StorageDaemon => {
+                // The TCP monitor first: once the Unix socket exists, both listen.
+                if let Some(addr) = tcp_addr {
+                    let tcp = format!("host=127.0.0.1,port={}", addr.port());
+                    cmd.arg("--chardev").arg(chardev("m1", &tcp));
+                    cmd.arg("--monitor").arg(format!("chardev=m1{pretty}"));
+                }
+                cmd.arg("--chardev").arg(chardev("m0", &unix));
+                cmd.arg("--monitor").arg(format!("chardev=m0{pretty}"));
+            }
+            Kind::System => {
+                cmd.args([
+                    "-M",
+                    "q35",
+                    "-accel",
+                    "tcg",
+                    "-S",
+                    "-m",
+                    "64",
+                    "-nodefaults",
+                ]);
+                cmd.args(["-display", "none", "-device", "qemu-xhci,id=xhci"]);
+                if let Some(addr) = tcp_addr {
+                    let tcp = format!("host=127.0.0.1,port={}", addr.port());
+                    cmd.arg("-chardev").arg(chardev("m1", &tcp));
+                    cmd.arg("-mon")
+                        .arg(format!("chardev=m1,mode=control{pretty}"));
+                }
+                cmd.arg("-chardev").arg(chardev("m0", &unix));
+                cmd.arg("-mon")
+                    .arg(format!("chardev=m0,mode=control{pretty}"));
+            }
+            Kind::GuestAgent => {
+                cmd.arg("--method=unix-listen");
+                cmd.arg(format!("--path={}", socket.display()));
+                cmd.arg(format!("--statedir={}", dir.path().display()));
+                cmd.arg(format!(
+                    "--pidfile={}",
+                    dir.path().join("qga.pid").display()
+                ));
+                cmd.arg(format!("--allow-rpcs={QGA_ALLOW_LIST}"));
+            }
+        }
+        cmd.args(&self.args);
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = File::create(&stderr_path).expect("create stderr.log");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let mut qemu = Qemu {
+            child,
+            exited: false,
+            socket,
+            tcp_addr,
+            dir,
+        };
+        qemu.wait_ready(program, &stderr_path);
+        Some(qemu)
+    }
+}
+
+/// Looks for `program` on `PATH`, then in the usual system directories.
+fn find_binary(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+/// A running QEMU program, killed and reaped on drop.
+///
+/// # Drop behavior
+/// Kills the child by PID (if still running), waits for it, and removes its temp dir.
+#[derive(Debug)]
+pub struct Qemu {
+    child: Child,
+    exited: bool,
+    socket: PathBuf,
+    tcp_addr: Option<SocketAddr>,
+    dir: tempfile::TempDir,
+}
+
+impl Qemu {
+    fn wait_ready(&mut self, program: &str, stderr: &Path) {
+        let start = Instant::now();
+        loop {
+            if self.socket.exists() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exited = true;
+                let log = std::fs::read_to_string(stderr).unwrap_or_default();
+                panic!("{program} exited early ({status}): {log}");
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                let log = std::fs::read_to_string(stderr).unwrap_or_default();
+                panic!("{program} did not create its socket in {READY_TIMEOUT:?}: {log}");
+            }
+            // No readiness signal exists short of inotify; the socket appears within ms.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The QMP (or guest-agent) Unix socket, ready to connect.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The TCP monitor's address, when launched with [`Launch::tcp`].
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// The program's own temp dir (removed on drop).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The child's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills this child (SIGKILL by PID) and waits for it. Harmless when it already exited.
+    pub fn kill(&mut self) {
+        if !self.exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.exited = true;
+        }
+    }
+
+    /// Waits up to `timeout` for the child to exit on its own (after `quit`), reaping it.
+    /// Returns whether it exited.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while !self.exited {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                self.exited = true;
+            } else if start.elapsed() > timeout {
+                return false;
+            } else {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        true
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

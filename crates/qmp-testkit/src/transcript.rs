@@ -1,0 +1,600 @@
+//! Exact-byte transcripts of QMP/QGA sessions: record from real QEMU, replay to a client.
+//!
+//! # File format
+//!
+//! JSON lines (UTF-8, one JSON object per line, LF separated):
+//!
+//! 1. A header: `{"transcript":1,"program":"qemu-storage-daemon","version":"10.0.2","note":"..."}`.
+//!    `transcript` is the format version (1).
+//! 2. Then one line per chunk, in the order the recorder read them:
+//!    - `{"from":"client","text":"..."}` or `{"from":"server","text":"..."}` when the chunk is
+//!      valid UTF-8 (JSON string escapes keep CR, LF and every other byte exact);
+//!    - `{"from":"server","hex":"ff7b22..."}` otherwise (lowercase hex of the raw bytes, such as
+//!      the guest agent's 0xFF sync byte);
+//!    - a client chunk that carried file descriptors (SCM_RIGHTS) adds `"fds":N`.
+//!
+//! Chunk boundaries are those of the recorder's reads; they are informative only. What is
+//! exact is the byte sequence in each direction and the order between directions (a server
+//! chunk after a client chunk was read after it).
+//!
+//! [`Recorder`] proxies between a client and a real QEMU socket and records every chunk;
+//! [`Replay`] serves a transcript's server bytes to a client and checks that the client sends
+//! the recorded client bytes, in the recorded order.
+
+use std::fmt::Write as _;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags, poll};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, Shutdown, recvmsg, sendmsg, shutdown,
+};
+use serde::{Deserialize, Serialize};
+
+/// Who wrote a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The QMP client.
+    Client,
+    /// QEMU.
+    Server,
+}
+
+/// The first line of a transcript.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Format version; 1.
+    pub transcript: u32,
+    /// The program recorded, such as `qemu-storage-daemon`.
+    pub program: String,
+    /// Its version, such as `10.0.2`.
+    pub version: String,
+    /// What the session shows.
+    pub note: String,
+}
+
+impl Header {
+    /// A version-1 header.
+    pub fn new(program: &str, version: &str, note: &str) -> Self {
+        Self {
+            transcript: 1,
+            program: program.to_owned(),
+            version: version.to_owned(),
+            note: note.to_owned(),
+        }
+    }
+}
+
+/// One chunk of bytes as read by the recorder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Its direction.
+    pub from: Direction,
+    /// The exact bytes.
+    pub bytes: Vec<u8>,
+    /// How many file descriptors came with it (client chunks only).
+    pub fds: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    from: Direction,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    hex: Option<String>,
+    #[serde(skip_serializing_if = "is_zero", default)]
+    fds: usize,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// An error reading a transcript or replaying one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TranscriptError {
+    /// The file could not be read or written.
+    #[error("transcript i/o: {0}")]
+    Io(#[from] io::Error),
+    /// A line is not valid.
+    #[error("transcript line {line}: {reason}")]
+    Format {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// During replay the client sent other bytes than the transcript's.
+    #[error("client chunk {chunk}: expected {expected:?}, got {got:?}")]
+    Mismatch {
+        /// Index of the client chunk in the transcript.
+        chunk: usize,
+        /// The recorded bytes (lossy UTF-8).
+        expected: String,
+        /// What the client sent (lossy UTF-8).
+        got: String,
+    },
+    /// During replay the client stopped sending before the transcript's end.
+    #[error("client chunk {chunk}: client sent {got} of {expected} bytes, then {why}")]
+    Short {
+        /// Index of the client chunk in the transcript.
+        chunk: usize,
+        /// Bytes expected in that chunk.
+        expected: usize,
+        /// Bytes received.
+        got: usize,
+        /// EOF or timeout.
+        why: String,
+    },
+}
+
+/// A whole transcript.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transcript {
+    /// The header line.
+    pub header: Header,
+    /// The chunks in order.
+    pub chunks: Vec<Chunk>,
+}
+
+impl Transcript {
+    /// Parses the JSON-lines text.
+    ///
+    /// # Errors
+    /// When a line is not valid JSON of the documented shape.
+    pub fn parse(text: &str) -> Result<Self, TranscriptError> {
+        let mut lines = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty());
+        let (_, first) = lines.next().ok_or(TranscriptError::Format {
+            line: 1,
+            reason: "empty transcript".to_owned(),
+        })?;
+        let header: Header = serde_json::from_str(first).map_err(|e| TranscriptError::Format {
+            line: 1,
+            reason: e.to_string(),
+        })?;
+        if header.transcript != 1 {
+            return Err(TranscriptError::Format {
+                line: 1,
+                reason: format!("unknown transcript version {}", header.transcript),
+            });
+        }
+        let mut chunks = Vec::new();
+        for (i, l) in lines {
+            let bad = |reason: String| TranscriptError::Format {
+                line: i + 1,
+                reason,
+            };
+            let line: Line = serde_json::from_str(l).map_err(|e| bad(e.to_string()))?;
+            let bytes = match (line.text, line.hex) {
+                (Some(t), None) => t.into_bytes(),
+                (None, Some(h)) => decode_hex(&h).ok_or_else(|| bad("invalid hex".to_owned()))?,
+                _ => return Err(bad("exactly one of text and hex is required".to_owned())),
+            };
+            chunks.push(Chunk {
+                from: line.from,
+                bytes,
+                fds: line.fds,
+            });
+        }
+        Ok(Self { header, chunks })
+    }
+
+    /// Reads and parses a file.
+    ///
+    /// # Errors
+    /// When the file cannot be read or parsed.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, TranscriptError> {
+        Self::parse(&std::fs::read_to_string(path)?)
+    }
+
+    /// The JSON-lines text.
+    pub fn to_jsonl(&self) -> String {
+        let mut out = serde_json::to_string(&self.header).expect("header serialises");
+        out.push('\n');
+        for c in &self.chunks {
+            let (text, hex) = match std::str::from_utf8(&c.bytes) {
+                Ok(t) => (Some(t.to_owned()), None),
+                Err(_) => (None, Some(encode_hex(&c.bytes))),
+            };
+            let line = Line {
+                from: c.from,
+                text,
+                hex,
+                fds: c.fds,
+            };
+            out.push_str(&serde_json::to_string(&line).expect("line serialises"));
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Writes the file.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), TranscriptError> {
+        std::fs::write(path, self.to_jsonl())?;
+        Ok(())
+    }
+
+    /// Every byte one side sent, concatenated.
+    pub fn bytes_from(&self, from: Direction) -> Vec<u8> {
+        self.chunks
+            .iter()
+            .filter(|c| c.from == from)
+            .flat_map(|c| c.bytes.iter().copied())
+            .collect()
+    }
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() & 1 == 1 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Reads a chunk and the fds that came with it.
+fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(16))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = recvmsg(
+        fd,
+        &mut [IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = m {
+            fds.extend(rights);
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// Writes all of `data`, attaching `fds` to the first write.
+fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    let mut first = !borrowed.is_empty();
+    while !data.is_empty() {
+        let n = if first {
+            let mut space =
+                vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            control.push(SendAncillaryMessage::ScmRights(&borrowed));
+            sendmsg(fd, &[IoSlice::new(data)], &mut control, SendFlags::NOSIGNAL)?
+        } else {
+            rustix::net::send(fd, data, SendFlags::NOSIGNAL)?
+        };
+        first = false;
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+/// Records the bytes between a client and a real QEMU socket.
+///
+/// [`Recorder::connect`] connects to QEMU and returns the client's end of a socketpair; a
+/// thread forwards every chunk (with file descriptors) both ways and logs it.
+#[derive(Debug)]
+pub struct Recorder {
+    chunks: Arc<Mutex<Vec<Chunk>>>,
+    thread: Option<JoinHandle<()>>,
+    stop: UnixStream,
+}
+
+impl Recorder {
+    /// Connects to the QEMU socket at `upstream`; returns the recorder and the stream the
+    /// client MUST use instead of connecting itself.
+    ///
+    /// # Errors
+    /// When the connection or the socketpair fails.
+    pub fn connect(upstream: &Path) -> io::Result<(Self, UnixStream)> {
+        let server = UnixStream::connect(upstream)?;
+        let (client, ours) = UnixStream::pair()?;
+        let (stop, stop_rx) = UnixStream::pair()?;
+        let chunks = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&chunks);
+        let thread = std::thread::Builder::new()
+            .name("qmp-recorder".to_owned())
+            .spawn(move || proxy(&ours, &server, &stop_rx, &log))?;
+        Ok((
+            Self {
+                chunks,
+                thread: Some(thread),
+                stop,
+            },
+            client,
+        ))
+    }
+
+    /// The chunks so far.
+    pub fn chunks(&self) -> Vec<Chunk> {
+        self.chunks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stops the proxy (closing both sides) and returns the transcript.
+    pub fn finish(mut self, header: Header) -> Transcript {
+        let _ = self.stop.write_all(&[1]);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        Transcript {
+            header,
+            chunks: self.chunks(),
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let _ = self.stop.write_all(&[1]);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn proxy(client: &UnixStream, server: &UnixStream, stop: &UnixStream, log: &Mutex<Vec<Chunk>>) {
+    let mut open = [true, true];
+    let mut buf = vec![0u8; 65536];
+    while open[0] || open[1] {
+        let mut fds = vec![PollFd::new(stop, PollFlags::IN)];
+        for (i, s) in [client, server].into_iter().enumerate() {
+            let flags = if open[i] {
+                PollFlags::IN
+            } else {
+                PollFlags::empty()
+            };
+            fds.push(PollFd::new(s, flags));
+        }
+        if poll(&mut fds, None).is_err() {
+            return;
+        }
+        if !fds[0].revents().is_empty() {
+            return;
+        }
+        let ready: Vec<bool> = fds[1..].iter().map(|f| !f.revents().is_empty()).collect();
+        drop(fds);
+        for (i, (from, to)) in [(client, server), (server, client)].into_iter().enumerate() {
+            if !open[i] || !ready[i] {
+                continue;
+            }
+            match recv(from.as_fd(), &mut buf) {
+                Ok((0, _)) | Err(_) => {
+                    open[i] = false;
+                    let _ = shutdown(to, Shutdown::Write);
+                }
+                Ok((n, passed)) => {
+                    log.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(Chunk {
+                            from: if i == 0 {
+                                Direction::Client
+                            } else {
+                                Direction::Server
+                            },
+                            bytes: buf[..n].to_vec(),
+                            fds: passed.len(),
+                        });
+                    if send_all(to.as_fd(), &buf[..n], &passed).is_err() {
+                        open[i] = false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serves a transcript to one client over a socketpair and checks what the client sends.
+///
+/// Server chunks are written in order; before each one, every client chunk recorded before it
+/// must have been received (byte for byte; chunk boundaries may differ). After the last chunk
+/// the replay closes the connection.
+#[derive(Debug)]
+pub struct Replay {
+    thread: Option<JoinHandle<Result<(), TranscriptError>>>,
+}
+
+impl Replay {
+    /// Starts serving; returns the replay and the client's stream.
+    ///
+    /// # Errors
+    /// When the socketpair cannot be created.
+    pub fn start(transcript: Transcript, read_timeout: Duration) -> io::Result<(Self, UnixStream)> {
+        let (client, ours) = UnixStream::pair()?;
+        ours.set_read_timeout(Some(read_timeout))?;
+        let thread = std::thread::Builder::new()
+            .name("qmp-replay".to_owned())
+            .spawn(move || replay(&transcript, ours))?;
+        Ok((
+            Self {
+                thread: Some(thread),
+            },
+            client,
+        ))
+    }
+
+    /// Waits for the replay to end and reports whether the client matched the transcript.
+    ///
+    /// # Errors
+    /// The first mismatch or shortfall.
+    pub fn finish(mut self) -> Result<(), TranscriptError> {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(TranscriptError::Io(io::Error::other(
+                "replay thread panicked",
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn replay(t: &Transcript, mut stream: UnixStream) -> Result<(), TranscriptError> {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    for (index, chunk) in t.chunks.iter().enumerate() {
+        match chunk.from {
+            Direction::Server => {
+                if stream.write_all(&chunk.bytes).is_err() {
+                    // The client went away; what it sent decides the outcome below.
+                    break;
+                }
+            }
+            Direction::Client => {
+                while pending.len() < chunk.bytes.len() {
+                    match stream.read(&mut buf) {
+                        Ok(0) => {
+                            return Err(short(index, chunk, &pending, "EOF"));
+                        }
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(short(index, chunk, &pending, &e.to_string())),
+                    }
+                }
+                let rest = pending.split_off(chunk.bytes.len());
+                if pending != chunk.bytes {
+                    return Err(TranscriptError::Mismatch {
+                        chunk: index,
+                        expected: String::from_utf8_lossy(&chunk.bytes).into_owned(),
+                        got: String::from_utf8_lossy(&pending).into_owned(),
+                    });
+                }
+                pending = rest;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn short(index: usize, chunk: &Chunk, pending: &[u8], why: &str) -> TranscriptError {
+    TranscriptError::Short {
+        chunk: index,
+        expected: chunk.bytes.len(),
+        got: pending.len(),
+        why: why.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_round_trip_keeps_exact_bytes() {
+        let t = Transcript {
+            header: Header::new("qemu-ga", "10.0.2", "sync"),
+            chunks: vec![
+                Chunk {
+                    from: Direction::Client,
+                    bytes: b"\xff{\"execute\":\"guest-sync-delimited\"}".to_vec(),
+                    fds: 0,
+                },
+                Chunk {
+                    from: Direction::Server,
+                    bytes: b"{\"return\": {}}\r\n".to_vec(),
+                    fds: 0,
+                },
+                Chunk {
+                    from: Direction::Client,
+                    bytes: b" ".to_vec(),
+                    fds: 1,
+                },
+            ],
+        };
+        let text = t.to_jsonl();
+        assert_eq!(
+            text,
+            concat!(
+                "{\"transcript\":1,\"program\":\"qemu-ga\",\"version\":\"10.0.2\",\"note\":\"sync\"}\n",
+                "{\"from\":\"client\",\"hex\":\"ff7b2265786563757465223a2267756573742d73796e632d64656c696d69746564227d\"}\n",
+                "{\"from\":\"server\",\"text\":\"{\\\"return\\\": {}}\\r\\n\"}\n",
+                "{\"from\":\"client\",\"text\":\" \",\"fds\":1}\n",
+            )
+        );
+        assert_eq!(Transcript::parse(&text).unwrap(), t);
+        assert_eq!(t.bytes_from(Direction::Server), b"{\"return\": {}}\r\n");
+    }
+
+    #[test]
+    fn bad_lines_are_reported() {
+        let err = Transcript::parse(
+            "{\"transcript\":1,\"program\":\"p\",\"version\":\"v\",\"note\":\"\"}\n{\"from\":\"client\",\"hex\":\"f\"}\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "transcript line 2: invalid hex");
+        let err = Transcript::parse("").unwrap_err();
+        assert_eq!(err.to_string(), "transcript line 1: empty transcript");
+    }
+
+    #[test]
+    fn replay_checks_client_bytes() {
+        let t = Transcript {
+            header: Header::new("p", "v", ""),
+            chunks: vec![
+                Chunk {
+                    from: Direction::Server,
+                    bytes: b"hello\n".to_vec(),
+                    fds: 0,
+                },
+                Chunk {
+                    from: Direction::Client,
+                    bytes: b"abc".to_vec(),
+                    fds: 0,
+                },
+                Chunk {
+                    from: Direction::Server,
+                    bytes: b"bye\n".to_vec(),
+                    fds: 0,
+                },
+            ],
+        };
+        let (replay, mut s) = Replay::start(t.clone(), Duration::from_secs(10)).unwrap();
+        let mut got = [0u8; 6];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello\n");
+        s.write_all(b"a").unwrap();
+        s.write_all(b"bc").unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"bye\n");
+        replay.finish().unwrap();
+
+        let (replay, mut s) = Replay::start(t, Duration::from_secs(10)).unwrap();
+        s.write_all(b"abd").unwrap();
+        let err = replay.finish().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "client chunk 1: expected \"abc\", got \"abd\""
+        );
+    }
+}
