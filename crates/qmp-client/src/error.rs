@@ -222,6 +222,13 @@ impl std::error::Error for Error {
     }
 }
 
+impl From<std::io::Error> for Error {
+    /// A transport error ([`ErrorKind::Io`]), for adapters that open the transport.
+    fn from(e: std::io::Error) -> Self {
+        Self::io("cannot open the transport", e)
+    }
+}
+
 impl From<Error> for std::io::Error {
     fn from(e: Error) -> Self {
         let kind = match e.kind() {

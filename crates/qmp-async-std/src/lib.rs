@@ -1,0 +1,51 @@
+//! async-std adapter for [`qmp_client`]. async-std runs on the async-io reactor, so the
+//! sockets, fd passing and timer are `qmp-smol`'s (async-io based, no smol executor involved);
+//! this crate adds [`spawn_connection`] on async-std's executor. It holds no protocol logic.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), qmp_async_std::Error> {
+//! let (client, connection) =
+//!     qmp_async_std::connect_unix("/tmp/qmp.sock", qmp_async_std::Builder::new()).await?;
+//! qmp_async_std::spawn_connection(connection);
+//! let status: serde_json::Value = client.execute("query-status", &()).await?;
+//! # drop(status); Ok(()) }
+//! ```
+#![cfg_attr(not(fuzzing), warn(missing_docs))]
+
+pub use qmp_client::*;
+pub use qmp_smol::SmolTimer as AsyncStdTimer;
+#[cfg(unix)]
+pub use qmp_smol::{
+    SmolUnix as AsyncStdUnix, accept, connect_unix, connect_unix_wait, from_unix_stream,
+};
+
+/// Connects to a QMP TCP socket with async-std's `TcpStream` and performs the handshake.
+///
+/// # Errors
+/// [`ErrorKind::Io`] when the socket cannot be opened, else as for [`Builder::handshake`].
+pub async fn connect_tcp(
+    addr: impl async_std::net::ToSocketAddrs,
+    builder: Builder,
+) -> Result<(Client, Connection), Error> {
+    let stream = async_std::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    from_stream(stream, builder).await
+}
+
+/// Performs the handshake over any async-std (futures-io) stream, without fd passing.
+///
+/// # Errors
+/// As for [`Builder::handshake`].
+pub async fn from_stream<S>(stream: S, builder: Builder) -> Result<(Client, Connection), Error>
+where
+    S: async_std::io::Read + async_std::io::Write + Send + Unpin + 'static,
+{
+    builder.handshake(stream, AsyncStdTimer).await
+}
+
+/// Spawns the driver on async-std's executor. The session runs until it closes even if the
+/// handle is dropped.
+pub fn spawn_connection(connection: Connection) -> async_std::task::JoinHandle<Result<(), Error>> {
+    async_std::task::spawn(connection)
+}

@@ -1,0 +1,31 @@
+//! Connects to a QMP socket, prints `query-status`, then follows events until the connection
+//! closes: `cargo run -p qmp-smol --example smol_status -- /path/to/qmp.sock`.
+
+use qmp_smol::{Builder, EventFilter, EventItem};
+
+fn main() -> Result<(), qmp_smol::Error> {
+    smol::block_on(run())
+}
+
+async fn run() -> Result<(), qmp_smol::Error> {
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "/tmp/qmp.sock".to_owned());
+    let (client, connection) = qmp_smol::connect_unix(&path, Builder::new()).await?;
+    let driver = qmp_smol::spawn_connection(connection);
+    if let Some(g) = client.greeting() {
+        println!("connected to QEMU {}", g.version);
+    }
+    let status: serde_json::Value = client.execute("query-status", &()).await?;
+    println!("status: {status}");
+    let mut events = client.subscribe(EventFilter::all());
+    while let Some(item) = events.recv().await {
+        match item {
+            EventItem::Event(ev) => println!("event {} {:?}", ev.name, ev.data),
+            EventItem::Lagged(n) => println!("missed {n} events"),
+            EventItem::Closed(reason) => println!("closed: {reason:?}"),
+            _ => {}
+        }
+    }
+    driver.await
+}

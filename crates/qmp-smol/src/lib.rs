@@ -1,0 +1,200 @@
+//! smol adapter for [`qmp_client`]: opens sockets on the async-io reactor, provides
+//! [`SmolTimer`], passes file descriptors over unix sockets, and spawns the driver. It holds no
+//! protocol logic.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), qmp_smol::Error> {
+//! let (client, connection) = qmp_smol::connect_unix("/tmp/qmp.sock", qmp_smol::Builder::new()).await?;
+//! qmp_smol::spawn_connection(connection).detach();
+//! let status: serde_json::Value = client.execute("query-status", &()).await?;
+//! # drop(status); Ok(()) }
+//! ```
+#![cfg_attr(not(fuzzing), warn(missing_docs))]
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use async_io::Async;
+pub use qmp_client::*;
+
+/// The async-io timer (what smol and async-std use).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SmolTimer;
+
+impl rt::Timer for SmolTimer {
+    fn sleep_until(&self, deadline: Instant) -> rt::Sleep {
+        Box::pin(async move {
+            async_io::Timer::at(deadline).await;
+        })
+    }
+}
+
+/// A unix stream on the async-io reactor: a futures-io transport that can pass descriptors.
+#[cfg(unix)]
+#[derive(Debug)]
+pub struct SmolUnix(pub Async<std::os::unix::net::UnixStream>);
+
+#[cfg(unix)]
+impl futures_io::AsyncRead for SmolUnix {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+#[cfg(unix)]
+impl futures_io::AsyncWrite for SmolUnix {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+#[cfg(unix)]
+impl rt::FdWrite for SmolUnix {
+    fn poll_write_fds(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match send_with_fds(self.0.get_ref(), buf, fds) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.0.poll_writable(cx))?;
+                }
+                res => return Poll::Ready(res),
+            }
+        }
+    }
+}
+
+/// One `sendmsg` with the descriptors as `SCM_RIGHTS`.
+#[cfg(unix)]
+fn send_with_fds(
+    sock: impl std::os::fd::AsFd,
+    buf: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space =
+        vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(fds));
+    let iov = [io::IoSlice::new(buf)];
+    Ok(rustix::net::sendmsg(
+        sock,
+        &iov,
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?)
+}
+
+/// Connects to a QMP unix socket and performs the handshake; fd passing is enabled.
+///
+/// # Errors
+/// [`ErrorKind::Io`] when the socket cannot be opened, else as for [`Builder::handshake`].
+#[cfg(unix)]
+pub async fn connect_unix(
+    path: impl AsRef<Path>,
+    builder: Builder,
+) -> Result<(Client, Connection), Error> {
+    let stream = Async::<std::os::unix::net::UnixStream>::connect(path).await?;
+    builder
+        .handshake_with_fds(SmolUnix(stream), SmolTimer)
+        .await
+}
+
+/// Like [`connect_unix`], retrying every 10 ms for up to `wait` while the socket does not
+/// exist yet or refuses connections (QEMU still starting).
+///
+/// # Errors
+/// As for [`connect_unix`], with the last connect error once `wait` has passed.
+#[cfg(unix)]
+pub async fn connect_unix_wait(
+    path: impl AsRef<Path>,
+    builder: Builder,
+    wait: Duration,
+) -> Result<(Client, Connection), Error> {
+    let end = Instant::now() + wait;
+    let stream = loop {
+        match Async::<std::os::unix::net::UnixStream>::connect(path.as_ref()).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= end => return Err(e.into()),
+            Err(_) => _ = async_io::Timer::after(Duration::from_millis(10)).await,
+        }
+    };
+    builder
+        .handshake_with_fds(SmolUnix(stream), SmolTimer)
+        .await
+}
+
+/// Uses an already-connected std unix stream (one end of a socketpair whose other end QEMU
+/// got as `fd=N`); fd passing is enabled.
+///
+/// # Errors
+/// As for [`connect_unix`].
+#[cfg(unix)]
+pub async fn from_unix_stream(
+    stream: std::os::unix::net::UnixStream,
+    builder: Builder,
+) -> Result<(Client, Connection), Error> {
+    let stream = Async::new(stream)?;
+    builder
+        .handshake_with_fds(SmolUnix(stream), SmolTimer)
+        .await
+}
+
+/// Accepts one connection (QEMU started with `server=off` dials us) and performs the
+/// handshake; fd passing is enabled.
+///
+/// # Errors
+/// As for [`connect_unix`].
+#[cfg(unix)]
+pub async fn accept(
+    listener: &Async<std::os::unix::net::UnixListener>,
+    builder: Builder,
+) -> Result<(Client, Connection), Error> {
+    let (stream, _) = listener.accept().await?;
+    builder
+        .handshake_with_fds(SmolUnix(stream), SmolTimer)
+        .await
+}
+
+/// Connects to a QMP TCP socket and performs the handshake.
+///
+/// # Errors
+/// As for [`connect_unix`].
+pub async fn connect_tcp(
+    addr: impl smol::net::AsyncToSocketAddrs,
+    builder: Builder,
+) -> Result<(Client, Connection), Error> {
+    let stream = smol::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    builder.handshake(stream, SmolTimer).await
+}
+
+/// Spawns the driver on smol's global executor. Call `.detach()` on the task to let the
+/// session run until it closes; dropping the task cancels the driver (which closes the
+/// session).
+pub fn spawn_connection(connection: Connection) -> smol::Task<Result<(), Error>> {
+    smol::spawn(connection)
+}
