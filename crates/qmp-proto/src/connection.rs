@@ -509,6 +509,30 @@ struct Segment {
     end: usize,
 }
 
+/// Hashes the ids this machine generates (sequential integers) with one multiplication. The
+/// peer cannot insert keys, so there is nothing to flood.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
+type IdSet = HashSet<u64, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// The wire id reserved for `qmp_capabilities`; user requests count up from 1.
 const NEGOTIATION_ID: u64 = 0;
 /// Input is framed in pieces of at most this size so buffers stay near the message limit.
@@ -558,13 +582,13 @@ pub struct Connection {
     /// The sync id being waited for, and whether its 0xFF was seen.
     syncing: Option<(u64, bool)>,
     /// Every unresolved request, by wire id.
-    pending: HashMap<u64, Pending>,
+    pending: IdMap<Pending>,
     /// Requests waiting for admission, in order.
     queue: VecDeque<u64>,
     /// In-band requests on the wire without a reply (including tombstoned ones), in order.
     inband: VecDeque<u64>,
     /// Abandoned or timed-out ids whose replies may still arrive.
-    tombstones: HashSet<u64>,
+    tombstones: IdSet,
     tombstone_order: VecDeque<u64>,
     deadlines: BTreeSet<(Instant, u64)>,
     out: Vec<u8>,
@@ -602,10 +626,10 @@ impl Connection {
             next_id: 1,
             next_sync: 0,
             syncing: None,
-            pending: HashMap::new(),
+            pending: IdMap::default(),
             queue: VecDeque::new(),
             inband: VecDeque::new(),
-            tombstones: HashSet::new(),
+            tombstones: IdSet::default(),
             tombstone_order: VecDeque::new(),
             deadlines: BTreeSet::new(),
             out: Vec::new(),

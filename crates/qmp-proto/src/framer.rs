@@ -81,7 +81,12 @@ pub(crate) struct Framer {
     state: ScanState,
     max_size: usize,
     max_depth: usize,
+    /// The scanner for this CPU, chosen once.
+    scan: ScanFn,
 }
+
+/// Scans `buf[from..]` continuing from a state; see [`scan`].
+type ScanFn = fn(&mut ScanState, &[u8], usize, usize) -> Option<usize>;
 
 impl Framer {
     /// A framer that drops values longer than `max_size` bytes or deeper than `max_depth`.
@@ -94,6 +99,7 @@ impl Framer {
             state: ScanState::default(),
             max_size: max_size.max(2),
             max_depth: max_depth.max(1),
+            scan: pick_scan(),
         }
     }
 
@@ -193,7 +199,8 @@ impl Framer {
                 Mode::Value => {
                     let from = self.scanned;
                     let limit = self.max_size.min(self.buf.len());
-                    let end = scan(&mut self.state, &self.buf[..limit], from, self.max_depth);
+                    let end =
+                        (self.scan)(&mut self.state, &self.buf[..limit], from, self.max_depth);
                     match end {
                         Some(end) => {
                             self.mode = Mode::Idle;
@@ -233,7 +240,7 @@ impl Framer {
                 }
                 Mode::Skipping { len, oversized } => {
                     let rest_start = self.consumed;
-                    let end = scan(&mut self.state, &self.buf, rest_start, self.max_depth);
+                    let end = (self.scan)(&mut self.state, &self.buf, rest_start, self.max_depth);
                     match end {
                         Some(end) => {
                             let total = len + (end - rest_start);
@@ -282,23 +289,23 @@ struct Masks {
     close: u64,
 }
 
-/// Scans `buf[from..]` continuing from `state`. Returns the index just past the byte that closes
-/// the value, or `None` when the value continues past the end of `buf`.
-fn scan(state: &mut ScanState, buf: &[u8], from: usize, max_depth: usize) -> Option<usize> {
+/// Picks the fastest scanner this CPU supports. Each returns the index just past the byte
+/// that closes the value, or `None` when the value continues past the end of the buffer.
+fn pick_scan() -> ScanFn {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("pclmulqdq") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { x86::scan_avx512(state, buf, from, max_depth) };
+            return x86::scan_avx512_checked;
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("pclmulqdq") {
-            // SAFETY: as above.
-            return unsafe { x86::scan_avx2(state, buf, from, max_depth) };
+            return x86::scan_avx2_checked;
         }
-        scan_with(state, buf, from, max_depth, x86::classify_sse2, prefix_xor)
+        |st, buf, from, max| scan_with(st, buf, from, max, x86::classify_sse2, prefix_xor)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    scan_with(state, buf, from, max_depth, classify_portable, prefix_xor)
+    {
+        |st, buf, from, max| scan_with(st, buf, from, max, classify_portable, prefix_xor)
+    }
 }
 
 /// The block loop, generic over how masks and prefix XORs are computed so that each CPU
@@ -418,6 +425,28 @@ mod x86 {
 
     use super::{Masks, ScanState, scan_with};
     use std::arch::x86_64::*;
+
+    /// [`scan_avx512`], for CPUs where `pick_scan` found its features.
+    pub(super) fn scan_avx512_checked(
+        st: &mut ScanState,
+        buf: &[u8],
+        from: usize,
+        max: usize,
+    ) -> Option<usize> {
+        // SAFETY: only handed out by `pick_scan` after detecting avx512bw and pclmulqdq.
+        unsafe { scan_avx512(st, buf, from, max) }
+    }
+
+    /// [`scan_avx2`], for CPUs where `pick_scan` found its features.
+    pub(super) fn scan_avx2_checked(
+        st: &mut ScanState,
+        buf: &[u8],
+        from: usize,
+        max: usize,
+    ) -> Option<usize> {
+        // SAFETY: only handed out by `pick_scan` after detecting avx2 and pclmulqdq.
+        unsafe { scan_avx2(st, buf, from, max) }
+    }
 
     /// Prefix XOR by carry-less multiplication with all ones.
     #[inline(always)]
