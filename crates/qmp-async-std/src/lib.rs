@@ -16,9 +16,7 @@
 pub use qmp_client::*;
 pub use qmp_smol::SmolTimer as AsyncStdTimer;
 #[cfg(unix)]
-pub use qmp_smol::{
-    SmolUnix as AsyncStdUnix, accept, connect_unix, connect_unix_wait, from_unix_stream,
-};
+pub use qmp_smol::{accept, connect_unix, connect_unix_wait, from_unix_stream};
 
 /// Connects to a QMP TCP socket with async-std's `TcpStream` and performs the handshake.
 ///

@@ -20,6 +20,12 @@ use std::time::{Duration, Instant};
 
 use async_io::Async;
 pub use qmp_client::*;
+#[cfg(unix)]
+use {
+    rustix::io::Errno,
+    rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg},
+    std::{mem::MaybeUninit, os::fd::BorrowedFd},
+};
 
 /// The async-io timer (what smol and async-std use).
 #[derive(Debug, Clone, Copy, Default)]
@@ -33,79 +39,35 @@ impl rt::Timer for SmolTimer {
     }
 }
 
-/// A unix stream on the async-io reactor: a futures-io transport that can pass descriptors.
+/// A std unix stream on the async-io reactor.
 #[cfg(unix)]
-#[derive(Debug)]
-pub struct SmolUnix(pub Async<std::os::unix::net::UnixStream>);
+type Unix = Async<std::os::unix::net::UnixStream>;
 
+/// Writes to a unix stream with descriptors attached (`SCM_RIGHTS`).
 #[cfg(unix)]
-impl futures_io::AsyncRead for SmolUnix {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-#[cfg(unix)]
-impl futures_io::AsyncWrite for SmolUnix {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_close(cx)
-    }
-}
-
-#[cfg(unix)]
-impl rt::FdWrite for SmolUnix {
-    fn poll_write_fds(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-        fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            match send_with_fds(self.0.get_ref(), buf, fds) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.0.poll_writable(cx))?;
-                }
-                res => return Poll::Ready(res),
-            }
+fn write_fds(
+    sock: Pin<&mut Unix>,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Poll<io::Result<usize>> {
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(fds));
+    let iov = [io::IoSlice::new(buf)];
+    loop {
+        match sendmsg(sock.get_ref(), &iov, &mut control, SendFlags::NOSIGNAL) {
+            Err(Errno::AGAIN) => ready!(sock.poll_writable(cx))?,
+            res => return Poll::Ready(Ok(res?)),
         }
     }
 }
 
-/// One `sendmsg` with the descriptors as `SCM_RIGHTS`.
+/// Performs the handshake over a unix stream, with fd passing.
 #[cfg(unix)]
-fn send_with_fds(
-    sock: impl std::os::fd::AsFd,
-    buf: &[u8],
-    fds: &[std::os::fd::BorrowedFd<'_>],
-) -> io::Result<usize> {
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    let mut space =
-        vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(fds));
-    let iov = [io::IoSlice::new(buf)];
-    Ok(rustix::net::sendmsg(
-        sock,
-        &iov,
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?)
+async fn start(stream: Unix, builder: Builder) -> Result<(Client, Connection), Error> {
+    let io = rt::WithFdWriter::new(stream, write_fds);
+    builder.handshake_with_fds(io, SmolTimer).await
 }
 
 /// Connects to a QMP unix socket and performs the handshake; fd passing is enabled.
@@ -117,10 +79,7 @@ pub async fn connect_unix(
     path: impl AsRef<Path>,
     builder: Builder,
 ) -> Result<(Client, Connection), Error> {
-    let stream = Async::<std::os::unix::net::UnixStream>::connect(path).await?;
-    builder
-        .handshake_with_fds(SmolUnix(stream), SmolTimer)
-        .await
+    connect_unix_wait(path, builder, Duration::ZERO).await
 }
 
 /// Like [`connect_unix`], retrying every 10 ms for up to `wait` while the socket does not
@@ -136,15 +95,13 @@ pub async fn connect_unix_wait(
 ) -> Result<(Client, Connection), Error> {
     let end = Instant::now() + wait;
     let stream = loop {
-        match Async::<std::os::unix::net::UnixStream>::connect(path.as_ref()).await {
+        match Unix::connect(path.as_ref()).await {
             Ok(s) => break s,
             Err(e) if Instant::now() >= end => return Err(e.into()),
             Err(_) => _ = async_io::Timer::after(Duration::from_millis(10)).await,
         }
     };
-    builder
-        .handshake_with_fds(SmolUnix(stream), SmolTimer)
-        .await
+    start(stream, builder).await
 }
 
 /// Uses an already-connected std unix stream (one end of a socketpair whose other end QEMU
@@ -158,9 +115,7 @@ pub async fn from_unix_stream(
     builder: Builder,
 ) -> Result<(Client, Connection), Error> {
     let stream = Async::new(stream)?;
-    builder
-        .handshake_with_fds(SmolUnix(stream), SmolTimer)
-        .await
+    start(stream, builder).await
 }
 
 /// Accepts one connection (QEMU started with `server=off` dials us) and performs the
@@ -174,9 +129,7 @@ pub async fn accept(
     builder: Builder,
 ) -> Result<(Client, Connection), Error> {
     let (stream, _) = listener.accept().await?;
-    builder
-        .handshake_with_fds(SmolUnix(stream), SmolTimer)
-        .await
+    start(stream, builder).await
 }
 
 /// Connects to a QMP TCP socket and performs the handshake.

@@ -18,8 +18,8 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 pub use qmp_client::*;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::compat::TokioAsyncReadCompatExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 /// The tokio clock and timer. Honours `tokio::time::pause` (virtual time in tests).
 #[derive(Debug, Clone, Copy, Default)]
@@ -35,62 +35,30 @@ impl rt::Timer for TokioTimer {
     }
 }
 
-/// A tokio unix stream as a futures-io transport that can pass file descriptors.
+/// Writes to a tokio unix stream with descriptors attached (`SCM_RIGHTS`).
 #[cfg(unix)]
-#[derive(Debug)]
-pub struct TokioUnix(pub tokio::net::UnixStream);
-
-#[cfg(unix)]
-impl futures_io::AsyncRead for TokioUnix {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let mut rb = ReadBuf::new(buf);
-        ready!(Pin::new(&mut self.0).poll_read(cx, &mut rb))?;
-        Poll::Ready(Ok(rb.filled().len()))
-    }
-}
-
-#[cfg(unix)]
-impl futures_io::AsyncWrite for TokioUnix {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-#[cfg(unix)]
-impl rt::FdWrite for TokioUnix {
-    fn poll_write_fds(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-        fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let sock = &self.0;
-        loop {
-            ready!(sock.poll_write_ready(cx))?;
-            match sock.try_io(tokio::io::Interest::WRITABLE, || {
-                send_with_fds(sock, buf, fds)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                res => return Poll::Ready(res),
-            }
+fn write_fds(
+    sock: Pin<&mut Compat<tokio::net::UnixStream>>,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Poll<io::Result<usize>> {
+    let sock = sock.get_ref();
+    loop {
+        ready!(sock.poll_write_ready(cx))?;
+        match sock.try_io(tokio::io::Interest::WRITABLE, || {
+            send_with_fds(sock, buf, fds)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            res => return Poll::Ready(res),
         }
     }
+}
+
+/// The unix transport with fd passing.
+#[cfg(unix)]
+fn unix(stream: tokio::net::UnixStream) -> rt::WithFdWriter<Compat<tokio::net::UnixStream>> {
+    rt::WithFdWriter::new(stream.compat(), write_fds)
 }
 
 /// One `sendmsg` with the descriptors as `SCM_RIGHTS`.
@@ -123,10 +91,7 @@ pub async fn connect_unix(
     path: impl AsRef<Path>,
     builder: Builder,
 ) -> Result<(Client, Connection), Error> {
-    let stream = tokio::net::UnixStream::connect(path).await?;
-    builder
-        .handshake_with_fds(TokioUnix(stream), TokioTimer)
-        .await
+    connect_unix_wait(path, builder, Duration::ZERO).await
 }
 
 /// Like [`connect_unix`], retrying every 10 ms for up to `wait` while the socket does not
@@ -148,9 +113,7 @@ pub async fn connect_unix_wait(
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     };
-    builder
-        .handshake_with_fds(TokioUnix(stream), TokioTimer)
-        .await
+    builder.handshake_with_fds(unix(stream), TokioTimer).await
 }
 
 /// Uses an already-connected std unix stream (one end of a socketpair whose other end QEMU
@@ -165,9 +128,7 @@ pub async fn from_unix_stream(
 ) -> Result<(Client, Connection), Error> {
     stream.set_nonblocking(true)?;
     let stream = tokio::net::UnixStream::from_std(stream)?;
-    builder
-        .handshake_with_fds(TokioUnix(stream), TokioTimer)
-        .await
+    builder.handshake_with_fds(unix(stream), TokioTimer).await
 }
 
 /// Accepts one connection (QEMU started with `server=off` dials us) and performs the
@@ -181,9 +142,7 @@ pub async fn accept(
     builder: Builder,
 ) -> Result<(Client, Connection), Error> {
     let (stream, _) = listener.accept().await?;
-    builder
-        .handshake_with_fds(TokioUnix(stream), TokioTimer)
-        .await
+    builder.handshake_with_fds(unix(stream), TokioTimer).await
 }
 
 /// Connects to a QMP TCP socket and performs the handshake.
