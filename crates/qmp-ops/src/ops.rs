@@ -31,7 +31,8 @@ type WeakRun = WeakShared<BoxFuture<'static, Result<RawJson, OpsError>>>;
 /// 2. a rule with `cache_ttl` is answered from the cache when a fresh success is there;
 /// 3. a call whose rule is idempotent joins an identical call already in flight (same command,
 ///    same arguments up to key order) instead of sending its own;
-/// 4. the rule's lock group, if any, is taken (FIFO);
+/// 4. the rule's lock group, if any, is taken (FIFO, in the order the calls first reach
+///    this step, i.e. the order their futures are first polled);
 /// 5. attempts run, with retries only when safe ([`crate::is_retry_safe`]) and allowed by the
 ///    rule's [`crate::RetryPolicy`], sleeping through the injected [`Sleep`].
 ///

@@ -1,0 +1,89 @@
+//! Typed helpers: tolerant decoding across QEMU versions.
+
+mod common;
+
+use std::time::Instant;
+
+use common::{FakeExec, ManualClock, RecordingSleep};
+use futures_executor::block_on;
+use qmp_ops::{ErrorKind, ExecError, Ops, Policy, RunState, StatusInfo};
+use qmp_proto::{Failure, VersionTriple};
+
+fn ops(policy: Policy) -> (std::sync::Arc<FakeExec>, Ops<std::sync::Arc<FakeExec>>) {
+    let exec = FakeExec::new();
+    let sleep = RecordingSleep::new(ManualClock::new(Instant::now()));
+    (
+        exec.clone(),
+        Ops::builder(exec, policy, sleep).seed(0).build(),
+    )
+}
+
+#[test]
+fn query_status_reads_old_and_new_qemu_replies() {
+    let (exec, ops) = ops(Policy::read_only());
+    exec.push_ok(r#"{"status": "paused", "singlestep": false, "running": false}"#);
+    exec.push_ok(r#"{"status": "running", "running": true}"#);
+    exec.push_ok(r#"{"status": "frobnicating", "running": false, "new-field": 1}"#);
+    let old = block_on(ops.query_status()).unwrap();
+    assert_eq!(
+        (old.status.clone(), old.running, old.singlestep),
+        (RunState::Paused, false, Some(false))
+    );
+    let new: StatusInfo = block_on(ops.query_status()).unwrap();
+    assert_eq!(
+        (new.status, new.running, new.singlestep),
+        (RunState::Running, true, None)
+    );
+    let future = block_on(ops.query_status()).unwrap();
+    assert_eq!(future.status, RunState::Other("frobnicating".into()));
+    assert_eq!(future.status.as_str(), "frobnicating");
+}
+
+#[test]
+fn query_version_and_a_decode_error() {
+    let (exec, ops) = ops(Policy::read_only());
+    exec.push_ok(
+        r#"{"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2"}"#,
+    );
+    exec.push_ok(r#"{"qemu": "ten"}"#);
+    let v = block_on(ops.query_version()).unwrap();
+    assert_eq!(
+        v.qemu,
+        VersionTriple {
+            major: 10,
+            minor: 0,
+            micro: 2
+        }
+    );
+    assert_eq!(v.package, "Debian 1:10.0.2");
+    assert_eq!(
+        block_on(ops.query_version()).unwrap_err().kind(),
+        ErrorKind::Decode
+    );
+}
+
+#[test]
+fn run_state_helpers_send_the_right_commands() {
+    let (exec, ops) = ops(Policy::vm_control());
+    block_on(async {
+        ops.stop().await.unwrap();
+        ops.cont().await.unwrap();
+        ops.system_powerdown().await.unwrap();
+        ops.system_reset().await.unwrap();
+    });
+    assert_eq!(
+        exec.names(),
+        ["stop", "cont", "system_powerdown", "system_reset"]
+    );
+    assert!(exec.calls().iter().all(|(_, a)| a.is_none()));
+    assert_eq!(block_on(ops.quit()).unwrap_err().kind(), ErrorKind::Denied);
+}
+
+#[test]
+fn quit_counts_the_peer_closing_after_send_as_success() {
+    let (exec, ops) = ops(Policy::unrestricted_i_know_what_i_am_doing());
+    exec.push_err(ExecError::Unknown(Failure::PeerClosed));
+    exec.push_err(ExecError::Unknown(Failure::Timeout));
+    block_on(ops.quit()).unwrap();
+    assert_eq!(block_on(ops.quit()).unwrap_err().kind(), ErrorKind::Unknown);
+}
