@@ -233,6 +233,7 @@ pub struct Script {
     max_message_size: usize,
     max_depth: usize,
     greet: bool,
+    oob_commands: Vec<String>,
 }
 
 impl fmt::Debug for Script {
@@ -266,6 +267,9 @@ impl Script {
             max_message_size: 64 << 20,
             max_depth: 1024,
             greet: true,
+            oob_commands: ["migrate-pause", "migrate-recover", "yank", "query-yank"]
+                .map(str::to_owned)
+                .to_vec(),
         }
     }
 
@@ -314,6 +318,14 @@ impl Script {
     pub fn input_limits(mut self, max_message_size: usize, max_depth: usize) -> Self {
         self.max_message_size = max_message_size;
         self.max_depth = max_depth;
+        self
+    }
+
+    /// The commands `exec-oob` may run (QEMU 10.0 system emulators: `migrate-pause`,
+    /// `migrate-recover`, `yank`, `query-yank`; qemu-storage-daemon: none). Others get
+    /// "The command X does not support OOB".
+    pub fn oob_commands<I: IntoIterator<Item = S>, S: Into<String>>(mut self, names: I) -> Self {
+        self.oob_commands = names.into_iter().map(Into::into).collect();
         self
     }
 
@@ -367,6 +379,21 @@ impl Script {
     }
 
     fn respond(&mut self, req: &ServerRequest) -> Response {
+        let response = self.decide(req);
+        let not_found = matches!(
+            response.actions.first(),
+            Some(Action::Error(e)) if e.class == ErrorClass::CommandNotFound
+        );
+        if req.oob && !not_found && !self.oob_commands.contains(&req.name) {
+            return Response::error(
+                ErrorClass::GenericError,
+                format!("The command {} does not support OOB", req.name),
+            );
+        }
+        response
+    }
+
+    fn decide(&mut self, req: &ServerRequest) -> Response {
         let args: Option<serde_json::Value> = req
             .arguments
             .as_deref()
