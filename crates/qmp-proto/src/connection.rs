@@ -141,6 +141,13 @@ impl Config {
 pub struct RequestId(u64);
 
 impl RequestId {
+    /// An id from its wire number, for tests and fuzzing.
+    #[cfg(any(fuzzing, test, feature = "test-util"))]
+    #[doc(hidden)]
+    pub fn from_raw(n: u64) -> Self {
+        Self(n)
+    }
+
     /// The number written as the request's `id` on the wire.
     pub fn get(self) -> u64 {
         self.0
@@ -1281,7 +1288,9 @@ impl Connection {
             // Compact so the buffer does not grow while the transport drains it slowly.
             self.out.drain(..self.out_pos);
             for seg in &mut self.segments {
-                seg.start -= self.out_pos;
+                // A partly written request starts before `out_pos`; whether it started is
+                // tracked in `Pending::written`, so clamping its start loses nothing.
+                seg.start = seg.start.saturating_sub(self.out_pos);
                 seg.end -= self.out_pos;
             }
             self.out_pos = 0;

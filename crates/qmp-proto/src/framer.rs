@@ -128,6 +128,12 @@ impl Framer {
         }
     }
 
+    /// How many bytes the framer holds (for memory-bound checks).
+    #[cfg(any(fuzzing, test, feature = "test-util"))]
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Whether bytes of an unfinished value or garbage run are pending.
     pub(crate) fn has_partial(&self) -> bool {
         match self.mode {
@@ -216,11 +222,13 @@ impl Framer {
                         }
                         None if self.buf.len() > self.max_size => {
                             // Too long: stop buffering and skip the rest as it streams in.
+                            // Whether it is reported as too deep or too long depends only on
+                            // its first `max_size` bytes, so read boundaries cannot change it.
                             let len = self.max_size;
                             self.consumed = len;
                             self.mode = Mode::Skipping {
                                 len,
-                                oversized: true,
+                                oversized: !self.state.too_deep,
                             };
                         }
                         None => {

@@ -43,6 +43,9 @@
 
 mod connection;
 mod framer;
+#[cfg(any(fuzzing, test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod server;
 mod wire;
 
