@@ -239,7 +239,7 @@ impl Server {
                     let bytes = self.framer.take(range);
                     self.classify(&bytes)
                 }
-                Frame::Delimiter => parse_error("stray '\\uFFFD'"),
+                Frame::Delimiter => parse_error("stray '\u{FFFD}'"),
                 Frame::Garbage { .. } => parse_error("invalid input"),
                 Frame::Oversized { .. } => rejected(None, "JSON token size limit exceeded"),
                 Frame::TooDeep { .. } => rejected(None, "JSON nesting depth limit exceeded"),
@@ -882,7 +882,7 @@ mod tests {
         assert_eq!(
             r,
             vec![
-                generic(None, "JSON parse error, stray '\\uFFFD'"),
+                generic(None, "JSON parse error, stray '\u{FFFD}'"),
                 generic(None, "JSON parse error, expecting value"),
                 generic(None, "JSON parse error, invalid input"),
             ]
@@ -998,7 +998,7 @@ mod tests {
         assert_eq!(
             r,
             vec![
-                generic(None, "JSON parse error, stray '\\uFFFD'"),
+                generic(None, "JSON parse error, stray '\u{FFFD}'"),
                 command("guest-sync-delimited", Some(r#"{"id":5}"#), None, false),
                 command("qmp_capabilities", None, Some("3"), false),
                 generic(None, "QMP input member 'exec-oob' is unexpected"),

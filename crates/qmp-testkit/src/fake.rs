@@ -425,9 +425,16 @@ impl Script {
         let echo_id = || req.argument("id").unwrap_or_else(|| "null".to_owned());
         match (self.qga, req.name.as_str()) {
             (false, "qmp_capabilities") => Response::ok("{}"),
-            (false, "query-version") => Response::ok(
-                serde_json::to_string(&self.greeting.version).expect("version serialises"),
-            ),
+            (false, "query-version") => {
+                let v = &self.greeting.version;
+                Response::ok(format!(
+                    r#"{{"qemu":{{"micro":{},"minor":{},"major":{}}},"package":{}}}"#,
+                    v.qemu.micro,
+                    v.qemu.minor,
+                    v.qemu.major,
+                    serde_json::Value::from(v.package.as_str())
+                ))
+            }
             (false, "quit") => Response::ok("{}").then(Action::Close),
             (true, "guest-sync") => Response::ok(echo_id()),
             (true, "guest-sync-delimited") => {

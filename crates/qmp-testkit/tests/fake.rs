@@ -1,0 +1,492 @@
+//! The fake's scripted behaviour and faults, seen from a raw socket client.
+
+use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use qmp_proto::ErrorClass;
+use qmp_testkit::fake::{Action, FakeQemu, Response, Script, faults};
+use qmp_testkit::transcript::{Direction, Transcript};
+
+const T: Duration = Duration::from_secs(10);
+const GREETING: &str = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"qmp-testkit\"}, \"capabilities\": [\"oob\"]}}\r\n";
+const NEGOTIATE: &[u8] = br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":0}"#;
+
+/// A blocking client reading exact byte counts.
+struct Client<S: Read + Write> {
+    s: S,
+}
+
+impl<S: Read + Write> Client<S> {
+    fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// Reads one line ending in LF (CRLF included).
+    fn line(&mut self) -> String {
+        let mut out = Vec::new();
+        let mut b = [0u8; 1];
+        while out.last() != Some(&b'\n') {
+            match self.s.read(&mut b) {
+                Ok(1) => out.push(b[0]),
+                other => panic!("read: {other:?} after {:?}", String::from_utf8_lossy(&out)),
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    fn exact(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.s.read_exact(&mut v).unwrap();
+        v
+    }
+}
+
+fn unix(fake: &FakeQemu) -> Client<UnixStream> {
+    let s = UnixStream::connect(fake.socket_path().unwrap()).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    Client { s }
+}
+
+fn ready(fake: &FakeQemu) -> Client<UnixStream> {
+    let mut c = unix(fake);
+    assert_eq!(c.line(), GREETING);
+    c.send(NEGOTIATE);
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 0}\r\n");
+    c
+}
+
+fn is_event(line: &str, name: &str) -> bool {
+    line.starts_with("{\"timestamp\": {\"seconds\": ")
+        && line.ends_with(&format!("\"event\": \"{name}\"}}\r\n"))
+}
+
+#[test]
+fn event_before_the_negotiation_reply() {
+    let fake = FakeQemu::unix(Script::new().on(
+        "qmp_capabilities",
+        Response::ok("{}").event_before("EARLY", None),
+    ))
+    .unwrap();
+    let mut c = unix(&fake);
+    assert_eq!(c.line(), GREETING);
+    c.send(NEGOTIATE);
+    let first = c.line();
+    assert!(is_event(&first, "EARLY"), "{first}");
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 0}\r\n");
+}
+
+#[test]
+fn events_on_demand_and_after_a_reply() {
+    let fake =
+        FakeQemu::unix(Script::new().on("stop", Response::ok("{}").event_after("STOP", None)))
+            .unwrap();
+    let mut c = ready(&fake);
+    c.send(br#"{"execute":"stop","id":1}"#);
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 1}\r\n");
+    assert!(is_event(&c.line(), "STOP"));
+    fake.push_event("BLOCK_JOB_READY", Some(r#"{"device":"j"}"#));
+    let line = c.line();
+    assert!(
+        line.ends_with("\"event\": \"BLOCK_JOB_READY\", \"data\": {\"device\": \"j\"}}\r\n"),
+        "{line}"
+    );
+}
+
+#[test]
+fn negotiation_rules_and_builtins() {
+    let fake = FakeQemu::unix(Script::new().version(9, 2, 50)).unwrap();
+    let mut c = unix(&fake);
+    let greeting = c.line();
+    assert!(greeting.starts_with(
+        "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 50, \"minor\": 2, \"major\": 9}"
+    ));
+    c.send(br#"{"execute":"query-version","id":1}"#);
+    assert_eq!(
+        c.line(),
+        "{\"id\": 1, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Expecting capabilities negotiation with 'qmp_capabilities'\"}}\r\n"
+    );
+    c.send(NEGOTIATE);
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 0}\r\n");
+    c.send(br#"{"execute":"query-version","id":2}{"execute":"nope","id":3}"#);
+    assert_eq!(
+        c.line(),
+        "{\"return\": {\"qemu\": {\"micro\": 50, \"minor\": 2, \"major\": 9}, \"package\": \"qmp-testkit\"}, \"id\": 2}\r\n"
+    );
+    assert_eq!(
+        c.line(),
+        "{\"id\": 3, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command nope has not been found\"}}\r\n"
+    );
+    let reqs = fake.wait_requests(4, T);
+    assert_eq!(reqs.len(), 4);
+    assert_eq!(reqs[0].name.as_deref(), Some("query-version"));
+    assert!(reqs[0].rejected.is_some());
+    assert_eq!(reqs[3].id.as_deref(), Some("3"));
+    let mut sent = br#"{"execute":"query-version","id":1}"#.to_vec();
+    sent.extend_from_slice(NEGOTIATE);
+    sent.extend_from_slice(br#"{"execute":"query-version","id":2}{"execute":"nope","id":3}"#);
+    assert_eq!(fake.received_bytes(), vec![sent]);
+}
+
+#[test]
+fn argument_rules_handler_and_once() {
+    let fake = FakeQemu::unix(
+        Script::new()
+            .on_args(
+                "human-monitor-command",
+                r#"{"command-line":"info version"}"#,
+                Response::ok(r#""10.0.2\r\n""#),
+            )
+            .on_once("query-status", Response::ok(r#"{"status":"paused"}"#))
+            .handler(|req| {
+                (req.name == "query-status").then(|| Response::ok(r#"{"status":"running"}"#))
+            }),
+    )
+    .unwrap();
+    let mut c = ready(&fake);
+    c.send(br#"{"execute":"human-monitor-command","arguments":{"command-line":"info version"},"id":1}"#);
+    assert_eq!(c.line(), "{\"return\": \"10.0.2\\r\\n\", \"id\": 1}\r\n");
+    c.send(
+        br#"{"execute":"human-monitor-command","arguments":{"command-line":"info cpus"},"id":2}"#,
+    );
+    assert_eq!(
+        c.line(),
+        "{\"id\": 2, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command human-monitor-command has not been found\"}}\r\n"
+    );
+    c.send(br#"{"execute":"query-status","id":3}{"execute":"query-status","id":4}"#);
+    assert_eq!(
+        c.line(),
+        "{\"return\": {\"status\": \"paused\"}, \"id\": 3}\r\n"
+    );
+    assert_eq!(
+        c.line(),
+        "{\"return\": {\"status\": \"running\"}, \"id\": 4}\r\n"
+    );
+}
+
+#[test]
+fn delays_keep_in_band_order_and_oob_overtakes_a_stall() {
+    let fake = FakeQemu::unix(
+        Script::new()
+            .on("slow", Response::ok("1").delay(Duration::from_millis(50)))
+            .on("fast", Response::ok("2"))
+            .on(
+                "blocked",
+                Response::ok("3").delay(Duration::ZERO).then(Action::Stall),
+            )
+            .on("query-yank", Response::ok("[]")),
+    )
+    .unwrap();
+    let mut c = ready(&fake);
+    c.send(br#"{"execute":"slow","id":1}{"execute":"fast","id":2}"#);
+    assert_eq!(c.line(), "{\"return\": 1, \"id\": 1}\r\n");
+    assert_eq!(c.line(), "{\"return\": 2, \"id\": 2}\r\n");
+    // A stalled command holds the in-band queue; exec-oob runs at once.
+    c.send(
+        br#"{"execute":"blocked","id":3}{"execute":"fast","id":4}{"exec-oob":"query-yank","id":5}"#,
+    );
+    assert_eq!(c.line(), "{\"return\": 3, \"id\": 3}\r\n");
+    assert_eq!(c.line(), "{\"return\": [], \"id\": 5}\r\n");
+    fake.release();
+    assert_eq!(c.line(), "{\"return\": 2, \"id\": 4}\r\n");
+}
+
+#[test]
+fn stops_reading_after_eight_queued_commands() {
+    let fake = FakeQemu::unix(
+        Script::new()
+            .on(
+                "hold",
+                Response::actions(vec![Action::Stall, Action::Return("0".into())]),
+            )
+            .on("n", Response::ok("1"))
+            .on("query-yank", Response::ok("[]")),
+    )
+    .unwrap();
+    let mut c = ready(&fake);
+    let mut input = br#"{"execute":"hold","id":"h"}"#.to_vec();
+    for i in 0..10 {
+        input.extend_from_slice(format!(r#"{{"execute":"n","id":{i}}}"#).as_bytes());
+    }
+    input.extend_from_slice(br#"{"exec-oob":"query-yank","id":"oob"}"#);
+    c.send(&input);
+    // qmp_capabilities, hold, then 8 queued: 10 read; the rest (and the OOB one) wait.
+    assert_eq!(fake.wait_requests(10, T).len(), 10);
+    assert_eq!(fake.wait_requests(11, Duration::from_millis(200)).len(), 10);
+    fake.release();
+    assert_eq!(c.line(), "{\"return\": 0, \"id\": \"h\"}\r\n");
+    let mut lines: Vec<String> = (0..11).map(|_| c.line()).collect();
+    // The OOB command is read once the queue has room, so it may overtake queued ones.
+    let oob = lines
+        .iter()
+        .position(|l| l == "{\"return\": [], \"id\": \"oob\"}\r\n")
+        .expect("oob reply");
+    lines.remove(oob);
+    let expected: Vec<String> = (0..10)
+        .map(|i| format!("{{\"return\": 1, \"id\": {i}}}\r\n"))
+        .collect();
+    assert_eq!(lines, expected);
+    assert_eq!(fake.requests().len(), 13);
+}
+
+#[test]
+fn without_oob_one_command_at_a_time() {
+    let fake = FakeQemu::unix(Script::new().on(
+        "hold",
+        Response::actions(vec![Action::Stall, Action::Return("0".into())]),
+    ))
+    .unwrap();
+    let mut c = unix(&fake);
+    assert_eq!(c.line(), GREETING);
+    c.send(br#"{"execute":"qmp_capabilities","id":0}{"execute":"hold","id":1}{"execute":"hold","id":2}"#);
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 0}\r\n");
+    assert_eq!(fake.wait_requests(2, T).len(), 2);
+    assert_eq!(fake.wait_requests(3, Duration::from_millis(200)).len(), 2);
+    fake.release();
+    assert_eq!(c.line(), "{\"return\": 0, \"id\": 1}\r\n");
+    fake.release();
+    assert_eq!(c.line(), "{\"return\": 0, \"id\": 2}\r\n");
+}
+
+#[test]
+fn malformed_output_faults() {
+    let fake = FakeQemu::unix(
+        Script::new()
+            .on(
+                "bad",
+                Response::actions(vec![
+                    Action::Raw(faults::idless_errors(2)),
+                    Action::ReturnWithId {
+                        id: "999".into(),
+                        value: "{}".into(),
+                    },
+                    Action::Raw(faults::INF_ID.to_vec()),
+                    Action::Return("{}".into()),
+                ]),
+            )
+            .on("silent", Response::none())
+            .on(
+                "big",
+                Response::actions(vec![Action::Raw(faults::oversized(3, 100))]),
+            )
+            .on(
+                "deep",
+                Response::actions(vec![Action::Raw(faults::too_deep(4, 3))]),
+            ),
+    )
+    .unwrap();
+    let mut c = ready(&fake);
+    c.send(br#"{"execute":"bad","id":1}{"execute":"silent","id":2}{"execute":"big","id":3}{"execute":"deep","id":4}"#);
+    let idless = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, expecting value\"}}\r\n";
+    assert_eq!(c.line(), idless);
+    assert_eq!(c.line(), idless);
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 999}\r\n");
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": -inf}\r\n");
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 1}\r\n");
+    let big = c.line();
+    assert_eq!(big.len(), 100 + "{\"return\": \"\", \"id\": 3}\r\n".len());
+    assert_eq!(c.line(), "{\"return\": [[[]]], \"id\": 4}\r\n");
+    assert_eq!(fake.wait_requests(5, T)[2].name.as_deref(), Some("silent"));
+}
+
+#[test]
+fn close_mid_message_then_serve_the_next_client() {
+    let fake = FakeQemu::unix(Script::new().on(
+        "cut",
+        Response::actions(vec![
+            Action::Raw(b"{\"return\": {\"a".to_vec()),
+            Action::Close,
+        ]),
+    ))
+    .unwrap();
+    let mut c = ready(&fake);
+    c.send(br#"{"execute":"cut","id":1}"#);
+    let mut rest = Vec::new();
+    c.s.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"{\"return\": {\"a");
+    assert_eq!(fake.wait_closed(1, T), 1);
+    let mut c2 = unix(&fake);
+    assert_eq!(c2.line(), GREETING);
+}
+
+#[test]
+fn second_client_waits_for_its_greeting() {
+    let fake = FakeQemu::unix(Script::new()).unwrap();
+    let mut c1 = ready(&fake);
+    let mut c2 = unix(&fake);
+    c2.s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let err = c2.s.read(&mut b).unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err}"
+    );
+    c1.send(br#"{"execute":"quit","id":9}"#);
+    assert_eq!(c1.line(), "{\"return\": {}, \"id\": 9}\r\n");
+    c2.s.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(c2.line(), GREETING);
+    assert_eq!(fake.connections(), 2);
+}
+
+#[test]
+fn reset_after_quit_over_tcp() {
+    let fake =
+        FakeQemu::tcp(Script::new().on("quit", Response::ok("{}").then(Action::Reset))).unwrap();
+    let s = TcpStream::connect(fake.tcp_addr().unwrap()).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut c = Client { s };
+    assert_eq!(c.line(), GREETING);
+    c.send(NEGOTIATE);
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 0}\r\n");
+    c.send(br#"{"execute":"quit","id":1}"#);
+    // The reply may or may not be readable before the reset discards it; the end is a reset.
+    let mut buf = [0u8; 256];
+    let end = loop {
+        match c.s.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(_) => {}
+            Err(e) => break Some(e.kind()),
+        }
+    };
+    assert_eq!(end, Some(ErrorKind::ConnectionReset));
+}
+
+#[test]
+fn pretty_output() {
+    let fake = FakeQemu::unix(Script::new().pretty()).unwrap();
+    let mut c = unix(&fake);
+    let greeting: Vec<String> = (0..15).map(|_| c.line()).collect();
+    assert_eq!(greeting[0], "{\r\n");
+    assert_eq!(greeting[1], "    \"QMP\": {\r\n");
+    assert_eq!(greeting[14], "}\r\n");
+    c.send(NEGOTIATE);
+    assert_eq!(
+        [c.line(), c.line(), c.line(), c.line(), c.line()].concat(),
+        "{\r\n    \"return\": {\r\n    },\r\n    \"id\": 0\r\n}\r\n"
+    );
+}
+
+#[test]
+fn qga_framing_matches_the_recorded_agent() {
+    let fake =
+        FakeQemu::unix(Script::qga().on("guest-info", Response::ok(r#"{"version":"10.0.2"}"#)))
+            .unwrap();
+    let mut c = unix(&fake);
+    let golden = Transcript::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/data/qga-basic.jsonl"
+    ))
+    .unwrap();
+    // The recorded client's first chunk: 0xFF + guest-sync-delimited with id 1000.
+    assert_eq!(golden.chunks[0].from, Direction::Client);
+    c.send(&golden.chunks[0].bytes);
+    let expected: Vec<u8> = golden.chunks[1..3]
+        .iter()
+        .inspect(|ch| assert_eq!(ch.from, Direction::Server))
+        .flat_map(|ch| ch.bytes.clone())
+        .collect();
+    assert_eq!(c.exact(expected.len()), expected);
+    c.send(br#"{"execute":"guest-ping","id":1}{"execute":"guest-sync","arguments":{"id":7}}{"execute":"guest-info","id":2}"#);
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 1}\n");
+    assert_eq!(c.line(), "{\"return\": 7}\n");
+    assert_eq!(
+        c.line(),
+        "{\"return\": {\"version\": \"10.0.2\"}, \"id\": 2}\n"
+    );
+}
+
+#[test]
+fn socketpair_and_fd_passing() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let fake = FakeQemu::from_stream(
+        Script::new()
+            .on("getfd", Response::ok("{}"))
+            .capabilities(Vec::<String>::new()),
+        theirs,
+    )
+    .unwrap();
+    ours.set_read_timeout(Some(T)).unwrap();
+    let mut c = Client { s: ours };
+    let greeting = c.line();
+    assert!(
+        greeting.ends_with("\"capabilities\": []}}\r\n"),
+        "{greeting}"
+    );
+    c.send(br#"{"execute":"qmp_capabilities","id":0}"#);
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 0}\r\n");
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let fds = [file.as_fd()];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
+    let msg = br#"{"execute":"getfd","arguments":{"fdname":"f"},"id":1}"#;
+    let n = rustix::net::sendmsg(
+        &c.s,
+        &[IoSlice::new(msg)],
+        &mut control,
+        rustix::net::SendFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(n, msg.len());
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": 1}\r\n");
+    let reqs = fake.wait_requests(2, T);
+    assert_eq!(reqs[1].fds, 1);
+    assert_eq!(reqs[1].arguments.as_deref(), Some(r#"{"fdname":"f"}"#));
+    assert_eq!(reqs[0].fds, 0);
+    // exec-oob is refused when oob was not negotiated.
+    c.send(br#"{"exec-oob":"query-yank","id":2}"#);
+    assert_eq!(
+        c.line(),
+        "{\"id\": 2, \"error\": {\"class\": \"GenericError\", \"desc\": \"QMP input member 'exec-oob' is unexpected\"}}\r\n"
+    );
+}
+
+#[test]
+fn oob_support_is_per_command() {
+    let fake = FakeQemu::unix(Script::new().on("query-status", Response::ok("{}"))).unwrap();
+    let mut c = ready(&fake);
+    c.send(br#"{"exec-oob":"query-status","id":1}{"exec-oob":"nope","id":2}"#);
+    assert_eq!(
+        c.line(),
+        "{\"id\": 1, \"error\": {\"class\": \"GenericError\", \"desc\": \"The command query-status does not support OOB\"}}\r\n"
+    );
+    assert_eq!(
+        c.line(),
+        "{\"id\": 2, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command nope has not been found\"}}\r\n"
+    );
+    let _ = ErrorClass::GenericError;
+}
+
+#[test]
+fn golden_transcripts_round_trip() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let t = Transcript::parse(&text).unwrap();
+            assert_eq!(t.to_jsonl(), text, "{}", path.display());
+            assert!(t.chunks.len() > 5);
+            names.push(path.file_stem().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "qga-basic",
+            "qga-resync",
+            "qsd-basic",
+            "qsd-jobs",
+            "qsd-pretty",
+            "system-basic",
+            "system-fds",
+            "system-oob"
+        ]
+    );
+}
