@@ -1,0 +1,620 @@
+//! qmp-client against real QEMU programs: the same scenario list on tokio, smol and async-std.
+//!
+//! Each scenario is a runtime-neutral async function over a [`Rt`] (how to connect and spawn
+//! on one runtime); the `tokio`, `smol` and `async_std` modules run every scenario on their
+//! runtime. Each test starts its own QEMU process (skipped with a printed reason when the
+//! binary is missing, a failure with `QMP_REQUIRE_QEMU=1`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use qmp_client::{Builder, Client, Error, ErrorClass, ErrorKind, EventItem, SendStatus};
+use qmp_testkit::launch::{Launch, Qemu};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::{Value, json};
+
+type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+/// A client and its driver, not yet spawned.
+type Session = (Client, qmp_client::Connection);
+
+/// How one runtime connects and spawns the driver.
+struct Rt {
+    connect: fn(PathBuf, Builder) -> BoxFut<'static, Result<Client, Error>>,
+    connect_tcp: fn(SocketAddr, Builder) -> BoxFut<'static, Result<Client, Error>>,
+    /// Spawns the driver and reports its result on the returned channel-like future.
+    driver_result: fn(qmp_client::Connection) -> BoxFut<'static, Result<(), Error>>,
+    connect_raw: fn(PathBuf, Builder) -> BoxFut<'static, Result<Session, Error>>,
+}
+
+const T: Option<Duration> = Some(Duration::from_secs(10));
+
+fn qsd() -> Option<Qemu> {
+    Launch::storage_daemon().spawn()
+}
+
+#[derive(Debug, Deserialize)]
+struct Version {
+    qemu: Triple,
+}
+
+#[derive(Debug, Deserialize)]
+struct Triple {
+    major: u32,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+struct Status {
+    status: String,
+    running: bool,
+}
+
+async fn handshake_typed_raw_and_errors(rt: &Rt) {
+    let Some(q) = qsd() else { return };
+    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+        .await
+        .unwrap();
+    assert_eq!(c.greeting().unwrap().version.qemu.major, 10);
+    assert_eq!(c.capabilities(), vec!["oob".to_owned()]);
+    let v: Version = c.execute("query-version", &()).await.unwrap();
+    assert_eq!(v.qemu.major, 10);
+    assert_eq!(
+        c.execute_raw("query-block-jobs", &()).await.unwrap().get(),
+        "[]"
+    );
+
+    let e = c
+        .execute::<IgnoredAny, _>("blockdev-del", &json!({"node-name": "nope"}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Command);
+    assert_eq!(e.send_status(), Some(SendStatus::Answered));
+    assert_eq!(e.command(), Some("blockdev-del"));
+    let se = e.server_error().unwrap();
+    assert_eq!(se.class, ErrorClass::GenericError);
+    assert_eq!(se.desc, "Failed to find node with node-name='nope'");
+
+    let e = c.execute_raw("no-such-command", &()).await.unwrap_err();
+    assert_eq!(e.server_error().unwrap().class, ErrorClass::CommandNotFound);
+    assert_eq!(
+        e.server_error().unwrap().desc,
+        "The command no-such-command has not been found"
+    );
+    // The wrong argument type is a server error, the wrong reply type a decode error.
+    let e = c
+        .execute_raw("blockdev-del", &json!({"node-name": 5}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.server_error().unwrap().desc,
+        "Invalid parameter type for 'node-name', expected: string"
+    );
+    let e = c
+        .execute::<Version, _>("query-block-jobs", &())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Decode);
+    assert_eq!(c.pending(), 0);
+}
+
+/// 300 commands in flight at once, each with a reply only it can match.
+async fn pipelining(rt: &Rt) {
+    let Some(q) = qsd() else { return };
+    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+        .await
+        .unwrap();
+    let calls = (0..300).map(|i| {
+        let c = c.clone();
+        async move {
+            if i % 3 == 0 {
+                let v: Version = c.execute("query-version", &()).await.unwrap();
+                assert_eq!(v.qemu.major, 10);
+            } else {
+                let name = format!("node{i}");
+                let e = c
+                    .execute_raw("blockdev-del", &json!({ "node-name": name }))
+                    .await
+                    .unwrap_err();
+                assert_eq!(
+                    e.server_error().unwrap().desc,
+                    format!("Failed to find node with node-name='{name}'")
+                );
+            }
+        }
+    });
+    join_all(calls).await;
+    let st = c.stats();
+    assert_eq!(st.replies, 300, "{st:?}");
+    assert_eq!((st.late_replies, st.unknown_replies), (0, 0));
+}
+
+#[derive(Debug, Deserialize)]
+struct JobStatus {
+    id: String,
+    status: String,
+}
+
+/// blockdev-create runs a job whose whole life cycle is reported by events.
+async fn block_job_events(rt: &Rt) {
+    let Some(q) = qsd() else { return };
+    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+        .await
+        .unwrap();
+    let mut events = c.subscribe("JOB_STATUS_CHANGE");
+    let img = q.dir().join("new.img");
+    let args =
+        json!({"job-id": "j1", "options": {"driver": "file", "filename": img, "size": 1048576}});
+    let (_, concluded): (IgnoredAny, _) = c
+        .execute_then_wait(
+            "blockdev-create",
+            &args,
+            "JOB_STATUS_CHANGE",
+            |e| e.data::<JobStatus>().unwrap().status == "concluded",
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(concluded.data::<JobStatus>().unwrap().id, "j1");
+    let _: IgnoredAny = c
+        .execute("job-dismiss", &json!({"id": "j1"}))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("null") {
+        match events.recv().await.unwrap() {
+            EventItem::Event(ev) => seen.push(ev.data::<JobStatus>().unwrap().status),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "concluded",
+            "null"
+        ]
+    );
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 1048576);
+}
+
+async fn tcp_and_pretty(rt: &Rt) {
+    let Some(q) = Launch::storage_daemon().tcp().pretty().spawn() else {
+        return;
+    };
+    let c = (rt.connect_tcp)(q.tcp_addr().unwrap(), Builder::new())
+        .await
+        .unwrap();
+    let raw = c.execute_raw("query-version", &()).await.unwrap();
+    assert!(raw.get().contains("\n"), "pretty output: {raw}");
+    let v: Version = raw.deserialize().unwrap();
+    assert_eq!(v.qemu.major, 10);
+    let e = c
+        .execute_raw("blockdev-del", &json!({"node-name": "x"}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.server_error().unwrap().desc,
+        "Failed to find node with node-name='x'"
+    );
+    // Events are framed in the pretty stream as well.
+    let img = q.dir().join("p.img");
+    let args = json!({"job-id": "p", "options": {"driver": "file", "filename": img, "size": 4096}});
+    let (_, ev): (IgnoredAny, _) = c
+        .execute_then_wait(
+            "blockdev-create",
+            &args,
+            "JOB_STATUS_CHANGE",
+            |e| e.data::<JobStatus>().unwrap().status == "concluded",
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ev.data::<JobStatus>().unwrap().id, "p");
+    // The unix monitor works too, alongside.
+    let c2 = (rt.connect)(q.socket_path().into(), Builder::new())
+        .await
+        .unwrap();
+    let _: Version = c2.execute("query-version", &()).await.unwrap();
+}
+
+/// QEMU killed with commands in flight: every call resolves promptly, later calls fail at once,
+/// and event streams end with a terminal item.
+async fn peer_killed(rt: &Rt) {
+    let Some(mut q) = qsd() else { return };
+    let (c, conn) = (rt.connect_raw)(q.socket_path().into(), Builder::new())
+        .await
+        .unwrap();
+    let driver = (rt.driver_result)(conn);
+    let mut events = c.subscribe(qmp_client::EventFilter::all());
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let c = c.clone();
+            Box::pin(async move { c.execute::<Version, _>("query-version", &()).await })
+        })
+        .collect();
+    let all = join_all(calls);
+    q.kill();
+    let killed = Instant::now();
+    for r in all.await {
+        match r {
+            Ok(v) => assert_eq!(v.qemu.major, 10),
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Disconnected, "{e}");
+                assert!(
+                    matches!(
+                        e.send_status(),
+                        Some(SendStatus::NotSent | SendStatus::Unanswered)
+                    ),
+                    "{e:?}"
+                );
+            }
+        }
+    }
+    assert!(
+        killed.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert!(driver.await.is_ok());
+    let e = c.execute_raw("query-version", &()).await.unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Disconnected, Some(SendStatus::NotSent))
+    );
+    assert_eq!(
+        events.recv().await,
+        Some(EventItem::Closed(qmp_client::CloseReason::PeerClosed))
+    );
+    assert_eq!(events.recv().await, None);
+}
+
+/// A second client is accepted but never greeted while the first holds the monitor.
+async fn second_client_never_greeted(rt: &Rt) {
+    let Some(q) = qsd() else { return };
+    let _first = (rt.connect)(q.socket_path().into(), Builder::new())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let e = (rt.connect)(
+        q.socket_path().into(),
+        Builder::new().handshake_timeout(Some(Duration::from_millis(300))),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Handshake);
+    assert!(e.to_string().contains("is another client attached"), "{e}");
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+fn system() -> Option<Qemu> {
+    Launch::system().spawn()
+}
+
+async fn vm_stop_cont_reset_quit(rt: &Rt) {
+    let Some(mut q) = system() else { return };
+    let (c, conn) = (rt.connect_raw)(q.socket_path().into(), Builder::new())
+        .await
+        .unwrap();
+    let driver = (rt.driver_result)(conn);
+    let st: Status = c.execute("query-status", &()).await.unwrap();
+    assert_eq!(
+        st,
+        Status {
+            status: "prelaunch".into(),
+            running: false
+        }
+    );
+
+    let (_, ev): (IgnoredAny, _) = c
+        .execute_then_wait("cont", &(), "RESUME", |_| true, T)
+        .await
+        .unwrap();
+    assert_eq!(ev.name, "RESUME");
+    let st: Status = c.execute("query-status", &()).await.unwrap();
+    assert_eq!(
+        st,
+        Status {
+            status: "running".into(),
+            running: true
+        }
+    );
+
+    let (_, ev): (IgnoredAny, _) = c
+        .execute_then_wait("stop", &(), "STOP", |_| true, T)
+        .await
+        .unwrap();
+    assert_eq!(ev.name, "STOP");
+    let st: Status = c.execute("query-status", &()).await.unwrap();
+    assert_eq!(
+        st,
+        Status {
+            status: "paused".into(),
+            running: false
+        }
+    );
+
+    let (_, ev): (IgnoredAny, _) = c
+        .execute_then_wait("system_reset", &(), "RESET", |_| true, T)
+        .await
+        .unwrap();
+    assert_eq!(
+        ev.data::<Value>().unwrap()["reason"],
+        "host-qmp-system-reset"
+    );
+
+    let mut events = c.subscribe(["SHUTDOWN"]);
+    let _: IgnoredAny = c.execute("quit", &()).await.unwrap();
+    let ev = events.next_event().await.unwrap();
+    assert_eq!(ev.data::<Value>().unwrap()["reason"], "host-qmp-quit");
+    assert_eq!(
+        events.recv().await,
+        Some(EventItem::Closed(qmp_client::CloseReason::PeerClosed))
+    );
+    assert!(
+        driver.await.is_ok(),
+        "EOF or reset after quit is a normal close"
+    );
+    assert!(q.wait_exit(Duration::from_secs(10)));
+    let e = c.execute_raw("query-status", &()).await.unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Disconnected, Some(SendStatus::NotSent))
+    );
+}
+
+#[derive(Debug, Deserialize)]
+struct AddFd {
+    #[serde(rename = "fdset-id")]
+    fdset_id: u64,
+    fd: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct FdSet {
+    #[serde(rename = "fdset-id")]
+    fdset_id: u64,
+    fds: Vec<FdSetFd>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FdSetFd {
+    fd: i64,
+    opaque: Option<String>,
+}
+
+fn devnull() -> std::os::fd::OwnedFd {
+    std::fs::File::open("/dev/null").unwrap().into()
+}
+
+async fn vm_fd_passing_oob_and_hmp(rt: &Rt) {
+    let Some(q) = system() else { return };
+    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+        .await
+        .unwrap();
+
+    let _: IgnoredAny = c
+        .execute_with_fds("getfd", &json!({"fdname": "f1"}), vec![devnull()])
+        .await
+        .unwrap();
+    let _: IgnoredAny = c
+        .execute("closefd", &json!({"fdname": "f1"}))
+        .await
+        .unwrap();
+    let e = c
+        .execute_raw("closefd", &json!({"fdname": "f1"}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.server_error().unwrap().desc,
+        "File descriptor named 'f1' not found"
+    );
+    // getfd without a descriptor is refused by QEMU.
+    let e = c
+        .execute_raw("getfd", &json!({"fdname": "f2"}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.server_error().unwrap().desc,
+        "No file descriptor supplied via SCM_RIGHTS"
+    );
+
+    let added: AddFd = c
+        .execute_with_fds(
+            "add-fd",
+            &json!({"fdset-id": 3, "opaque": "mine"}),
+            vec![devnull()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(added.fdset_id, 3);
+    let sets: Vec<FdSet> = c.execute("query-fdsets", &()).await.unwrap();
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sets[0].fdset_id, 3);
+    assert_eq!(sets[0].fds.len(), 1);
+    assert_eq!(sets[0].fds[0].fd, added.fd);
+    assert_eq!(sets[0].fds[0].opaque.as_deref(), Some("mine"));
+
+    let yank: Vec<Value> = c.exec_oob("query-yank", &()).await.unwrap();
+    assert!(
+        yank.iter()
+            .any(|v| v["type"] == "chardev" && v["id"] == "m0"),
+        "{yank:?}"
+    );
+
+    let out: String = c
+        .execute(
+            "human-monitor-command",
+            &json!({"command-line": "info status"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, "VM status: paused (prelaunch)\r\n");
+}
+
+#[derive(Debug, Deserialize)]
+struct GuestInfo {
+    version: String,
+}
+
+async fn guest_agent(rt: &Rt) {
+    let Some(q) = Launch::guest_agent().spawn() else {
+        return;
+    };
+    let c = (rt.connect)(q.socket_path().into(), Builder::new().qga())
+        .await
+        .unwrap();
+    assert!(c.greeting().is_none());
+    let ping = c.execute_raw("guest-ping", &()).await.unwrap();
+    assert_eq!(ping.get(), "{}");
+    let info: GuestInfo = c.execute("guest-info", &()).await.unwrap();
+    assert!(info.version.starts_with("10."), "{info:?}");
+    let e = c
+        .execute_raw("guest-exec", &json!({"path": "/bin/true"}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Command);
+    let e = c
+        .exec_oob::<IgnoredAny, _>("guest-ping", &())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Unsupported, Some(SendStatus::NotSent))
+    );
+}
+
+macro_rules! scenarios {
+    ($rt:expr, $block_on:path) => {
+        #[test]
+        fn handshake_typed_raw_and_errors() {
+            $block_on(super::handshake_typed_raw_and_errors(&$rt));
+        }
+        #[test]
+        fn pipelining() {
+            $block_on(super::pipelining(&$rt));
+        }
+        #[test]
+        fn block_job_events() {
+            $block_on(super::block_job_events(&$rt));
+        }
+        #[test]
+        fn tcp_and_pretty() {
+            $block_on(super::tcp_and_pretty(&$rt));
+        }
+        #[test]
+        fn peer_killed() {
+            $block_on(super::peer_killed(&$rt));
+        }
+        #[test]
+        fn second_client_never_greeted() {
+            $block_on(super::second_client_never_greeted(&$rt));
+        }
+        #[test]
+        fn vm_stop_cont_reset_quit() {
+            $block_on(super::vm_stop_cont_reset_quit(&$rt));
+        }
+        #[test]
+        fn vm_fd_passing_oob_and_hmp() {
+            $block_on(super::vm_fd_passing_oob_and_hmp(&$rt));
+        }
+        #[test]
+        fn guest_agent() {
+            $block_on(super::guest_agent(&$rt));
+        }
+    };
+}
+
+mod tokio_rt {
+    use super::*;
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    const RT: Rt = Rt {
+        connect: |p, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_tokio::connect_unix(p, b).await?;
+                qmp_tokio::spawn_connection(conn);
+                Ok(c)
+            })
+        },
+        connect_tcp: |a, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_tokio::connect_tcp(a, b).await?;
+                qmp_tokio::spawn_connection(conn);
+                Ok(c)
+            })
+        },
+        driver_result: |conn| {
+            let h = qmp_tokio::spawn_connection(conn);
+            Box::pin(async move { h.await.unwrap() })
+        },
+        connect_raw: |p, b| Box::pin(qmp_tokio::connect_unix(p, b)),
+    };
+
+    scenarios!(RT, block_on);
+}
+
+mod smol_rt {
+    use super::*;
+
+    const RT: Rt = Rt {
+        connect: |p, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_smol::connect_unix(p, b).await?;
+                qmp_smol::spawn_connection(conn).detach();
+                Ok(c)
+            })
+        },
+        connect_tcp: |a, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_smol::connect_tcp(a, b).await?;
+                qmp_smol::spawn_connection(conn).detach();
+                Ok(c)
+            })
+        },
+        driver_result: |conn| Box::pin(qmp_smol::spawn_connection(conn)),
+        connect_raw: |p, b| Box::pin(qmp_smol::connect_unix(p, b)),
+    };
+
+    scenarios!(RT, smol::block_on);
+}
+
+mod async_std_rt {
+    use super::*;
+
+    const RT: Rt = Rt {
+        connect: |p, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_async_std::connect_unix(p, b).await?;
+                qmp_async_std::spawn_connection(conn);
+                Ok(c)
+            })
+        },
+        connect_tcp: |a, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_async_std::connect_tcp(a, b).await?;
+                qmp_async_std::spawn_connection(conn);
+                Ok(c)
+            })
+        },
+        driver_result: |conn| Box::pin(qmp_async_std::spawn_connection(conn)),
+        connect_raw: |p, b| Box::pin(qmp_async_std::connect_unix(p, b)),
+    };
+
+    scenarios!(RT, async_std::task::block_on);
+}
