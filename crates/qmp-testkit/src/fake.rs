@@ -61,6 +61,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -209,6 +210,12 @@ pub mod faults {
         .into_bytes()
     }
 }
+
+/// How often a blocked write checks whether the fake is being dropped.
+const STOP_CHECK: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 50_000_000,
+};
 
 type Handler = dyn Fn(&ServerRequest) -> Option<Response> + Send + Sync;
 
@@ -537,7 +544,9 @@ impl Stream {
         }
     }
 
-    fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+    /// Writes everything, waiting for room; gives up when `stop` is set (the fake is dropped
+    /// while a client does not read).
+    fn write_all(&mut self, mut data: &[u8], stop: &AtomicBool) -> io::Result<()> {
         while !data.is_empty() {
             let r = match self {
                 Self::Unix(s) => s.write(data),
@@ -547,8 +556,11 @@ impl Stream {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => data = &data[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(io::ErrorKind::BrokenPipe.into());
+                    }
                     let mut fds = [PollFd::from_borrowed_fd(self.fd(), PollFlags::OUT)];
-                    let _ = poll(&mut fds, None);
+                    let _ = poll(&mut fds, Some(&STOP_CHECK));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -566,6 +578,7 @@ impl Stream {
 /// A running fake QEMU. Dropping it stops the thread and closes every socket.
 #[derive(Debug)]
 pub struct FakeQemu {
+    stop: Arc<AtomicBool>,
     control: Sender<Control>,
     wake: UnixStream,
     shared: Shared,
@@ -621,7 +634,9 @@ impl FakeQemu {
             Listener::Once(_) => {}
         }
         let shared: Shared = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
         let worker = Worker {
+            stop: Arc::clone(&stop),
             script,
             rx,
             wake: wake_rx,
@@ -632,6 +647,7 @@ impl FakeQemu {
             .name("fake-qemu".to_owned())
             .spawn(move || worker.run(listener))?;
         Ok(Self {
+            stop,
             control,
             wake,
             shared,
@@ -738,6 +754,7 @@ impl FakeQemu {
 
 impl Drop for FakeQemu {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         self.send(Control::Shutdown);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -746,6 +763,7 @@ impl Drop for FakeQemu {
 }
 
 struct Worker {
+    stop: Arc<AtomicBool>,
     script: Script,
     rx: Receiver<Control>,
     wake: UnixStream,
@@ -875,7 +893,7 @@ impl Worker {
             if let Some(bytes) = server.poll_transmit() {
                 let bytes = bytes.to_vec();
                 server.handle_transmitted(bytes.len());
-                if stream.write_all(&bytes).is_err() {
+                if stream.write_all(&bytes, &self.stop).is_err() {
                     return End::Client;
                 }
             }

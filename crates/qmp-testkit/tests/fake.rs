@@ -490,3 +490,16 @@ fn golden_transcripts_round_trip() {
         ]
     );
 }
+
+#[test]
+fn dropping_the_fake_while_the_client_does_not_read() {
+    let big = "x".repeat(1 << 20);
+    let fake = FakeQemu::unix(Script::new().on("big", Response::ok(format!("\"{big}\"")))).unwrap();
+    let mut c = ready(&fake);
+    // 8 MiB of replies that the client never reads: the fake blocks writing.
+    for i in 0..8 {
+        c.send(format!(r#"{{"execute":"big","id":{i}}}"#).as_bytes());
+    }
+    assert_eq!(fake.wait_requests(2, T).len(), 2);
+    drop(fake); // must not hang
+}
