@@ -229,7 +229,31 @@ impl<E: Execute + 'static> Ops<E> {
     /// See the type's documentation.
     pub async fn execute(&self, name: &str, args: Option<&RawValue>) -> Result<RawJson, OpsError> {
         let start = self.inner.clock.now();
-        let result = self.execute_inner(name, args).await;
+        let result = self.execute_inner(name, args, None).await;
+        let latency = self.inner.clock.now().saturating_duration_since(start);
+        self.inner.hooks.on_outcome(name, latency, result.as_ref());
+        result
+    }
+
+    /// Like [`Ops::execute`], but deduplicates and caches under `key` instead of the default
+    /// key ([`crate::call_key`]: the name and the arguments with sorted object keys). Use it
+    /// when calls that differ in irrelevant arguments should share one execution. Keys are
+    /// scoped by command name. The key only matters for rules that are idempotent or have a
+    /// `cache_ttl`.
+    ///
+    /// # Errors
+    /// As [`Ops::execute`].
+    ///
+    /// # Cancel safety
+    /// See the type's documentation.
+    pub async fn execute_with_key(
+        &self,
+        key: &str,
+        name: &str,
+        args: Option<&RawValue>,
+    ) -> Result<RawJson, OpsError> {
+        let start = self.inner.clock.now();
+        let result = self.execute_inner(name, args, Some(key)).await;
         let latency = self.inner.clock.now().saturating_duration_since(start);
         self.inner.hooks.on_outcome(name, latency, result.as_ref());
         result
@@ -239,6 +263,7 @@ impl<E: Execute + 'static> Ops<E> {
         &self,
         name: &str,
         args: Option<&RawValue>,
+        custom_key: Option<&str>,
     ) -> Result<RawJson, OpsError> {
         let inner = &self.inner;
         let allowed = inner.policy.check(name, args).map_err(|d| {
@@ -254,15 +279,19 @@ impl<E: Execute + 'static> Ops<E> {
             });
         }
         let rule = allowed.rule;
-        let key = if rule.idempotent || rule.cache_ttl.is_some() {
+        let key = if !(rule.idempotent || rule.cache_ttl.is_some()) {
+            None
+        } else if let Some(k) = custom_key {
+            // The NUL separator keeps custom keys apart from default ones (which use a newline);
+            // the name keeps equal custom keys of different commands apart.
+            Some(format!("{name}\u{0}{k}"))
+        } else {
             Some(
                 call_key(name, args).map_err(|e| OpsError::InvalidArguments {
                     command: name.to_owned(),
                     message: e.to_string(),
                 })?,
             )
-        } else {
-            None
         };
         let cached = match (rule.cache_ttl, &key) {
             (Some(_), Some(key)) => lock(&inner.cache).get(key, inner.clock.now()),

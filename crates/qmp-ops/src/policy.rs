@@ -82,7 +82,7 @@ impl Profile {
         let mut rule = Rule::allow();
         if read_only {
             rule.idempotent = true;
-        } else if VM_CONTROL_COMMANDS.contains(&name) && self != Self::Unrestricted {
+        } else if VM_CONTROL_COMMANDS.contains(&name) {
             // Asking a stopped VM to stop (or a running one to continue) again is harmless;
             // a second reset or powerdown request is not.
             rule.idempotent = matches!(name, "stop" | "cont");
@@ -464,14 +464,14 @@ impl Policy {
         self.profile == Profile::Unrestricted
     }
 
-    /// The default retry schedule.
+    /// The retry schedule that applies under `rule`: its own, else the policy's default.
     pub fn retry_for(&self, rule: &Rule) -> RetryPolicy {
         rule.retry
             .clone()
             .unwrap_or_else(|| self.default_retry.clone())
     }
 
-    /// The per-attempt timeout for a rule.
+    /// The per-attempt timeout that applies under `rule`: its own, else the policy's default.
     pub fn timeout_for(&self, rule: &Rule) -> Option<Duration> {
         rule.timeout.or(self.default_timeout)
     }

@@ -238,3 +238,25 @@ fn the_cache_is_off_by_default() {
     assert_eq!(exec.count(), 2);
     assert_eq!(ops.cached(), 0);
 }
+
+#[test]
+fn a_custom_key_shares_calls_whose_arguments_differ() {
+    let (exec, _, _, ops) = ops_with(chardev_policy(), 0);
+    let answer = exec.push_later();
+    let x = args(r#"{"id":"rb0","note":"first"}"#);
+    let y = args(r#"{"id":"rb0","note":"second"}"#);
+    let mut both = join_all([
+        ops.execute_with_key("rb0", "chardev-add", Some(&x)).boxed(),
+        ops.execute_with_key("rb0", "chardev-add", Some(&y)).boxed(),
+    ]);
+    assert!(poll_once(&mut both).is_pending());
+    answer.send(Ok(raw("{}"))).unwrap();
+    let Poll::Ready(results) = poll_once(&mut both) else {
+        panic!("both callers share the one execution")
+    };
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(
+        exec.calls(),
+        [("chardev-add".to_owned(), Some(x.get().to_owned()))]
+    );
+}

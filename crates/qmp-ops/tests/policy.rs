@@ -79,6 +79,9 @@ fn unrestricted_still_needs_an_explicit_rule_for_hmp() {
     let p = Policy::unrestricted_i_know_what_i_am_doing();
     assert!(allowed(&p, "quit"));
     assert!(allowed(&p, "blockdev-del"));
+    // Run-state commands keep their lock group whatever profile allows them.
+    let stop = p.check("stop", None).unwrap().rule;
+    assert_eq!(stop.lock.as_deref(), Some("run-state"));
     let d = p.check("human-monitor-command", None).unwrap_err();
     assert_eq!(d.rule, RuleRef::Default);
     assert!(d.reason.contains("only a rule naming it exactly"), "{d}");
