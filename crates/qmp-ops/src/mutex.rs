@@ -21,6 +21,18 @@ use std::task::{Context, Poll, Waker};
 /// # Cancel safety
 /// Dropping a [`Lock`] future before it completes removes it from the queue; if the lock had
 /// already been handed to it, the lock passes on to the next waiter. Nothing is lost or leaked.
+///
+/// # Example
+/// ```
+/// let locks = qmp_ops::KeyedMutex::new();
+/// futures_executor::block_on(async {
+///     let held = locks.lock("vm-1").await;
+///     let other = locks.lock("vm-2").await; // another key: no waiting
+///     assert_eq!(locks.active_keys(), 2);
+///     drop((held, other));
+///     assert_eq!(locks.active_keys(), 0); // no entry outlives its last user
+/// });
+/// ```
 pub struct KeyedMutex<K> {
     inner: Arc<Inner<K>>,
 }

@@ -87,3 +87,14 @@ fn quit_counts_the_peer_closing_after_send_as_success() {
     block_on(ops.quit()).unwrap();
     assert_eq!(block_on(ops.quit()).unwrap_err().kind(), ErrorKind::Unknown);
 }
+
+#[test]
+fn ops_runs_over_a_trait_object() {
+    let fake = FakeExec::new();
+    let exec: std::sync::Arc<dyn qmp_ops::Execute> = fake.clone();
+    let sleep = RecordingSleep::new(ManualClock::new(Instant::now()));
+    let ops = Ops::builder(exec, Policy::read_only(), sleep).build();
+    fake.push_ok(r#"{"status": "running", "running": true}"#);
+    assert!(block_on(ops.query_status()).unwrap().running);
+    assert_eq!(fake.names(), ["query-status"]);
+}
