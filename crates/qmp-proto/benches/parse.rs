@@ -12,6 +12,11 @@
 //!
 //! Run: `cargo bench -p qmp-proto --bench parse`.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a benchmark reads the clock to time itself"
+)]
+
 use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};

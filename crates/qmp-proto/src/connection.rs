@@ -823,12 +823,12 @@ impl Connection {
                 return Err(LocalError::OobNotNegotiated);
             }
         }
-        if let Some(args) = &cmd.arguments {
-            if nesting(args.as_bytes()) > self.config.max_request_depth {
-                return Err(LocalError::RequestTooDeep {
-                    max: self.config.max_request_depth,
-                });
-            }
+        if let Some(args) = &cmd.arguments
+            && nesting(args.as_bytes()) > self.config.max_request_depth
+        {
+            return Err(LocalError::RequestTooDeep {
+                max: self.config.max_request_depth,
+            });
         }
         let id = self.next_id;
         let mut bytes =
@@ -1106,13 +1106,12 @@ impl Connection {
         let id = match id {
             WireId::Number(id) => id,
             WireId::Missing => {
-                if let Some((sync, true)) = self.syncing {
-                    if let Ok(v) = &result {
-                        if v.get().trim().parse::<u64>() == Ok(sync) {
-                            self.finish_sync();
-                            return;
-                        }
-                    }
+                if let Some((sync, true)) = self.syncing
+                    && let Ok(v) = &result
+                    && v.get().trim().parse::<u64>() == Ok(sync)
+                {
+                    self.finish_sync();
+                    return;
                 }
                 if self.syncing.is_some() {
                     // The parse error our 0xFF provokes, or replies meant for someone else.
@@ -1302,10 +1301,12 @@ impl Connection {
             start,
             end: self.out.len(),
         });
-        if let Some(p) = self.pending.get(&id) {
-            if p.inband && p.expect_reply && p.purpose == Purpose::User {
-                self.inband.push_back(id);
-            }
+        if let Some(p) = self.pending.get(&id)
+            && p.inband
+            && p.expect_reply
+            && p.purpose == Purpose::User
+        {
+            self.inband.push_back(id);
         }
     }
 
@@ -1339,10 +1340,10 @@ impl Connection {
         if p.expect_reply {
             self.tombstones.insert(id);
             self.tombstone_order.push_back(id);
-            if self.tombstone_order.len() > MAX_TOMBSTONES {
-                if let Some(old) = self.tombstone_order.pop_front() {
-                    self.tombstones.remove(&old);
-                }
+            if self.tombstone_order.len() > MAX_TOMBSTONES
+                && let Some(old) = self.tombstone_order.pop_front()
+            {
+                self.tombstones.remove(&old);
             }
         }
         Outcome::Unknown(why)

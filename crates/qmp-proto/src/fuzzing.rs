@@ -7,6 +7,15 @@ use std::time::{Duration, Instant};
 use crate::framer::{Frame, Framer};
 use crate::{Command, Config, Connection, Outcome, Output};
 
+/// The origin of the virtual clock the harnesses drive; only differences from it matter.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "any instant serves as virtual time zero"
+)]
+fn virtual_t0() -> Instant {
+    Instant::now()
+}
+
 /// A byte reader that yields zeros once the input runs out.
 struct Bytes<'a>(&'a [u8]);
 
@@ -83,7 +92,7 @@ pub fn framing(data: &[u8]) {
 }
 
 fn outputs_of(config: &Config, greet: bool, input: &[u8], sizes: &[u8]) -> Vec<String> {
-    let t0 = Instant::now();
+    let t0 = virtual_t0();
     let mut c = Connection::new(t0, config.clone());
     let mut log = Vec::new();
     // Requests are sent and written before any fuzz input, and only on a ready session with
@@ -191,7 +200,7 @@ pub fn roundtrip(data: &[u8]) {
     let value = value_from(&mut b, 0);
     let nsizes = usize::from(b.byte() % 8);
     let sizes = b.take(nsizes).to_vec();
-    let t0 = Instant::now();
+    let t0 = virtual_t0();
     let mut c = Connection::new(t0, Config::default());
     c.handle_input(t0, b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\n{\"return\": {}, \"id\": 0}\n");
     let id = c.send(t0, Command::new("x")).expect("ready");
@@ -237,7 +246,7 @@ pub fn roundtrip(data: &[u8]) {
 /// exactly once unless abandoned), nothing stays pending after EOF, buffers stay bounded.
 pub fn op_sequence(data: &[u8]) {
     let mut b = Bytes(data);
-    let t0 = Instant::now();
+    let t0 = virtual_t0();
     let mut now = t0;
     let qga = b.byte() & 1 == 1;
     let config = if qga {
@@ -314,11 +323,11 @@ pub fn op_sequence(data: &[u8]) {
             }
             6 => {
                 let target = u64::from(b.byte() % 8) + 1;
-                if let Some(state) = issued.get_mut(&target) {
-                    if c.abandon(crate::RequestId::from_raw(target)) {
-                        assert_eq!(*state, "open", "abandoned a resolved request");
-                        *state = "abandoned";
-                    }
+                if let Some(state) = issued.get_mut(&target)
+                    && c.abandon(crate::RequestId::from_raw(target))
+                {
+                    assert_eq!(*state, "open", "abandoned a resolved request");
+                    *state = "abandoned";
                 }
             }
             7 => c.resync(),

@@ -1,5 +1,10 @@
 //! Behaviour of the client machine, one test per rule, asserting exact outputs and bytes.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests take one real instant as virtual time zero"
+)]
+
 use std::time::{Duration, Instant};
 
 use qmp_proto::{

@@ -1,6 +1,11 @@
 //! Property tests: framing is independent of read boundaries and formatting, and correlation
 //! resolves every request exactly once with its own reply, whatever the order and splits.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests take one real instant as virtual time zero"
+)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 

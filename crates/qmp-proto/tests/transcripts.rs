@@ -6,6 +6,11 @@
 //! single position. Every run must write exactly the recorded client bytes and produce exactly
 //! the same outputs.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests take one real instant as virtual time zero"
+)]
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -115,8 +120,11 @@ fn config_for(steps: &[Step]) -> Config {
     }
 }
 
-/// Replays with server chunks re-cut by `cut(global_offset, chunk) -> pieces`.
-fn replay(steps: &[Step], cut: &dyn Fn(usize, &[u8]) -> Vec<Vec<u8>>) -> (Vec<u8>, Vec<String>) {
+/// Re-cuts one server chunk, given its offset in the whole server stream, into pieces.
+type Cut<'a> = &'a dyn Fn(usize, &[u8]) -> Vec<Vec<u8>>;
+
+/// Replays with server chunks re-cut by `cut`; returns the bytes written and the outputs.
+fn replay(steps: &[Step], cut: Cut<'_>) -> (Vec<u8>, Vec<String>) {
     let t0 = Instant::now();
     let mut c = Connection::new(t0, config_for(steps));
     let mut written = Vec::new();
