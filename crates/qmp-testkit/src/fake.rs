@@ -19,6 +19,21 @@
 //! queue, and once [`Script::queue_limit`] (8) are queued the fake stops reading the socket
 //! (without `oob`: after each command). `exec-oob` commands run at once.
 //!
+//! | fault (testing.md) | how to script it |
+//! |---|---|
+//! | delay a reply / never answer | [`Response::delay`] / [`Response::none`] |
+//! | event before the negotiation reply | `.on("qmp_capabilities", Response::ok("{}").event_before(..))` |
+//! | event before or after a command's reply; on demand | [`Response::event_before`], [`Response::event_after`]; [`FakeQemu::push_event`] |
+//! | id-less errors (one or several) | [`Action::Raw`] of [`faults::idless_error`] / [`faults::idless_errors`] |
+//! | unknown id | [`Action::ReturnWithId`] |
+//! | invalid JSON (`"id": -inf`) | [`Action::Raw`] of [`faults::INF_ID`] |
+//! | oversized / too-deep message | [`Action::Raw`] of [`faults::oversized`] / [`faults::too_deep`] |
+//! | close mid-message | [`Action::Raw`] of a partial message, then [`Action::Close`] |
+//! | reset after `quit` | `.on("quit", Response::ok("{}").then(Action::Reset))` (TCP: a real RST) |
+//! | second client accepted, never greeted | connect twice: the second waits, as with QEMU; or [`Script::no_greeting`] |
+//! | stop reading after 8 queued commands | an [`Action::Stall`] in one command, then [`FakeQemu::release`] |
+//! | pretty output / QGA framing | [`Script::pretty`] / [`Script::qga`] |
+//!
 //! Everything received is recorded: raw bytes per connection and each request as classified
 //! (see [`FakeQemu::requests`] and [`FakeQemu::wait_requests`]).
 //!
