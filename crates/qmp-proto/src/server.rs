@@ -419,7 +419,7 @@ impl Server {
     pub fn send_return(&mut self, id: Option<&str>, value: &str) -> Result<(), EncodeError> {
         let mut members = vec![("return".to_owned(), parse_node(value, "return value")?)];
         if let Some(id) = id {
-            members.push(("id".to_owned(), parse_node(id, "id")?));
+            members.push(("id".to_owned(), parse_id(id)?));
         }
         self.push_message(&Node::Obj(members));
         Ok(())
@@ -436,7 +436,7 @@ impl Server {
     ) -> Result<(), EncodeError> {
         let mut members = Vec::new();
         if let Some(id) = id {
-            members.push(("id".to_owned(), parse_node(id, "id")?));
+            members.push(("id".to_owned(), parse_id(id)?));
         }
         members.push((
             "error".to_owned(),
@@ -554,6 +554,22 @@ fn parse_error(what: &str) -> Received {
     rejected(None, format!("JSON parse error, {what}"))
 }
 
+/// An id is re-encoded like QEMU does, except numbers, which are echoed as written (QEMU
+/// would print `1e400` as `inf`, which is not JSON).
+fn parse_id(text: &str) -> Result<Node, EncodeError> {
+    let trimmed = text.trim();
+    if trimmed.starts_with(|c: char| c == '-' || c.is_ascii_digit())
+        && serde_json::from_str::<&RawValue>(trimmed).is_ok()
+    {
+        // Numbers are echoed digit for digit (serde would turn 2^64 into a float).
+        return Ok(Node::Raw(trimmed.to_owned()));
+    }
+    parse_node(text, "id").or_else(|e| match serde_json::from_str::<&RawValue>(text) {
+        Ok(raw) => Ok(Node::Raw(raw.get().to_owned())),
+        Err(_) => Err(e),
+    })
+}
+
 fn parse_node(text: &str, what: &'static str) -> Result<Node, EncodeError> {
     serde_json::from_str(text).map_err(|e| EncodeError::InvalidJson {
         what,
@@ -593,6 +609,8 @@ enum Node {
     Str(String),
     Arr(Vec<Self>),
     Obj(Vec<(String, Self)>),
+    /// Valid JSON text written as is.
+    Raw(String),
 }
 
 impl<'de> Deserialize<'de> for Node {
@@ -653,6 +671,7 @@ impl Node {
             Self::Null => out.push_str("null"),
             Self::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             Self::Num(n) => out.push_str(&n.to_string()),
+            Self::Raw(text) => out.push_str(text),
             Self::Str(s) => write_string(out, s),
             Self::Arr(items) => {
                 out.push('[');
@@ -968,6 +987,20 @@ mod tests {
             })
         );
         assert_eq!(s.poll_transmit(), None);
+    }
+
+    #[test]
+    fn ids_serde_cannot_hold_are_echoed_raw() {
+        let mut s = negotiated();
+        let r = received(&mut s, br#"{"execute":"q","id":1e400}"#);
+        assert_eq!(r, vec![command("q", None, Some("1e400"), false)]);
+        s.send_return(Some("1e400"), "{}").unwrap();
+        s.send_return(Some(" 18446744073709551616 "), "{}").unwrap();
+        assert_eq!(
+            s.take_transmit(),
+            b"{\"return\": {}, \"id\": 1e400}\r\n{\"return\": {}, \"id\": 18446744073709551616}\r\n"
+        );
+        assert!(s.send_return(Some("-inf"), "{}").is_err());
     }
 
     #[test]
