@@ -93,7 +93,8 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg}
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Action {
-    /// `{"return": JSON, "id": <the request's id>}`.
+    /// `{"return": JSON, "id": <the request's id>}`. JSON MUST be valid (use [`Action::Raw`]
+    /// for broken output); invalid JSON is replaced by `{}`.
     Return(String),
     /// `{"id": <the request's id>, "error": {...}}`.
     Error(CommandError),
