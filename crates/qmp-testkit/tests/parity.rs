@@ -152,3 +152,56 @@ fn fake_and_storage_daemon_answer_alike() {
     assert_eq!(real[3], "return object id={\"a\":[1,2]}");
     assert_eq!(real[16], "return object id=-");
 }
+
+/// The same for the guest agent: the framing (LF, 0xFF before the sync reply, the id-less
+/// error the 0xFF draws) and the dispatcher's answers match qemu-ga byte for byte.
+#[test]
+fn fake_and_guest_agent_answer_alike() {
+    let Some(qga) = Launch::guest_agent().spawn() else {
+        return;
+    };
+    let script: &[&[u8]] = &[
+        b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":77}}",
+        br#"{"execute":"guest-ping","id":1}"#,
+        br#"{"execute":"guest-sync","arguments":{"id":78}}"#,
+        br#"{"execute":"qmp_capabilities","id":2}"#,
+        br#"{"exec-oob":"guest-ping","id":3}"#,
+        br#"{"execute":"guest-ping","x":1,"id":4}"#,
+        br#"{"execute":"guest-exec","id":5}"#,
+        br#"{"execute":"guest-ping","id":{"nested":[1,"two"]}}"#,
+    ];
+    // Replies per request: the 0xFF draws an error before the sync reply.
+    let counts = [2, 1, 1, 1, 1, 1, 1, 1];
+    let run = |path: &std::path::Path| -> Vec<u8> {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut all = Vec::new();
+        for (request, n) in script.iter().zip(counts) {
+            s.write_all(request).unwrap();
+            let mut lines = 0;
+            while lines < n {
+                let mut b = [0u8; 1];
+                assert_eq!(s.read(&mut b).unwrap(), 1);
+                all.push(b[0]);
+                lines += usize::from(b[0] == b'\n');
+            }
+        }
+        all
+    };
+    let real = run(qga.socket_path());
+    let fake = FakeQemu::unix(Script::qga().on(
+        "guest-exec",
+        Response::error(
+            ErrorClass::CommandNotFound,
+            "Command guest-exec has been disabled: the command is not allowed",
+        ),
+    ))
+    .unwrap();
+    let faked = run(fake.socket_path().unwrap());
+    assert_eq!(
+        String::from_utf8_lossy(&faked),
+        String::from_utf8_lossy(&real)
+    );
+    assert_eq!(faked, real);
+    assert!(real.starts_with(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\uFFFD'\"}}\n\xff{\"return\": 77}\n"));
+}
