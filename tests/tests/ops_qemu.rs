@@ -1,26 +1,29 @@
-//! `qmp-ops` against real QEMU (tokio): policy denials send nothing, vm-control serialises
-//! run-state commands, an idempotent rule runs one `chardev-add` for 50 concurrent identical
-//! calls, and a retry across a killed and restarted daemon succeeds on the new session.
+//! `qmp-ops` against real QEMU: policy denials send nothing, vm-control serialises run-state
+//! commands, an idempotent rule runs one `chardev-add` for 50 concurrent identical calls, and
+//! a retry across a killed and restarted daemon succeeds on the new session. Each scenario is a
+//! runtime-neutral async function over an [`Rt`]; the modules at the end run them on tokio,
+//! smol and async-std.
 //!
 //! `qmp-client` does not implement `qmp_ops::Execute` yet (its `ops` feature is still to come),
 //! so [`ClientExec`] below is the adapter: it maps `qmp_client::Error` to `qmp_ops::ExecError`
 //! by send status. Each test skips with a printed reason when QEMU is missing, and fails
 //! instead under `QMP_REQUIRE_QEMU=1` (the launcher decides).
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::join_all;
+use qmp_client::{Builder, Client, Command};
 use qmp_ops::{
     BoxFuture, ErrorKind, ExecError, Execute, Hooks, Ops, Policy, Reconnecting, RetryPolicy, Rule,
     RunState, Sleep,
 };
 use qmp_proto::{Failure, LocalError, RawJson};
 use qmp_testkit::launch::Launch;
-use qmp_tokio::{Builder, Client, Command};
 use serde_json::value::RawValue;
 
 /// Runs commands on a `qmp_client::Client`, counting them per name and tracking how many
@@ -52,8 +55,8 @@ impl ClientExec {
     }
 }
 
-fn map_error(e: &qmp_tokio::Error) -> ExecError {
-    use qmp_tokio::{ErrorKind as K, SendStatus as S};
+fn map_error(e: &qmp_client::Error) -> ExecError {
+    use qmp_client::{ErrorKind as K, SendStatus as S};
     if let Some(server) = e.server_error() {
         return ExecError::Command(server.clone());
     }
@@ -100,32 +103,34 @@ impl Execute for ClientExec {
     }
 }
 
-const CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// How one runtime connects (spawning the driver) and sleeps.
+struct Rt {
+    connect: fn(PathBuf) -> BoxFuture<'static, Result<Client, qmp_client::Error>>,
+    sleep: fn(Duration) -> BoxFuture<'static, ()>,
+}
 
-struct TokioSleep;
+/// A [`Sleep`] from a runtime's sleep function.
+struct RtSleep(fn(Duration) -> BoxFuture<'static, ()>);
 
-impl Sleep for TokioSleep {
+impl Sleep for RtSleep {
     fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
-        Box::pin(tokio::time::sleep(d))
+        (self.0)(d)
     }
 }
 
-async fn connect(path: &std::path::Path) -> Arc<ClientExec> {
-    // The socket file can exist a moment before QEMU listens on it.
-    let (client, connection) = qmp_tokio::connect_unix_wait(path, Builder::new(), CONNECT_WAIT)
+async fn connect(rt: &Rt, path: &Path) -> Arc<ClientExec> {
+    let client = (rt.connect)(path.to_owned())
         .await
         .expect("connect to QEMU");
-    qmp_tokio::spawn_connection(connection);
     Arc::new(ClientExec::new(client))
 }
 
-#[tokio::test]
-async fn read_only_policy_denies_quit_and_stop_without_sending_them() {
+async fn read_only_policy_denies_quit_and_stop_without_sending_them(rt: &Rt) {
     let Some(mut qemu) = Launch::system().spawn() else {
         return;
     };
-    let exec = connect(qemu.socket_path()).await;
-    let ops = Ops::builder(Arc::clone(&exec), Policy::read_only(), TokioSleep).build();
+    let exec = connect(rt, qemu.socket_path()).await;
+    let ops = Ops::builder(Arc::clone(&exec), Policy::read_only(), RtSleep(rt.sleep)).build();
     // The handshake's qmp_capabilities is already counted.
     let sent_before = exec.client.stats().requests_sent;
     for name in ["quit", "stop"] {
@@ -145,44 +150,41 @@ async fn read_only_policy_denies_quit_and_stop_without_sending_them() {
     assert_eq!(exec.client.stats().requests_sent, sent_before + 1);
 }
 
-#[tokio::test]
-async fn vm_control_serialises_stop_and_cont() {
-    let Some(_qemu) = Launch::system().spawn() else {
+async fn vm_control_serialises_stop_and_cont(rt: &Rt) {
+    let Some(qemu) = Launch::system().spawn() else {
         return;
     };
-    let exec = connect(_qemu.socket_path()).await;
-    let ops = Ops::builder(Arc::clone(&exec), Policy::vm_control(), TokioSleep).build();
-    let calls = (0..20).map(|i| {
-        let ops = ops.clone();
-        async move {
-            if i % 2 == 0 {
-                ops.cont().await
-            } else {
-                ops.stop().await
-            }
-        }
-    });
-    let results = join_all(calls).await;
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let exec = connect(rt, qemu.socket_path()).await;
+    let ops = Ops::builder(Arc::clone(&exec), Policy::vm_control(), RtSleep(rt.sleep)).build();
+    for round in 0..10 {
+        // Both are polled in this order in one pass, so they queue for the lock as cont, stop.
+        let (cont, stop) = futures_util::join!(ops.cont(), ops.stop());
+        assert!(
+            cont.is_ok() && stop.is_ok(),
+            "round {round}: {cont:?} {stop:?}"
+        );
+    }
+    assert_eq!((exec.count("cont"), exec.count("stop")), (10, 10));
     assert_eq!(
         exec.run_state_max.load(Ordering::SeqCst),
         1,
-        "stop/cont overlapped"
+        "stop and cont overlapped"
     );
-    // The last call in lock order was a stop (i = 19).
     let status = ops.query_status().await.unwrap();
     assert_eq!((status.status, status.running), (RunState::Paused, false));
     assert_eq!(ops.active_locks(), 0);
 }
 
-#[tokio::test]
-async fn an_idempotent_rule_runs_one_chardev_add_for_50_identical_calls() {
-    let Some(_qemu) = Launch::storage_daemon().spawn() else {
+/// Only on a single-threaded runtime: there the 50 calls all join the execution in one poll
+/// pass, before the driver can read the reply. On a multi-threaded runtime the first call may
+/// legitimately finish before the last one starts, and that one would then run anew.
+async fn an_idempotent_rule_runs_one_chardev_add_for_50_identical_calls(rt: &Rt) {
+    let Some(qemu) = Launch::storage_daemon().spawn() else {
         return;
     };
-    let exec = connect(_qemu.socket_path()).await;
+    let exec = connect(rt, qemu.socket_path()).await;
     let policy = Policy::read_only().rule("chardev-add", Rule::allow().idempotent(true));
-    let ops = Ops::builder(Arc::clone(&exec), policy, TokioSleep).build();
+    let ops = Ops::builder(Arc::clone(&exec), policy, RtSleep(rt.sleep)).build();
     let args = serde_json::json!({
         "id": "ops-rb0",
         "backend": {"type": "ringbuf", "data": {"size": 4096}}
@@ -216,24 +218,19 @@ impl Hooks for RetryLog {
     }
 }
 
-#[tokio::test]
-async fn a_retry_across_a_killed_and_restarted_daemon_succeeds_on_the_new_session() {
+async fn a_retry_across_a_killed_and_restarted_daemon_succeeds_on_the_new_session(rt: &Rt) {
     let Some(mut first) = Launch::storage_daemon().spawn() else {
         return;
     };
     let path: Arc<Mutex<PathBuf>> = Arc::new(Mutex::new(first.socket_path().to_owned()));
     let connects = Arc::new(AtomicUsize::new(0));
     let reconnecting = {
-        let (path, connects) = (Arc::clone(&path), Arc::clone(&connects));
+        let (path, connects, connect) = (Arc::clone(&path), Arc::clone(&connects), rt.connect);
         Reconnecting::new(move || {
             let path = path.lock().unwrap().clone();
             connects.fetch_add(1, Ordering::SeqCst);
-            async move {
-                let (client, connection) =
-                    qmp_tokio::connect_unix_wait(&path, Builder::new(), CONNECT_WAIT).await?;
-                qmp_tokio::spawn_connection(connection);
-                Ok::<_, qmp_tokio::Error>(ClientExec::new(client))
-            }
+            let pending = connect(path);
+            async move { pending.await.map(ClientExec::new) }
         })
     };
     let mut reconnected = reconnecting.subscribe();
@@ -245,7 +242,7 @@ async fn a_retry_across_a_killed_and_restarted_daemon_succeeds_on_the_new_sessio
     let ops = Ops::builder(
         Arc::clone(&exec),
         Policy::read_only().default_retry(retry),
-        TokioSleep,
+        RtSleep(rt.sleep),
     )
     .shared_hooks(hooks.clone())
     .seed(5)
@@ -269,4 +266,129 @@ async fn a_retry_across_a_killed_and_restarted_daemon_succeeds_on_the_new_sessio
     assert!(log[0].starts_with("query-version #1: "), "{log:?}");
     let note = reconnected.next().await.unwrap();
     assert_eq!(note.generation, 2);
+}
+
+mod tokio_rt {
+    use super::*;
+
+    const RT: Rt = Rt {
+        connect: |p| {
+            Box::pin(async move {
+                let (c, conn) = qmp_tokio::connect_unix(p, Builder::new()).await?;
+                qmp_tokio::spawn_connection(conn);
+                Ok(c)
+            })
+        },
+        sleep: |d| Box::pin(tokio::time::sleep(d)),
+    };
+
+    fn block_on<F: Future>(multi_thread: bool, f: F) -> F::Output {
+        let mut b = if multi_thread {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+        };
+        b.enable_all().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn read_only_policy_denies_quit_and_stop_without_sending_them() {
+        block_on(
+            true,
+            super::read_only_policy_denies_quit_and_stop_without_sending_them(&RT),
+        );
+    }
+
+    #[test]
+    fn vm_control_serialises_stop_and_cont() {
+        block_on(true, super::vm_control_serialises_stop_and_cont(&RT));
+    }
+
+    #[test]
+    fn an_idempotent_rule_runs_one_chardev_add_for_50_identical_calls() {
+        block_on(
+            false,
+            super::an_idempotent_rule_runs_one_chardev_add_for_50_identical_calls(&RT),
+        );
+    }
+
+    #[test]
+    fn a_retry_across_a_killed_and_restarted_daemon_succeeds_on_the_new_session() {
+        block_on(
+            true,
+            super::a_retry_across_a_killed_and_restarted_daemon_succeeds_on_the_new_session(&RT),
+        );
+    }
+}
+
+mod smol_rt {
+    use super::*;
+
+    const RT: Rt = Rt {
+        connect: |p| {
+            Box::pin(async move {
+                let (c, conn) = qmp_smol::connect_unix(p, Builder::new()).await?;
+                qmp_smol::spawn_connection(conn).detach();
+                Ok(c)
+            })
+        },
+        sleep: |d| {
+            Box::pin(async move {
+                smol::Timer::after(d).await;
+            })
+        },
+    };
+
+    #[test]
+    fn read_only_policy_denies_quit_and_stop_without_sending_them() {
+        smol::block_on(super::read_only_policy_denies_quit_and_stop_without_sending_them(&RT));
+    }
+
+    #[test]
+    fn vm_control_serialises_stop_and_cont() {
+        smol::block_on(super::vm_control_serialises_stop_and_cont(&RT));
+    }
+
+    #[test]
+    fn a_retry_across_a_killed_and_restarted_daemon_succeeds_on_the_new_session() {
+        smol::block_on(
+            super::a_retry_across_a_killed_and_restarted_daemon_succeeds_on_the_new_session(&RT),
+        );
+    }
+}
+
+mod async_std_rt {
+    use super::*;
+
+    const RT: Rt = Rt {
+        connect: |p| {
+            Box::pin(async move {
+                let (c, conn) = qmp_async_std::connect_unix(p, Builder::new()).await?;
+                qmp_async_std::spawn_connection(conn);
+                Ok(c)
+            })
+        },
+        sleep: |d| Box::pin(async_std::task::sleep(d)),
+    };
+
+    #[test]
+    fn read_only_policy_denies_quit_and_stop_without_sending_them() {
+        async_std::task::block_on(
+            super::read_only_policy_denies_quit_and_stop_without_sending_them(&RT),
+        );
+    }
+
+    #[test]
+    fn vm_control_serialises_stop_and_cont() {
+        async_std::task::block_on(super::vm_control_serialises_stop_and_cont(&RT));
+    }
+
+    #[test]
+    fn a_retry_across_a_killed_and_restarted_daemon_succeeds_on_the_new_session() {
+        async_std::task::block_on(
+            super::a_retry_across_a_killed_and_restarted_daemon_succeeds_on_the_new_session(&RT),
+        );
+    }
 }
