@@ -7,6 +7,11 @@
 //! CRLF line endings, optional pretty printing; in guest-agent mode LF endings, no greeting and
 //! a 0xFF byte before a `guest-sync-delimited` reply).
 //!
+//! Known differences from QEMU: single-quoted strings are not accepted; a top-level scalar
+//! (`42`) draws a "JSON parse error" rather than "QMP input must be a JSON object"; a value over
+//! the size or depth limit draws one error, not QEMU's burst of follow-up errors for the bytes
+//! after the cut; numeric ids are echoed as written (QEMU re-prints them, `-1e999` as `-inf`).
+//!
 //! It decides nothing about which commands exist: every well-formed command in command mode is
 //! handed to the caller as [`Received::Command`], and the caller answers it.
 
