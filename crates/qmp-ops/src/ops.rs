@@ -320,13 +320,10 @@ impl<E: Execute + 'static> Ops<E> {
         rule: &Arc<Rule>,
     ) -> Result<RawJson, OpsError> {
         let inner = &self.inner;
-        let (generation, shared) = {
+        let (generation, shared, joined) = {
             let mut map = lock(&inner.inflight);
             match map.get(key).and_then(|(g, w)| Some((*g, w.upgrade()?))) {
-                Some(found) => {
-                    inner.hooks.on_shared(name);
-                    found
-                }
+                Some((generation, shared)) => (generation, shared, true),
                 None => {
                     let generation = inner.next_gen.fetch_add(1, Ordering::Relaxed);
                     let owned = Arc::clone(inner);
@@ -338,10 +335,13 @@ impl<E: Execute + 'static> Ops<E> {
                     let shared = fut.shared();
                     let weak = shared.downgrade().expect("not yet polled");
                     map.insert(key.to_owned(), (generation, weak));
-                    (generation, shared)
+                    (generation, shared, false)
                 }
             }
         };
+        if joined {
+            inner.hooks.on_shared(name);
+        }
         let mut slot = InflightSlot {
             inflight: &inner.inflight,
             key,

@@ -392,3 +392,43 @@ fn from_path_picks_the_format_from_the_extension() {
     assert!(missing.message.starts_with("cannot read "), "{missing}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_example_policy_file_loads_and_means_what_it_says() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml");
+    let p = Policy::from_path(path).unwrap();
+    assert_eq!(p.profile(), Profile::VmControl);
+    let tablet = args(r#"{"driver":"usb-tablet","id":"t0"}"#);
+    assert_eq!(
+        p.check("device_add", Some(&tablet))
+            .unwrap()
+            .rule
+            .lock
+            .as_deref(),
+        Some("hotplug")
+    );
+    assert!(
+        p.check(
+            "device_add",
+            Some(&args(r#"{"driver":"usb-tablet","id":"sys0"}"#))
+        )
+        .is_err()
+    );
+    assert!(
+        p.check("device_add", Some(&args(r#"{"driver":"e1000"}"#)))
+            .is_err()
+    );
+    let info = args(r#"{"command-line":"info status"}"#);
+    assert!(p.check("human-monitor-command", Some(&info)).is_ok());
+    let bad = args(r#"{"command-line":"system_reset"}"#);
+    assert!(p.check("human-monitor-command", Some(&bad)).is_err());
+    assert!(p.check("quit", None).is_err());
+    assert!(p.check("stop", None).is_ok());
+    assert!(
+        p.check("query-status", None)
+            .unwrap()
+            .rule
+            .cache_ttl
+            .is_some()
+    );
+}
