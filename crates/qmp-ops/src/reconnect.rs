@@ -30,8 +30,9 @@ pub struct Reconnected {
 /// [`crate::Ops`], runs on a new session. The failure itself is returned unchanged, so the
 /// retry layer still decides by send status whether a retry is safe.
 ///
-/// Concurrent callers that find no session wait for a single connect attempt. A failed
-/// connect is reported as [`ExecError::Connect`] (nothing was sent).
+/// Callers that find no session queue (FIFO) behind the connect attempt in progress and use
+/// its session; if it failed, the next one in the queue tries again. A failed connect is
+/// reported as [`ExecError::Connect`] (nothing was sent, so the retry layer may retry it).
 pub struct Reconnecting<E, F> {
     connect: F,
     session: Mutex<Option<(u64, Arc<E>)>>,

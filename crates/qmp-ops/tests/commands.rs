@@ -98,3 +98,16 @@ fn ops_runs_over_a_trait_object() {
     assert!(block_on(ops.query_status()).unwrap().running);
     assert_eq!(fake.names(), ["query-status"]);
 }
+
+fn assert_send<T: Send>(_: &T) {}
+
+#[test]
+fn ops_futures_are_send_so_any_runtime_can_spawn_them() {
+    let (_exec, ops) = ops(Policy::read_only());
+    let raw = common::args("{}");
+    assert_send(&ops.execute("query-status", Some(&raw)));
+    assert_send(&ops.execute_with_key("k", "query-status", None));
+    assert_send(&ops.call("query-status", &serde_json::json!({})));
+    assert_send(&ops.query_status());
+    assert_send(&ops.quit());
+}
