@@ -7,6 +7,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -29,6 +31,10 @@ struct Rt {
     /// Spawns the driver and reports its result on the returned channel-like future.
     driver_result: fn(qmp_client::Connection) -> BoxFut<'static, Result<(), Error>>,
     connect_raw: fn(PathBuf, Builder) -> BoxFut<'static, Result<Session, Error>>,
+    /// Handshake over one end of a socketpair, then spawn.
+    from_pair: fn(UnixStream, Builder) -> BoxFut<'static, Result<Client, Error>>,
+    /// Accept one connection on the listener, handshake, then spawn.
+    accept: fn(UnixListener, Builder) -> BoxFut<'static, Result<Client, Error>>,
 }
 
 const T: Option<Duration> = Some(Duration::from_secs(10));
@@ -491,6 +497,50 @@ async fn guest_agent(rt: &Rt) {
     );
 }
 
+/// QEMU gets one end of a socketpair as `fd=N`, and dials a socket we listen on
+/// (`server=off`): both monitors work like the usual one.
+async fn socketpair_and_accept(rt: &Rt) {
+    let dir = std::env::temp_dir().join(format!(
+        "qmp-accept-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ours = dir.join("ours.sock");
+    let listener = UnixListener::bind(&ours).unwrap();
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    // The child must inherit its end.
+    rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty()).unwrap();
+    let fd = theirs.as_raw_fd();
+    let Some(q) = Launch::storage_daemon()
+        .arg("--chardev")
+        .arg(format!("socket,fd={fd},id=mp"))
+        .arg("--monitor")
+        .arg("chardev=mp")
+        .arg("--chardev")
+        .arg(format!("socket,path={},server=off,id=md", ours.display()))
+        .arg("--monitor")
+        .arg("chardev=md")
+        .spawn()
+    else {
+        return;
+    };
+    drop(theirs);
+    let pair = (rt.from_pair)(mine, Builder::new()).await.unwrap();
+    let dialed = (rt.accept)(listener, Builder::new()).await.unwrap();
+    for c in [&pair, &dialed] {
+        let v: Version = c.execute("query-version", &()).await.unwrap();
+        assert_eq!(v.qemu.major, 10);
+        let e = c
+            .execute_raw("blockdev-del", &json!({"node-name": "x"}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.server_error().unwrap().class, ErrorClass::GenericError);
+    }
+    drop(q);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 macro_rules! scenarios {
     ($rt:expr, $block_on:path) => {
         #[test]
@@ -524,6 +574,10 @@ macro_rules! scenarios {
         #[test]
         fn vm_fd_passing_oob_and_hmp() {
             $block_on(super::vm_fd_passing_oob_and_hmp(&$rt));
+        }
+        #[test]
+        fn socketpair_and_accept() {
+            $block_on(super::socketpair_and_accept(&$rt));
         }
         #[test]
         fn guest_agent() {
@@ -564,6 +618,22 @@ mod tokio_rt {
             Box::pin(async move { h.await.unwrap() })
         },
         connect_raw: |p, b| Box::pin(qmp_tokio::connect_unix(p, b)),
+        from_pair: |s, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_tokio::from_unix_stream(s, b).await?;
+                qmp_tokio::spawn_connection(conn);
+                Ok(c)
+            })
+        },
+        accept: |l, b| {
+            Box::pin(async move {
+                l.set_nonblocking(true)?;
+                let l = tokio::net::UnixListener::from_std(l)?;
+                let (c, conn) = qmp_tokio::accept(&l, b).await?;
+                qmp_tokio::spawn_connection(conn);
+                Ok(c)
+            })
+        },
     };
 
     scenarios!(RT, block_on);
@@ -589,6 +659,21 @@ mod smol_rt {
         },
         driver_result: |conn| Box::pin(qmp_smol::spawn_connection(conn)),
         connect_raw: |p, b| Box::pin(qmp_smol::connect_unix(p, b)),
+        from_pair: |s, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_smol::from_unix_stream(s, b).await?;
+                qmp_smol::spawn_connection(conn).detach();
+                Ok(c)
+            })
+        },
+        accept: |l, b| {
+            Box::pin(async move {
+                let l = async_io::Async::new(l)?;
+                let (c, conn) = qmp_smol::accept(&l, b).await?;
+                qmp_smol::spawn_connection(conn).detach();
+                Ok(c)
+            })
+        },
     };
 
     scenarios!(RT, smol::block_on);
@@ -614,6 +699,21 @@ mod async_std_rt {
         },
         driver_result: |conn| Box::pin(qmp_async_std::spawn_connection(conn)),
         connect_raw: |p, b| Box::pin(qmp_async_std::connect_unix(p, b)),
+        from_pair: |s, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_async_std::from_unix_stream(s, b).await?;
+                qmp_async_std::spawn_connection(conn);
+                Ok(c)
+            })
+        },
+        accept: |l, b| {
+            Box::pin(async move {
+                let l = async_io::Async::new(l)?;
+                let (c, conn) = qmp_async_std::accept(&l, b).await?;
+                qmp_async_std::spawn_connection(conn);
+                Ok(c)
+            })
+        },
     };
 
     scenarios!(RT, async_std::task::block_on);

@@ -197,6 +197,9 @@ impl Connection {
                             inner.proto.handle_eof(now);
                         }
                     }
+                    // Route at once, so a caller never sees the machine closed before the
+                    // close is recorded.
+                    inner.dispatch();
                 }
             }
 
