@@ -1,2 +1,532 @@
-//! The `qmp` command-line tool.
-fn main() {}
+//! `qmp`: a command-line client for QEMU's machine protocol (QMP) and guest agent (QGA).
+//!
+//! One-shot commands with `key=value` arguments checked against the live schema, event
+//! following, an interactive shell with completion, schema look-ups, policy enforcement
+//! (`qmp-ops`), and a guided demo. Built on `qmp-tokio`; see `qmp --help`.
+
+mod args;
+mod conn;
+mod demo;
+mod fail;
+mod json;
+#[allow(dead_code)] // completion helpers are used by the shell (in progress)
+mod schema;
+mod shell;
+mod summary;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use qmp_ops::Policy;
+use serde_json::{Map, Value};
+
+use crate::conn::{Session, SpawnKind, Target, Timeouts};
+use crate::fail::{EXIT_CODES, Failure};
+use crate::schema::Schema;
+
+/// A command-line client for QEMU's machine protocol (QMP) and guest agent (QGA).
+#[derive(Debug, Parser)]
+#[command(
+    name = "qmp",
+    version,
+    after_help = EXIT_CODES,
+    override_usage = "qmp [OPTIONS] <TARGET> <COMMAND> [key=value | key:=json | {json}]...\n       \
+                      qmp [OPTIONS] <TARGET> events|shell|schema [...]\n       qmp demo",
+    after_long_help = concat!(
+        "Arguments: key=value (numbers, true/false, null, [..] and {..} are typed; a dotted key\n",
+        "nests: file.driver=file), key:=<json> for a JSON value, or one JSON object.\n\n",
+        "Examples:\n",
+        "  qmp -s /run/vm.sock query-status\n",
+        "  qmp -s /run/qsd.sock blockdev-add driver=null-co node-name=n0 size=1048576\n",
+        "  qmp --spawn qsd query-version\n",
+        "  qmp -s /run/vm.sock events --filter 'BLOCK_JOB_*' --count 2 --timeout 30\n",
+        "  qmp -s /run/vm.sock schema blockdev-add\n",
+        "  qmp --qga /run/qga.sock guest-info\n\n",
+        "Exit codes:\n",
+        "  0  success\n",
+        "  1  QEMU answered with an error (its class and description are printed)\n",
+        "  2  usage error: bad options or arguments, unknown command or argument (nothing sent)\n",
+        "  3  connection or protocol failure: cannot connect, no greeting, disconnected, no reply\n",
+        "  4  denied by the policy (--policy/--profile); the rule is named and nothing is sent\n",
+        "  5  `qmp events`: --timeout passed before --count events arrived"
+    )
+)]
+struct Cli {
+    /// QMP unix socket of the monitor.
+    #[arg(short = 's', long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+    /// QMP TCP monitor.
+    #[arg(long, value_name = "HOST:PORT", global = true)]
+    tcp: Option<String>,
+    /// Start a throwaway QEMU program in a temp dir and talk to it (killed on exit).
+    #[arg(long, value_enum, value_name = "PROGRAM", global = true)]
+    spawn: Option<SpawnKind>,
+    /// Guest agent unix socket (QGA protocol: no greeting, synced with 0xFF).
+    #[arg(long, value_name = "PATH", global = true)]
+    qga: Option<PathBuf>,
+    /// Seconds to wait for the socket to connect.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, global = true)]
+    connect_timeout: f64,
+    /// Seconds to wait for the greeting and negotiation (or the guest agent's sync).
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, global = true)]
+    greeting_timeout: f64,
+    /// Seconds to wait for each command's reply (default: no limit).
+    #[arg(long, value_name = "SECS", global = true)]
+    command_timeout: Option<f64>,
+    /// Enforce a qmp-ops policy file (TOML, or JSON when named *.json).
+    #[arg(long, value_name = "FILE", global = true)]
+    policy: Option<PathBuf>,
+    /// Enforce a built-in qmp-ops profile.
+    #[arg(long, value_enum, global = true)]
+    profile: Option<ProfileArg>,
+    /// Do not check arguments against the live schema before sending.
+    #[arg(long, global = true)]
+    no_validate: bool,
+    /// Print JSON on one line.
+    #[arg(long, global = true)]
+    compact: bool,
+    /// Print a human summary instead of JSON where one exists.
+    #[arg(short = 'H', long, global = true)]
+    human: bool,
+    /// Colour the output.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        value_name = "WHEN",
+        global = true
+    )]
+    color: ColorArg,
+    #[command(subcommand)]
+    sub: Option<Sub>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProfileArg {
+    /// query-* and the qom/device introspection commands.
+    ReadOnly,
+    /// read-only plus stop, cont, system_powerdown, system_reset.
+    VmControl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ColorArg {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Follow events as JSON lines.
+    Events {
+        /// Only events whose name matches (repeatable; `*` and `?` wildcards).
+        #[arg(long, short = 'f', value_name = "NAME")]
+        filter: Vec<String>,
+        /// Stop after this many events.
+        #[arg(long, short = 'n', value_name = "N")]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long, short = 't', value_name = "SECS")]
+        timeout: Option<f64>,
+    },
+    /// Interactive shell with history, completion, HMP mode and live events.
+    Shell {
+        /// History file (default: $HOME/.qmp_history).
+        #[arg(long, value_name = "FILE")]
+        history: Option<PathBuf>,
+        /// Keep history in memory only.
+        #[arg(long)]
+        no_history_file: bool,
+    },
+    /// Show the live schema of a command or event; without NAME (or with a `*` pattern),
+    /// list the commands and events.
+    Schema {
+        /// A command or event name, or a pattern such as `query-*`.
+        name: Option<String>,
+    },
+    /// A guided tour on a throwaway qemu-storage-daemon (under 10 seconds).
+    Demo {
+        /// Use the testkit's fake QEMU even when QEMU is installed.
+        #[arg(long)]
+        fake: bool,
+    },
+    /// Any QMP command: `qmp -s PATH query-status`, `qmp -s PATH blockdev-add driver=...`.
+    #[command(external_subcommand)]
+    Exec(Vec<String>),
+}
+
+/// Output settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Out {
+    pub(crate) style: json::Style,
+    pub(crate) human: bool,
+    pub(crate) tty: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qmp: cannot start the runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let res = run(cli, &rt);
+    rt.shutdown_timeout(Duration::from_millis(200));
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("qmp: {}", f.message());
+            ExitCode::from(f.code())
+        }
+    }
+}
+
+fn duration(secs: f64, what: &str) -> Result<Duration, Failure> {
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| Failure::Usage(format!("{what} must be a non-negative number of seconds")))
+}
+
+impl Cli {
+    fn target(&self) -> Result<Target, Failure> {
+        let mut targets = Vec::new();
+        if let Some(p) = &self.socket {
+            targets.push(Target::Unix(p.clone()));
+        }
+        if let Some(a) = &self.tcp {
+            targets.push(Target::Tcp(a.clone()));
+        }
+        if let Some(k) = self.spawn {
+            targets.push(Target::Spawn(k));
+        }
+        if let Some(p) = &self.qga {
+            targets.push(Target::Qga(p.clone()));
+        }
+        match targets.len() {
+            1 => Ok(targets.remove(0)),
+            0 => Err(Failure::Usage(
+                "no target: give --socket PATH, --tcp HOST:PORT, --spawn qsd|system or --qga PATH"
+                    .to_owned(),
+            )),
+            _ => Err(Failure::Usage(
+                "give only one of --socket, --tcp, --spawn and --qga".to_owned(),
+            )),
+        }
+    }
+
+    fn timeouts(&self) -> Result<Timeouts, Failure> {
+        Ok(Timeouts {
+            connect: duration(self.connect_timeout, "--connect-timeout")?,
+            greeting: duration(self.greeting_timeout, "--greeting-timeout")?,
+            command: self
+                .command_timeout
+                .map(|s| duration(s, "--command-timeout"))
+                .transpose()?,
+        })
+    }
+
+    fn policy(&self) -> Result<Option<Policy>, Failure> {
+        match (&self.policy, self.profile) {
+            (Some(_), Some(_)) => Err(Failure::Usage(
+                "give either --policy or --profile, not both".to_owned(),
+            )),
+            (Some(path), None) => Policy::from_path(path)
+                .map(Some)
+                .map_err(|e| Failure::Usage(format!("policy {}: {e}", path.display()))),
+            (None, Some(ProfileArg::ReadOnly)) => Ok(Some(Policy::read_only())),
+            (None, Some(ProfileArg::VmControl)) => Ok(Some(Policy::vm_control())),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn out(&self) -> Out {
+        let tty = std::io::stdout().is_terminal();
+        let colour = match self.color {
+            ColorArg::Always => true,
+            ColorArg::Never => false,
+            ColorArg::Auto => tty && std::env::var_os("NO_COLOR").is_none(),
+        };
+        Out {
+            style: json::Style {
+                compact: self.compact,
+                colour,
+            },
+            human: self.human,
+            tty,
+        }
+    }
+}
+
+fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<(), Failure> {
+    let out = cli.out();
+    let policy = cli.policy()?;
+    let timeouts = cli.timeouts()?;
+    match &cli.sub {
+        Some(Sub::Demo { fake }) => return demo::run(rt, *fake, out),
+        Some(Sub::Exec(words)) => {
+            let (name, rest) = words
+                .split_first()
+                .ok_or_else(|| Failure::Usage("no command".to_owned()))?;
+            let (mut args, auto) = args::parse(rest).map_err(Failure::Usage)?;
+            check_policy(policy.as_ref(), name, &args)?;
+            let target = cli.target()?;
+            return rt.block_on(async {
+                let session = conn::open(&target, timeouts).await?;
+                let res =
+                    one_shot(&session, name, &mut args, &auto, &cli, policy.as_ref(), out).await;
+                finish(session).await;
+                res
+            });
+        }
+        _ => {}
+    }
+    let target = cli.target()?;
+    match cli.sub {
+        Some(Sub::Events {
+            filter,
+            count,
+            timeout,
+        }) => {
+            let timeout = timeout.map(|t| duration(t, "--timeout")).transpose()?;
+            rt.block_on(async {
+                let session = conn::open(&target, timeouts).await?;
+                let res = follow_events(&session, &filter, count, timeout, out).await;
+                finish(session).await;
+                res
+            })
+        }
+        Some(Sub::Schema { name }) => rt.block_on(async {
+            let session = conn::open(&target, timeouts).await?;
+            let res = show_schema(&session, name.as_deref()).await;
+            finish(session).await;
+            res
+        }),
+        Some(Sub::Shell {
+            history,
+            no_history_file,
+        }) => {
+            let history = if no_history_file {
+                None
+            } else {
+                history.or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".qmp_history"))
+                })
+            };
+            shell::run(rt, &target, timeouts, policy, history, out, cli.no_validate)
+        }
+        None => shell::run(rt, &target, timeouts, policy, None, out, cli.no_validate),
+        Some(Sub::Demo { .. } | Sub::Exec(_)) => Ok(()),
+    }
+}
+
+async fn finish(session: Session) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.client.close()).await;
+    drop(session);
+}
+
+/// Checks `name` with `args` against the policy, if any.
+pub(crate) fn check_policy(
+    policy: Option<&Policy>,
+    name: &str,
+    args: &Map<String, Value>,
+) -> Result<(), Failure> {
+    let Some(policy) = policy else {
+        return Ok(());
+    };
+    let raw = serde_json::value::to_raw_value(args)
+        .map_err(|e| Failure::Usage(format!("arguments: {e}")))?;
+    policy
+        .check(name, Some(&raw))
+        .map(|_| ())
+        .map_err(|d| Failure::Denied(d.to_string()))
+}
+
+/// Fetches and parses the live schema.
+pub(crate) async fn fetch_schema(client: &qmp_tokio::Client) -> Result<Schema, Failure> {
+    let raw = client.execute_raw("query-qmp-schema", &()).await?;
+    Schema::from_json(raw.get()).map_err(Failure::Connection)
+}
+
+/// Sends a command, once its arguments pass the schema (unless disabled) and the policy.
+#[allow(clippy::too_many_arguments)] // the one-shot path needs all of the command line
+async fn one_shot(
+    session: &Session,
+    name: &str,
+    args: &mut Map<String, Value>,
+    auto: &[String],
+    cli: &Cli,
+    policy: Option<&Policy>,
+    out: Out,
+) -> Result<(), Failure> {
+    if !cli.no_validate && !session.qga {
+        let schema = fetch_schema(&session.client).await?;
+        schema.validate(name, args, auto).map_err(Failure::Usage)?;
+        check_policy(policy, name, args)?;
+    }
+    let ret = send(&session.client, name, args).await?;
+    print_return(name, ret.get(), out);
+    Ok(())
+}
+
+/// Executes `name` with `args` (none when empty).
+pub(crate) async fn send(
+    client: &qmp_tokio::Client,
+    name: &str,
+    args: &Map<String, Value>,
+) -> Result<qmp_tokio::RawJson, Failure> {
+    let res = if args.is_empty() {
+        client.execute_raw(name, &()).await
+    } else {
+        client.execute_raw(name, args).await
+    };
+    Ok(res?)
+}
+
+/// Writes a command's return value to stdout.
+pub(crate) fn print_return(name: &str, raw: &str, out: Out) {
+    let summary = serde_json::from_str::<Value>(raw)
+        .ok()
+        .and_then(|v| summary::summarise(name, &v));
+    let mut stdout = std::io::stdout().lock();
+    if out.human
+        && let Some(s) = &summary
+    {
+        let _ = writeln!(stdout, "{s}");
+        return;
+    }
+    let _ = writeln!(stdout, "{}", json::format(raw, out.style));
+    if out.tty
+        && !out.style.compact
+        && let Some(s) = summary
+    {
+        let (a, b) = if out.style.colour {
+            (json::colour::DIM, json::colour::RESET)
+        } else {
+            ("", "")
+        };
+        let _ = writeln!(stdout, "{a}# {}{b}", s.replace('\n', "\n# "));
+    }
+}
+
+/// One event as a JSON line.
+pub(crate) fn event_line(ev: &qmp_tokio::Event) -> String {
+    let name = serde_json::to_string(&ev.name).unwrap_or_default();
+    let data = ev
+        .data
+        .as_ref()
+        .map(|d| {
+            format!(
+                ",\"data\":{}",
+                json::format(
+                    d.get(),
+                    json::Style {
+                        compact: true,
+                        colour: false
+                    }
+                )
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "{{\"event\":{name}{data},\"timestamp\":{{\"seconds\":{},\"microseconds\":{}}}}}",
+        ev.timestamp.seconds, ev.timestamp.microseconds
+    )
+}
+
+async fn follow_events(
+    session: &Session,
+    filters: &[String],
+    count: Option<u64>,
+    timeout: Option<Duration>,
+    out: Out,
+) -> Result<(), Failure> {
+    let mut stream = session.client.subscribe(qmp_tokio::EventFilter::all());
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut seen = 0u64;
+    if count == Some(0) {
+        return Ok(());
+    }
+    loop {
+        let item = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, stream.recv()).await {
+                Ok(item) => item,
+                Err(_) => {
+                    return match count {
+                        Some(n) => Err(Failure::Timeout(format!(
+                            "timed out: {seen} of {n} events arrived"
+                        ))),
+                        None => Ok(()),
+                    };
+                }
+            },
+            None => stream.recv().await,
+        };
+        match item {
+            Some(qmp_tokio::EventItem::Event(ev)) => {
+                if !filters.is_empty() && !filters.iter().any(|f| schema::glob(f, &ev.name)) {
+                    continue;
+                }
+                let line = event_line(&ev);
+                let line = if out.style.colour {
+                    json::format(&line, out.style)
+                } else {
+                    line
+                };
+                println!("{line}");
+                seen += 1;
+                if count.is_some_and(|n| seen >= n) {
+                    return Ok(());
+                }
+            }
+            Some(qmp_tokio::EventItem::Lagged(n)) => {
+                eprintln!("qmp: {n} events were dropped (output too slow)");
+            }
+            Some(qmp_tokio::EventItem::Closed(_)) | None => {
+                return match count {
+                    Some(n) => Err(Failure::Connection(format!(
+                        "the connection closed after {seen} of {n} events"
+                    ))),
+                    None => Ok(()),
+                };
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+async fn show_schema(session: &Session, name: Option<&str>) -> Result<(), Failure> {
+    if session.qga {
+        return Err(Failure::Usage(
+            "the guest agent has no introspection; try guest-info".to_owned(),
+        ));
+    }
+    let schema = fetch_schema(&session.client).await?;
+    let text = match name {
+        None => schema.render_index(None),
+        Some(p) if p.contains(['*', '?']) => schema.render_index(Some(p)),
+        Some(n) => match schema.render(n) {
+            Some(t) => t,
+            None => {
+                let all = schema.commands().into_iter().chain(schema.events());
+                let hint = schema::suggest(n, all)
+                    .map(|s| format!(" (did you mean '{s}'?)"))
+                    .unwrap_or_default();
+                return Err(Failure::Usage(format!(
+                    "no command or event named '{n}'{hint}"
+                )));
+            }
+        },
+    };
+    print!("{text}");
+    Ok(())
+}

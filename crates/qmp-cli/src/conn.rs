@@ -1,0 +1,204 @@
+//! Opening a session: unix or TCP monitor, a throwaway QEMU, or a guest agent, with connect
+//! and greeting timeouts that say what went wrong.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qmp_testkit::launch::{Launch, Qemu};
+use qmp_tokio::{Builder, Client};
+
+use crate::fail::Failure;
+
+/// Where to connect.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    /// A QMP unix socket.
+    Unix(PathBuf),
+    /// A QMP TCP socket, `HOST:PORT`.
+    Tcp(String),
+    /// A throwaway QEMU program started for this run.
+    Spawn(SpawnKind),
+    /// A guest agent's unix socket.
+    Qga(PathBuf),
+}
+
+/// Which QEMU program `--spawn` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum SpawnKind {
+    /// qemu-storage-daemon
+    Qsd,
+    /// qemu-system-x86_64 (paused, no guest)
+    System,
+}
+
+impl SpawnKind {
+    pub(crate) fn program(self) -> &'static str {
+        match self {
+            Self::Qsd => "qemu-storage-daemon",
+            Self::System => "qemu-system-x86_64",
+        }
+    }
+}
+
+/// Timeouts of the connection phases.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub(crate) connect: Duration,
+    pub(crate) greeting: Duration,
+    pub(crate) command: Option<Duration>,
+}
+
+/// An open session, and the QEMU it owns (killed when dropped).
+pub(crate) struct Session {
+    pub(crate) client: Client,
+    pub(crate) qga: bool,
+    /// A program started with `--spawn`, kept alive for the session.
+    #[allow(dead_code)] // held for its drop (kill and reap)
+    pub(crate) qemu: Option<Qemu>,
+}
+
+/// Looks for a program on `PATH` and in the usual system directories.
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Starts a throwaway QEMU program (in its own temp dir) with the testkit launcher.
+pub(crate) fn launch(kind: SpawnKind) -> Result<Qemu, Failure> {
+    let program = kind.program();
+    if find_program(program).is_none() {
+        return Err(Failure::Connection(format!(
+            "--spawn {}: {program} is not installed (not on PATH, /usr/sbin or /usr/bin)",
+            match kind {
+                SpawnKind::Qsd => "qsd",
+                SpawnKind::System => "system",
+            }
+        )));
+    }
+    let launch = match kind {
+        SpawnKind::Qsd => Launch::storage_daemon(),
+        SpawnKind::System => Launch::system(),
+    };
+    // The launcher panics when the program fails to start; report that as a failure.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let res = std::panic::catch_unwind(move || launch.spawn());
+    std::panic::set_hook(hook);
+    match res {
+        Ok(Some(q)) => Ok(q),
+        Ok(None) => Err(Failure::Connection(format!("{program} is not installed"))),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            Err(Failure::Connection(format!(
+                "cannot start {program}: {msg}"
+            )))
+        }
+    }
+}
+
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s} s")
+    }
+}
+
+async fn unix_stream(path: &Path, t: Timeouts) -> Result<std::os::unix::net::UnixStream, Failure> {
+    let shown = path.display();
+    match tokio::time::timeout(t.connect, tokio::net::UnixStream::connect(path)).await {
+        Err(_) => Err(Failure::Connection(format!(
+            "timed out after {} connecting to {shown}",
+            secs(t.connect)
+        ))),
+        Ok(Err(e)) => Err(Failure::Connection(format!(
+            "cannot connect to {shown}: {e}"
+        ))),
+        Ok(Ok(s)) => s
+            .into_std()
+            .map_err(|e| Failure::Connection(format!("cannot use {shown}: {e}"))),
+    }
+}
+
+/// Opens the session described by `target`.
+pub(crate) async fn open(target: &Target, t: Timeouts) -> Result<Session, Failure> {
+    let mut builder = Builder::new().handshake_timeout(None);
+    if let Some(c) = t.command {
+        builder = builder.command_timeout(c);
+    }
+    let mut qemu = None;
+    let qga = matches!(target, Target::Qga(_));
+    let handshake = match target {
+        Target::Unix(path) => {
+            let s = unix_stream(path, t).await?;
+            greet(qmp_tokio::from_unix_stream(s, builder), t, false).await
+        }
+        Target::Qga(path) => {
+            let s = unix_stream(path, t).await?;
+            greet(qmp_tokio::from_unix_stream(s, builder.qga()), t, true).await
+        }
+        Target::Spawn(kind) => {
+            let q = launch(*kind)?;
+            let s = unix_stream(q.socket_path(), t).await?;
+            qemu = Some(q);
+            greet(qmp_tokio::from_unix_stream(s, builder), t, false).await
+        }
+        Target::Tcp(addr) => {
+            let stream = match tokio::time::timeout(
+                t.connect,
+                tokio::net::TcpStream::connect(addr.as_str()),
+            )
+            .await
+            {
+                Err(_) => {
+                    return Err(Failure::Connection(format!(
+                        "timed out after {} connecting to {addr}",
+                        secs(t.connect)
+                    )));
+                }
+                Ok(Err(e)) => {
+                    return Err(Failure::Connection(format!(
+                        "cannot connect to {addr}: {e}"
+                    )));
+                }
+                Ok(Ok(s)) => s,
+            };
+            let _ = stream.set_nodelay(true);
+            greet(qmp_tokio::from_stream(stream, builder), t, false).await
+        }
+    };
+    let client = handshake?;
+    Ok(Session { client, qga, qemu })
+}
+
+async fn greet(
+    fut: impl Future<Output = Result<(Client, qmp_tokio::Connection), qmp_tokio::Error>>,
+    t: Timeouts,
+    qga: bool,
+) -> Result<Client, Failure> {
+    match tokio::time::timeout(t.greeting, fut).await {
+        Err(_) if qga => Err(Failure::Connection(format!(
+            "the guest agent accepted the connection but did not answer guest-sync-delimited \
+             within {}: is the agent running, and is no other client attached?",
+            secs(t.greeting)
+        ))),
+        Err(_) => Err(Failure::Connection(format!(
+            "the monitor accepted the connection but is not greeting: is another client \
+             attached? (no greeting within {})",
+            secs(t.greeting)
+        ))),
+        Ok(Err(e)) => Err(Failure::Connection(format!("handshake failed: {e}"))),
+        Ok(Ok((client, connection))) => {
+            qmp_tokio::spawn_connection(connection);
+            Ok(client)
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! Failures and the exit codes they map to.
+
+use qmp_tokio::{CommandError, ErrorKind};
+
+/// Exit codes, as documented in `--help`.
+pub(crate) const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  QEMU answered with an error (its class and description are printed)
+  2  usage error: bad options or arguments, unknown command or argument (nothing sent)
+  3  connection or protocol failure: cannot connect, no greeting, disconnected, no reply
+  4  denied by the policy (--policy/--profile); the rule is named and nothing is sent
+  5  `qmp events`: --timeout passed before --count events arrived";
+
+/// Why a run failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// QEMU's error reply.
+    Qmp(CommandError),
+    /// Bad command line or arguments.
+    Usage(String),
+    /// Cannot connect, or the session broke.
+    Connection(String),
+    /// The policy refused the command.
+    Denied(String),
+    /// Waited too long for events.
+    Timeout(String),
+}
+
+impl Failure {
+    pub(crate) fn code(&self) -> u8 {
+        match self {
+            Self::Qmp(_) => 1,
+            Self::Usage(_) => 2,
+            Self::Connection(_) => 3,
+            Self::Denied(_) => 4,
+            Self::Timeout(_) => 5,
+        }
+    }
+
+    pub(crate) fn message(&self) -> String {
+        match self {
+            Self::Qmp(e) => format!("error: {}: {}", e.class.as_str(), e.desc),
+            Self::Usage(m) | Self::Connection(m) | Self::Timeout(m) => m.clone(),
+            Self::Denied(m) => format!("denied by policy: {m} (nothing was sent)"),
+        }
+    }
+}
+
+impl From<qmp_tokio::Error> for Failure {
+    fn from(e: qmp_tokio::Error) -> Self {
+        match e.kind() {
+            ErrorKind::Command => match e.server_error() {
+                Some(s) => Self::Qmp(s.clone()),
+                None => Self::Connection(e.to_string()),
+            },
+            ErrorKind::InvalidRequest => Self::Usage(e.to_string()),
+            _ => Self::Connection(e.to_string()),
+        }
+    }
+}
