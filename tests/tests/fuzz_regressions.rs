@@ -1,0 +1,21 @@
+//! Named regressions for bugs that fuzz inputs found, each loading the input that found it.
+
+/// Root cause: when a value crossed the depth limit *and* the size limit, the framer reported
+/// whichever limit it noticed first, and which one that was depended on read boundaries: fed
+/// whole, the scan stopped at the size limit and reported `Oversized`; fed byte by byte, the
+/// depth limit tripped first and it reported `TooDeep`. Outputs must not depend on read sizes.
+/// Fix: the verdict depends only on the value's first `max_size` bytes (too deep wins if the
+/// depth limit is crossed within them).
+#[test]
+fn too_deep_and_oversized_verdict_ignores_read_boundaries() {
+    qmp_proto::fuzzing::framing(include_bytes!("../../fuzz/seeds/framing/seed-1"));
+}
+
+/// Root cause: compacting the transmit buffer subtracted the consumed prefix from every queued
+/// request's start offset, but a request that is partly written starts *before* that prefix
+/// ends, so the subtraction underflowed (a panic in debug builds, a huge offset in release).
+/// Fix: clamp the start; whether a request has started is tracked separately.
+#[test]
+fn compaction_with_a_partly_written_request() {
+    qmp_proto::fuzzing::op_sequence(include_bytes!("../../fuzz/seeds/op_sequence/seed-0"));
+}
