@@ -259,6 +259,33 @@ impl Drop for Call {
 }
 
 impl Client {
+    /// Submits `cmd` for the `ops` layer: the pending call, or why nothing was sent (the
+    /// close reason when the session is closed, else the machine's refusal).
+    #[cfg(feature = "ops")]
+    pub(crate) fn submit_outcome(
+        &self,
+        cmd: Command,
+    ) -> Result<
+        impl Future<Output = Outcome> + Send + use<>,
+        Result<qmp_proto::CloseReason, qmp_proto::LocalError>,
+    > {
+        let mut inner = self.shared.lock();
+        if let Some(reason) = &inner.closed {
+            return Err(Ok(reason.clone()));
+        }
+        let now = inner.now(&*self.shared.timer);
+        let id = inner.proto.send(now, cmd).map_err(Err)?;
+        let (tx, rx) = oneshot::channel();
+        inner.waiters.insert(id, tx);
+        inner.wake_driver();
+        Ok(Call {
+            shared: Arc::clone(&self.shared),
+            id,
+            rx,
+            done: false,
+        })
+    }
+
     fn submit(
         &self,
         cmd: Command,

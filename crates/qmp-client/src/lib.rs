@@ -25,6 +25,8 @@ mod client;
 mod driver;
 mod error;
 mod events;
+#[cfg(feature = "ops")]
+mod ops;
 pub mod rt;
 mod shared;
 

@@ -1,0 +1,72 @@
+//! `qmp_ops::Execute` for `Client`: outcomes mapped by send status.
+
+mod support;
+
+use futures_executor::LocalPool;
+use futures_util::task::LocalSpawnExt;
+use qmp_client::{Builder, ErrorClass};
+use qmp_ops::{ExecError, Execute};
+use serde_json::value::RawValue;
+use support::{ManualTimer, pipe};
+
+#[test]
+fn execute_maps_replies_errors_and_closed_sessions() {
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (io, srv) = pipe();
+    let (tx, mut rx) = futures_channel::oneshot::channel();
+    sp.spawn_local(async move {
+        let _ = tx.send(Builder::new().handshake(io, ManualTimer::new()).await);
+    })
+    .unwrap();
+    srv.greet();
+    pool.run_until_stalled();
+    srv.take();
+    srv.send(r#"{"return": {}, "id": 0}"#);
+    pool.run_until_stalled();
+    let (client, conn) = rx.try_recv().unwrap().unwrap().unwrap();
+    sp.spawn_local(async move {
+        let _ = conn.await;
+    })
+    .unwrap();
+
+    let c = client.clone();
+    let (tx, mut rx) = futures_channel::oneshot::channel();
+    sp.spawn_local(async move {
+        let args = RawValue::from_string(r#"{"device": "r0"}"#.to_owned()).unwrap();
+        let ok = Execute::execute(&c, "ringbuf-read", Some(&args)).await;
+        let err = Execute::execute(&c, "nope", None).await;
+        let _ = tx.send((ok, err));
+    })
+    .unwrap();
+    pool.run_until_stalled();
+    assert_eq!(
+        srv.take(),
+        r#"{"execute":"ringbuf-read","arguments":{"device": "r0"},"id":1}"#
+    );
+    srv.send(r#"{"return": "abc", "id": 1}"#);
+    pool.run_until_stalled();
+    assert_eq!(srv.take(), r#"{"execute":"nope","id":2}"#);
+    srv.send(r#"{"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}, "id": 2}"#);
+    pool.run_until_stalled();
+    let (ok, err) = rx.try_recv().unwrap().unwrap();
+    assert_eq!(ok.unwrap().get(), "\"abc\"");
+    match err.unwrap_err() {
+        ExecError::Command(e) => assert_eq!(e.class, ErrorClass::CommandNotFound),
+        other => panic!("{other:?}"),
+    }
+
+    srv.hang_up();
+    pool.run_until_stalled();
+    let c = client.clone();
+    let (tx, mut rx) = futures_channel::oneshot::channel();
+    sp.spawn_local(async move {
+        let _ = tx.send(Execute::execute(&c, "x", None).await);
+    })
+    .unwrap();
+    pool.run_until_stalled();
+    match rx.try_recv().unwrap().unwrap().unwrap_err() {
+        ExecError::NotSent(f) => assert_eq!(f, qmp_proto::Failure::PeerClosed),
+        other => panic!("{other:?}"),
+    }
+}
