@@ -1,0 +1,259 @@
+//! qmp-client against the testkit's fake QEMU with injected faults, on tokio, smol and
+//! async-std: what the caller sees (a clear error, no hang) and that the session goes on where
+//! QEMU's would.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use qmp_client::{Builder, Client, Error, ErrorKind, SendStatus};
+use qmp_testkit::fake::{Action, FakeQemu, Response, Script, faults};
+use serde::de::IgnoredAny;
+
+type BoxFut<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// Connects, spawns the driver, and returns the client and the driver's result.
+type Connect = fn(PathBuf, Builder) -> BoxFut<Result<(Client, BoxFut<Result<(), Error>>), Error>>;
+
+async fn peer_gone_mid_command(connect: Connect) {
+    let fake = FakeQemu::unix(Script::new().on("hang", Response::none())).unwrap();
+    let (c, driver) = connect(fake.socket_path().unwrap().into(), Builder::new())
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let c = c.clone();
+            Box::pin(async move { c.execute_raw("hang", &()).await })
+        })
+        .collect();
+    // `join` polls the calls first (submitting all 20: 8 go on the wire, the in-flight cap,
+    // the rest wait locally), then this future, which waits for the fake to have read them
+    // and hangs up. The driver runs on another thread meanwhile.
+    let hang_up = async {
+        let seen = fake.wait_requests(9, Duration::from_secs(5)).len();
+        fake.disconnect();
+        (seen, Instant::now())
+    };
+    let (results, (seen, gone)) =
+        futures_util::future::join(futures_util::future::join_all(calls), hang_up).await;
+    let took = gone.elapsed();
+    assert_eq!(seen, 9, "qmp_capabilities and the 8 commands in flight");
+    let mut unanswered = 0;
+    for r in results {
+        let e = r.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Disconnected);
+        match e.send_status() {
+            Some(SendStatus::Unanswered) => unanswered += 1,
+            Some(SendStatus::NotSent) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(unanswered, 8);
+    assert!(took < Duration::from_millis(100), "{took:?}");
+    assert!(driver.await.is_ok());
+    let e = c.execute_raw("hang", &()).await.unwrap_err();
+    assert_eq!(e.send_status(), Some(SendStatus::NotSent));
+}
+
+async fn closed_mid_reply(connect: Connect) {
+    let script = Script::new().on(
+        "x",
+        Response::actions(vec![
+            Action::Raw(b"{\"return\": {\"a\"".to_vec()),
+            Action::Close,
+        ]),
+    );
+    let fake = FakeQemu::unix(script).unwrap();
+    let (c, driver) = connect(fake.socket_path().unwrap().into(), Builder::new())
+        .await
+        .unwrap();
+    let e = c.execute_raw("x", &()).await.unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Disconnected, Some(SendStatus::Unanswered))
+    );
+    assert!(driver.await.is_ok());
+    assert_eq!(c.stats().anomalies, 1);
+}
+
+async fn never_greeted(connect: Connect) {
+    let fake = FakeQemu::unix(Script::new().no_greeting()).unwrap();
+    let start = Instant::now();
+    let e = connect(
+        fake.socket_path().unwrap().into(),
+        Builder::new().handshake_timeout(Some(Duration::from_millis(200))),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(e.kind(), ErrorKind::Handshake);
+    assert_eq!(
+        e.to_string(),
+        "the server accepted the connection but never completed the handshake in time (is \
+         another client attached to this monitor?)"
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+async fn stalled_server_times_out_then_recovers(connect: Connect) {
+    let script = Script::new()
+        .on_once(
+            "slow",
+            Response::actions(vec![Action::Stall, Action::Return("1".into())]),
+        )
+        .on("fast", Response::ok("2"));
+    let fake = FakeQemu::unix(script).unwrap();
+    let (c, _driver) = connect(fake.socket_path().unwrap().into(), Builder::new())
+        .await
+        .unwrap();
+    let e = c
+        .execute_timeout::<IgnoredAny, _>("slow", &(), Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Timeout, Some(SendStatus::Unanswered))
+    );
+    // Queued behind the stall: the server reads it but answers only after the release.
+    let behind = c.execute::<u32, _>("fast", &());
+    let release = async {
+        let seen = fake.wait_requests(3, Duration::from_secs(5));
+        fake.release();
+        seen.len()
+    };
+    let (answer, seen) = futures_util::future::join(behind, release).await;
+    assert_eq!(seen, 3);
+    assert_eq!(answer.unwrap(), 2);
+    let n: u32 = c.execute("fast", &()).await.unwrap();
+    assert_eq!(n, 2);
+    let st = c.stats();
+    assert_eq!((st.late_replies, st.unknown_replies), (1, 0));
+    assert_eq!(c.pending(), 0);
+}
+
+async fn bad_output_does_not_end_the_session(connect: Connect) {
+    let script = Script::new()
+        .on(
+            "qmp_capabilities",
+            Response::ok("{}").event_before("EARLY", None),
+        )
+        .on(
+            "x",
+            Response::actions(vec![
+                Action::Raw(faults::idless_error(
+                    "JSON parse error, invalid keyword 'x'",
+                )),
+                Action::Raw(faults::oversized(99, 70_000)),
+                Action::Raw(faults::too_deep(98, 2000)),
+                Action::Raw(faults::INF_ID.to_vec()),
+                Action::ReturnWithId {
+                    id: "12345".into(),
+                    value: "0".into(),
+                },
+                Action::Return("42".into()),
+            ]),
+        );
+    let fake = FakeQemu::unix(script).unwrap();
+    let (c, _driver) = connect(
+        fake.socket_path().unwrap().into(),
+        Builder::new().max_message_size(65_536),
+    )
+    .await
+    .unwrap();
+    let n: u32 = c.execute("x", &()).await.unwrap();
+    assert_eq!(n, 42);
+    let v: IgnoredAny = c.execute("query-version", &()).await.unwrap();
+    let _ = v;
+    let st = c.stats();
+    assert_eq!(st.events, 1, "{st:?}");
+    assert_eq!(st.unknown_replies, 1, "{st:?}");
+    assert_eq!(st.anomalies, 4, "{st:?}");
+}
+
+async fn reset_after_quit_is_a_normal_close(connect: Connect) {
+    let script = Script::new().on("quit", Response::ok("{}").then(Action::Reset));
+    let fake = FakeQemu::unix(script).unwrap();
+    let (c, driver) = connect(fake.socket_path().unwrap().into(), Builder::new())
+        .await
+        .unwrap();
+    let _: IgnoredAny = c.execute("quit", &()).await.unwrap();
+    assert!(driver.await.is_ok());
+    assert!(c.is_closed());
+}
+
+macro_rules! faults_on {
+    ($connect:expr, $block_on:path) => {
+        #[test]
+        fn peer_gone_mid_command() {
+            $block_on(super::peer_gone_mid_command($connect));
+        }
+        #[test]
+        fn closed_mid_reply() {
+            $block_on(super::closed_mid_reply($connect));
+        }
+        #[test]
+        fn never_greeted() {
+            $block_on(super::never_greeted($connect));
+        }
+        #[test]
+        fn stalled_server_times_out_then_recovers() {
+            $block_on(super::stalled_server_times_out_then_recovers($connect));
+        }
+        #[test]
+        fn bad_output_does_not_end_the_session() {
+            $block_on(super::bad_output_does_not_end_the_session($connect));
+        }
+        #[test]
+        fn reset_after_quit_is_a_normal_close() {
+            $block_on(super::reset_after_quit_is_a_normal_close($connect));
+        }
+    };
+}
+
+mod tokio_rt {
+    use std::future::Future;
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    faults_on!(
+        |p, b| Box::pin(async move {
+            let (c, conn) = qmp_tokio::connect_unix(p, b).await?;
+            let h = qmp_tokio::spawn_connection(conn);
+            Ok((
+                c,
+                Box::pin(async move { h.await.unwrap() }) as super::BoxFut<_>,
+            ))
+        }),
+        block_on
+    );
+}
+
+mod smol_rt {
+    faults_on!(
+        |p, b| Box::pin(async move {
+            let (c, conn) = qmp_smol::connect_unix(p, b).await?;
+            let t = qmp_smol::spawn_connection(conn);
+            Ok((c, Box::pin(t) as super::BoxFut<_>))
+        }),
+        smol::block_on
+    );
+}
+
+mod async_std_rt {
+    faults_on!(
+        |p, b| Box::pin(async move {
+            let (c, conn) = qmp_async_std::connect_unix(p, b).await?;
+            let t = qmp_async_std::spawn_connection(conn);
+            Ok((c, Box::pin(t) as super::BoxFut<_>))
+        }),
+        async_std::task::block_on
+    );
+}
