@@ -9,7 +9,6 @@ mod conn;
 mod demo;
 mod fail;
 mod json;
-#[allow(dead_code)] // completion helpers are used by the shell (in progress)
 mod schema;
 mod shell;
 mod summary;

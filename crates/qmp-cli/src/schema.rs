@@ -379,14 +379,6 @@ impl Schema {
         matches!(self.get(name), Some(Entity::Command { .. }))
     }
 
-    /// Whether `name` is a command or an event.
-    pub(crate) fn has(&self, name: &str) -> bool {
-        matches!(
-            self.get(name),
-            Some(Entity::Command { .. } | Entity::Event { .. })
-        )
-    }
-
     /// Checks (and where harmless fixes) the arguments of `command`. `auto` lists the dotted
     /// keys whose values were auto-typed from `key=value`; where the schema wants a string
     /// they become strings again (`node-name=123`).

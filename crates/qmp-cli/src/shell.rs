@@ -1,20 +1,576 @@
-//! The interactive shell.
+//! The interactive shell: history, completion of command and argument names from the live
+//! schema, an HMP mode, and events printed above the prompt as they arrive.
+
+use std::borrow::Cow;
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use qmp_ops::Policy;
+use rustyline::completion::{Completer, Pair};
+use rustyline::config::{CompletionType, Config};
+use rustyline::error::ReadlineError;
+use rustyline::highlight::Highlighter;
+use rustyline::hint::Hinter;
+use rustyline::history::DefaultHistory;
+use rustyline::validate::Validator;
+use rustyline::{Context, Editor, ExternalPrinter, Helper};
+use serde_json::{Map, Value};
 
-use crate::Out;
 use crate::conn::{Target, Timeouts};
 use crate::fail::Failure;
+use crate::schema::Schema;
+use crate::{Out, json};
 
+/// Words the shell handles itself.
+const BUILTINS: &[&str] = &["exit", "help", "hmp", "schema"];
+
+const HELP: &str = "\
+  COMMAND [key=value | key:=json | {json}]...   run a QMP command (Tab completes names)
+  hmp TEXT                                      run one HMP command (human-monitor-command)
+  hmp                                           toggle HMP mode (every line goes to HMP)
+  schema [NAME]                                 describe a command or event, or list them
+  help                                          this text
+  exit, Ctrl-D                                  leave (QEMU keeps running; `quit` stops it)
+Events are printed as they arrive, prefixed with `event`.";
+
+/// What completion needs to know.
+struct Completion {
+    schema: Option<Schema>,
+    /// Command names (from the schema, or `guest-info` for the guest agent).
+    commands: Vec<String>,
+    /// HMP command names (from `help`), when HMP is available.
+    hmp_commands: Vec<String>,
+    hmp_mode: Arc<AtomicBool>,
+}
+
+struct ShellHelper(Arc<Completion>);
+
+/// Splits a line into words, honouring single and double quotes (which group, and are
+/// removed) and backslash escapes outside single quotes.
+pub(crate) fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some('"') | None, '\\') => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                    in_word = true;
+                }
+            }
+            (Some(_), c) => cur.push(c),
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if quote.is_some() {
+        return Err("unterminated quote".to_owned());
+    }
+    if in_word {
+        words.push(cur);
+    }
+    Ok(words)
+}
+
+impl Completion {
+    fn complete(&self, line: &str, pos: usize) -> (usize, Vec<Pair>) {
+        let before = &line[..pos];
+        let start = before.rfind(char::is_whitespace).map_or(0, |i| {
+            i + before[i..].chars().next().map_or(1, char::len_utf8)
+        });
+        let word = &before[start..];
+        let earlier: Vec<&str> = before[..start].split_whitespace().collect();
+        let pair = |display: &str, replacement: String| Pair {
+            display: display.to_owned(),
+            replacement,
+        };
+        let names = |list: &mut dyn Iterator<Item = &str>| -> Vec<Pair> {
+            list.filter(|n| n.starts_with(word))
+                .map(|n| pair(n, n.to_owned()))
+                .collect()
+        };
+        let hmp = self.hmp_mode.load(Ordering::Relaxed);
+        match earlier.as_slice() {
+            [] if hmp => (
+                start,
+                names(&mut self.hmp_commands.iter().map(String::as_str)),
+            ),
+            [] => {
+                let mut all = BUILTINS
+                    .iter()
+                    .copied()
+                    .chain(self.commands.iter().map(String::as_str));
+                let mut v = names(&mut all);
+                v.sort_by(|a, b| a.display.cmp(&b.display));
+                v.dedup_by(|a, b| a.display == b.display);
+                (start, v)
+            }
+            _ if hmp => (start, Vec::new()),
+            ["hmp"] => (
+                start,
+                names(&mut self.hmp_commands.iter().map(String::as_str)),
+            ),
+            ["schema"] => {
+                let Some(schema) = &self.schema else {
+                    return (start, Vec::new());
+                };
+                let mut all = schema.commands().into_iter().chain(schema.events());
+                (start, names(&mut all))
+            }
+            [command, rest @ ..] => {
+                let Some(schema) = &self.schema else {
+                    return (start, Vec::new());
+                };
+                if word.contains('=') {
+                    return (start, Vec::new());
+                }
+                // The arguments typed so far select union variants.
+                let typed_words: Vec<String> = rest
+                    .iter()
+                    .filter(|w| w.contains('='))
+                    .map(|w| (*w).to_owned())
+                    .collect();
+                let typed = crate::args::parse(&typed_words)
+                    .map(|(m, _)| m)
+                    .unwrap_or_default();
+                let mut path: Vec<&str> = word.split('.').collect();
+                let last = path.pop().unwrap_or_default();
+                let prefix: String = path.iter().map(|p| format!("{p}.")).collect();
+                let mut out = Vec::new();
+                for name in schema.argument_names(command, &path, &typed) {
+                    if !name.starts_with(last) {
+                        continue;
+                    }
+                    let mut full = path.clone();
+                    full.push(&name);
+                    let already = lookup(&typed, &full).is_some();
+                    if already {
+                        continue;
+                    }
+                    let tail = if schema.is_object_arg(command, &full, &typed) {
+                        "."
+                    } else {
+                        "="
+                    };
+                    out.push(pair(&name, format!("{prefix}{name}{tail}")));
+                }
+                (start, out)
+            }
+        }
+    }
+}
+
+fn lookup<'a>(map: &'a Map<String, Value>, path: &[&str]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    let v = map.get(*first)?;
+    if rest.is_empty() {
+        Some(v)
+    } else {
+        lookup(v.as_object()?, rest)
+    }
+}
+
+impl Completer for ShellHelper {
+    type Candidate = Pair;
+
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _ctx: &Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<Pair>)> {
+        Ok(self.0.complete(line, pos))
+    }
+}
+
+impl Hinter for ShellHelper {
+    type Hint = String;
+}
+
+impl Highlighter for ShellHelper {
+    fn highlight_prompt<'b, 's: 'b, 'p: 'b>(
+        &'s self,
+        prompt: &'p str,
+        _default: bool,
+    ) -> Cow<'b, str> {
+        Cow::Borrowed(prompt)
+    }
+}
+
+impl Validator for ShellHelper {}
+
+impl Helper for ShellHelper {}
+
+/// Where shell output goes: above the prompt while editing, or straight to stdout.
+#[derive(Clone)]
+struct Printer {
+    external: Option<Arc<std::sync::Mutex<Box<dyn ExternalPrinter + Send>>>>,
+}
+
+impl Printer {
+    fn line(&self, text: String) {
+        match &self.external {
+            Some(p) => {
+                if let Ok(mut p) = p.lock() {
+                    let _ = p.print(format!("{text}\n"));
+                }
+            }
+            None => {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{text}");
+                let _ = out.flush();
+            }
+        }
+    }
+}
+
+/// Runs the shell until `exit`, Ctrl-D, or the connection closes.
 pub(crate) fn run(
-    _rt: &tokio::runtime::Runtime,
-    _target: &Target,
-    _t: Timeouts,
-    _policy: Option<Policy>,
-    _history: Option<PathBuf>,
-    _out: Out,
-    _no_validate: bool,
+    rt: &tokio::runtime::Runtime,
+    target: &Target,
+    t: Timeouts,
+    policy: Option<Policy>,
+    history: Option<PathBuf>,
+    out: Out,
+    no_validate: bool,
 ) -> Result<(), Failure> {
-    Err(Failure::Usage("shell: not yet".to_owned()))
+    let session = rt.block_on(crate::conn::open(target, t))?;
+    let client = session.client.clone();
+    let (schema, commands, hmp_commands) = rt.block_on(async {
+        if session.qga {
+            let info = crate::send(&client, "guest-info", &Map::new()).await?;
+            let v: Value = serde_json::from_str(info.get()).unwrap_or_default();
+            let names = v
+                .get("supported_commands")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter(|c| c.get("enabled").and_then(Value::as_bool) != Some(false))
+                        .filter_map(|c| c.get("name").and_then(Value::as_str))
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Ok::<_, Failure>((None, names, Vec::new()));
+        }
+        let schema = crate::fetch_schema(&client).await?;
+        let names: Vec<String> = schema.commands().iter().map(|s| (*s).to_owned()).collect();
+        let mut hmp = Vec::new();
+        if schema.has_command("human-monitor-command") {
+            let mut args = Map::new();
+            args.insert("command-line".to_owned(), Value::from("help"));
+            if let Ok(raw) = crate::send(&client, "human-monitor-command", &args).await
+                && let Ok(text) = serde_json::from_str::<String>(raw.get())
+            {
+                hmp = hmp_names(&text);
+            }
+        }
+        Ok((Some(schema), names, hmp))
+    })?;
+    let hmp_mode = Arc::new(AtomicBool::new(false));
+    let completion = Arc::new(Completion {
+        schema,
+        commands,
+        hmp_commands,
+        hmp_mode: Arc::clone(&hmp_mode),
+    });
+    let config = Config::builder()
+        .completion_type(CompletionType::List)
+        .auto_add_history(false)
+        .build();
+    let mut rl: Editor<ShellHelper, DefaultHistory> = Editor::with_config(config)
+        .map_err(|e| Failure::Connection(format!("cannot start the line editor: {e}")))?;
+    rl.set_helper(Some(ShellHelper(Arc::clone(&completion))));
+    if let Some(h) = &history {
+        let _ = rl.load_history(h);
+    }
+    let printer = Printer {
+        external: rl.create_external_printer().ok().map(|p| {
+            Arc::new(std::sync::Mutex::new(
+                Box::new(p) as Box<dyn ExternalPrinter + Send>
+            ))
+        }),
+    };
+
+    // Events, printed above the prompt as they arrive.
+    let mut events = client.subscribe(qmp_tokio::EventFilter::all());
+    let ev_printer = printer.clone();
+    let colour = out.style.colour;
+    let event_task = rt.spawn(async move {
+        while let Some(item) = events.recv().await {
+            match item {
+                qmp_tokio::EventItem::Event(ev) => {
+                    let data = ev
+                        .data
+                        .as_ref()
+                        .map(|d| {
+                            let style = json::Style {
+                                compact: true,
+                                colour,
+                            };
+                            format!(" {}", json::format(d.get(), style))
+                        })
+                        .unwrap_or_default();
+                    ev_printer.line(format!("event {}{data}", ev.name));
+                }
+                qmp_tokio::EventItem::Lagged(n) => {
+                    ev_printer.line(format!("({n} events dropped)"));
+                }
+                qmp_tokio::EventItem::Closed(_) => {
+                    ev_printer.line("(the connection closed)".to_owned());
+                }
+                _ => {}
+            }
+        }
+    });
+
+    if let Some(g) = client.greeting() {
+        println!(
+            "Connected to QEMU {}. Type 'help' for help, Ctrl-D to leave.",
+            g.version
+        );
+    } else {
+        println!("Connected to the guest agent. Type 'help' for help, Ctrl-D to leave.");
+    }
+    let shell = Shell {
+        client: client.clone(),
+        completion: Arc::clone(&completion),
+        policy,
+        out,
+        no_validate,
+    };
+    loop {
+        let prompt = if hmp_mode.load(Ordering::Relaxed) {
+            "(hmp) "
+        } else {
+            "(qmp) "
+        };
+        let line = match rl.readline(prompt) {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => {
+                eprintln!("qmp: {e}");
+                break;
+            }
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let _ = rl.add_history_entry(line);
+        if line == "exit" {
+            break;
+        }
+        let ended = rt.block_on(shell.line(line, &hmp_mode));
+        if ended || client.is_closed() {
+            if !ended {
+                println!("(the connection closed)");
+            }
+            break;
+        }
+    }
+    if let Some(h) = &history {
+        let _ = rl.save_history(h);
+    }
+    event_task.abort();
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.close()).await;
+    });
+    drop(session);
+    Ok(())
+}
+
+/// The first word of each line of HMP's `help`, without `|alias` parts.
+fn hmp_names(help: &str) -> Vec<String> {
+    let mut v: Vec<String> = help
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .flat_map(|w| w.split('|').map(str::to_owned).collect::<Vec<_>>())
+        .filter(|w| {
+            w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        })
+        .filter(|w| !w.is_empty())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+struct Shell {
+    client: qmp_tokio::Client,
+    completion: Arc<Completion>,
+    policy: Option<Policy>,
+    out: Out,
+    no_validate: bool,
+}
+
+impl Shell {
+    fn error(&self, msg: &str) {
+        if self.out.style.colour {
+            println!("\x1b[1;31m{msg}\x1b[0m");
+        } else {
+            println!("{msg}");
+        }
+    }
+
+    /// Runs one line; returns whether the session ended (after `quit`).
+    async fn line(&self, line: &str, hmp_mode: &AtomicBool) -> bool {
+        let hmp = hmp_mode.load(Ordering::Relaxed);
+        if hmp && (line == "hmp" || line == "qmp") {
+            hmp_mode.store(false, Ordering::Relaxed);
+            println!("QMP mode");
+            return false;
+        }
+        if hmp {
+            self.hmp(line).await;
+            return false;
+        }
+        let words = match split_words(line) {
+            Ok(w) => w,
+            Err(e) => {
+                self.error(&format!("error: {e}"));
+                return false;
+            }
+        };
+        let Some((name, rest)) = words.split_first() else {
+            return false;
+        };
+        match name.as_str() {
+            "help" => {
+                println!("{HELP}");
+                return false;
+            }
+            "hmp" if rest.is_empty() => {
+                let has_hmp = self
+                    .completion
+                    .schema
+                    .as_ref()
+                    .is_some_and(|s| s.has_command("human-monitor-command"));
+                if !has_hmp {
+                    self.error("error: this program has no HMP (no human-monitor-command)");
+                } else {
+                    hmp_mode.store(true, Ordering::Relaxed);
+                    println!("HMP mode: lines go to human-monitor-command; 'qmp' returns");
+                }
+                return false;
+            }
+            "hmp" => {
+                let text = line.trim_start()[3..].trim_start();
+                self.hmp(text).await;
+                return false;
+            }
+            "schema" => {
+                let Some(schema) = &self.completion.schema else {
+                    self.error("error: the guest agent has no introspection; try guest-info");
+                    return false;
+                };
+                match rest.first() {
+                    None => print!("{}", schema.render_index(None)),
+                    Some(p) if p.contains(['*', '?']) => print!("{}", schema.render_index(Some(p))),
+                    Some(n) => match schema.render(n) {
+                        Some(t) => print!("{t}"),
+                        None => self.error(&format!("error: no command or event named '{n}'")),
+                    },
+                }
+                return false;
+            }
+            _ => {}
+        }
+        let (mut args, auto) = match crate::args::parse(rest) {
+            Ok(a) => a,
+            Err(e) => {
+                self.error(&format!("error: {e}"));
+                return false;
+            }
+        };
+        if !self.no_validate
+            && let Some(schema) = &self.completion.schema
+            && let Err(e) = schema.validate(name, &mut args, &auto)
+        {
+            self.error(&format!("error: {e}"));
+            return false;
+        }
+        if let Err(f) = crate::check_policy(self.policy.as_ref(), name, &args) {
+            self.error(&f.message());
+            return false;
+        }
+        match crate::send(&self.client, name, &args).await {
+            Ok(ret) => {
+                crate::print_return(name, ret.get(), self.out);
+                if name == "quit" {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), self.client.closed()).await;
+                    println!("QEMU quit; the connection is closed");
+                    return true;
+                }
+            }
+            Err(f) => self.error(&f.message()),
+        }
+        false
+    }
+
+    async fn hmp(&self, text: &str) {
+        let mut args = Map::new();
+        args.insert("command-line".to_owned(), Value::from(text));
+        if let Err(f) = crate::check_policy(self.policy.as_ref(), "human-monitor-command", &args) {
+            self.error(&f.message());
+            return;
+        }
+        match crate::send(&self.client, "human-monitor-command", &args).await {
+            Ok(raw) => {
+                let text = serde_json::from_str::<String>(raw.get()).unwrap_or_default();
+                print!("{text}");
+                if !text.is_empty() && !text.ends_with('\n') {
+                    println!();
+                }
+                let _ = std::io::stdout().flush();
+            }
+            Err(f) => self.error(&f.message()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words() {
+        assert_eq!(
+            split_words(r#"a b="x y" 'c d' e\ f"#).unwrap(),
+            ["a", "b=x y", "c d", "e f"]
+        );
+        assert_eq!(split_words("  ").unwrap(), Vec::<String>::new());
+        assert_eq!(split_words("a \"b").unwrap_err(), "unterminated quote");
+        assert_eq!(split_words("x=''").unwrap(), ["x="]);
+    }
+
+    #[test]
+    fn hmp_help_names() {
+        let help = "announce_self [interfaces] [id] -- Trigger GARP\n\
+                    info [subcommand] -- show various information\n\
+                    q|quit  -- quit the emulator\n";
+        assert_eq!(hmp_names(help), ["announce_self", "info", "q", "quit"]);
+    }
 }

@@ -1,0 +1,80 @@
+"""Drives a program in a pseudo-terminal from a JSON script (argv[1]).
+
+Steps: {"send": text} types keys one at a time; {"expect": text} waits (up to "timeout" s, default 10)
+until text appears in the output after the last match; {"run": [argv...]} runs a helper
+command to completion; {"sleep": secs}. Prints the whole raw transcript on stdout as JSON
+(a string) on the last line; exits 1 (with the reason on stderr) when an expectation fails.
+"""
+import json, os, pty, select, subprocess, sys, time
+
+script = json.loads(sys.argv[1])
+argv = script["argv"]
+env = dict(os.environ, TERM="xterm", COLUMNS="200", LINES="50")
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvpe(argv[0], argv, env)
+import fcntl, struct, termios
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+buf = b""
+mark = 0
+
+def pump(deadline):
+    global buf
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            return False
+        r, _, _ = select.select([fd], [], [], min(left, 0.05))
+        if fd in r:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                return True
+            if not data:
+                return True
+            buf += data
+            return None
+
+def fail(reason):
+    sys.stderr.write(reason + "\n")
+    print(json.dumps(buf.decode("utf-8", "replace")))
+    try:
+        os.kill(pid, 9)
+    except OSError:
+        pass
+    sys.exit(1)
+
+for step in script["steps"]:
+    if "send" in step:
+        # One key at a time, as a person types: rustyline may not notice keys that arrive
+        # together with others while it also waits on its external printer.
+        for ch in step["send"]:
+            os.write(fd, ch.encode())
+            end = time.time() + 0.03
+            while pump(end) is None:
+                pass
+    elif "sleep" in step:
+        end = time.time() + step["sleep"]
+        while pump(end) is None:
+            pass
+    elif "run" in step:
+        subprocess.run(step["run"], check=True, stdout=subprocess.DEVNULL)
+    elif "expect" in step:
+        want = step["expect"].encode()
+        end = time.time() + step.get("timeout", 10)
+        while True:
+            i = buf.find(want, mark)
+            if i >= 0:
+                mark = i + len(want)
+                break
+            res = pump(end)
+            if res is False:
+                fail("timed out waiting for %r" % step["expect"])
+            if res is True and buf.find(want, mark) < 0:
+                fail("the program ended before %r" % step["expect"])
+end = time.time() + 10
+while pump(end) is None:
+    pass
+_, status = os.waitpid(pid, 0)
+print(json.dumps(buf.decode("utf-8", "replace")))
+sys.exit(0 if os.WEXITSTATUS(status) == 0 else 2)
