@@ -1,0 +1,62 @@
+//! The async-std adapter over a socketpair with the testkit's fake QEMU: typed commands, fd
+//! passing, and a command timeout on the async-io timer.
+
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use qmp_async_std::{Builder, ErrorKind, SendStatus};
+use qmp_testkit::fake::{FakeQemu, Response, Script};
+
+fn devnull() -> std::os::fd::OwnedFd {
+    std::fs::File::open("/dev/null").unwrap().into()
+}
+
+#[test]
+fn socketpair_typed_command_and_fd_passing() {
+    async_std::task::block_on(async {
+        let (mine, theirs) = UnixStream::pair().unwrap();
+        let script = Script::new().on("getfd", Response::ok("{}"));
+        let fake = FakeQemu::from_stream(script, theirs).unwrap();
+        let (c, conn) = qmp_async_std::from_unix_stream(mine, Builder::new())
+            .await
+            .unwrap();
+        let driver = qmp_async_std::spawn_connection(conn);
+        let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
+        assert_eq!(v["qemu"]["major"], 10);
+        let args = serde_json::json!({"fdname": "a"});
+        let _: serde::de::IgnoredAny = c
+            .execute_with_fds("getfd", &args, vec![devnull(), devnull()])
+            .await
+            .unwrap();
+        let reqs = fake.requests();
+        let getfd = reqs
+            .iter()
+            .find(|r| r.name.as_deref() == Some("getfd"))
+            .unwrap();
+        assert_eq!(getfd.fds, 2);
+        assert_eq!(getfd.arguments.as_deref(), Some(r#"{"fdname":"a"}"#));
+        c.close().await;
+        assert!(driver.await.is_ok());
+    });
+}
+
+#[test]
+fn command_timeout_fires() {
+    async_std::task::block_on(async {
+        let (mine, theirs) = UnixStream::pair().unwrap();
+        let _fake =
+            FakeQemu::from_stream(Script::new().on("hang", Response::none()), theirs).unwrap();
+        let builder = Builder::new().command_timeout(Duration::from_millis(50));
+        let (c, conn) = qmp_async_std::from_unix_stream(mine, builder)
+            .await
+            .unwrap();
+        let _driver = qmp_async_std::spawn_connection(conn);
+        let start = Instant::now();
+        let e = c.execute_raw("hang", &()).await.unwrap_err();
+        assert_eq!(
+            (e.kind(), e.send_status()),
+            (ErrorKind::Timeout, Some(SendStatus::Unanswered))
+        );
+        assert!(start.elapsed() >= Duration::from_millis(50));
+    });
+}

@@ -1,0 +1,62 @@
+//! The tokio adapter over a socketpair with the testkit's fake QEMU: typed commands, fd
+//! passing, and the timer on tokio's paused clock.
+
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use qmp_testkit::fake::{FakeQemu, Response, Script};
+use qmp_tokio::{Builder, ErrorKind, SendStatus};
+
+fn devnull() -> std::os::fd::OwnedFd {
+    std::fs::File::open("/dev/null").unwrap().into()
+}
+
+#[tokio::test]
+async fn socketpair_typed_command_and_fd_passing() {
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    let fake =
+        FakeQemu::from_stream(Script::new().on("getfd", Response::ok("{}")), theirs).unwrap();
+    let (c, conn) = qmp_tokio::from_unix_stream(mine, Builder::new())
+        .await
+        .unwrap();
+    let driver = qmp_tokio::spawn_connection(conn);
+    let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
+    assert_eq!(v["qemu"]["major"], 10);
+    let _: serde::de::IgnoredAny = c
+        .execute_with_fds(
+            "getfd",
+            &serde_json::json!({"fdname": "a"}),
+            vec![devnull(), devnull()],
+        )
+        .await
+        .unwrap();
+    let reqs = fake.requests();
+    let getfd = reqs
+        .iter()
+        .find(|r| r.name.as_deref() == Some("getfd"))
+        .unwrap();
+    assert_eq!(getfd.fds, 2);
+    assert_eq!(getfd.arguments.as_deref(), Some(r#"{"fdname":"a"}"#));
+    c.close().await;
+    assert!(driver.await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn command_timeout_runs_on_the_paused_tokio_clock() {
+    // An hour-long timeout that the test does not wait for: TokioTimer follows tokio's clock.
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    let _fake = FakeQemu::from_stream(Script::new().on("hang", Response::none()), theirs).unwrap();
+    let builder = Builder::new().command_timeout(Duration::from_secs(3600));
+    let (c, conn) = qmp_tokio::from_unix_stream(mine, builder).await.unwrap();
+    qmp_tokio::spawn_connection(conn);
+    // Paused after the handshake: the fake greets from another thread, which tokio's
+    // auto-advance would not wait for. From here, an idle runtime jumps to the next timer.
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    let e = c.execute_raw("hang", &()).await.unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Timeout, Some(SendStatus::Unanswered))
+    );
+    assert!(start.elapsed() >= Duration::from_secs(3600));
+}
