@@ -30,3 +30,15 @@ fn framer_buffer_bound_counts_the_latest_read() {
         "../../fuzz/regressions/framing-buffer-bound"
     ));
 }
+
+/// Root cause: a no-reply command (QGA `guest-shutdown` style) that received a reply while
+/// only partly written was removed from the pending table without an outcome, because replies
+/// to no-reply commands were discarded. It then never resolved, breaking "every request
+/// resolves exactly once". Fix: a pending entry is by construction unresolved, so any reply
+/// that finds one resolves it.
+#[test]
+fn no_reply_command_answered_before_fully_written_still_resolves() {
+    qmp_proto::fuzzing::op_sequence(include_bytes!(
+        "../../fuzz/regressions/op-sequence-no-reply-answered"
+    ));
+}

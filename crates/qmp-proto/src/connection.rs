@@ -221,7 +221,8 @@ impl Command {
     }
 
     /// Marks a command that sends no success reply (QGA's `guest-shutdown` and friends). It
-    /// resolves as [`Outcome::Sent`] once written; an error reply, if any, is then discarded.
+    /// resolves as [`Outcome::Sent`] once written; an error reply, if any, is then discarded
+    /// (a reply that arrives before its last byte is written resolves it instead).
     #[must_use]
     pub fn no_reply(mut self) -> Self {
         self.expect_reply = false;
@@ -1154,9 +1155,9 @@ impl Connection {
                     self.deadlines.remove(&(at, id));
                 }
                 self.stats.replies += 1;
-                if p.expect_reply {
-                    self.complete(id, Outcome::Replied(result));
-                }
+                // Still pending means unresolved, even for a no-reply command answered before
+                // its last byte went out (a no-reply command leaves `pending` once written).
+                self.complete(id, Outcome::Replied(result));
                 self.admit();
             }
             _ => {
