@@ -42,7 +42,7 @@ impl Failure {
         match self {
             Self::Qmp(e) => format!("error: {}: {}", e.class.as_str(), e.desc),
             Self::Usage(m) | Self::Connection(m) | Self::Timeout(m) => m.clone(),
-            Self::Denied(m) => format!("denied by policy: {m} (nothing was sent)"),
+            Self::Denied(m) => format!("{m}; nothing was sent"),
         }
     }
 }
