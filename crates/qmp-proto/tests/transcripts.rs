@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use qmp_proto::{Command, Config, Connection, Outcome, Output};
+use qmp_proto::{Command, Config, Connection, Failure, Outcome, Output};
 use serde_json::Value;
 
 #[derive(Debug, Clone)]
@@ -124,22 +124,20 @@ fn config_for(steps: &[Step]) -> Config {
 type Cut<'a> = &'a dyn Fn(usize, &[u8]) -> Vec<Vec<u8>>;
 
 /// Replays with server chunks re-cut by `cut`; returns the bytes written and the outputs.
-fn replay(steps: &[Step], cut: Cut<'_>) -> (Vec<u8>, Vec<String>) {
+fn replay(steps: &[Step], cut: Cut<'_>) -> (Vec<u8>, Vec<Output>) {
     let t0 = Instant::now();
     let mut c = Connection::new(t0, config_for(steps));
     let mut written = Vec::new();
     let mut outputs = Vec::new();
     let mut server_offset = 0;
     let mut first_sync = true;
-    let flush = |c: &mut Connection, written: &mut Vec<u8>, outputs: &mut Vec<String>| {
+    let flush = |c: &mut Connection, written: &mut Vec<u8>, outputs: &mut Vec<Output>| {
         while let Some(bytes) = c.poll_transmit() {
             let bytes = bytes.to_vec();
             c.handle_transmitted(bytes.len());
             written.extend_from_slice(&bytes);
         }
-        while let Some(o) = c.poll_output() {
-            outputs.push(format!("{o:?}"));
-        }
+        outputs.extend(std::iter::from_fn(|| c.poll_output()));
     };
     for step in steps {
         match step {
@@ -200,19 +198,26 @@ fn check(name: &str) {
     );
     // The recording itself is a healthy session: no anomalies, every command answered.
     assert!(
-        !whole.iter().any(|o| o.starts_with("Anomaly")),
+        !whole.iter().any(|o| matches!(o, Output::Anomaly(_))),
         "{name}: {whole:#?}"
     );
-    let events = whole.iter().filter(|o| o.starts_with("Event")).count();
+    let events = whole
+        .iter()
+        .filter(|o| matches!(o, Output::Event(_)))
+        .count();
     assert_eq!(
         events,
         count(&server, b"\"event\""),
         "{name}: events delivered"
     );
     assert!(
-        !whole
-            .iter()
-            .any(|o| o.contains("NotSent") || o.contains("Unknown(Timeout)")),
+        !whole.iter().any(|o| matches!(
+            o,
+            Output::Completed {
+                outcome: Outcome::NotSent(_) | Outcome::Unknown(Failure::Timeout),
+                ..
+            }
+        )),
         "{name}: {whole:#?}"
     );
 
@@ -240,32 +245,7 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
 
 /// The outputs of the whole replay, for transcript-specific asserts.
 fn outputs(name: &str) -> Vec<Output> {
-    let steps = load(name);
-    let t0 = Instant::now();
-    let mut c = Connection::new(t0, config_for(steps.as_slice()));
-    let mut out = Vec::new();
-    let mut first_sync = true;
-    for step in &steps {
-        match step {
-            Step::Client { bytes, fds } => {
-                for ask in asks(bytes, *fds, &mut first_sync) {
-                    match ask {
-                        Ask::Automatic => {}
-                        Ask::Resync => c.resync(),
-                        Ask::Send(cmd) => {
-                            c.send(t0, cmd).unwrap();
-                        }
-                    }
-                }
-            }
-            Step::Server(b) => c.handle_input(t0, b),
-        }
-        while let Some(n) = c.poll_transmit().map(<[u8]>::len) {
-            c.handle_transmitted(n);
-        }
-        out.extend(std::iter::from_fn(|| c.poll_output()));
-    }
-    out
+    replay(&load(name), &|_, b| vec![b.to_vec()]).1
 }
 
 macro_rules! transcript_tests {
