@@ -1,0 +1,886 @@
+//! The `qmp` binary against real qemu-storage-daemon, qemu-system-x86_64 and qemu-ga (skipped
+//! with a printed reason when missing; failing under `QMP_REQUIRE_QEMU=1`), and against the
+//! testkit's fake for faults real QEMU cannot be made to show on demand.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use qmp_testkit::fake::{FakeQemu, Script};
+use qmp_testkit::launch::{Launch, Qemu};
+
+const QMP: &str = env!("CARGO_BIN_EXE_qmp");
+
+/// Runs `qmp` with `args`; stdout and stderr are pipes (so no colour, no tty summary).
+fn qmp(args: &[&str]) -> Output {
+    Command::new(QMP)
+        .args(args)
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run qmp")
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the exit code, stdout and stderr exactly.
+#[track_caller]
+fn check(o: &Output, code: i32, stdout: &str, stderr: &str) {
+    assert_eq!(
+        (o.status.code(), out(o).as_str(), err(o).as_str()),
+        (Some(code), stdout, stderr)
+    );
+}
+
+fn qsd() -> Option<Qemu> {
+    Launch::storage_daemon().spawn()
+}
+
+fn sock(q: &Qemu) -> String {
+    q.socket_path().display().to_string()
+}
+
+#[test]
+fn one_shot_pretty_compact_and_human() {
+    let Some(q) = qsd() else { return };
+    let s = sock(&q);
+    let compact = qmp(&["-s", &s, "--compact", "query-version"]);
+    assert_eq!(compact.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out(&compact)).unwrap();
+    let package = v["package"].as_str().unwrap().to_owned();
+    let (maj, min, mic) = (
+        &v["qemu"]["major"],
+        &v["qemu"]["minor"],
+        &v["qemu"]["micro"],
+    );
+    // QEMU's member order is kept.
+    check(
+        &compact,
+        0,
+        &format!(
+            "{{\"qemu\":{{\"micro\":{mic},\"minor\":{min},\"major\":{maj}}},\"package\":\"{package}\"}}\n"
+        ),
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "query-version"]),
+        0,
+        &format!(
+            "{{\n  \"qemu\": {{\n    \"micro\": {mic},\n    \"minor\": {min},\n    \"major\": {maj}\n  }},\n  \"package\": \"{package}\"\n}}\n"
+        ),
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "-H", "query-version"]),
+        0,
+        &format!("QEMU {maj}.{min}.{mic} ({package})\n"),
+        "",
+    );
+    // Forced colour.
+    let o = qmp(&["-s", &s, "--color", "always", "--compact", "query-jobs"]);
+    check(&o, 0, "[]\n", "");
+    let o = qmp(&[
+        "-s",
+        &s,
+        "--color",
+        "always",
+        "--compact",
+        "query-named-block-nodes",
+    ]);
+    check(&o, 0, "[]\n", "");
+    let o = qmp(&[
+        "-s",
+        &s,
+        "--color",
+        "always",
+        "--compact",
+        "blockdev-add",
+        "driver=null-co",
+        "node-name=c0",
+    ]);
+    check(&o, 0, "{}\n", "");
+    let o = qmp(&[
+        "-s",
+        &s,
+        "--color",
+        "always",
+        "--compact",
+        "query-named-block-nodes",
+    ]);
+    assert!(
+        out(&o).starts_with("[{\x1b[1;34m\"iops_rd\"\x1b[0m:\x1b[36m0\x1b[0m,"),
+        "{}",
+        out(&o)
+    );
+}
+
+#[test]
+fn arguments_typed_nested_json_and_validated() {
+    let Some(q) = qsd() else { return };
+    let s = sock(&q);
+    // Numbers and booleans are typed.
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "blockdev-add",
+            "driver=null-co",
+            "node-name=n0",
+            "size=1048576",
+            "read-zeroes=true",
+        ]),
+        0,
+        "{}\n",
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "-H", "query-named-block-nodes"]),
+        0,
+        "node n0: driver null-co, json:{\"read-zeroes\": true, \"driver\": \"null-co\", \"size\": 1048576}\n",
+        "",
+    );
+    // One JSON object.
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "blockdev-add",
+            r#"{"driver": "null-co", "node-name": "n1"}"#,
+        ]),
+        0,
+        "{}\n",
+        "",
+    );
+    // Nested keys and a JSON value, on a real job.
+    let file = q.dir().join("disk.raw");
+    let filename = format!("options.filename={}", file.display());
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "blockdev-create",
+            "job-id=j0",
+            "options.driver=file",
+            &filename,
+            "options.size:=1048576",
+        ]),
+        0,
+        "{}\n",
+        "",
+    );
+    // A string where the schema wants one, though it looks like a number: sent as "123",
+    // so QEMU (not the validator) refuses it.
+    check(
+        &qmp(&["-s", &s, "blockdev-add", "driver=null-co", "node-name=123"]),
+        1,
+        "",
+        "qmp: error: GenericError: Invalid node-name: '123'\n",
+    );
+    // Exit 1: QEMU's error, class and description.
+    check(
+        &qmp(&["-s", &s, "blockdev-add", "driver=null-co", "node-name=n0"]),
+        1,
+        "",
+        "qmp: error: GenericError: Duplicate nodes with node-name='n0'\n",
+    );
+    check(
+        &qmp(&["-s", &s, "blockdev-del", "node-name=nope"]),
+        1,
+        "",
+        "qmp: error: GenericError: Failed to find node with node-name='nope'\n",
+    );
+    // Exit 2: validation against the live schema, nothing sent.
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "blockdev-add",
+            "driver=null-co",
+            "node-name=n2",
+            "nmae=1",
+        ]),
+        2,
+        "",
+        "qmp: unknown argument 'nmae' for blockdev-add (did you mean 'node-name'?)\n",
+    );
+    check(
+        &qmp(&["-s", &s, "blockdev-add", "driver=nul-co", "node-name=n2"]),
+        2,
+        "",
+        "qmp: invalid value 'nul-co' for argument 'driver' of blockdev-add (did you mean 'null-co'?)\n",
+    );
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "blockdev-add",
+            "driver=null-co",
+            "node-name=n2",
+            "size=big",
+        ]),
+        2,
+        "",
+        "qmp: argument 'size' of blockdev-add must be an integer, not a string\n",
+    );
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "blockdev-create",
+            "job-id=j1",
+            "options.driver=file",
+            "options.fielname=x",
+            "options.size=1",
+        ]),
+        2,
+        "",
+        "qmp: unknown argument 'options.fielname' for blockdev-create (did you mean 'options.filename'?)\n",
+    );
+    check(
+        &qmp(&["-s", &s, "blockdev-del"]),
+        2,
+        "",
+        "qmp: missing argument 'node-name' for blockdev-del\n",
+    );
+    check(
+        &qmp(&["-s", &s, "query-verison"]),
+        2,
+        "",
+        "qmp: unknown command 'query-verison' (did you mean 'query-version'?)\n",
+    );
+    check(
+        &qmp(&["-s", &s, "blockdev-add", "driver"]),
+        2,
+        "",
+        "qmp: argument 'driver' is not key=value (use key=value, key:=<json>, or one JSON object)\n",
+    );
+    check(
+        &qmp(&["-s", &s, "blockdev-add", "a:=[1,"]),
+        2,
+        "",
+        "qmp: the value of 'a' is not valid JSON: EOF while parsing a value at line 1 column 3\n",
+    );
+    // --no-validate: QEMU judges.
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "--no-validate",
+            "blockdev-add",
+            "driver=null-co",
+            "node-name=n2",
+            "nmae=1",
+        ]),
+        1,
+        "",
+        "qmp: error: GenericError: Parameter 'nmae' is unexpected\n",
+    );
+    // All of that left exactly the nodes added on purpose.
+    let o = qmp(&["-s", &s, "--compact", "query-named-block-nodes"]);
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&out(&o)).unwrap();
+    let mut names: Vec<&str> = nodes
+        .iter()
+        .map(|n| n["node-name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["n0", "n1"]);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let o = qmp(&["query-status"]);
+    check(
+        &o,
+        2,
+        "",
+        "qmp: no target: give --socket PATH, --tcp HOST:PORT, --spawn qsd|system or --qga PATH\n",
+    );
+    check(
+        &qmp(&["-s", "/x", "--tcp", "127.0.0.1:1", "query-status"]),
+        2,
+        "",
+        "qmp: give only one of --socket, --tcp, --spawn and --qga\n",
+    );
+    check(
+        &qmp(&["-s", "/x", "--connect-timeout=-1", "query-status"]),
+        2,
+        "",
+        "qmp: --connect-timeout must be a non-negative number of seconds\n",
+    );
+    check(
+        &qmp(&[
+            "-s",
+            "/x",
+            "--policy",
+            "/nonexistent.toml",
+            "--profile",
+            "read-only",
+            "query-status",
+        ]),
+        2,
+        "",
+        "qmp: give either --policy or --profile, not both\n",
+    );
+    let o = qmp(&["--bogus"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err(&o).starts_with("error: unexpected argument '--bogus' found"),
+        "{}",
+        err(&o)
+    );
+    let o = qmp(&["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(out(&o).contains(
+        "Exit codes:\n  0  success\n  1  QEMU answered with an error (its class and description are printed)\n  2  usage error"
+    ));
+    assert!(out(&o).contains(
+        "  4  denied by the policy (--policy/--profile); the rule is named and nothing is sent\n"
+    ));
+}
+
+#[test]
+fn connection_failures_exit_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.sock");
+    let m = missing.display().to_string();
+    check(
+        &qmp(&["-s", &m, "query-status"]),
+        3,
+        "",
+        &format!("qmp: cannot connect to {m}: No such file or directory (os error 2)\n"),
+    );
+    // A monitor that accepts but never greets (the fake, scripted).
+    let fake = FakeQemu::unix(Script::new().no_greeting()).unwrap();
+    let f = fake.socket_path().unwrap().display().to_string();
+    let start = Instant::now();
+    check(
+        &qmp(&["-s", &f, "--greeting-timeout", "0.3", "query-status"]),
+        3,
+        "",
+        "qmp: the monitor accepted the connection but is not greeting: is another client attached? (no greeting within 0.3 s)\n",
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn second_client_on_real_qemu_is_told_why() {
+    let Some(q) = qsd() else { return };
+    let s = sock(&q);
+    // Hold the monitor: read the greeting and stay connected.
+    let holder = UnixStream::connect(q.socket_path()).unwrap();
+    let mut line = String::new();
+    BufReader::new(&holder).read_line(&mut line).unwrap();
+    assert!(line.starts_with("{\"QMP\""));
+    check(
+        &qmp(&["-s", &s, "--greeting-timeout", "0.5", "query-version"]),
+        3,
+        "",
+        "qmp: the monitor accepted the connection but is not greeting: is another client attached? (no greeting within 0.5 s)\n",
+    );
+    drop(holder);
+}
+
+#[test]
+fn policy_denials_exit_4_and_send_nothing() {
+    let Some(q) = qsd() else { return };
+    let s = sock(&q);
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "--profile",
+            "read-only",
+            "blockdev-add",
+            "driver=null-co",
+            "node-name=p0",
+        ]),
+        4,
+        "",
+        "qmp: blockdev-add denied by default deny: no rule allows it (profile read-only); nothing was sent\n",
+    );
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "--profile",
+            "read-only",
+            "--compact",
+            "query-jobs",
+        ]),
+        0,
+        "[]\n",
+        "",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "profile = \"read-only\"\n[commands.blockdev-add]\nmode = \"allow\"\nargs = [ { path = \"/driver\", allow = [\"null-co\"] } ]\n[commands.\"query-named-*\"]\nmode = \"deny\"\n",
+    )
+    .unwrap();
+    let p = policy.display().to_string();
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "--policy",
+            &p,
+            "blockdev-add",
+            "driver=file",
+            "node-name=p1",
+            "filename=/dev/null",
+        ]),
+        4,
+        "",
+        "qmp: blockdev-add denied by rule commands.\"blockdev-add\": argument /driver = \"file\" is not allowed; nothing was sent\n",
+    );
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "--policy",
+            &p,
+            "blockdev-add",
+            "driver=null-co",
+            "node-name=p2",
+        ]),
+        0,
+        "{}\n",
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "--policy", &p, "query-named-block-nodes"]),
+        4,
+        "",
+        "qmp: query-named-block-nodes denied by rule commands.\"query-named-*\": the rule denies this command; nothing was sent\n",
+    );
+    // Only p2 was added: the denied commands were never sent.
+    let o = qmp(&["-s", &s, "--compact", "query-named-block-nodes"]);
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["node-name"], "p2");
+    // A policy file that does not parse is a usage error.
+    std::fs::write(&policy, "profile = \"bogus\"\n").unwrap();
+    let o = qmp(&["-s", &s, "--policy", &p, "query-jobs"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err(&o).starts_with(&format!("qmp: policy {p}: line 1")),
+        "{}",
+        err(&o)
+    );
+}
+
+#[test]
+fn events_follow_filter_count_timeout() {
+    let Some(vm) = Launch::system().tcp().spawn() else {
+        return;
+    };
+    let s = sock(&vm);
+    let tcp = vm.tcp_addr().unwrap().to_string();
+    let child = Command::new(QMP)
+        .args([
+            "-s",
+            &s,
+            "events",
+            "--filter",
+            "ST?P",
+            "--filter",
+            "NOPE_*",
+            "--count",
+            "2",
+            "--timeout",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Keep toggling the run state through the second monitor until the follower has seen
+    // two STOP events (it may subscribe after the first toggles).
+    let start = Instant::now();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    while !waiter.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "qmp events {pid} did not finish"
+        );
+        check(&qmp(&["--tcp", &tcp, "cont"]), 0, "{}\n", "");
+        check(&qmp(&["--tcp", &tcp, "stop"]), 0, "{}\n", "");
+    }
+    let o = waiter.join().unwrap();
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
+    let text = out(&o);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["event"], "STOP");
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["event", "timestamp"]);
+        assert!(
+            l.starts_with("{\"event\":\"STOP\",\"timestamp\":{\"seconds\":"),
+            "{l}"
+        );
+    }
+    // --timeout before --count events: exit 5; without --count: exit 0.
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "events",
+            "--filter",
+            "NOPE",
+            "--count",
+            "1",
+            "--timeout",
+            "0.2",
+        ]),
+        5,
+        "",
+        "qmp: timed out: 0 of 1 events arrived\n",
+    );
+    check(
+        &qmp(&["-s", &s, "events", "--filter", "NOPE", "--timeout", "0.2"]),
+        0,
+        "",
+        "",
+    );
+}
+
+#[test]
+fn events_stream_a_job_with_data() {
+    let Some(q) = Launch::storage_daemon().tcp().spawn() else {
+        return;
+    };
+    let s = sock(&q);
+    let tcp = q.tcp_addr().unwrap().to_string();
+    let child = Command::new(QMP)
+        .args([
+            "-s",
+            &s,
+            "events",
+            "--filter",
+            "JOB_*",
+            "--count",
+            "5",
+            "--timeout",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let mut n = 0;
+    let start = Instant::now();
+    // One job per round, each with its own id, until the follower has five events; the
+    // lines it printed must be one job's whole life cycle.
+    let mut jobs = Vec::new();
+    while !waiter.is_finished() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        let file = q.dir().join(format!("d{n}.raw"));
+        let id = format!("j{n}");
+        let o = qmp(&[
+            "--tcp",
+            &tcp,
+            "blockdev-create",
+            &format!("job-id={id}"),
+            "options.driver=file",
+            &format!("options.filename={}", file.display()),
+            "options.size=1024",
+        ]);
+        check(&o, 0, "{}\n", "");
+        jobs.push(id);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = waiter.join().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let text = out(&o);
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let id = first["data"]["id"].as_str().unwrap().to_owned();
+    let statuses: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["event"], "JOB_STATUS_CHANGE");
+            assert_eq!(v["data"]["id"], id.as_str());
+            v["data"]["status"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        ["created", "running", "waiting", "pending", "concluded"]
+    );
+}
+
+const QUERY_VERSION_SCHEMA: &str = "\
+command query-version
+  arguments: none
+  returns:
+    qemu: object
+      major: int
+      minor: int
+      micro: int
+    package: str
+";
+
+const JOB_STATUS_CHANGE_SCHEMA: &str = "\
+event JOB_STATUS_CHANGE
+  data:
+    id: str
+    status: enum (undefined | created | running | paused | ready | standby | waiting | pending | aborting | concluded | null)
+";
+
+const QUERY_JOBS_SCHEMA: &str = "\
+command query-jobs
+  arguments: none
+  returns: array of object
+    id: str
+    type: enum (commit | stream | mirror | backup | create | amend | snapshot-load | snapshot-save | snapshot-delete)
+    status: enum (undefined | created | running | paused | ready | standby | waiting | pending | aborting | concluded | null)
+    current-progress: int
+    total-progress: int
+    error: str (optional)
+";
+
+#[test]
+fn schema_renders_real_introspection() {
+    let Some(q) = qsd() else { return };
+    let s = sock(&q);
+    check(
+        &qmp(&["-s", &s, "schema", "query-version"]),
+        0,
+        QUERY_VERSION_SCHEMA,
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "schema", "JOB_STATUS_CHANGE"]),
+        0,
+        JOB_STATUS_CHANGE_SCHEMA,
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "schema", "query-jobs"]),
+        0,
+        QUERY_JOBS_SCHEMA,
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "schema", "job-*"]),
+        0,
+        "commands (6):\n  job-cancel\n  job-complete\n  job-dismiss\n  job-finalize\n  job-pause\n  job-resume\nevents (0):\n",
+        "",
+    );
+    // A union with cases: blockdev-add names its tag and each case's members.
+    let o = qmp(&["-s", &s, "schema", "blockdev-add"]);
+    assert_eq!(o.status.code(), Some(0));
+    let text = out(&o);
+    assert!(
+        text.starts_with("command blockdev-add\n  arguments:\n    driver: enum (blkdebug | "),
+        "{text}"
+    );
+    assert!(
+        text.contains("    when driver is null-aio | null-co:\n      size: int (optional)\n      latency-ns: int (optional)\n      read-zeroes: bool (optional)\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("  returns: none\n"), "{text}");
+    let o = qmp(&["-s", &s, "schema"]);
+    assert!(
+        out(&o).starts_with("commands (76):\n  block-commit\n"),
+        "{}",
+        out(&o)
+    );
+    check(
+        &qmp(&["-s", &s, "schema", "query-verison"]),
+        2,
+        "",
+        "qmp: no command or event named 'query-verison' (did you mean 'query-version'?)\n",
+    );
+}
+
+#[test]
+fn spawn_and_tcp_targets() {
+    if qmp_testkit_missing("qemu-storage-daemon") || qmp_testkit_missing("qemu-system-x86_64") {
+        return;
+    }
+    let o = qmp(&["--spawn", "qsd", "-H", "query-jobs"]);
+    check(&o, 0, "no jobs\n", "");
+    let o = qmp(&["--spawn", "system", "-H", "query-status"]);
+    check(&o, 0, "VM is paused (prelaunch)\n", "");
+    check(
+        &qmp(&["--spawn", "system", "query-status"]),
+        0,
+        "{\n  \"status\": \"prelaunch\",\n  \"running\": false\n}\n",
+        "",
+    );
+    let Some(q) = Launch::storage_daemon().tcp().spawn() else {
+        return;
+    };
+    let tcp = q.tcp_addr().unwrap().to_string();
+    check(
+        &qmp(&["--tcp", &tcp, "--compact", "query-jobs"]),
+        0,
+        "[]\n",
+        "",
+    );
+    drop(q);
+    let o = qmp(&["--tcp", &tcp, "query-jobs"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        err(&o).starts_with(&format!("qmp: cannot connect to {tcp}: Connection refused")),
+        "{}",
+        err(&o)
+    );
+}
+
+/// Whether a QEMU program is missing (prints SKIP; panics under QMP_REQUIRE_QEMU=1).
+fn qmp_testkit_missing(program: &str) -> bool {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .chain(["/usr/sbin", "/usr/bin"].map(Into::into))
+        .any(|d: std::path::PathBuf| d.join(program).is_file());
+    if !found {
+        assert!(
+            std::env::var("QMP_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "QMP_REQUIRE_QEMU=1 but {program} is missing"
+        );
+        println!("SKIP: {program} not found");
+    }
+    !found
+}
+
+#[test]
+fn guest_agent() {
+    let Some(ga) = Launch::guest_agent().spawn() else {
+        return;
+    };
+    let p = sock(&ga);
+    check(&qmp(&["--qga", &p, "guest-ping"]), 0, "{}\n", "");
+    check(&qmp(&["--qga", &p, "-H", "guest-ping"]), 0, "OK\n", "");
+    let o = qmp(&["--qga", &p, "--compact", "guest-info"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(out(&o).starts_with("{\"version\":\""), "{}", out(&o));
+    // Not on the agent's allow-list.
+    check(
+        &qmp(&["--qga", &p, "guest-get-users"]),
+        1,
+        "",
+        "qmp: error: CommandNotFound: Command guest-get-users has been disabled: the command is not allowed\n",
+    );
+    check(
+        &qmp(&["--qga", &p, "schema"]),
+        2,
+        "",
+        "qmp: the guest agent has no introspection; try guest-info\n",
+    );
+}
+
+#[test]
+fn quit_ends_qemu() {
+    let Some(mut q) = qsd() else { return };
+    check(&qmp(&["-s", &sock(&q), "quit"]), 0, "{}\n", "");
+    assert!(q.wait_exit(Duration::from_secs(5)));
+}
+
+/// Lines of the demo with what varies between machines and runs masked.
+fn normalise_demo(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.contains("greeted us") {
+                "   <greeting>".to_owned()
+            } else if l.starts_with("   negotiated: [oob]; the schema lists") {
+                "   negotiated: [oob]; <counts>".to_owned()
+            } else if l.starts_with("   node demo-null: driver null-co, ") {
+                "   node demo-null: driver null-co, <file>".to_owned()
+            } else if l.starts_with("Tour finished in ") {
+                l.split(" in ").next().unwrap().to_owned() + " in <time>"
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+const DEMO_BODY: &str = "
+1. Connect: the greeting and the version
+   <greeting>
+   negotiated: [oob]; <counts>
+
+2. Add a block node
+   > blockdev-add driver=null-co node-name=demo-null size=67108864
+   OK
+   > query-named-block-nodes
+   node demo-null: driver null-co, <file>
+
+3. Create an image with a job; its events stream live
+   (demo.raw in DIR)
+   > blockdev-create job-id=demo-create options.driver=file options.filename=demo.raw options.size=1048576
+   event JOB_STATUS_CHANGE created
+   event JOB_STATUS_CHANGE running
+   event JOB_STATUS_CHANGE waiting
+   event JOB_STATUS_CHANGE pending
+   event JOB_STATUS_CHANGE concluded
+   progress [####################] 1/1 (100%)
+   > job-dismiss id=demo-create
+   OK (job dismissed)
+
+4. Errors, shown readably
+   > blockdev-add driver=null-co node-name=demo-null
+   QEMU says: error: GenericError: Duplicate nodes with node-name='demo-null'
+   > blockdev-add driver=null-co nmae=demo-2
+   caught before sending: unknown argument 'nmae' for blockdev-add (did you mean 'node-name'?)
+
+5. A policy denial (--profile read-only)
+   > qmp --profile read-only ... blockdev-del node-name=demo-null
+   blockdev-del denied by default deny: no rule allows it (profile read-only); nothing was sent
+   while query-named-block-nodes is allowed by the read-only profile
+
+6. A clean quit
+   > quit
+   OK; the connection closed
+";
+
+#[test]
+fn demo_on_real_qemu_under_ten_seconds() {
+    if qmp_testkit_missing("qemu-storage-daemon") {
+        return;
+    }
+    let start = Instant::now();
+    let o = qmp(&["demo"]);
+    let took = start.elapsed();
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
+    let expected = format!(
+        "qmp demo: a guided tour on a real qemu-storage-daemon, started for this tour in a temp dir.\n{}   qemu-storage-daemon exited\n\nTour finished in <time>",
+        DEMO_BODY.replace("DIR", "the daemon's temp dir")
+    );
+    assert_eq!(normalise_demo(&out(&o)), expected);
+    assert!(!out(&o).contains("FAKE"));
+    assert!(took < Duration::from_secs(10), "the demo took {took:?}");
+}
+
+#[test]
+fn demo_on_the_fake_says_so() {
+    let o = qmp(&["demo", "--fake"]);
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
+    let text = out(&o);
+    assert!(
+        text.contains(
+            "   the FAKE QEMU 10.0.2 (qmp-testkit) greeted us, offering capabilities: [oob]\n"
+        ),
+        "{text}"
+    );
+    let expected = format!(
+        "qmp demo: NOTE: --fake was given, so this tour talks to the testkit's FAKE QEMU (scripted replies), NOT a real QEMU.\n{}   the fake QEMU closed the connection\n\nTour finished in <time>",
+        DEMO_BODY.replace("DIR", "a scratch dir")
+    );
+    assert_eq!(normalise_demo(&text), expected);
+    assert!(text.ends_with(" s (against the FAKE QEMU).\n"), "{text}");
+}
