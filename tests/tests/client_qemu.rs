@@ -33,6 +33,8 @@ struct Rt {
     connect_raw: fn(PathBuf, Builder) -> BoxFut<'static, Result<Session, Error>>,
     /// Handshake over one end of a socketpair, then spawn.
     from_pair: fn(UnixStream, Builder) -> BoxFut<'static, Result<Client, Error>>,
+    /// Connect, retrying until the socket appears (up to 20 s), then spawn.
+    connect_wait: fn(PathBuf, Builder) -> BoxFut<'static, Result<Client, Error>>,
     /// Accept one connection on the listener, handshake, then spawn.
     accept: fn(UnixListener, Builder) -> BoxFut<'static, Result<Client, Error>>,
 }
@@ -541,6 +543,41 @@ async fn socketpair_and_accept(rt: &Rt) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `connect_unix_wait` called before QEMU has created its socket.
+async fn connect_before_the_socket_exists(rt: &Rt) {
+    let dir = std::env::temp_dir().join(format!(
+        "qmp-late-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let late = dir.join("late.sock");
+    let path = late.clone();
+    let starter = std::thread::spawn(move || {
+        // Let the client start retrying first.
+        std::thread::sleep(Duration::from_millis(150));
+        Launch::storage_daemon()
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=late",
+                path.display()
+            ))
+            .arg("--monitor")
+            .arg("chardev=late")
+            .spawn()
+    });
+    assert!(!late.exists());
+    let res = (rt.connect_wait)(late, Builder::new()).await;
+    let Some(q) = starter.join().unwrap() else {
+        return;
+    };
+    let c = res.unwrap();
+    let v: Version = c.execute("query-version", &()).await.unwrap();
+    assert_eq!(v.qemu.major, 10);
+    drop(q);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 macro_rules! scenarios {
     ($rt:expr, $block_on:path) => {
         #[test]
@@ -578,6 +615,10 @@ macro_rules! scenarios {
         #[test]
         fn socketpair_and_accept() {
             $block_on(super::socketpair_and_accept(&$rt));
+        }
+        #[test]
+        fn connect_before_the_socket_exists() {
+            $block_on(super::connect_before_the_socket_exists(&$rt));
         }
         #[test]
         fn guest_agent() {
@@ -618,6 +659,13 @@ mod tokio_rt {
             Box::pin(async move { h.await.unwrap() })
         },
         connect_raw: |p, b| Box::pin(qmp_tokio::connect_unix(p, b)),
+        connect_wait: |p, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_tokio::connect_unix_wait(p, b, Duration::from_secs(20)).await?;
+                qmp_tokio::spawn_connection(conn);
+                Ok(c)
+            })
+        },
         from_pair: |s, b| {
             Box::pin(async move {
                 let (c, conn) = qmp_tokio::from_unix_stream(s, b).await?;
@@ -659,6 +707,13 @@ mod smol_rt {
         },
         driver_result: |conn| Box::pin(qmp_smol::spawn_connection(conn)),
         connect_raw: |p, b| Box::pin(qmp_smol::connect_unix(p, b)),
+        connect_wait: |p, b| {
+            Box::pin(async move {
+                let (c, conn) = qmp_smol::connect_unix_wait(p, b, Duration::from_secs(20)).await?;
+                qmp_smol::spawn_connection(conn).detach();
+                Ok(c)
+            })
+        },
         from_pair: |s, b| {
             Box::pin(async move {
                 let (c, conn) = qmp_smol::from_unix_stream(s, b).await?;
@@ -699,6 +754,14 @@ mod async_std_rt {
         },
         driver_result: |conn| Box::pin(qmp_async_std::spawn_connection(conn)),
         connect_raw: |p, b| Box::pin(qmp_async_std::connect_unix(p, b)),
+        connect_wait: |p, b| {
+            Box::pin(async move {
+                let (c, conn) =
+                    qmp_async_std::connect_unix_wait(p, b, Duration::from_secs(20)).await?;
+                qmp_async_std::spawn_connection(conn);
+                Ok(c)
+            })
+        },
         from_pair: |s, b| {
             Box::pin(async move {
                 let (c, conn) = qmp_async_std::from_unix_stream(s, b).await?;
