@@ -479,6 +479,54 @@ async fn vm_fd_passing_oob_and_hmp(rt: &Rt) {
     assert_eq!(out, "VM status: paused (prelaunch)\r\n");
 }
 
+/// QEMU's main loop blocks in `dump-guest-memory` opening a FIFO nobody reads; an in-band
+/// `query-status` queues behind it, and an `exec-oob` `query-yank` overtakes both. Reading the
+/// FIFO then lets the in-band commands finish, in order.
+async fn oob_overtakes_a_blocked_main_loop(rt: &Rt) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let Some(q) = system() else { return };
+    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+        .await
+        .unwrap();
+    let fifo = q.dir().join("dump.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let order = AtomicUsize::new(0);
+    let t = Duration::from_secs(20);
+    let dump_args = json!({"paging": false, "protocol": format!("file:{}", fifo.display())});
+    let dump = async {
+        let r = c
+            .execute_timeout::<IgnoredAny, _>("dump-guest-memory", &dump_args, t)
+            .await;
+        (r.map(|_| ()), order.fetch_add(1, Ordering::SeqCst))
+    };
+    let status = async {
+        let r = c.execute_timeout::<Status, _>("query-status", &(), t).await;
+        (r, order.fetch_add(1, Ordering::SeqCst))
+    };
+    let oob = async {
+        let r: Result<Vec<Value>, _> = c.exec_oob("query-yank", &()).await;
+        let rank = order.fetch_add(1, Ordering::SeqCst);
+        // Now unblock the main loop: read the dump to the end.
+        let path = fifo.clone();
+        let reader = std::thread::spawn(move || {
+            let mut f = std::fs::File::open(path).unwrap();
+            std::io::copy(&mut f, &mut std::io::sink()).unwrap()
+        });
+        (r, rank, reader)
+    };
+    let ((d, d_rank), (st, st_rank), (y, y_rank, reader)) =
+        futures_util::future::join3(dump, status, oob).await;
+    assert_eq!((y_rank, d_rank, st_rank), (0, 1, 2));
+    assert!(y.unwrap().iter().any(|v| v["id"] == "m0"));
+    d.unwrap();
+    assert_eq!(st.unwrap().status, "prelaunch");
+    assert!(reader.join().unwrap() > 64 << 20);
+}
+
 #[derive(Debug, Deserialize)]
 struct GuestInfo {
     version: String,
@@ -631,6 +679,10 @@ macro_rules! scenarios {
         #[test]
         fn connect_before_the_socket_exists() {
             $block_on(super::connect_before_the_socket_exists(&$rt));
+        }
+        #[test]
+        fn oob_overtakes_a_blocked_main_loop() {
+            $block_on(super::oob_overtakes_a_blocked_main_loop(&$rt));
         }
         #[test]
         fn guest_agent() {
