@@ -221,8 +221,11 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.shared.lock();
         f.debug_struct("Client")
-            .field("proto", &self.shared.lock().proto)
+            .field("proto", &inner.proto)
+            .field("waiters", &inner.waiters.len())
+            .field("subscriber_slots", &inner.subscribers.len())
             .finish()
     }
 }
@@ -446,7 +449,14 @@ impl Client {
         let mut inner = self.shared.lock();
         match &inner.closed {
             Some(reason) => sub.close(reason),
-            None => inner.subscribers.push(Arc::downgrade(&sub)),
+            None => {
+                // Drop the entries of streams already gone before growing (amortised O(1)), so
+                // subscribing and dropping in a loop without events stays bounded.
+                if inner.subscribers.len() == inner.subscribers.capacity() {
+                    inner.subscribers.retain(|w| w.strong_count() > 0);
+                }
+                inner.subscribers.push(Arc::downgrade(&sub));
+            }
         }
         EventStream::new(sub)
     }
@@ -554,7 +564,9 @@ impl Client {
             if inner.driver_done {
                 Poll::Ready(())
             } else {
-                inner.done_wakers.push(cx.waker().clone());
+                if !inner.done_wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    inner.done_wakers.push(cx.waker().clone());
+                }
                 Poll::Pending
             }
         })

@@ -510,3 +510,24 @@ fn garbage_and_idless_errors_do_not_end_the_session() {
     assert_eq!(st.unknown_replies, 1);
     assert!(st.anomalies >= 2, "{st:?}");
 }
+
+#[test]
+fn subscribing_and_dropping_without_events_stays_bounded() {
+    let mut s = session(Builder::new());
+    for _ in 0..100_000 {
+        drop(s.client.subscribe("STOP"));
+    }
+    let kept = s.client.subscribe("STOP");
+    // The client keeps only a few dead entries around, whatever the loop count.
+    let dbg = format!("{:?}", s.client);
+    let slots: usize = dbg
+        .split("subscriber_slots: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{dbg}"));
+    assert!(slots <= 4, "{dbg}");
+    s.srv.send(&event("STOP", 1));
+    s.pool.run_until_stalled();
+    assert_eq!(kept.len(), 1);
+}
