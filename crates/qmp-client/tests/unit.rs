@@ -531,3 +531,43 @@ fn subscribing_and_dropping_without_events_stays_bounded() {
     s.pool.run_until_stalled();
     assert_eq!(kept.len(), 1);
 }
+
+#[test]
+fn refused_negotiation_is_a_handshake_error_and_no_oob_without_the_capability() {
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (io, srv) = pipe();
+    let mut hs = spawn(&sp, Builder::new().handshake(io, ManualTimer::new()));
+    srv.greet();
+    assert!(done(&mut pool, &mut hs).is_none());
+    srv.take();
+    srv.send(r#"{"id": 0, "error": {"class": "GenericError", "desc": "Capabilities negotiation is already complete, command ignored"}}"#);
+    let e = done(&mut pool, &mut hs).unwrap().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Handshake);
+    assert_eq!(
+        e.to_string(),
+        "capability negotiation failed: GenericError: Capabilities negotiation is already complete, command ignored"
+    );
+
+    // A server that offers no capabilities: exec-oob is refused locally, nothing is sent.
+    let (io, srv) = pipe();
+    let mut hs = spawn(&sp, Builder::new().handshake(io, ManualTimer::new()));
+    srv.send("{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 9}, \"package\": \"\"}, \"capabilities\": []}}\r\n");
+    assert!(done(&mut pool, &mut hs).is_none());
+    assert_eq!(srv.take(), r#"{"execute":"qmp_capabilities","id":0}"#);
+    srv.send(r#"{"return": {}, "id": 0}"#);
+    let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
+    let _driver = spawn(&sp, conn);
+    assert!(client.capabilities().is_empty());
+    let c = client.clone();
+    let mut call = spawn(&sp, async move {
+        c.exec_oob::<serde::de::IgnoredAny, _>("query-yank", &())
+            .await
+    });
+    let e = done(&mut pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Unsupported, Some(SendStatus::NotSent))
+    );
+    assert_eq!(srv.take(), "");
+}
