@@ -276,6 +276,9 @@ impl Client {
         if let Some(reason) = &inner.closed {
             return Err(Ok(reason.clone()));
         }
+        if inner.draining {
+            return Err(Ok(qmp_proto::CloseReason::Local));
+        }
         let now = inner.now(&*self.shared.timer);
         let id = inner.proto.send(now, cmd).map_err(Err)?;
         let (tx, rx) = oneshot::channel();
@@ -298,6 +301,9 @@ impl Client {
         let mut inner = self.shared.lock();
         if let Some(reason) = &inner.closed {
             return Err(Error::closed(reason).with_command(&name));
+        }
+        if inner.draining {
+            return Err(closing().with_command(&name));
         }
         let now = inner.now(&*self.shared.timer);
         let id = inner
@@ -557,6 +563,28 @@ impl Client {
         self.closed().await;
     }
 
+    /// Closes gracefully: new commands are refused at once (not sent), the pending ones get up
+    /// to `timeout` to finish, then the session closes as with [`close`](Self::close) (any
+    /// command still pending resolves as closed, with its send status).
+    pub async fn close_gracefully(&self, timeout: Duration) {
+        let timer = &self.shared.timer;
+        let mut sleep = timer.sleep_until(timer.now() + timeout);
+        futures_util::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            inner.draining = true;
+            if inner.waiters.is_empty() || inner.closed.is_some() {
+                return Poll::Ready(());
+            }
+            if !inner.idle_wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                inner.idle_wakers.push(cx.waker().clone());
+            }
+            drop(inner);
+            sleep.as_mut().poll(cx)
+        })
+        .await;
+        self.close().await;
+    }
+
     /// Completes once the driver has finished (the session is closed and the transport shut).
     pub async fn closed(&self) {
         futures_util::future::poll_fn(|cx| {
@@ -613,6 +641,11 @@ impl EventStream {
     fn poll_next_item(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
         futures_core::Stream::poll_next(self, cx)
     }
+}
+
+fn closing() -> Error {
+    Error::new(ErrorKind::Closed, "the connection is closing (not sent)")
+        .with_status(SendStatus::NotSent)
 }
 
 fn command<A: Serialize + ?Sized>(name: &str, args: &A) -> Result<Command, Error> {

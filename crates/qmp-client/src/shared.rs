@@ -32,6 +32,10 @@ pub(crate) struct Inner {
     pub(crate) driver_waker: Option<Waker>,
     pub(crate) driver_done: bool,
     pub(crate) done_wakers: Vec<Waker>,
+    /// A graceful close is under way: new commands are refused.
+    pub(crate) draining: bool,
+    /// Who waits for the last pending command to finish.
+    pub(crate) idle_wakers: Vec<Waker>,
 }
 
 impl Shared {
@@ -55,6 +59,8 @@ impl Shared {
                 driver_waker: None,
                 driver_done: false,
                 done_wakers: Vec::new(),
+                draining: false,
+                idle_wakers: Vec::new(),
             }),
             timer,
             event_queue,
@@ -84,6 +90,9 @@ impl Inner {
     /// Forgets a request whose caller went away.
     pub(crate) fn abandon(&mut self, id: RequestId) {
         self.waiters.remove(&id);
+        if self.waiters.is_empty() {
+            self.wake_idle();
+        }
         #[cfg(unix)]
         self.fds.remove(&id);
         if self.proto.abandon(id) {
@@ -102,6 +111,9 @@ impl Inner {
                     if let Some(tx) = self.waiters.remove(&id) {
                         // The caller may have gone; then nobody wants the outcome.
                         let _ = tx.send(outcome);
+                    }
+                    if self.waiters.is_empty() {
+                        self.wake_idle();
                     }
                 }
                 Output::Event(ev) => {
@@ -123,6 +135,7 @@ impl Inner {
                     // Every request has been completed before the close output; any waiter
                     // left belongs to nothing.
                     self.waiters.clear();
+                    self.wake_idle();
                 }
                 Output::Anomaly(_a) => {
                     #[cfg(feature = "tracing")]
@@ -134,6 +147,13 @@ impl Inner {
         }
     }
 
+    /// Wakes whoever waits for the last pending command to finish.
+    pub(crate) fn wake_idle(&mut self) {
+        for w in self.idle_wakers.drain(..) {
+            w.wake();
+        }
+    }
+
     /// Marks the driver finished and wakes whoever waits for it.
     pub(crate) fn finish_driver(&mut self) {
         self.driver_done = true;
@@ -141,5 +161,6 @@ impl Inner {
         for w in self.done_wakers.drain(..) {
             w.wake();
         }
+        self.wake_idle();
     }
 }

@@ -571,3 +571,61 @@ fn refused_negotiation_is_a_handshake_error_and_no_oob_without_the_capability() 
     );
     assert_eq!(srv.take(), "");
 }
+
+#[test]
+fn close_gracefully_lets_pending_calls_finish_and_refuses_new_ones() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut a = spawn(&s.sp, async move { c.execute_raw("a", &()).await });
+    let c = s.client.clone();
+    let mut b = spawn(&s.sp, async move { c.execute_raw("b", &()).await });
+    s.pool.run_until_stalled();
+    assert_eq!(
+        s.srv.take(),
+        r#"{"execute":"a","id":1}{"execute":"b","id":2}"#
+    );
+    let c = s.client.clone();
+    let mut closing = spawn(&s.sp, async move {
+        c.close_gracefully(Duration::from_secs(10)).await
+    });
+    assert!(done(&mut s.pool, &mut closing).is_none());
+    let c = s.client.clone();
+    let mut late = spawn(&s.sp, async move { c.execute_raw("late", &()).await });
+    let e = done(&mut s.pool, &mut late).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::Closed,
+            Some(SendStatus::NotSent),
+            "late: the connection is closing (not sent)"
+        )
+    );
+    s.srv.send(r#"{"return": 1, "id": 1}"#);
+    assert_eq!(done(&mut s.pool, &mut a).unwrap().unwrap().get(), "1");
+    assert!(done(&mut s.pool, &mut closing).is_none());
+    s.srv.send(r#"{"return": 2, "id": 2}"#);
+    assert_eq!(done(&mut s.pool, &mut b).unwrap().unwrap().get(), "2");
+    assert_eq!(done(&mut s.pool, &mut closing), Some(()));
+    assert!(s.srv.client_closed());
+    assert_eq!(s.srv.take(), "");
+}
+
+#[test]
+fn close_gracefully_gives_up_after_its_timeout() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut a = spawn(&s.sp, async move { c.execute_raw("a", &()).await });
+    s.pool.run_until_stalled();
+    let c = s.client.clone();
+    let mut closing = spawn(&s.sp, async move {
+        c.close_gracefully(Duration::from_secs(2)).await
+    });
+    assert!(done(&mut s.pool, &mut closing).is_none());
+    s.timer.advance(Duration::from_secs(2));
+    assert_eq!(done(&mut s.pool, &mut closing), Some(()));
+    let e = done(&mut s.pool, &mut a).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Closed, Some(SendStatus::Unanswered))
+    );
+}
