@@ -390,6 +390,40 @@ async fn vm_stop_cont_reset_quit(rt: &Rt) {
     );
 }
 
+/// USB hot-unplug completes without guest help: `device_del` then `DEVICE_DELETED`.
+async fn vm_hotplug_device_deleted(rt: &Rt) {
+    let Some(q) = system() else { return };
+    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+        .await
+        .unwrap();
+    let _: IgnoredAny = c
+        .execute(
+            "device_add",
+            &json!({"driver": "usb-tablet", "id": "tab", "bus": "xhci.0"}),
+        )
+        .await
+        .unwrap();
+    let (_, ev): (IgnoredAny, _) = c
+        .execute_then_wait(
+            "device_del",
+            &json!({"id": "tab"}),
+            "DEVICE_DELETED",
+            |e| e.data::<Value>().unwrap()["device"] == "tab",
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ev.data::<Value>().unwrap()["path"],
+        "/machine/peripheral/tab"
+    );
+    let e = c
+        .execute_raw("device_del", &json!({"id": "tab"}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.server_error().unwrap().class, ErrorClass::DeviceNotFound);
+}
+
 #[derive(Debug, Deserialize)]
 struct AddFd {
     #[serde(rename = "fdset-id")]
@@ -683,6 +717,10 @@ macro_rules! scenarios {
         #[test]
         fn oob_overtakes_a_blocked_main_loop() {
             $block_on(super::oob_overtakes_a_blocked_main_loop(&$rt));
+        }
+        #[test]
+        fn vm_hotplug_device_deleted() {
+            $block_on(super::vm_hotplug_device_deleted(&$rt));
         }
         #[test]
         fn guest_agent() {
