@@ -245,6 +245,28 @@ pub fn roundtrip(data: &[u8]) {
     }
 }
 
+/// Checks that written bytes are whole requests, one after another (QGA sync markers
+/// allowed), with at most the last one unfinished.
+fn check_wire(wire: &[u8]) {
+    let text: Vec<u8> = wire.iter().copied().filter(|&b| b != 0xFF).collect();
+    let mut stream = serde_json::Deserializer::from_slice(&text).into_iter::<serde_json::Value>();
+    for value in stream.by_ref() {
+        match value {
+            Ok(v) => assert!(
+                v.get("execute")
+                    .or_else(|| v.get("exec-oob"))
+                    .is_some_and(|n| n.is_string()),
+                "not a request on the wire: {v}"
+            ),
+            Err(e) if e.is_eof() => return,
+            Err(e) => panic!(
+                "corrupt bytes on the wire ({e}): {}",
+                String::from_utf8_lossy(&text)
+            ),
+        }
+    }
+}
+
 /// A random sequence of operations: ids stay unique, each request resolves at most once (and
 /// exactly once unless abandoned), nothing stays pending after EOF, buffers stay bounded.
 pub fn op_sequence(data: &[u8]) {
@@ -272,6 +294,8 @@ pub fn op_sequence(data: &[u8]) {
         b"{\"return\": {\"x\": [1, 2, 3]}, \"id\": 3}{\"return\": 4, \"id\": 4}",
         b"{\"return\": \"partial",
     ];
+    // Everything "written" so far, to check no byte is lost, duplicated or reordered.
+    let mut wire = Vec::new();
     let drain = |c: &mut Connection, issued: &mut BTreeMap<u64, &'static str>| {
         while let Some(o) = c.poll_output() {
             if let Output::Completed { id, .. } = o {
@@ -306,9 +330,11 @@ pub fn op_sequence(data: &[u8]) {
                 }
             }
             2 => {
-                if let Some(n) = c.poll_transmit().map(<[u8]>::len) {
-                    let part = usize::from(b.byte()) % (n + 1);
+                if let Some(bytes) = c.poll_transmit() {
+                    let part = usize::from(b.byte()) % (bytes.len() + 1);
+                    wire.extend_from_slice(&bytes[..part]);
                     c.handle_transmitted(part);
+                    check_wire(&wire);
                 }
             }
             3 => {
