@@ -4,9 +4,8 @@
 //! runtime-neutral async function over an [`Rt`]; the modules at the end run them on tokio,
 //! smol and async-std.
 //!
-//! `qmp-client` does not implement `qmp_ops::Execute` yet (its `ops` feature is still to come),
-//! so [`ClientExec`] below is the adapter: it maps `qmp_client::Error` to `qmp_ops::ExecError`
-//! by send status. Each test skips with a printed reason when QEMU is missing, and fails
+//! [`ClientExec`] below wraps the client's own `qmp_ops::Execute` (feature `ops`) to count
+//! what is sent and how many run-state commands overlap. Each test skips with a printed reason when QEMU is missing, and fails
 //! instead under `QMP_REQUIRE_QEMU=1` (the launcher decides).
 
 use std::future::Future;
@@ -17,12 +16,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::join_all;
-use qmp_client::{Builder, Client, Command};
+use qmp_client::{Builder, Client};
 use qmp_ops::{
     BoxFuture, ErrorKind, ExecError, Execute, Hooks, Ops, Policy, Reconnecting, RetryPolicy, Rule,
     RunState, Sleep,
 };
-use qmp_proto::{Failure, LocalError, RawJson};
+use qmp_proto::RawJson;
 use qmp_testkit::launch::Launch;
 use serde_json::value::RawValue;
 
@@ -55,26 +54,6 @@ impl ClientExec {
     }
 }
 
-fn map_error(e: &qmp_client::Error) -> ExecError {
-    use qmp_client::{ErrorKind as K, SendStatus as S};
-    if let Some(server) = e.server_error() {
-        return ExecError::Command(server.clone());
-    }
-    let failure = match e.kind() {
-        K::Timeout => Failure::Timeout,
-        K::Disconnected | K::Io => Failure::PeerClosed,
-        K::Handshake => Failure::HandshakeFailed,
-        _ => Failure::LocalClose,
-    };
-    match (e.kind(), e.send_status()) {
-        (K::InvalidRequest, _) => ExecError::Local(LocalError::InvalidArguments(e.to_string())),
-        (K::QueueFull, _) => ExecError::Local(LocalError::QueueFull { max: 0 }),
-        (_, Some(S::NotSent)) => ExecError::NotSent(failure),
-        // Unanswered, answered-but-undecodable, or unknown: the least safe classification.
-        _ => ExecError::Unknown(failure),
-    }
-}
-
 impl Execute for ClientExec {
     fn execute<'a>(
         &'a self,
@@ -83,18 +62,13 @@ impl Execute for ClientExec {
     ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
         Box::pin(async move {
             self.sent.lock().unwrap().push(name.to_owned());
-            let cmd = match args {
-                Some(a) => Command::new(name)
-                    .raw_arguments(a.get())
-                    .map_err(ExecError::Local)?,
-                None => Command::new(name),
-            };
             let run_state = matches!(name, "stop" | "cont");
             if run_state {
                 let now = self.run_state_now.fetch_add(1, Ordering::SeqCst) + 1;
                 self.run_state_max.fetch_max(now, Ordering::SeqCst);
             }
-            let result = self.client.run_raw(cmd).await.map_err(|e| map_error(&e));
+            // The client's own `Execute` (feature `ops`) does the work and the error mapping.
+            let result = Execute::execute(&self.client, name, args).await;
             if run_state {
                 self.run_state_now.fetch_sub(1, Ordering::SeqCst);
             }
