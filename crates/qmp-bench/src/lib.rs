@@ -1,9 +1,11 @@
-//! Support for the `qmp-load` tool: the measured loops, runtime-neutral.
+//! Support for the `qmp-load` tool: the measured loops (runtime-neutral), the raw baseline,
+//! the separate-process fake server, and the statistics.
 #![cfg_attr(not(fuzzing), warn(missing_docs))]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Instant;
 
 use futures_util::future::join_all;
 use qmp_client::Client;
@@ -11,6 +13,56 @@ use serde::de::IgnoredAny;
 
 /// The command every loop sends.
 pub const COMMAND: &str = "query-version";
+
+/// One measured run: wall time and this process's CPU time over the commands only (after the
+/// handshake, before the close).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// Commands run.
+    pub n: usize,
+    /// Wall-clock seconds.
+    pub secs: f64,
+    /// User plus system CPU microseconds of this process (all its threads).
+    pub cpu_us: f64,
+}
+
+impl Sample {
+    /// Commands per second.
+    pub fn ops_per_sec(&self) -> f64 {
+        self.n as f64 / self.secs
+    }
+
+    /// CPU microseconds per command.
+    pub fn cpu_us_per_op(&self) -> f64 {
+        self.cpu_us / self.n as f64
+    }
+}
+
+/// A start point for a [`Sample`].
+#[derive(Debug, Clone, Copy)]
+pub struct Stopwatch {
+    t0: Instant,
+    cpu0: f64,
+}
+
+impl Stopwatch {
+    /// Starts measuring now.
+    pub fn start() -> Self {
+        Self {
+            t0: Instant::now(),
+            cpu0: cpu_micros(),
+        }
+    }
+
+    /// The sample for `n` commands since [`start`](Self::start).
+    pub fn stop(&self, n: usize) -> Sample {
+        Sample {
+            n,
+            secs: self.t0.elapsed().as_secs_f64(),
+            cpu_us: cpu_micros() - self.cpu0,
+        }
+    }
+}
 
 /// Runs `n` commands one after another.
 ///
@@ -35,12 +87,28 @@ pub async fn concurrent(client: &Client, n: usize, concurrency: usize) {
     join_all(callers).await;
 }
 
+/// Measures `n` commands (`seq`: one after another; `conc`: `concurrency` callers), then
+/// closes the client.
+///
+/// # Panics
+/// When a command fails.
+pub async fn workload(client: Client, mode: &str, n: usize, concurrency: usize) -> Sample {
+    let watch = Stopwatch::start();
+    match mode {
+        "conc" => concurrent(&client, n, concurrency).await,
+        _ => sequential(&client, n).await,
+    }
+    let sample = watch.stop(n);
+    client.close().await;
+    sample
+}
+
 /// The baseline: a blocking socket, no library, compact requests, `oob` negotiated, up to
 /// `concurrency` requests in flight. Counts replies by their line ends.
 ///
 /// # Errors
 /// When the socket fails.
-pub fn raw(path: &Path, n: usize, concurrency: usize) -> std::io::Result<()> {
+pub fn raw(path: &Path, n: usize, concurrency: usize) -> std::io::Result<Sample> {
     let stream = UnixStream::connect(path)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
@@ -49,6 +117,7 @@ pub fn raw(path: &Path, n: usize, concurrency: usize) -> std::io::Result<()> {
     writer.write_all(br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#)?;
     line.clear();
     reader.read_until(b'\n', &mut line)?;
+    let watch = Stopwatch::start();
     let mut sent = 0usize;
     let mut received = 0usize;
     let mut batch = Vec::new();
@@ -72,10 +141,31 @@ pub fn raw(path: &Path, n: usize, concurrency: usize) -> std::io::Result<()> {
             received += 1;
         }
     }
-    Ok(())
+    Ok(watch.stop(n))
 }
 
-/// User plus system CPU time of this process so far, in microseconds.
+/// The fake QEMU the load is served by: the testkit's, answering every command at once, and
+/// reading up to `queue_limit` queued in-band commands (QEMU: 8).
+///
+/// # Errors
+/// When the socket cannot be created.
+pub fn fake_server(queue_limit: usize) -> std::io::Result<qmp_testkit::fake::FakeQemu> {
+    let script = qmp_testkit::fake::Script::new().queue_limit(queue_limit);
+    qmp_testkit::fake::FakeQemu::unix(script)
+}
+
+/// The median of `values` (the mean of the middle two for an even count); NaN when empty.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// User plus system CPU time of this process so far (all threads, no children), in
+/// microseconds.
 pub fn cpu_micros() -> f64 {
     // SAFETY: getrusage only writes the struct we pass.
     let usage = unsafe {
@@ -85,4 +175,16 @@ pub fn cpu_micros() -> f64 {
     };
     let tv = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
     tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+    }
 }

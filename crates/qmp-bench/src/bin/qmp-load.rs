@@ -1,10 +1,21 @@
 //! `qmp-load`: measures commands per second and client CPU per command against a QMP socket.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::process::ExitCode;
-use std::time::Instant;
+use std::process::{Child, Command, ExitCode, Stdio};
 
-use qmp_bench::{concurrent, cpu_micros, raw, sequential};
+use qmp_bench::{Sample, fake_server, median, raw, workload};
+
+/// Where the commands go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    /// `--socket PATH`.
+    Socket,
+    /// `--fake`: the testkit's fake in a child process (its CPU is not counted).
+    FakeProcess,
+    /// `--fake-in-process`: the fake on a thread of this process (its CPU is counted).
+    FakeInProcess,
+}
 
 struct Args {
     socket: PathBuf,
@@ -12,15 +23,23 @@ struct Args {
     mode: String,
     n: usize,
     concurrency: usize,
+    max_in_flight: Option<usize>,
     raw: bool,
     /// tokio worker threads (1: the current-thread runtime).
     threads: usize,
-    /// Serve the load with the testkit's fake QEMU in this process (its CPU is counted too).
-    fake: bool,
+    server: Server,
+    /// Measured runs, each on a fresh connection; the medians are reported.
+    repeat: usize,
+    /// Serve a fake QEMU and print its socket, until stdin closes (used by `--fake`).
+    serve_fake: bool,
+    /// Queued in-band commands the fake reads (QEMU: 8).
+    queue_limit: usize,
 }
 
-const USAGE: &str = "usage: qmp-load --socket PATH [--runtime tokio|smol|async-std] \
-                     [--mode seq|conc] [--n N] [--concurrency C] [--threads T] [--raw] [--fake]";
+const USAGE: &str = "usage: qmp-load (--socket PATH | --fake | --fake-in-process) \
+                     [--runtime tokio|smol|async-std] [--raw] [--mode seq|conc] [--n N] \
+                     [--concurrency C] [--max-in-flight M] [--threads T] [--repeat R]\n       \
+                     qmp-load --serve-fake [--queue-limit Q]";
 
 fn parse() -> Result<Args, String> {
     let mut a = Args {
@@ -29,41 +48,139 @@ fn parse() -> Result<Args, String> {
         mode: "seq".into(),
         n: 10_000,
         concurrency: 8,
+        max_in_flight: None,
         raw: false,
         threads: 2,
-        fake: false,
+        server: Server::Socket,
+        repeat: 1,
+        serve_fake: false,
+        queue_limit: 64,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let num = |v: String| v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
             "--socket" => a.socket = value()?.into(),
             "--runtime" => a.runtime = value()?,
             "--mode" => a.mode = value()?,
-            "--n" => a.n = value()?.parse().map_err(|e| format!("--n: {e}"))?,
-            "--concurrency" => {
-                a.concurrency = value()?
-                    .parse()
-                    .map_err(|e| format!("--concurrency: {e}"))?;
-            }
+            "--n" => a.n = num(value()?)?,
+            "--concurrency" => a.concurrency = num(value()?)?.max(1),
+            "--max-in-flight" => a.max_in_flight = Some(num(value()?)?),
+            "--threads" => a.threads = num(value()?)?,
+            "--repeat" => a.repeat = num(value()?)?.max(1),
+            "--queue-limit" => a.queue_limit = num(value()?)?,
             "--raw" => a.raw = true,
-            "--fake" => a.fake = true,
-            "--threads" => a.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?,
+            "--fake" => a.server = Server::FakeProcess,
+            "--fake-in-process" => a.server = Server::FakeInProcess,
+            "--serve-fake" => a.serve_fake = true,
             _ => return Err(format!("unknown argument {flag}")),
         }
     }
-    if a.socket.as_os_str().is_empty() && !a.fake {
-        return Err("--socket or --fake is required".into());
+    if a.socket.as_os_str().is_empty() && a.server == Server::Socket && !a.serve_fake {
+        return Err("--socket, --fake or --fake-in-process is required".into());
     }
     Ok(a)
 }
 
-async fn measured(client: qmp_client::Client, mode: &str, n: usize, concurrency: usize) {
-    match mode {
-        "conc" => concurrent(&client, n, concurrency).await,
-        _ => sequential(&client, n).await,
+/// `--serve-fake`: prints `socket=PATH` and serves until stdin reaches EOF.
+fn serve_fake(queue_limit: usize) -> Result<(), String> {
+    let fake = fake_server(queue_limit).map_err(|e| format!("cannot start the fake: {e}"))?;
+    let path = fake.socket_path().expect("a unix fake has a path");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "socket={}", path.display()).map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(())
+}
+
+/// Starts `qmp-load --serve-fake` as a child and returns it with the socket it serves.
+fn spawn_fake(queue_limit: usize) -> Result<(Child, PathBuf), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["--serve-fake", "--queue-limit", &queue_limit.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the fake process: {e}"))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    match line.trim_end().strip_prefix("socket=") {
+        Some(p) => Ok((child, p.into())),
+        None => Err(format!("the fake process said {line:?}")),
     }
-    client.close().await;
+}
+
+/// Runs the measured repeats with the chosen client.
+fn run(a: &Args) -> Result<Vec<Sample>, String> {
+    let max_in_flight = a.max_in_flight.unwrap_or(match a.server {
+        Server::Socket => a.concurrency.min(8),
+        _ => a.concurrency,
+    });
+    let builder = || qmp_client::Builder::new().max_in_flight(max_in_flight);
+    let (mode, n, conc, path) = (a.mode.as_str(), a.n, a.concurrency, &a.socket);
+    let mut samples = Vec::with_capacity(a.repeat);
+    if a.raw {
+        let conc = if mode == "seq" { 1 } else { conc };
+        for _ in 0..a.repeat {
+            samples.push(raw(path, n, conc).map_err(|e| e.to_string())?);
+        }
+        return Ok(samples);
+    }
+    match a.runtime.as_str() {
+        "tokio" => {
+            let rt = match a.threads {
+                0 | 1 => tokio::runtime::Builder::new_current_thread(),
+                t => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(t);
+                    b
+                }
+            }
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                for _ in 0..a.repeat {
+                    let (c, conn) = qmp_tokio::connect_unix(path, builder()).await?;
+                    qmp_tokio::spawn_connection(conn);
+                    // The workload runs as a task too, as in a real service.
+                    let mode = mode.to_owned();
+                    let s = tokio::spawn(async move { workload(c, &mode, n, conc).await });
+                    samples.push(s.await.expect("the workload panicked"));
+                }
+                Ok::<_, qmp_client::Error>(())
+            })
+        }
+        // The driver runs in the same task as the workload (one thread).
+        "smol" => smol::block_on(async {
+            for _ in 0..a.repeat {
+                let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
+                let (driven, s) =
+                    futures_util::future::join(conn, workload(c, mode, n, conc)).await;
+                driven?;
+                samples.push(s);
+            }
+            Ok(())
+        }),
+        "async-std" => async_std::task::block_on(async {
+            for _ in 0..a.repeat {
+                let (c, conn) = qmp_async_std::connect_unix(path, builder()).await?;
+                let (driven, s) =
+                    futures_util::future::join(conn, workload(c, mode, n, conc)).await;
+                driven?;
+                samples.push(s);
+            }
+            Ok(())
+        }),
+        other => return Err(format!("unknown runtime {other}")),
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(samples)
 }
 
 fn main() -> ExitCode {
@@ -74,90 +191,80 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if a.serve_fake {
+        return match serve_fake(a.queue_limit) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("qmp-load: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Kept alive until the end of the run.
-    let _fake = if a.fake {
-        match qmp_testkit::fake::FakeQemu::unix(qmp_testkit::fake::Script::new()) {
+    let mut child = None;
+    let mut _in_process = None;
+    match a.server {
+        Server::Socket => {}
+        Server::FakeProcess => match spawn_fake(a.queue_limit) {
+            Ok((c, path)) => {
+                a.socket = path;
+                child = Some(c);
+            }
+            Err(e) => {
+                eprintln!("qmp-load: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Server::FakeInProcess => match fake_server(a.queue_limit) {
             Ok(f) => {
                 a.socket = f.socket_path().expect("a unix fake has a path").to_owned();
-                Some(f)
+                _in_process = Some(f);
             }
             Err(e) => {
                 eprintln!("qmp-load: cannot start the fake: {e}");
                 return ExitCode::FAILURE;
             }
-        }
-    } else {
-        None
-    };
-    let builder = qmp_client::Builder::new().max_in_flight(a.concurrency.clamp(1, 8));
-    let (cpu0, t0) = (cpu_micros(), Instant::now());
-    let label = if a.raw {
-        "raw".to_owned()
-    } else {
-        a.runtime.clone()
-    };
-    let res: Result<(), String> = if a.raw {
-        raw(&a.socket, a.n, a.concurrency).map_err(|e| e.to_string())
-    } else {
-        match a.runtime.as_str() {
-            "tokio" => match a.threads {
-                0 | 1 => tokio::runtime::Builder::new_current_thread(),
-                n => {
-                    let mut b = tokio::runtime::Builder::new_multi_thread();
-                    b.worker_threads(n);
-                    b
-                }
-            }
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())
-            .and_then(|rt| {
-                rt.block_on(async {
-                    let (c, conn) = qmp_tokio::connect_unix(&a.socket, builder).await?;
-                    qmp_tokio::spawn_connection(conn);
-                    // The workload runs as a task too, as in a real service.
-                    let (mode, n, conc) = (a.mode.clone(), a.n, a.concurrency);
-                    tokio::spawn(async move { measured(c, &mode, n, conc).await })
-                        .await
-                        .expect("the workload panicked");
-                    Ok::<_, qmp_client::Error>(())
-                })
-                .map_err(|e| e.to_string())
-            }),
-            "smol" => smol::block_on(async {
-                let (c, conn) = qmp_smol::connect_unix(&a.socket, builder).await?;
-                // The driver runs in this task, next to the workload (one thread).
-                let work = measured(c, &a.mode, a.n, a.concurrency);
-                let (driven, ()) = futures_util::future::join(conn, work).await;
-                driven
-            })
-            .map_err(|e| e.to_string()),
-            "async-std" => async_std::task::block_on(async {
-                let (c, conn) = qmp_async_std::connect_unix(&a.socket, builder).await?;
-                // The driver runs in this task, next to the workload (one thread).
-                let work = measured(c, &a.mode, a.n, a.concurrency);
-                let (driven, ()) = futures_util::future::join(conn, work).await;
-                driven
-            })
-            .map_err(|e| e.to_string()),
-            other => Err(format!("unknown runtime {other}")),
-        }
-    };
-    if let Err(e) = res {
-        eprintln!("qmp-load: {e}");
-        return ExitCode::FAILURE;
+        },
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = cpu_micros() - cpu0;
+    let res = run(&a);
+    if let Some(mut c) = child {
+        drop(c.stdin.take()); // EOF: the fake exits.
+        let _ = c.wait();
+    }
+    let samples = match res {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("qmp-load: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let label = if a.raw { "raw" } else { a.runtime.as_str() };
+    let server = match a.server {
+        Server::Socket => "socket",
+        Server::FakeProcess => "fake-process",
+        Server::FakeInProcess => "fake-in-process",
+    };
+    let threads = if a.raw || a.runtime != "tokio" {
+        1
+    } else {
+        a.threads.max(1)
+    };
     println!(
-        "client={label} mode={} n={} concurrency={} threads={} server={}",
-        a.mode,
-        a.n,
-        a.concurrency,
-        a.threads,
-        if a.fake { "fake" } else { "socket" }
+        "client={label} mode={} n={} concurrency={} threads={threads} server={server} repeat={}",
+        a.mode, a.n, a.concurrency, a.repeat
     );
-    println!("ops_per_sec={:.1}", a.n as f64 / secs);
-    println!("cpu_us_per_op={:.2}", cpu / a.n as f64);
+    for (i, s) in samples.iter().enumerate() {
+        println!(
+            "run={} secs={:.3} cpu_us_per_op={:.2} ops_per_sec={:.1}",
+            i + 1,
+            s.secs,
+            s.cpu_us_per_op(),
+            s.ops_per_sec()
+        );
+    }
+    let mut cpu: Vec<f64> = samples.iter().map(Sample::cpu_us_per_op).collect();
+    let mut ops: Vec<f64> = samples.iter().map(Sample::ops_per_sec).collect();
+    println!("cpu_us_per_op={:.2}", median(&mut cpu));
+    println!("ops_per_sec={:.1}", median(&mut ops));
     ExitCode::SUCCESS
 }
