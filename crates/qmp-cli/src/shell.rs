@@ -539,7 +539,10 @@ impl Shell {
         }
         match crate::send(&self.client, "human-monitor-command", &args).await {
             Ok(raw) => {
-                let text = serde_json::from_str::<String>(raw.get()).unwrap_or_default();
+                // HMP ends its lines with CRLF.
+                let text = serde_json::from_str::<String>(raw.get())
+                    .unwrap_or_default()
+                    .replace("\r\n", "\n");
                 print!("{text}");
                 if !text.is_empty() && !text.ends_with('\n') {
                     println!();

@@ -75,6 +75,12 @@ for step in script["steps"]:
 end = time.time() + 10
 while pump(end) is None:
     pass
-_, status = os.waitpid(pid, 0)
+for _ in range(100):
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    fail("the program did not exit after the last step")
 print(json.dumps(buf.decode("utf-8", "replace")))
 sys.exit(0 if os.WEXITSTATUS(status) == 0 else 2)

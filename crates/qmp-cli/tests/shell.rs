@@ -1,0 +1,198 @@
+//! The interactive shell driven through a pseudo-terminal (python3's `pty`, via
+//! `tests/pty_driver.py`) against real QEMU: completion, history, events arriving while a
+//! line is being edited, HMP, policy, errors.
+
+use std::process::Command;
+
+use qmp_testkit::launch::Launch;
+use serde_json::{Value, json};
+
+const QMP: &str = env!("CARGO_BIN_EXE_qmp");
+const DRIVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pty_driver.py");
+
+/// Runs the driver; returns the raw terminal transcript. Panics with the transcript when an
+/// expectation fails. `None` (with SKIP printed) without python3.
+fn drive(argv: &[&str], steps: Value) -> Option<String> {
+    if Command::new("python3")
+        .arg("-c")
+        .arg("import pty")
+        .output()
+        .is_err()
+    {
+        println!("SKIP: python3 is not available to drive a pseudo-terminal");
+        return None;
+    }
+    let script = json!({ "argv": argv, "steps": steps });
+    let o = Command::new("python3")
+        .arg(DRIVER)
+        .arg(script.to_string())
+        .env("HOME", "/nonexistent")
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let transcript: String = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_default();
+    assert!(
+        o.status.success(),
+        "{}\ntranscript: {transcript:?}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Some(transcript)
+}
+
+#[test]
+fn completion_history_and_live_events() {
+    let Some(q) = Launch::storage_daemon().tcp().spawn() else {
+        return;
+    };
+    let sock = q.socket_path().display().to_string();
+    let tcp = q.tcp_addr().unwrap().to_string();
+    let hist = q.dir().join("history");
+    let hist_s = hist.display().to_string();
+    let file = q.dir().join("d.raw").display().to_string();
+    let steps = json!([
+        {"expect": "(qmp) "},
+        // A command name completes from query-commands/the schema.
+        {"send": "query-ver\t"},
+        {"expect": "\r\x1b[K(qmp) query-version"},
+        {"send": "\r"},
+        {"expect": "\"major\": 10"},
+        {"expect": "# QEMU 10."},
+        {"expect": "(qmp) "},
+        // Argument names complete from the schema, with `=` appended; the tag selects the
+        // union case whose members are offered next.
+        {"send": "blockdev-add dri\t"},
+        {"expect": "(qmp) blockdev-add driver="},
+        {"send": "null-co read-z\t"},
+        {"expect": "(qmp) blockdev-add driver=null-co read-zeroes="},
+        {"send": "true node-n\t"},
+        {"expect": "read-zeroes=true node-name="},
+        {"send": "s0 nmae=1\r"},
+        {"expect": "error: unknown argument 'nmae' for blockdev-add (did you mean 'node-name'?)\r\n"},
+        {"expect": "(qmp) "},
+        // History: the failed line, edited.
+        {"send": "\x1b[A"},
+        {"expect": "(qmp) blockdev-add driver=null-co read-zeroes=true node-name=s0 nmae=1"},
+        {"send": "\x7f\x7f\x7f\x7f\x7f\x7f\x7f\r"},
+        {"expect": "{}\r\n"},
+        {"expect": "(qmp) "},
+        {"send": "blockdev-add driver=null-co node-name=s0\r"},
+        {"expect": "error: GenericError: Duplicate nodes with node-name='s0'\r\n"},
+        {"expect": "(qmp) "},
+        // Events arrive while a line is half typed: printed above the prompt, which is
+        // redrawn with the partial line intact.
+        {"send": "query-"},
+        {"expect": "\x1b[6Cquery-"},
+        {"run": [QMP, "--tcp", tcp, "blockdev-create", "job-id=j1", "options.driver=file",
+                 format!("options.filename={file}"), "options.size=1024"]},
+        {"expect": "event JOB_STATUS_CHANGE {\"status\":\"concluded\",\"id\":\"j1\"}\r\n\r\x1b[K(qmp) query-"},
+        // Two tabs list the candidates.
+        {"send": "\t\t"},
+        {"expect": "query-jobs"},
+        {"send": "\x15help\r"},
+        {"expect": "  exit, Ctrl-D"},
+        {"send": "schema query-jo\t"},
+        {"expect": "schema query-jobs"},
+        {"send": "\r"},
+        {"expect": "command query-jobs\r\n  arguments: none\r\n  returns: array of object\r\n"},
+        {"send": "hmp\r"},
+        {"expect": "error: this program has no HMP (no human-monitor-command)\r\n"},
+        {"send": "\x04"},
+    ]);
+    let Some(t) = drive(
+        &[
+            QMP,
+            "--color",
+            "never",
+            "-s",
+            &sock,
+            "shell",
+            "--history",
+            &hist_s,
+        ],
+        steps,
+    ) else {
+        return;
+    };
+    // Each event was printed on its own line, followed by the redrawn prompt and input.
+    for status in ["created", "running", "waiting", "pending", "concluded"] {
+        let want = format!(
+            "\r\x1b[Kevent JOB_STATUS_CHANGE {{\"status\":\"{status}\",\"id\":\"j1\"}}\r\n\r\x1b[K(qmp) query-"
+        );
+        assert!(t.contains(&want), "{want:?} not in {t:?}");
+    }
+    // The history file holds the lines entered, oldest first.
+    let saved = std::fs::read_to_string(&hist).unwrap();
+    assert_eq!(
+        saved,
+        "#V2\nquery-version\nblockdev-add driver=null-co read-zeroes=true node-name=s0 nmae=1\n\
+         blockdev-add driver=null-co read-zeroes=true node-name=s0\n\
+         blockdev-add driver=null-co node-name=s0\nhelp\nschema query-jobs\nhmp\n"
+    );
+}
+
+#[test]
+fn hmp_policy_and_quit_on_a_vm() {
+    let Some(mut vm) = Launch::system().spawn() else {
+        return;
+    };
+    let sock = vm.socket_path().display().to_string();
+    // vm-control, plus HMP and quit by explicit rules (profiles never allow HMP).
+    let policy = vm.dir().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "profile = \"vm-control\"\n[commands.human-monitor-command]\nmode = \"allow\"\n\
+         [commands.quit]\nmode = \"allow\"\n",
+    )
+    .unwrap();
+    let policy_s = policy.display().to_string();
+    let steps = json!([
+        {"expect": "(qmp) "},
+        {"send": "query-status\r"},
+        {"expect": "\"status\": \"prelaunch\""},
+        {"expect": "# VM is paused (prelaunch)\r\n"},
+        // One HMP command, then HMP mode with its own completion.
+        {"send": "hmp info status\r"},
+        {"expect": "VM status: paused (prelaunch)\r\n"},
+        {"send": "hmp\r"},
+        {"expect": "(hmp) "},
+        {"send": "info status\r"},
+        {"expect": "VM status: paused (prelaunch)\r\n"},
+        {"expect": "(hmp) "},
+        {"send": "sys\t"},
+        {"expect": "(hmp) system_"},
+        {"send": "\x15qmp\r"},
+        {"expect": "QMP mode"},
+        {"expect": "(qmp) "},
+        // The policy allows cont (vm-control) but not device_add.
+        {"send": "cont\r"},
+        {"expect": "event RESUME\r\n"},
+        {"send": "stop\r"},
+        {"expect": "event STOP\r\n"},
+        {"send": "device_add driver=usb-tablet id=t0\r"},
+        {"expect": "device_add denied by default deny: no rule allows it (profile vm-control); nothing was sent\r\n"},
+        {"send": "quit\r"},
+        {"expect": "QEMU quit; the connection is closed\r\n"},
+    ]);
+    let Some(t) = drive(
+        &[
+            QMP,
+            "--color",
+            "never",
+            "--policy",
+            &policy_s,
+            "-s",
+            &sock,
+            "shell",
+            "--no-history-file",
+        ],
+        steps,
+    ) else {
+        return;
+    };
+    assert!(t.starts_with("Connected to QEMU 10."), "{t:?}");
+    assert!(vm.wait_exit(std::time::Duration::from_secs(5)));
+}
