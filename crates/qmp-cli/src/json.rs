@@ -148,6 +148,24 @@ mod tests {
     }
 
     #[test]
+    fn any_prefix_of_any_text_formats_without_panicking() {
+        let samples = [
+            r#"{"a": "é\\\"x", "b": [1, -2.5e3, true, null, {"c": {}}], "d": "\u00e9"}"#,
+            "[[[[]]]] }}} ,,, ::: \"\\",
+            "garbage é ü 😀 , : ] } [ {",
+        ];
+        for text in samples {
+            for (i, _) in text.char_indices() {
+                for compact in [false, true] {
+                    for colour in [false, true] {
+                        let _ = format(&text[..i], Style { compact, colour });
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn colours_keys_and_values() {
         let c = Style {
             compact: true,

@@ -27,8 +27,8 @@ use crate::{Out, json};
 /// Words the shell handles itself.
 const BUILTINS: &[&str] = &["exit", "help", "hmp", "schema"];
 
-const HELP: &str = "\
-  COMMAND [key=value | key:=json | {json}]...   run a QMP command (Tab completes names)
+const HELP: &str =
+    "  COMMAND [key=value | key:=json | {json}]...   run a QMP command (Tab completes names)
   hmp TEXT                                      run one HMP command (human-monitor-command)
   hmp                                           toggle HMP mode (every line goes to HMP)
   schema [NAME]                                 describe a command or event, or list them

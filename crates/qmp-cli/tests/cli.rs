@@ -884,3 +884,89 @@ fn demo_on_the_fake_says_so() {
     assert_eq!(normalise_demo(&text), expected);
     assert!(text.ends_with(" s (against the FAKE QEMU).\n"), "{text}");
 }
+
+#[test]
+fn faults_from_the_fake_are_reported_not_hung() {
+    use qmp_testkit::fake::{Action, Response};
+    let script = Script::new()
+        .on("query-qmp-schema", Response::ok("[]"))
+        .on("query-status", Response::none())
+        .on("stop", Response::actions(vec![Action::Close]));
+    let fake = FakeQemu::unix(script).unwrap();
+    let f = fake.socket_path().unwrap().display().to_string();
+    // No reply within --command-timeout: exit 3, and the outcome is said to be unknown.
+    let start = Instant::now();
+    let o = qmp(&[
+        "-s",
+        &f,
+        "--no-validate",
+        "--command-timeout",
+        "0.3",
+        "query-status",
+    ]);
+    assert_eq!((o.status.code(), out(&o).as_str()), (Some(3), ""));
+    assert!(err(&o).starts_with("qmp: "), "{}", err(&o));
+    assert!(err(&o).contains("sent, but no reply came"), "{}", err(&o));
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // The peer closes instead of answering: exit 3.
+    let o = qmp(&["-s", &f, "--no-validate", "stop"]);
+    assert_eq!(
+        (o.status.code(), out(&o).as_str()),
+        (Some(3), ""),
+        "{}",
+        err(&o)
+    );
+    // Following events when the connection closes before --count: exit 3.
+    let script = Script::new().on("query-qmp-schema", Response::ok("[]"));
+    let fake = FakeQemu::unix(script).unwrap();
+    let f = fake.socket_path().unwrap().display().to_string();
+    let child = Command::new(QMP)
+        .args(["-s", &f, "events", "--count", "3", "--timeout", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The follower subscribes right after the handshake, whose negotiation request the fake
+    // records; give it a moment to read the reply, then send one event and hang up.
+    fake.wait_requests(1, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    fake.push_event("STOP", None);
+    fake.disconnect();
+    let o = child.wait_with_output().unwrap();
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(3), "{text} {}", err(&o));
+    assert!(
+        text.starts_with("{\"event\":\"STOP\",\"timestamp\":{\"seconds\":"),
+        "{text}"
+    );
+    assert_eq!(err(&o), "qmp: the connection closed after 1 of 3 events\n");
+}
+
+#[test]
+fn shell_reads_piped_commands() {
+    let Some(q) = qsd() else { return };
+    let mut child = Command::new(QMP)
+        .args(["-s", &sock(&q), "shell", "--no-history-file"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"query-jobs\nblockdev-add driver=null-co nmae=1\nblockdev-add driver=null-co node-name=x0\nbogus-command\n\"unterminated\n")
+            .unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    let text = out(&o);
+    let (banner, rest) = text.split_once('\n').unwrap();
+    assert!(banner.starts_with("Connected to QEMU 10."), "{banner}");
+    assert_eq!(
+        rest,
+        "[]\nerror: unknown argument 'nmae' for blockdev-add (did you mean 'node-name'?)\n{}\n\
+         error: unknown command 'bogus-command'\nerror: unterminated quote\n"
+    );
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
+}
