@@ -18,7 +18,7 @@ const JOB: &str = "demo-create";
 const JOB_EVENT: &str = "JOB_STATUS_CHANGE";
 
 /// A small schema for the fake, enough to validate the tour's commands.
-const FAKE_SCHEMA: &str = r#"[
+pub(crate) const FAKE_SCHEMA: &str = r#"[
  {"name":"blockdev-add","meta-type":"command","arg-type":"1","ret-type":"0"},
  {"name":"blockdev-del","meta-type":"command","arg-type":"3","ret-type":"0"},
  {"name":"blockdev-create","meta-type":"command","arg-type":"4","ret-type":"0"},

@@ -549,7 +549,23 @@ impl Schema {
         }
     }
 
-    /// Argument names for completion: the members at dotted `prefix_path` of `command`'s
+    /// The type of the member at dotted `path` of `command`'s arguments (the arguments
+    /// themselves for an empty path), given the arguments already typed.
+    fn arg_type(&self, command: &str, path: &[&str], typed: &Map<String, Value>) -> Option<String> {
+        let Some(Entity::Command { arg, .. }) = self.get(command) else {
+            return None;
+        };
+        let mut ty = arg.clone();
+        let mut value = Some(typed);
+        for part in path {
+            let members = self.object_members(&ty, value);
+            ty = members.iter().find(|m| m.name == *part)?.ty.clone();
+            value = value.and_then(|v| v.get(*part)).and_then(Value::as_object);
+        }
+        Some(ty)
+    }
+
+    /// Argument names for completion: the members at dotted `path` of `command`'s
     /// arguments, given the arguments already typed (which select union variants).
     pub(crate) fn argument_names(
         &self,
@@ -557,19 +573,12 @@ impl Schema {
         path: &[&str],
         typed: &Map<String, Value>,
     ) -> Vec<String> {
-        let Some(Entity::Command { arg, .. }) = self.get(command) else {
+        let Some(ty) = self.arg_type(command, path, typed) else {
             return Vec::new();
         };
-        let mut ty = arg.clone();
-        let mut value = Some(typed);
-        for part in path {
-            let members = self.object_members(&ty, value);
-            let Some(m) = members.iter().find(|m| m.name == *part) else {
-                return Vec::new();
-            };
-            ty = m.ty.clone();
-            value = value.and_then(|v| v.get(*part)).and_then(Value::as_object);
-        }
+        let value = path
+            .iter()
+            .try_fold(typed, |m, p| m.get(*p).and_then(Value::as_object));
         let mut names: Vec<String> = self
             .object_members(&ty, value)
             .iter()
@@ -588,20 +597,38 @@ impl Schema {
         path: &[&str],
         typed: &Map<String, Value>,
     ) -> bool {
-        let Some(Entity::Command { arg, .. }) = self.get(command) else {
-            return false;
-        };
-        let mut ty = arg.clone();
-        let mut value = Some(typed);
-        for part in path {
-            let members = self.object_members(&ty, value);
-            let Some(m) = members.iter().find(|m| m.name == *part) else {
-                return false;
-            };
-            ty = m.ty.clone();
-            value = value.and_then(|v| v.get(*part)).and_then(Value::as_object);
+        self.arg_type(command, path, typed).is_some_and(|ty| {
+            matches!(self.get(&ty), Some(Entity::Object { members, .. }) if !members.is_empty())
+        })
+    }
+
+    /// The values completion offers for the member at dotted `path`: an enum's values (also
+    /// through alternates and arrays), `true`/`false` for booleans.
+    pub(crate) fn value_candidates(
+        &self,
+        command: &str,
+        path: &[&str],
+        typed: &Map<String, Value>,
+    ) -> Vec<String> {
+        fn walk(schema: &Schema, ty: &str, out: &mut Vec<String>, depth: usize) {
+            match schema.get(ty) {
+                Some(Entity::Enum { values }) => out.extend(values.iter().cloned()),
+                Some(Entity::Builtin { json }) if json == "boolean" => {
+                    out.extend(["false".to_owned(), "true".to_owned()]);
+                }
+                Some(Entity::Alternate { members }) if depth < 4 => {
+                    for m in members {
+                        walk(schema, m, out, depth + 1);
+                    }
+                }
+                _ => {}
+            }
         }
-        matches!(self.get(&ty), Some(Entity::Object { members, .. }) if !members.is_empty())
+        let mut out = Vec::new();
+        if let Some(ty) = self.arg_type(command, path, typed) {
+            walk(self, &ty, &mut out, 0);
+        }
+        out
     }
 }
 

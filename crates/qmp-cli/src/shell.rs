@@ -140,9 +140,6 @@ impl Completion {
                 let Some(schema) = &self.schema else {
                     return (start, Vec::new());
                 };
-                if word.contains('=') {
-                    return (start, Vec::new());
-                }
                 // The arguments typed so far select union variants.
                 let typed_words: Vec<String> = rest
                     .iter()
@@ -152,6 +149,19 @@ impl Completion {
                 let typed = crate::args::parse(&typed_words)
                     .map(|(m, _)| m)
                     .unwrap_or_default();
+                if let Some((key, value)) = word.split_once('=') {
+                    if key.ends_with(':') {
+                        return (start, Vec::new());
+                    }
+                    let path: Vec<&str> = key.split('.').collect();
+                    let out = schema
+                        .value_candidates(command, &path, &typed)
+                        .into_iter()
+                        .filter(|v| v.starts_with(value))
+                        .map(|v| pair(&v, format!("{key}={v} ")))
+                        .collect();
+                    return (start, out);
+                }
                 let mut path: Vec<&str> = word.split('.').collect();
                 let last = path.pop().unwrap_or_default();
                 let prefix: String = path.iter().map(|p| format!("{p}.")).collect();
@@ -567,6 +577,62 @@ mod tests {
         assert_eq!(split_words("  ").unwrap(), Vec::<String>::new());
         assert_eq!(split_words("a \"b").unwrap_err(), "unterminated quote");
         assert_eq!(split_words("x=''").unwrap(), ["x="]);
+    }
+
+    fn completions(c: &Completion, line: &str) -> (usize, Vec<String>) {
+        let (start, pairs) = c.complete(line, line.len());
+        (start, pairs.into_iter().map(|p| p.replacement).collect())
+    }
+
+    #[test]
+    fn completes_commands_arguments_and_values() {
+        let c = Completion {
+            schema: Some(Schema::from_json(crate::demo::FAKE_SCHEMA).unwrap()),
+            commands: vec!["blockdev-add".into(), "blockdev-del".into(), "quit".into()],
+            hmp_commands: vec!["info".into()],
+            hmp_mode: Arc::new(AtomicBool::new(false)),
+        };
+        assert_eq!(
+            completions(&c, "blockdev-"),
+            (0, vec!["blockdev-add".into(), "blockdev-del".into()])
+        );
+        assert_eq!(completions(&c, "he"), (0, vec!["help".into()]));
+        assert_eq!(
+            completions(&c, "blockdev-add dr"),
+            (13, vec!["driver=".into()])
+        );
+        assert_eq!(
+            completions(&c, "blockdev-add driver="),
+            (13, vec!["driver=file ".into(), "driver=null-co ".into()])
+        );
+        // The tag selects the case; typed arguments are not offered again.
+        assert_eq!(
+            completions(&c, "blockdev-add driver=null-co "),
+            (28, vec!["node-name=".into(), "size=".into()])
+        );
+        assert_eq!(
+            completions(&c, "blockdev-add driver=file "),
+            (
+                25,
+                vec!["filename=".into(), "node-name=".into(), "size=".into()]
+            )
+        );
+        // Nested members of an object argument, with `.` for objects.
+        assert_eq!(
+            completions(&c, "blockdev-create op"),
+            (16, vec!["options.".into()])
+        );
+        assert_eq!(
+            completions(&c, "blockdev-create options.driver=null-co options.s"),
+            (39, vec!["options.size=".into()])
+        );
+        assert_eq!(
+            completions(&c, "schema blockdev-d"),
+            (7, vec!["blockdev-del".into()])
+        );
+        assert_eq!(completions(&c, "nosuch x"), (7, vec![]));
+        c.hmp_mode.store(true, Ordering::Relaxed);
+        assert_eq!(completions(&c, "in"), (0, vec!["info".into()]));
     }
 
     #[test]

@@ -66,7 +66,10 @@ fn completion_history_and_live_events() {
         // union case whose members are offered next.
         {"send": "blockdev-add dri\t"},
         {"expect": "(qmp) blockdev-add driver="},
-        {"send": "null-co read-z\t"},
+        // Enum values complete too.
+        {"send": "null-c\t"},
+        {"expect": "(qmp) blockdev-add driver=null-co "},
+        {"send": "read-z\t"},
         {"expect": "(qmp) blockdev-add driver=null-co read-zeroes="},
         {"send": "true node-n\t"},
         {"expect": "read-zeroes=true node-name="},
