@@ -916,8 +916,20 @@ fn faults_from_the_fake_are_reported_not_hung() {
         "{}",
         err(&o)
     );
-    // Following events when the connection closes before --count: exit 3.
-    let script = Script::new().on("query-qmp-schema", Response::ok("[]"));
+    // Following events when the connection closes before --count: exit 3. The fake answers
+    // the negotiation, waits (the follower subscribes meanwhile), sends one event, hangs up.
+    let script = Script::new().on(
+        "qmp_capabilities",
+        Response::actions(vec![
+            Action::Return("{}".into()),
+            Action::Delay(Duration::from_millis(300)),
+            Action::Event {
+                name: "STOP".into(),
+                data: None,
+            },
+            Action::Close,
+        ]),
+    );
     let fake = FakeQemu::unix(script).unwrap();
     let f = fake.socket_path().unwrap().display().to_string();
     let child = Command::new(QMP)
@@ -926,12 +938,6 @@ fn faults_from_the_fake_are_reported_not_hung() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The follower subscribes right after the handshake, whose negotiation request the fake
-    // records; give it a moment to read the reply, then send one event and hang up.
-    fake.wait_requests(1, Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(300));
-    fake.push_event("STOP", None);
-    fake.disconnect();
     let o = child.wait_with_output().unwrap();
     let text = out(&o);
     assert_eq!(o.status.code(), Some(3), "{text} {}", err(&o));
