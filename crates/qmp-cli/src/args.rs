@@ -26,6 +26,12 @@ pub(crate) fn parse(words: &[String]) -> Result<(Map<String, Value>, Vec<String>
     }
     for word in words {
         let Some(eq) = word.find('=') else {
+            if word.starts_with('-') {
+                return Err(format!(
+                    "'{word}' looks like an option: options go before the command name \
+                     (qmp [OPTIONS] COMMAND [ARGS]...)"
+                ));
+            }
             return Err(format!(
                 "argument '{word}' is not key=value (use key=value, key:=<json>, or one JSON object)"
             ));

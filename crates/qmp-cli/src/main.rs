@@ -317,15 +317,21 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<(), Failure> {
             let history = if no_history_file {
                 None
             } else {
-                history.or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".qmp_history"))
-                })
+                history.or_else(default_history)
             };
             shell::run(rt, &target, timeouts, policy, history, out, cli.no_validate)
         }
-        None => shell::run(rt, &target, timeouts, policy, None, out, cli.no_validate),
+        None => {
+            let history = default_history();
+            shell::run(rt, &target, timeouts, policy, history, out, cli.no_validate)
+        }
         Some(Sub::Demo { .. } | Sub::Exec(_)) => Ok(()),
     }
+}
+
+/// `$HOME/.qmp_history`.
+fn default_history() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".qmp_history"))
 }
 
 async fn finish(session: Session) {

@@ -356,6 +356,25 @@ fn connection_failures_exit_3() {
         "",
         &format!("qmp: cannot connect to {m}: No such file or directory (os error 2)\n"),
     );
+    // A guest agent that never answers the sync.
+    let fake_ga = FakeQemu::unix(
+        Script::qga().on("guest-sync-delimited", qmp_testkit::fake::Response::none()),
+    )
+    .unwrap();
+    let g = fake_ga.socket_path().unwrap().display().to_string();
+    check(
+        &qmp(&["--qga", &g, "--greeting-timeout", "0.3", "guest-ping"]),
+        3,
+        "",
+        "qmp: the guest agent accepted the connection but did not answer guest-sync-delimited within 0.3 s: is the agent running, and is no other client attached?\n",
+    );
+    // Options after the command name are arguments: said clearly.
+    check(
+        &qmp(&["--qga", &g, "guest-ping", "--compact"]),
+        2,
+        "",
+        "qmp: '--compact' looks like an option: options go before the command name (qmp [OPTIONS] COMMAND [ARGS]...)\n",
+    );
     // A monitor that accepts but never greets (the fake, scripted).
     let fake = FakeQemu::unix(Script::new().no_greeting()).unwrap();
     let f = fake.socket_path().unwrap().display().to_string();
