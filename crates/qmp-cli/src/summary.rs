@@ -10,7 +10,11 @@ pub(crate) fn summarise(command: &str, ret: &Value) -> Option<String> {
         "query-status" => {
             let status = s(ret, "status");
             if ret.get("running").and_then(Value::as_bool) == Some(true) {
-                Some(format!("VM is running ({status})"))
+                Some(if status == "running" {
+                    "VM is running".to_owned()
+                } else {
+                    format!("VM is running ({status})")
+                })
             } else {
                 Some(format!("VM is paused ({status})"))
             }
@@ -126,7 +130,7 @@ mod tests {
         );
         assert_eq!(
             sum("query-status", r#"{"status":"running","running":true}"#).unwrap(),
-            "VM is running (running)"
+            "VM is running"
         );
         assert_eq!(
             sum(
