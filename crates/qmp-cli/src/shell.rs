@@ -436,6 +436,14 @@ struct Shell {
 }
 
 impl Shell {
+    /// Whether the peer has `human-monitor-command` (never the guest agent).
+    fn has_hmp(&self) -> bool {
+        self.completion
+            .schema
+            .as_ref()
+            .is_some_and(|s| s.has_command("human-monitor-command"))
+    }
+
     fn error(&self, msg: &str) {
         if self.out.style.colour {
             println!("\x1b[1;31m{msg}\x1b[0m");
@@ -471,18 +479,13 @@ impl Shell {
                 println!("{HELP}");
                 return false;
             }
+            "hmp" if !self.has_hmp() => {
+                self.error("error: this program has no HMP (no human-monitor-command)");
+                return false;
+            }
             "hmp" if rest.is_empty() => {
-                let has_hmp = self
-                    .completion
-                    .schema
-                    .as_ref()
-                    .is_some_and(|s| s.has_command("human-monitor-command"));
-                if !has_hmp {
-                    self.error("error: this program has no HMP (no human-monitor-command)");
-                } else {
-                    hmp_mode.store(true, Ordering::Relaxed);
-                    println!("HMP mode: lines go to human-monitor-command; 'qmp' returns");
-                }
+                hmp_mode.store(true, Ordering::Relaxed);
+                println!("HMP mode: lines go to human-monitor-command; 'qmp' returns");
                 return false;
             }
             "hmp" => {

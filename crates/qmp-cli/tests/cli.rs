@@ -793,11 +793,81 @@ fn guest_agent() {
         "",
         "qmp: error: CommandNotFound: Command guest-get-users has been disabled: the command is not allowed\n",
     );
+    // The shell on the agent, fed from a pipe.
+    let mut child = Command::new(QMP)
+        .args(["--qga", &p, "--compact", "shell", "--no-history-file"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(
+                b"guest-ping
+hmp info status
+",
+            )
+            .unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    check(
+        &o,
+        0,
+        "Connected to the guest agent. Type 'help' for help, Ctrl-D to leave.\n{}\n\
+         error: this program has no HMP (no human-monitor-command)\n",
+        "",
+    );
     check(
         &qmp(&["--qga", &p, "schema"]),
         2,
         "",
         "qmp: the guest agent has no introspection; try guest-info\n",
+    );
+}
+
+#[test]
+fn run_state_summaries_on_a_vm() {
+    let Some(vm) = Launch::system().spawn() else {
+        return;
+    };
+    let s = sock(&vm);
+    check(
+        &qmp(&["-s", &s, "-H", "query-status"]),
+        0,
+        "VM is paused (prelaunch)\n",
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "--profile", "vm-control", "-H", "cont"]),
+        0,
+        "OK\n",
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "-H", "query-status"]),
+        0,
+        "VM is running\n",
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "--profile", "vm-control", "stop"]),
+        0,
+        "{}\n",
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "--compact", "query-status"]),
+        0,
+        "{\"status\":\"paused\",\"running\":false}\n",
+        "",
+    );
+    check(
+        &qmp(&["-s", &s, "--profile", "vm-control", "system_wakeup"]),
+        4,
+        "",
+        "qmp: system_wakeup denied by default deny: no rule allows it (profile vm-control); nothing was sent\n",
     );
 }
 
