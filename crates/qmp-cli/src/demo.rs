@@ -93,11 +93,11 @@ impl Tour {
     fn heading(&mut self, text: &str) {
         self.step += 1;
         let line = format!("{}. {text}", self.step);
-        println!("\n{}", self.paint("\x1b[1m", &line));
+        outln!("\n{}", self.paint("\x1b[1m", &line));
     }
 
     fn say(&self, text: &str) {
-        println!("   {text}");
+        outln!("   {text}");
         let _ = std::io::stdout().flush();
     }
 
@@ -150,7 +150,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, force_fake: bool, out: Out) -> R
     };
     let mut fake = None;
     let (session, dir_note) = if real {
-        println!(
+        outln!(
             "qmp demo: a guided tour on a real qemu-storage-daemon, started for this tour in a temp dir."
         );
         let s = rt.block_on(crate::conn::open(&Target::Spawn(SpawnKind::Qsd), timeouts))?;
@@ -161,7 +161,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, force_fake: bool, out: Out) -> R
         } else {
             "qemu-storage-daemon is not installed"
         };
-        println!(
+        outln!(
             "qmp demo: NOTE: {why}, so this tour talks to the testkit's FAKE QEMU \
              (scripted replies), NOT a real QEMU."
         );
@@ -196,7 +196,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, force_fake: bool, out: Out) -> R
             Some(mut q) => q.wait_exit(Duration::from_secs(5)),
             None => true,
         };
-        println!(
+        outln!(
             "   {}",
             if !real {
                 "the fake QEMU closed the connection"
@@ -209,7 +209,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, force_fake: bool, out: Out) -> R
     });
     drop(fake);
     res?;
-    println!(
+    outln!(
         "\nTour finished in {:.1} s{}.",
         started.elapsed().as_secs_f64(),
         if real { "" } else { " (against the FAKE QEMU)" }

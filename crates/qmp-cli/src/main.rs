@@ -4,6 +4,24 @@
 //! following, an interactive shell with completion, schema look-ups, policy enforcement
 //! (`qmp-ops`), and a guided demo. Built on `qmp-tokio`; see `qmp --help`.
 
+/// `println!` that ignores a closed stdout (`qmp events | head -1`) instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `print!` that ignores a closed stdout, then flushes.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout();
+        let _ = write!(stdout, $($t)*);
+        let _ = stdout.flush();
+    }};
+}
+
 mod args;
 mod conn;
 mod demo;
@@ -487,7 +505,10 @@ async fn follow_events(
                 } else {
                     line
                 };
-                println!("{line}");
+                if writeln!(std::io::stdout(), "{line}").is_err() {
+                    // The reader went away (`| head -1`): stop quietly.
+                    return Ok(());
+                }
                 seen += 1;
                 if count.is_some_and(|n| seen >= n) {
                     return Ok(());
@@ -532,6 +553,6 @@ async fn show_schema(session: &Session, name: Option<&str>) -> Result<(), Failur
             }
         },
     };
-    print!("{text}");
+    out!("{text}");
     Ok(())
 }

@@ -354,12 +354,12 @@ pub(crate) fn run(
     });
 
     if let Some(g) = client.greeting() {
-        println!(
+        outln!(
             "Connected to QEMU {}. Type 'help' for help, Ctrl-D to leave.",
             g.version
         );
     } else {
-        println!("Connected to the guest agent. Type 'help' for help, Ctrl-D to leave.");
+        outln!("Connected to the guest agent. Type 'help' for help, Ctrl-D to leave.");
     }
     let shell = Shell {
         client: client.clone(),
@@ -394,7 +394,7 @@ pub(crate) fn run(
         let ended = rt.block_on(shell.line(line, &hmp_mode));
         if ended || client.is_closed() {
             if !ended {
-                println!("(the connection closed)");
+                outln!("(the connection closed)");
             }
             break;
         }
@@ -446,9 +446,9 @@ impl Shell {
 
     fn error(&self, msg: &str) {
         if self.out.style.colour {
-            println!("\x1b[1;31m{msg}\x1b[0m");
+            outln!("\x1b[1;31m{msg}\x1b[0m");
         } else {
-            println!("{msg}");
+            outln!("{msg}");
         }
     }
 
@@ -457,7 +457,7 @@ impl Shell {
         let hmp = hmp_mode.load(Ordering::Relaxed);
         if hmp && (line == "hmp" || line == "qmp") {
             hmp_mode.store(false, Ordering::Relaxed);
-            println!("QMP mode");
+            outln!("QMP mode");
             return false;
         }
         if hmp {
@@ -476,7 +476,7 @@ impl Shell {
         };
         match name.as_str() {
             "help" => {
-                println!("{HELP}");
+                outln!("{HELP}");
                 return false;
             }
             "hmp" if !self.has_hmp() => {
@@ -485,7 +485,7 @@ impl Shell {
             }
             "hmp" if rest.is_empty() => {
                 hmp_mode.store(true, Ordering::Relaxed);
-                println!("HMP mode: lines go to human-monitor-command; 'qmp' returns");
+                outln!("HMP mode: lines go to human-monitor-command; 'qmp' returns");
                 return false;
             }
             "hmp" => {
@@ -499,10 +499,10 @@ impl Shell {
                     return false;
                 };
                 match rest.first() {
-                    None => print!("{}", schema.render_index(None)),
-                    Some(p) if p.contains(['*', '?']) => print!("{}", schema.render_index(Some(p))),
+                    None => out!("{}", schema.render_index(None)),
+                    Some(p) if p.contains(['*', '?']) => out!("{}", schema.render_index(Some(p))),
                     Some(n) => match schema.render(n) {
-                        Some(t) => print!("{t}"),
+                        Some(t) => out!("{t}"),
                         None => self.error(&format!("error: no command or event named '{n}'")),
                     },
                 }
@@ -534,7 +534,7 @@ impl Shell {
                 if name == "quit" {
                     let _ =
                         tokio::time::timeout(Duration::from_secs(2), self.client.closed()).await;
-                    println!("QEMU quit; the connection is closed");
+                    outln!("QEMU quit; the connection is closed");
                     return true;
                 }
             }
@@ -556,9 +556,9 @@ impl Shell {
                 let text = serde_json::from_str::<String>(raw.get())
                     .unwrap_or_default()
                     .replace("\r\n", "\n");
-                print!("{text}");
+                out!("{text}");
                 if !text.is_empty() && !text.ends_with('\n') {
-                    println!();
+                    outln!();
                 }
                 let _ = std::io::stdout().flush();
             }
