@@ -102,6 +102,9 @@ struct Cli {
     /// Do not check arguments against the live schema before sending.
     #[arg(long, global = true)]
     no_validate: bool,
+    /// Send the one-shot command out of band (`exec-oob`; the command must allow it).
+    #[arg(long)]
+    oob: bool,
     /// Print JSON on one line.
     #[arg(long, global = true)]
     compact: bool,
@@ -396,7 +399,17 @@ async fn one_shot(
         schema.validate(name, args, auto).map_err(Failure::Usage)?;
         check_policy(policy, name, args)?;
     }
-    let ret = send(&session.client, name, args).await?;
+    let ret = if cli.oob {
+        let mut cmd = qmp_tokio::Command::new(name.to_owned()).oob();
+        if !args.is_empty() {
+            cmd = cmd
+                .arguments(&*args)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+        }
+        session.client.run_raw(cmd).await?
+    } else {
+        send(&session.client, name, args).await?
+    };
     print_return(name, ret.get(), out);
     Ok(())
 }
