@@ -489,7 +489,12 @@ impl Shell {
                 return false;
             }
             "hmp" => {
-                let text = line.trim_start()[3..].trim_start();
+                // The text after `hmp` as typed (quotes are HMP's business).
+                let joined = rest.join(" ");
+                let text = line
+                    .trim_start()
+                    .strip_prefix("hmp")
+                    .map_or(joined.as_str(), str::trim_start);
                 self.hmp(text).await;
                 return false;
             }
