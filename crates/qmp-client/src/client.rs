@@ -1,6 +1,7 @@
 //! The client handle and the builder that performs the handshake.
 
 use std::future::Future;
+use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -230,15 +231,17 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// A command submitted to the machine, waiting for its outcome.
-struct Call {
-    shared: Arc<Shared>,
+/// A command submitted to the machine, waiting for its outcome. `S` is how it reaches the
+/// shared state: borrowed from the [`Client`] (no reference count to touch per command), or an
+/// `Arc` when the future must outlive the borrow.
+struct Call<S: Deref<Target = Shared>> {
+    shared: S,
     id: RequestId,
     rx: oneshot::Receiver<Outcome>,
     done: bool,
 }
 
-impl Future for Call {
+impl<S: Deref<Target = Shared> + Unpin> Future for Call<S> {
     type Output = Outcome;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
@@ -253,7 +256,7 @@ impl Future for Call {
     }
 }
 
-impl Drop for Call {
+impl<S: Deref<Target = Shared>> Drop for Call<S> {
     fn drop(&mut self) {
         if !self.done {
             self.shared.lock().abandon(self.id);
@@ -292,24 +295,25 @@ impl Client {
         })
     }
 
+    /// Registers `cmd` (named `name`, for errors) with the machine and wakes the driver.
     fn submit(
         &self,
+        name: &str,
         cmd: Command,
         #[cfg(unix)] fds: Vec<std::os::fd::OwnedFd>,
-    ) -> Result<Call, Error> {
-        let name = cmd.name().to_owned();
+    ) -> Result<Call<&Shared>, Error> {
         let mut inner = self.shared.lock();
         if let Some(reason) = &inner.closed {
-            return Err(Error::closed(reason).with_command(&name));
+            return Err(Error::closed(reason).with_command(name));
         }
         if inner.draining {
-            return Err(closing().with_command(&name));
+            return Err(closing().with_command(name));
         }
         let now = inner.now(&*self.shared.timer);
         let id = inner
             .proto
             .send(now, cmd)
-            .map_err(|e| Error::local(e).with_command(&name))?;
+            .map_err(|e| Error::local(e).with_command(name))?;
         let (tx, rx) = oneshot::channel();
         inner.waiters.insert(id, tx);
         #[cfg(unix)]
@@ -318,19 +322,27 @@ impl Client {
         }
         inner.wake_driver();
         Ok(Call {
-            shared: Arc::clone(&self.shared),
+            shared: &self.shared,
             id,
             rx,
             done: false,
         })
     }
 
-    async fn outcome(&self, cmd: Command) -> Result<RawJson, Error> {
+    /// Runs `cmd`; `name` is its name, borrowed for the error messages so that nothing is
+    /// copied per command.
+    async fn outcome(&self, name: &str, cmd: Command) -> Result<RawJson, Error> {
         #[cfg(unix)]
-        let call = self.submit(cmd.clone(), Vec::new());
+        let call = self.submit(name, cmd, Vec::new());
         #[cfg(not(unix))]
-        let call = self.submit(cmd.clone());
-        finish(cmd.name(), call?.await)
+        let call = self.submit(name, cmd);
+        finish(name, call?.await)
+    }
+
+    /// Runs `cmd` and deserialises its return value (`name` as for [`outcome`](Self::outcome)).
+    async fn outcome_as<T: DeserializeOwned>(&self, name: &str, cmd: Command) -> Result<T, Error> {
+        let raw = self.outcome(name, cmd).await?;
+        raw.deserialize().map_err(|e| Error::decode(name, e))
     }
 
     /// Runs a command built with [`Command`] (per-call timeout, oob, no reply) and returns its
@@ -342,7 +354,8 @@ impl Client {
     /// # Cancel safety
     /// Dropping the future abandons the command (see [`Client`]).
     pub async fn run_raw(&self, cmd: Command) -> Result<RawJson, Error> {
-        self.outcome(cmd).await
+        let name = cmd.name().to_owned();
+        self.outcome(&name, cmd).await
     }
 
     /// Runs a command built with [`Command`] and deserialises its return value into `T`
@@ -352,8 +365,7 @@ impl Client {
     /// As for [`run_raw`](Self::run_raw), plus [`ErrorKind::Decode`].
     pub async fn run<T: DeserializeOwned>(&self, cmd: Command) -> Result<T, Error> {
         let name = cmd.name().to_owned();
-        let raw = self.outcome(cmd).await?;
-        raw.deserialize().map_err(|e| Error::decode(&name, e))
+        self.outcome_as(&name, cmd).await
     }
 
     /// Executes `name` with `args` (any value that serialises to a JSON object, or `&()` for
@@ -370,7 +382,7 @@ impl Client {
         name: &str,
         args: &A,
     ) -> Result<T, Error> {
-        self.run(command(name, args)?).await
+        self.outcome_as(name, command(name, args)?).await
     }
 
     /// Executes `name` with `args` and returns the raw JSON of the return value.
@@ -382,7 +394,7 @@ impl Client {
         name: &str,
         args: &A,
     ) -> Result<RawJson, Error> {
-        self.run_raw(command(name, args)?).await
+        self.outcome(name, command(name, args)?).await
     }
 
     /// Executes `name` out of band (`exec-oob`), overtaking queued in-band commands. Needs
@@ -395,7 +407,7 @@ impl Client {
         name: &str,
         args: &A,
     ) -> Result<T, Error> {
-        self.run(command(name, args)?.oob()).await
+        self.outcome_as(name, command(name, args)?.oob()).await
     }
 
     /// Executes `name` with a timeout for this call only, overriding the default.
@@ -409,7 +421,8 @@ impl Client {
         args: &A,
         timeout: Duration,
     ) -> Result<T, Error> {
-        self.run(command(name, args)?.timeout(Some(timeout))).await
+        self.outcome_as(name, command(name, args)?.timeout(Some(timeout)))
+            .await
     }
 
     /// Executes `name` with file descriptors attached (`SCM_RIGHTS`), for `getfd` and
@@ -434,7 +447,7 @@ impl Client {
             .with_status(SendStatus::NotSent));
         }
         let cmd = command(name, args)?.with_fds();
-        let call = self.submit(cmd, fds)?;
+        let call = self.submit(name, cmd, fds)?;
         let raw = finish(name, call.await)?;
         raw.deserialize().map_err(|e| Error::decode(name, e))
     }

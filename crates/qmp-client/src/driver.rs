@@ -170,14 +170,18 @@ impl Connection {
         if self.finished {
             return Poll::Ready(Ok(()));
         }
-        let shared = Arc::clone(&self.shared);
+        let shared = &*self.shared;
         let timer = &*shared.timer;
+        // Set once a read returned `Pending` in this call: the waker is registered, so reading
+        // again before the task is woken would only cost a syscall on some runtimes.
+        let mut read_pending = false;
         for _ in 0..BUDGET {
             let mut progress = false;
 
             // Read, without holding the lock.
-            if !self.read_done {
+            if !self.read_done && !read_pending {
                 let got = self.io.as_mut().poll_read(cx, &mut self.buf);
+                read_pending = got.is_pending();
                 if let Poll::Ready(res) = got {
                     progress = true;
                     let mut inner = shared.lock();
