@@ -140,3 +140,161 @@ impl<T: futures_io::AsyncWrite + Unpin> FdWrite for WithFdWriter<T> {
         (this.write_fds)(Pin::new(&mut this.io), cx, buf, fds)
     }
 }
+
+/// What a reactor provides for a nonblocking unix stream registered with it: readiness. Used
+/// by [`UnixTransport`], which does the reads and writes itself.
+///
+/// Both polls register the task's waker when they return `Pending`, and MUST wake it once the
+/// stream may have become ready in that direction. `Ready` means "try now": the transport
+/// tries the syscall and polls again only after it would block (or after a short read), so an
+/// implementation MUST NOT keep returning `Ready` for a readiness already reported and used.
+#[cfg(unix)]
+pub trait Readiness: Send + Unpin {
+    /// The stream, set nonblocking.
+    fn stream(&self) -> &std::os::unix::net::UnixStream;
+    /// Ready once the stream may be readable.
+    fn poll_readable(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>>;
+    /// Ready once the stream may be writable. Only polled after a write would block.
+    fn poll_writable(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>>;
+}
+
+/// A unix stream transport with fd passing, driven by a reactor's [`Readiness`]: it implements
+/// futures-io `AsyncRead + AsyncWrite` and [`FdWrite`] for an adapter.
+///
+/// It saves syscalls per command compared with the runtimes' own streams: a read waits for
+/// readiness only after the socket was found drained (a short read or `EAGAIN`), so a reply
+/// costs one `recv`; a write goes straight to the socket and asks for writability only if it
+/// would block, so the reactor need not watch (and wake up for) writability in the common case.
+#[cfg(unix)]
+pub struct UnixTransport<R> {
+    ready: R,
+    /// The last read drained the socket: wait for readability before the next one.
+    drained: bool,
+}
+
+#[cfg(unix)]
+impl<R: Readiness> UnixTransport<R> {
+    /// Wraps a registered stream.
+    pub fn new(ready: R) -> Self {
+        Self {
+            ready,
+            drained: false,
+        }
+    }
+
+    /// Runs the nonblocking write `f` until it does not block.
+    fn poll_send(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        f: impl Fn(&std::os::unix::net::UnixStream) -> std::io::Result<usize>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            match f(self.ready.stream()) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.ready.poll_writable(cx))?;
+                }
+                res => return std::task::Poll::Ready(res),
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+impl<R> std::fmt::Debug for UnixTransport<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnixTransport").finish_non_exhaustive()
+    }
+}
+
+#[cfg(unix)]
+impl<R: Readiness> futures_io::AsyncRead for UnixTransport<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Read;
+        let this = self.get_mut();
+        loop {
+            if this.drained {
+                std::task::ready!(this.ready.poll_readable(cx))?;
+                this.drained = false;
+            }
+            match this.ready.stream().read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => this.drained = true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                res => {
+                    // A stream socket returns all it holds, up to `buf.len()`: a short read
+                    // (or EOF) left it empty.
+                    this.drained = res.as_ref().is_ok_and(|&n| n < buf.len());
+                    return std::task::Poll::Ready(res);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+impl<R: Readiness> futures_io::AsyncWrite for UnixTransport<R> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Write;
+        self.get_mut().poll_send(cx, |mut s| s.write(buf))
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(
+        self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(self.ready.stream().shutdown(std::net::Shutdown::Write))
+    }
+}
+
+#[cfg(unix)]
+impl<R: Readiness> FdWrite for UnixTransport<R> {
+    fn poll_write_fds(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut().poll_send(cx, |s| send_with_fds(s, buf, fds))
+    }
+}
+
+/// One nonblocking `sendmsg` of `buf` with `fds` attached as `SCM_RIGHTS`.
+#[cfg(unix)]
+fn send_with_fds(
+    sock: &std::os::unix::net::UnixStream,
+    buf: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> std::io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space =
+        vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(fds));
+    let iov = [std::io::IoSlice::new(buf)];
+    Ok(rustix::net::sendmsg(
+        sock,
+        &iov,
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?)
+}

@@ -14,18 +14,11 @@
 
 use std::io;
 use std::path::Path;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_io::Async;
 pub use qmp_client::*;
-#[cfg(unix)]
-use {
-    rustix::io::Errno,
-    rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg},
-    std::{mem::MaybeUninit, os::fd::BorrowedFd},
-};
 
 /// The async-io timer (what smol and async-std use).
 #[derive(Debug, Clone, Copy, Default)]
@@ -39,34 +32,34 @@ impl rt::Timer for SmolTimer {
     }
 }
 
-/// A std unix stream on the async-io reactor.
+/// A std unix stream on the async-io reactor, read and written by [`rt::UnixTransport`]
+/// (async-io's own `poll_read` tries the socket before waiting, and again after each event:
+/// up to four `recv` calls per reply instead of one).
 #[cfg(unix)]
-type Unix = Async<std::os::unix::net::UnixStream>;
+struct Unix(Async<std::os::unix::net::UnixStream>);
 
-/// Writes to a unix stream with descriptors attached (`SCM_RIGHTS`).
 #[cfg(unix)]
-fn write_fds(
-    sock: Pin<&mut Unix>,
-    cx: &mut Context<'_>,
-    buf: &[u8],
-    fds: &[BorrowedFd<'_>],
-) -> Poll<io::Result<usize>> {
-    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(fds));
-    let iov = [io::IoSlice::new(buf)];
-    loop {
-        match sendmsg(sock.get_ref(), &iov, &mut control, SendFlags::NOSIGNAL) {
-            Err(Errno::AGAIN) => ready!(sock.poll_writable(cx))?,
-            res => return Poll::Ready(Ok(res?)),
-        }
+impl rt::Readiness for Unix {
+    fn stream(&self) -> &std::os::unix::net::UnixStream {
+        self.0.get_ref()
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.poll_readable(cx)
+    }
+
+    fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.poll_writable(cx)
     }
 }
 
 /// Performs the handshake over a unix stream, with fd passing.
 #[cfg(unix)]
-async fn start(stream: Unix, builder: Builder) -> Result<(Client, Connection), Error> {
-    let io = rt::WithFdWriter::new(stream, write_fds);
+async fn start(
+    stream: Async<std::os::unix::net::UnixStream>,
+    builder: Builder,
+) -> Result<(Client, Connection), Error> {
+    let io = rt::UnixTransport::new(Unix(stream));
     builder.handshake_with_fds(io, SmolTimer).await
 }
 
@@ -95,7 +88,7 @@ pub async fn connect_unix_wait(
 ) -> Result<(Client, Connection), Error> {
     let end = Instant::now() + wait;
     let stream = loop {
-        match Unix::connect(path.as_ref()).await {
+        match Async::<std::os::unix::net::UnixStream>::connect(path.as_ref()).await {
             Ok(s) => break s,
             Err(e) if Instant::now() >= end => return Err(e.into()),
             Err(_) => _ = async_io::Timer::after(Duration::from_millis(10)).await,

@@ -58,3 +58,34 @@ fn command_timeout_fires() {
         assert!(start.elapsed() >= Duration::from_millis(50));
     });
 }
+
+#[test]
+fn a_write_that_blocks_completes_and_fds_still_pass() {
+    // 8 MiB of arguments overflow the socket buffer: the transport waits for writability.
+    smol::block_on(async {
+        let (mine, theirs) = UnixStream::pair().unwrap();
+        let script = Script::new()
+            .on("big", Response::ok("{}"))
+            .on("getfd", Response::ok("{}"));
+        let fake = FakeQemu::from_stream(script, theirs).unwrap();
+        let (c, conn) = qmp_smol::from_unix_stream(mine, Builder::new())
+            .await
+            .unwrap();
+        let driver = qmp_smol::spawn_connection(conn);
+        let args = serde_json::json!({ "data": "x".repeat(8 << 20) });
+        for _ in 0..2 {
+            let _: serde::de::IgnoredAny = c.execute("big", &args).await.unwrap();
+        }
+        let fd_args = serde_json::json!({"fdname": "a"});
+        let _: serde::de::IgnoredAny = c
+            .execute_with_fds("getfd", &fd_args, vec![devnull()])
+            .await
+            .unwrap();
+        let reqs = fake.requests();
+        let big = reqs.iter().filter(|r| r.name.as_deref() == Some("big"));
+        assert_eq!(big.count(), 2);
+        assert_eq!(reqs.last().unwrap().fds, 1);
+        c.close().await;
+        assert!(driver.await.is_ok());
+    });
+}

@@ -13,13 +13,17 @@
 
 use std::io;
 use std::path::Path;
-use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 pub use qmp_client::*;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+use tokio_util::compat::TokioAsyncReadCompatExt;
+#[cfg(unix)]
+use {
+    std::os::unix::net::UnixStream,
+    tokio::io::{Interest, unix::AsyncFd},
+};
 
 /// The tokio clock and timer. Honours `tokio::time::pause` (virtual time in tests).
 #[derive(Debug, Clone, Copy, Default)]
@@ -35,51 +39,63 @@ impl rt::Timer for TokioTimer {
     }
 }
 
-/// Writes to a tokio unix stream with descriptors attached (`SCM_RIGHTS`).
+/// A unix stream on the tokio reactor, registered for readability only. tokio's own
+/// `UnixStream` registers both directions, edge-triggered, so each time the peer drains what
+/// we wrote the reactor wakes up for nothing: one extra `epoll_wait` (and often a context
+/// switch) per command. Writes go straight to the socket ([`rt::UnixTransport`]); only a
+/// write that would block registers a duplicate of the descriptor for writability, until it
+/// may be writable.
 #[cfg(unix)]
-fn write_fds(
-    sock: Pin<&mut Compat<tokio::net::UnixStream>>,
-    cx: &mut Context<'_>,
-    buf: &[u8],
-    fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Poll<io::Result<usize>> {
-    let sock = sock.get_ref();
-    loop {
-        ready!(sock.poll_write_ready(cx))?;
-        match sock.try_io(tokio::io::Interest::WRITABLE, || {
-            send_with_fds(sock, buf, fds)
-        }) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            res => return Poll::Ready(res),
-        }
+struct TokioReadiness {
+    io: AsyncFd<UnixStream>,
+    writable: Option<AsyncFd<std::os::fd::OwnedFd>>,
+}
+
+/// Registers an owned descriptor on the reactor for `interest` only.
+#[cfg(unix)]
+fn register<T: std::os::fd::AsRawFd>(owned: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    // SAFETY: callers pass owned descriptors (a stream, an OwnedFd), which stay open and the
+    // same for the life of the AsyncFd that owns them.
+    Ok(unsafe { AsyncFd::register_with_interest(owned, interest) }?)
+}
+
+#[cfg(unix)]
+impl rt::Readiness for TokioReadiness {
+    fn stream(&self) -> &UnixStream {
+        self.io.get_ref()
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Cleared before the read the transport makes: a newer event sets it again.
+        ready!(self.io.poll_read_ready(cx))?.clear_ready();
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let w = match &mut self.writable {
+            Some(w) => w,
+            None => {
+                let fd = std::os::fd::AsFd::as_fd(self.io.get_ref()).try_clone_to_owned()?;
+                self.writable.insert(register(fd, Interest::WRITABLE)?)
+            }
+        };
+        ready!(w.poll_write_ready(cx))?.retain_ready();
+        // Deregistered: the next write that blocks registers afresh (the registration
+        // reports the current state, so nothing is missed).
+        self.writable = None;
+        Poll::Ready(Ok(()))
     }
 }
 
-/// The unix transport with fd passing.
+/// Performs the handshake over a std unix stream, with fd passing.
 #[cfg(unix)]
-fn unix(stream: tokio::net::UnixStream) -> rt::WithFdWriter<Compat<tokio::net::UnixStream>> {
-    rt::WithFdWriter::new(stream.compat(), write_fds)
-}
-
-/// One `sendmsg` with the descriptors as `SCM_RIGHTS`.
-#[cfg(unix)]
-fn send_with_fds(
-    sock: impl std::os::fd::AsFd,
-    buf: &[u8],
-    fds: &[std::os::fd::BorrowedFd<'_>],
-) -> io::Result<usize> {
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    let mut space =
-        vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(fds));
-    let iov = [io::IoSlice::new(buf)];
-    Ok(rustix::net::sendmsg(
-        sock,
-        &iov,
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?)
+async fn start(stream: UnixStream, builder: Builder) -> Result<(Client, Connection), Error> {
+    stream.set_nonblocking(true)?;
+    let io = register(stream, Interest::READABLE)?;
+    let ready = TokioReadiness { io, writable: None };
+    builder
+        .handshake_with_fds(rt::UnixTransport::new(ready), TokioTimer)
+        .await
 }
 
 /// Connects to a QMP unix socket and performs the handshake; fd passing is enabled.
@@ -113,7 +129,7 @@ pub async fn connect_unix_wait(
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     };
-    builder.handshake_with_fds(unix(stream), TokioTimer).await
+    start(stream.into_std()?, builder).await
 }
 
 /// Uses an already-connected std unix stream (one end of a socketpair whose other end QEMU
@@ -123,12 +139,10 @@ pub async fn connect_unix_wait(
 /// As for [`connect_unix`].
 #[cfg(unix)]
 pub async fn from_unix_stream(
-    stream: std::os::unix::net::UnixStream,
+    stream: UnixStream,
     builder: Builder,
 ) -> Result<(Client, Connection), Error> {
-    stream.set_nonblocking(true)?;
-    let stream = tokio::net::UnixStream::from_std(stream)?;
-    builder.handshake_with_fds(unix(stream), TokioTimer).await
+    start(stream, builder).await
 }
 
 /// Accepts one connection (QEMU started with `server=off` dials us) and performs the
@@ -142,7 +156,7 @@ pub async fn accept(
     builder: Builder,
 ) -> Result<(Client, Connection), Error> {
     let (stream, _) = listener.accept().await?;
-    builder.handshake_with_fds(unix(stream), TokioTimer).await
+    start(stream.into_std()?, builder).await
 }
 
 /// Connects to a QMP TCP socket and performs the handshake.

@@ -60,3 +60,42 @@ async fn command_timeout_runs_on_the_paused_tokio_clock() {
     );
     assert!(start.elapsed() >= Duration::from_secs(3600));
 }
+
+#[tokio::test]
+async fn a_write_that_blocks_completes_and_fds_still_pass() {
+    // 8 MiB of arguments overflow the socket buffer: the transport waits for writability.
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    let script = Script::new()
+        .on("big", Response::ok("{}"))
+        .on("getfd", Response::ok("{}"));
+    let fake = FakeQemu::from_stream(script, theirs).unwrap();
+    let (c, conn) = qmp_tokio::from_unix_stream(mine, Builder::new())
+        .await
+        .unwrap();
+    let driver = qmp_tokio::spawn_connection(conn);
+    let data = "x".repeat(8 << 20);
+    for _ in 0..2 {
+        let _: serde::de::IgnoredAny = c
+            .execute("big", &serde_json::json!({ "data": data }))
+            .await
+            .unwrap();
+    }
+    let _: serde::de::IgnoredAny = c
+        .execute_with_fds(
+            "getfd",
+            &serde_json::json!({"fdname": "a"}),
+            vec![devnull()],
+        )
+        .await
+        .unwrap();
+    let reqs = fake.requests();
+    assert_eq!(
+        reqs.iter()
+            .filter(|r| r.name.as_deref() == Some("big"))
+            .count(),
+        2
+    );
+    assert_eq!(reqs.last().unwrap().fds, 1);
+    c.close().await;
+    assert!(driver.await.unwrap().is_ok());
+}
