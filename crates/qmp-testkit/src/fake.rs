@@ -954,7 +954,16 @@ impl Worker {
                 match c {
                     Control::Shutdown => return End::Shutdown,
                     Control::Release => self.released += 1,
-                    Control::Disconnect => return End::Client,
+                    Control::Disconnect => {
+                        // Controls act in order: what earlier ones queued (an event pushed
+                        // just before) goes out before the connection closes.
+                        if let Some(bytes) = server.poll_transmit() {
+                            let bytes = bytes.to_vec();
+                            server.handle_transmitted(bytes.len());
+                            let _ = stream.write_all(&bytes, &self.stop);
+                        }
+                        return End::Client;
+                    }
                     Control::Event { name, data } => {
                         if server.is_negotiated() && !self.script.qga {
                             let _ = server.send_event(&name, data.as_deref(), now_stamp());

@@ -97,6 +97,26 @@ fn events_on_demand_and_after_a_reply() {
 }
 
 #[test]
+fn an_event_pushed_just_before_a_disconnect_is_delivered_first() {
+    let fake = FakeQemu::unix(Script::new()).unwrap();
+    let mut c = ready(&fake);
+    for i in 0..20 {
+        fake.push_event("SHUTDOWN", Some(&format!("{{\"n\": {i}}}")));
+    }
+    fake.disconnect();
+    for i in 0..20 {
+        let line = c.line();
+        assert!(
+            line.ends_with(&format!("\"data\": {{\"n\": {i}}}}}\r\n")),
+            "{line}"
+        );
+    }
+    let mut rest = Vec::new();
+    c.s.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"", "EOF follows the events");
+}
+
+#[test]
 fn negotiation_rules_and_builtins() {
     let fake = FakeQemu::unix(Script::new().version(9, 2, 50)).unwrap();
     let mut c = unix(&fake);
