@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use qmp_testkit::launch::{Launch, Qemu};
+use qmp_testkit::launch::{Launch, LaunchError, Qemu};
 use qmp_tokio::{Builder, Client};
 
 use crate::fail::Failure;
@@ -57,50 +57,22 @@ pub(crate) struct Session {
     pub(crate) qemu: Option<Qemu>,
 }
 
-/// Looks for a program on `PATH` and in the usual system directories.
-pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 /// Starts a throwaway QEMU program (in its own temp dir) with the testkit launcher.
 pub(crate) fn launch(kind: SpawnKind) -> Result<Qemu, Failure> {
-    let program = kind.program();
-    if find_program(program).is_none() {
-        return Err(Failure::Connection(format!(
-            "--spawn {}: {program} is not installed (not on PATH, /usr/sbin or /usr/bin)",
-            match kind {
-                SpawnKind::Qsd => "qsd",
-                SpawnKind::System => "system",
-            }
-        )));
-    }
     let launch = match kind {
         SpawnKind::Qsd => Launch::storage_daemon(),
         SpawnKind::System => Launch::system(),
     };
-    // The launcher panics when the program fails to start; report that as a failure.
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let res = std::panic::catch_unwind(move || launch.spawn());
-    std::panic::set_hook(hook);
-    match res {
-        Ok(Some(q)) => Ok(q),
-        Ok(None) => Err(Failure::Connection(format!("{program} is not installed"))),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_default();
-            Err(Failure::Connection(format!(
-                "cannot start {program}: {msg}"
-            )))
-        }
-    }
+    launch.try_spawn().map_err(|e| match e {
+        LaunchError::NotInstalled { .. } => Failure::Connection(format!(
+            "--spawn {}: {e}",
+            match kind {
+                SpawnKind::Qsd => "qsd",
+                SpawnKind::System => "system",
+            }
+        )),
+        e => Failure::Connection(format!("cannot start {}: {e}", kind.program())),
+    })
 }
 
 fn secs(d: Duration) -> String {

@@ -142,7 +142,7 @@ impl Tour {
 /// Runs the tour.
 pub(crate) fn run(rt: &tokio::runtime::Runtime, force_fake: bool, out: Out) -> Result<(), Failure> {
     let started = Instant::now();
-    let real = !force_fake && crate::conn::find_program("qemu-storage-daemon").is_some();
+    let real = !force_fake && qmp_testkit::launch::Launch::storage_daemon().is_installed();
     let timeouts = Timeouts {
         connect: Duration::from_secs(5),
         greeting: Duration::from_secs(5),

@@ -99,7 +99,12 @@ impl Launch {
         }
     }
 
-    /// Starts the program and waits until its socket exists.
+    /// Whether the program is installed (on `PATH` or in the usual system directories).
+    pub fn is_installed(&self) -> bool {
+        find_binary(self.program()).is_some()
+    }
+
+    /// Starts the program and waits until its socket exists: the form for tests.
     ///
     /// Returns `None` after printing `SKIP: <reason>` when the binary is not installed.
     ///
@@ -107,20 +112,33 @@ impl Launch {
     /// When the binary is missing and `QMP_REQUIRE_QEMU=1`; when the program cannot be started,
     /// exits early, or does not create its socket in time (with its stderr in the message).
     pub fn spawn(self) -> Option<Qemu> {
+        match self.try_spawn() {
+            Ok(qemu) => Some(qemu),
+            Err(LaunchError::NotInstalled { program }) => {
+                let reason = format!("{program} not found on PATH, /usr/sbin or /usr/bin");
+                assert!(
+                    std::env::var_os("QMP_REQUIRE_QEMU").as_deref() != Some(OsStr::new("1")),
+                    "QMP_REQUIRE_QEMU=1 but {reason}"
+                );
+                println!("SKIP: {reason}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Starts the program and waits until its socket exists: the form for tools, which
+    /// reports every failure as an error.
+    ///
+    /// # Errors
+    /// See [`LaunchError`].
+    pub fn try_spawn(self) -> Result<Qemu, LaunchError> {
         let program = self.program();
-        let Some(binary) = find_binary(program) else {
-            let reason = format!("{program} not found on PATH, /usr/sbin or /usr/bin");
-            assert!(
-                std::env::var_os("QMP_REQUIRE_QEMU").as_deref() != Some(OsStr::new("1")),
-                "QMP_REQUIRE_QEMU=1 but {reason}"
-            );
-            println!("SKIP: {reason}");
-            return None;
-        };
+        let binary = find_binary(program).ok_or(LaunchError::NotInstalled { program })?;
         let dir = tempfile::Builder::new()
             .prefix("qmp-testkit-")
             .tempdir()
-            .expect("create a temp dir");
+            .map_err(|e| LaunchError::Io("cannot create a temp dir", e))?;
         let socket = dir.path().join("qmp.sock");
         let mut cmd = Command::new(&binary);
         let tcp_addr = (self.tcp && self.kind != Kind::GuestAgent).then(free_port);
@@ -173,13 +191,14 @@ impl Launch {
         }
         cmd.args(&self.args);
         let stderr_path = dir.path().join("stderr.log");
-        let stderr = File::create(&stderr_path).expect("create stderr.log");
+        let stderr = File::create(&stderr_path)
+            .map_err(|e| LaunchError::Io("cannot create stderr.log", e))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            .map_err(|e| LaunchError::Io("cannot start the program", e))?;
         let mut qemu = Qemu {
             child,
             exited: false,
@@ -187,9 +206,44 @@ impl Launch {
             tcp_addr,
             dir,
         };
-        qemu.wait_ready(program, &stderr_path);
-        Some(qemu)
+        qemu.wait_ready(program, &stderr_path)?;
+        Ok(qemu)
     }
+}
+
+/// Why [`Launch::try_spawn`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    /// The program is not installed.
+    #[error("{program} is not installed (not on PATH, /usr/sbin or /usr/bin)")]
+    NotInstalled {
+        /// The program's name.
+        program: &'static str,
+    },
+    /// A system call failed.
+    #[error("{0}: {1}")]
+    Io(&'static str, #[source] std::io::Error),
+    /// The program exited before its socket was ready.
+    #[error("{program} exited early ({status}): {stderr}")]
+    Exited {
+        /// The program's name.
+        program: &'static str,
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// The socket did not appear in time.
+    #[error("{program} did not create its socket in {timeout:?}: {stderr}")]
+    NotReady {
+        /// The program's name.
+        program: &'static str,
+        /// How long it was given.
+        timeout: Duration,
+        /// What it printed on stderr.
+        stderr: String,
+    },
 }
 
 /// Looks for `program` on `PATH`, then in the usual system directories.
@@ -236,25 +290,33 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    fn wait_ready(&mut self, program: &str, stderr: &Path) {
+    fn wait_ready(&mut self, program: &'static str, stderr: &Path) -> Result<(), LaunchError> {
         let start = Instant::now();
         loop {
             // The path appears at bind(); connecting works only after listen().
             if is_listening(&self.socket) {
-                return;
+                return Ok(());
             }
             // Another network namespace hides the socket from /proc/net/unix: trust the path.
             if start.elapsed() > Duration::from_secs(2) && self.socket.exists() {
-                return;
+                return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 self.exited = true;
-                let log = std::fs::read_to_string(stderr).unwrap_or_default();
-                panic!("{program} exited early ({status}): {log}");
+                let stderr = std::fs::read_to_string(stderr).unwrap_or_default();
+                return Err(LaunchError::Exited {
+                    program,
+                    status,
+                    stderr,
+                });
             }
             if start.elapsed() > READY_TIMEOUT {
-                let log = std::fs::read_to_string(stderr).unwrap_or_default();
-                panic!("{program} did not create its socket in {READY_TIMEOUT:?}: {log}");
+                let stderr = std::fs::read_to_string(stderr).unwrap_or_default();
+                return Err(LaunchError::NotReady {
+                    program,
+                    timeout: READY_TIMEOUT,
+                    stderr,
+                });
             }
             // No readiness signal exists short of inotify; the socket appears within ms.
             std::thread::sleep(Duration::from_millis(5));

@@ -102,3 +102,29 @@ fn guest_agent_sync() {
         String::from_utf8_lossy(&refused)
     );
 }
+
+#[test]
+fn try_spawn_reports_a_program_that_exits_early_with_its_stderr() {
+    let launch = Launch::storage_daemon().arg("--no-such-option");
+    if !launch.is_installed() {
+        assert_ne!(
+            std::env::var("QMP_REQUIRE_QEMU").as_deref(),
+            Ok("1"),
+            "qemu-storage-daemon missing"
+        );
+        println!("SKIP: qemu-storage-daemon not installed");
+        return;
+    }
+    match launch.try_spawn() {
+        Err(qmp_testkit::launch::LaunchError::Exited {
+            program,
+            status,
+            stderr,
+        }) => {
+            assert_eq!(program, "qemu-storage-daemon");
+            assert!(!status.success());
+            assert!(stderr.contains("no-such-option"), "{stderr}");
+        }
+        other => panic!("expected an early exit, got {other:?}"),
+    }
+}
