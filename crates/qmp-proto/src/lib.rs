@@ -47,6 +47,8 @@ mod framer;
 #[doc(hidden)]
 pub mod fuzzing;
 mod server;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 mod wire;
 
 pub use connection::{
