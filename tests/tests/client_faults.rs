@@ -90,8 +90,8 @@ async fn never_greeted(connect: Connect) {
     assert_eq!(e.kind(), ErrorKind::Handshake);
     assert_eq!(
         e.to_string(),
-        "the server accepted the connection but never completed the handshake in time (is \
-         another client attached to this monitor?)"
+        "the server accepted the connection but sent no greeting in time (is another client \
+         attached to this monitor?)"
     );
     assert!(start.elapsed() < Duration::from_secs(2));
 }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use qmp_proto::{CloseReason, CommandError, Failure, LocalError, RemoteError};
+use qmp_proto::{CloseReason, CommandError, Failure, LocalError};
 
 /// What kind of failure an [`Error`] is. New kinds may be added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -154,11 +154,7 @@ impl Error {
                 ErrorKind::Disconnected,
                 "the peer closed the connection (not sent)",
             ),
-            CloseReason::Remote(RemoteError::HandshakeTimeout) => Self::new(
-                ErrorKind::Handshake,
-                "the server accepted the connection but never completed the handshake in time \
-                 (is another client attached to this monitor?)",
-            ),
+            // The proto says which step was missing: greeting, negotiation or QGA sync.
             CloseReason::Remote(e) => Self::new(ErrorKind::Handshake, e.to_string()),
             _ => Self::new(ErrorKind::Closed, "the connection is closed (not sent)"),
         }

@@ -309,9 +309,22 @@ pub enum LocalError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RemoteError {
-    /// No greeting (QMP) or sync reply (QGA) arrived in time.
-    #[error("the server did not complete the handshake in time (is another client attached?)")]
-    HandshakeTimeout,
+    /// No greeting arrived in time: the monitor accepted the connection but is not greeting,
+    /// typically because another client holds it.
+    #[error(
+        "the server accepted the connection but sent no greeting in time (is another client \
+         attached to this monitor?)"
+    )]
+    GreetingTimeout,
+    /// The server greeted but did not answer `qmp_capabilities` in time.
+    #[error("the server greeted but did not answer qmp_capabilities in time")]
+    NegotiationTimeout,
+    /// The guest agent did not answer `guest-sync-delimited` in time.
+    #[error(
+        "the guest agent did not answer guest-sync-delimited in time (is the agent running, and \
+         no other client attached?)"
+    )]
+    SyncTimeout,
     /// The server refused `qmp_capabilities`.
     #[error("capability negotiation failed: {0}")]
     NegotiationFailed(CommandError),
@@ -739,10 +752,12 @@ impl Connection {
         }
         if self.handshake_deadline.is_some_and(|d| d <= now) {
             self.handshake_deadline = None;
-            self.shut(
-                CloseReason::Remote(RemoteError::HandshakeTimeout),
-                Failure::HandshakeFailed,
-            );
+            let why = match self.state {
+                State::AwaitingGreeting => RemoteError::GreetingTimeout,
+                State::Negotiating => RemoteError::NegotiationTimeout,
+                _ => RemoteError::SyncTimeout,
+            };
+            self.shut(CloseReason::Remote(why), Failure::HandshakeFailed);
             return;
         }
         let mut resync = false;

@@ -216,10 +216,42 @@ fn handshake_timeout_covers_a_monitor_that_never_greets() {
                 id,
                 outcome: Outcome::NotSent(Failure::HandshakeFailed)
             },
-            Output::Closed(CloseReason::Remote(RemoteError::HandshakeTimeout)),
+            Output::Closed(CloseReason::Remote(RemoteError::GreetingTimeout)),
         ]
     );
     assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn handshake_timeouts_say_which_step_was_missing() {
+    let t0 = Instant::now();
+    let cfg = || Config::default().handshake_timeout(Some(Duration::from_secs(1)));
+    let mut greeted = Connection::new(t0, cfg());
+    greeted.handle_input(t0, GREETING.as_bytes());
+    let _ = tx(&mut greeted);
+    greeted.handle_timeout(t0 + Duration::from_secs(1));
+    assert_eq!(
+        outs(&mut greeted).last(),
+        Some(&Output::Closed(CloseReason::Remote(
+            RemoteError::NegotiationTimeout
+        )))
+    );
+    let mut agent = Connection::new(
+        t0,
+        Config::qga(1).handshake_timeout(Some(Duration::from_secs(1))),
+    );
+    agent.handle_timeout(t0 + Duration::from_secs(1));
+    assert_eq!(
+        outs(&mut agent),
+        vec![Output::Closed(CloseReason::Remote(
+            RemoteError::SyncTimeout
+        ))]
+    );
+    assert_eq!(
+        RemoteError::GreetingTimeout.to_string(),
+        "the server accepted the connection but sent no greeting in time (is another client \
+         attached to this monitor?)"
+    );
 }
 
 #[test]
