@@ -458,7 +458,7 @@ fn policy_denials_exit_4_and_send_nothing() {
         ]),
         4,
         "",
-        "qmp: blockdev-add denied by rule commands.\"blockdev-add\": argument /driver = \"file\" is not allowed; nothing was sent\n",
+        "qmp: blockdev-add denied by rule commands.\"blockdev-add\": argument /driver = \"file\" is not allowed (allowed: null-co); nothing was sent\n",
     );
     check(
         &qmp(&[

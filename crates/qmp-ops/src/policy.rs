@@ -225,7 +225,12 @@ impl ArgRule {
             match &value {
                 None => return Err(format!("argument {} is required", self.path)),
                 Some(v) if !allowed.iter().any(|p| p.matches(v)) => {
-                    return Err(format!("argument {} = {v:?} is not allowed", self.path));
+                    let list: Vec<&str> = allowed.iter().map(Pattern::as_str).collect();
+                    return Err(format!(
+                        "argument {} = {v:?} is not allowed (allowed: {})",
+                        self.path,
+                        list.join(", ")
+                    ));
                 }
                 Some(_) => {}
             }
