@@ -68,8 +68,22 @@ impl Shared {
         })
     }
 
+    /// Locks the shared state.
+    ///
+    /// If a panic poisoned the lock, the machine may have been left half-updated, and writing
+    /// from it could put corrupt bytes on the wire. The session is then closed instead: pending
+    /// calls resolve, new ones fail, and the driver stops.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(|poisoned| {
+            let mut guard = PoisonError::into_inner(poisoned);
+            if !guard.proto.is_closed() {
+                let now = guard.now(&*self.timer);
+                guard.proto.close(now);
+                guard.dispatch();
+                guard.wake_driver();
+            }
+            guard
+        })
     }
 }
 
@@ -162,5 +176,48 @@ impl Inner {
             w.wake();
         }
         self.wake_idle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rt::Sleep;
+
+    struct NoTimer;
+
+    impl Timer for NoTimer {
+        fn sleep_until(&self, _deadline: Instant) -> Sleep {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[test]
+    fn a_panic_under_the_lock_closes_the_session() {
+        let shared = Shared::new(qmp_proto::Config::default(), Arc::new(NoTimer), 8, false);
+        let queued = {
+            let mut inner = shared.lock();
+            let now = inner.now(&NoTimer);
+            let id = inner
+                .proto
+                .send(now, qmp_proto::Command::new("query-status"))
+                .unwrap();
+            let (tx, rx) = oneshot::channel();
+            inner.waiters.insert(id, tx);
+            rx
+        };
+        let s = Arc::clone(&shared);
+        let result = std::thread::spawn(move || {
+            let _guard = s.lock();
+            panic!("a bug while the state is borrowed");
+        })
+        .join();
+        assert!(result.is_err(), "the thread panicked");
+        let inner = shared.lock();
+        assert!(inner.proto.is_closed());
+        assert_eq!(inner.proto.poll_transmit(), None, "nothing more is written");
+        drop(inner);
+        let outcome = futures_executor::block_on(queued).expect("resolved");
+        assert_eq!(outcome, Outcome::NotSent(qmp_proto::Failure::LocalClose));
     }
 }
