@@ -24,6 +24,9 @@ pub struct Sample {
     pub secs: f64,
     /// User plus system CPU microseconds of this process (all its threads).
     pub cpu_us: f64,
+    /// Voluntary context switches of this process (a thread blocked: in `epoll_wait`, on a
+    /// futex, in a blocking read).
+    pub switches: u64,
 }
 
 impl Sample {
@@ -36,6 +39,11 @@ impl Sample {
     pub fn cpu_us_per_op(&self) -> f64 {
         self.cpu_us / self.n as f64
     }
+
+    /// Voluntary context switches per command.
+    pub fn switches_per_op(&self) -> f64 {
+        self.switches as f64 / self.n as f64
+    }
 }
 
 /// A start point for a [`Sample`].
@@ -43,23 +51,29 @@ impl Sample {
 pub struct Stopwatch {
     t0: Instant,
     cpu0: f64,
+    switches0: u64,
 }
 
 impl Stopwatch {
     /// Starts measuring now.
     pub fn start() -> Self {
+        let (cpu0, switches0) = usage();
         Self {
             t0: Instant::now(),
-            cpu0: cpu_micros(),
+            cpu0,
+            switches0,
         }
     }
 
     /// The sample for `n` commands since [`start`](Self::start).
     pub fn stop(&self, n: usize) -> Sample {
+        let secs = self.t0.elapsed().as_secs_f64();
+        let (cpu, switches) = usage();
         Sample {
             n,
-            secs: self.t0.elapsed().as_secs_f64(),
-            cpu_us: cpu_micros() - self.cpu0,
+            secs,
+            cpu_us: cpu - self.cpu0,
+            switches: switches - self.switches0,
         }
     }
 }
@@ -167,6 +181,12 @@ pub fn median(values: &mut [f64]) -> f64 {
 /// User plus system CPU time of this process so far (all threads, no children), in
 /// microseconds.
 pub fn cpu_micros() -> f64 {
+    usage().0
+}
+
+/// CPU microseconds and voluntary context switches of this process so far (getrusage
+/// `RUSAGE_SELF`: all threads, no children).
+fn usage() -> (f64, u64) {
     // SAFETY: getrusage only writes the struct we pass.
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
@@ -174,7 +194,8 @@ pub fn cpu_micros() -> f64 {
         usage
     };
     let tv = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+    (cpu, u64::try_from(usage.ru_nvcsw).unwrap_or(0))
 }
 
 #[cfg(test)]

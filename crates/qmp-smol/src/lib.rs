@@ -141,6 +141,11 @@ pub async fn connect_tcp(
 /// Spawns the driver on smol's global executor. Call `.detach()` on the task to let the
 /// session run until it closes; dropping the task cancels the driver (which closes the
 /// session).
+///
+/// The global executor runs on its own threads, so each command crosses threads twice. For
+/// the least CPU per command, run the driver on the callers' thread instead: spawn the
+/// [`Connection`] on a `smol::LocalExecutor` that the thread runs (`block_on(ex.run(...))`),
+/// or await it alongside the work (`join`).
 pub fn spawn_connection(connection: Connection) -> smol::Task<Result<(), Error>> {
     smol::spawn(connection)
 }

@@ -34,6 +34,9 @@ struct Args {
     serve_fake: bool,
     /// Queued in-band commands the fake reads (QEMU: 8).
     queue_limit: usize,
+    /// smol and async-std: where the driver runs (`local`: a task on this thread; `join`: in
+    /// the workload's task).
+    driver: String,
 }
 
 const USAGE: &str = "usage: qmp-load (--socket PATH | --fake | --fake-in-process) \
@@ -55,6 +58,7 @@ fn parse() -> Result<Args, String> {
         repeat: 1,
         serve_fake: false,
         queue_limit: 64,
+        driver: "local".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +74,7 @@ fn parse() -> Result<Args, String> {
             "--threads" => a.threads = num(value()?)?,
             "--repeat" => a.repeat = num(value()?)?.max(1),
             "--queue-limit" => a.queue_limit = num(value()?)?,
+            "--driver" => a.driver = value()?,
             "--raw" => a.raw = true,
             "--fake" => a.server = Server::FakeProcess,
             "--fake-in-process" => a.server = Server::FakeInProcess,
@@ -157,7 +162,7 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
             })
         }
         // The driver runs in the same task as the workload (one thread).
-        "smol" => smol::block_on(async {
+        "smol" if a.driver == "join" => smol::block_on(async {
             for _ in 0..a.repeat {
                 let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
                 let (driven, s) =
@@ -167,6 +172,41 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
             }
             Ok(())
         }),
+        // The driver is a task of a LocalExecutor on this thread, the workload another.
+        "smol" => {
+            let ex = smol::LocalExecutor::new();
+            smol::block_on(ex.run(async {
+                for _ in 0..a.repeat {
+                    let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
+                    let driver = ex.spawn(conn);
+                    let mode = mode.to_owned();
+                    samples.push(
+                        ex.spawn(async move { workload(c, &mode, n, conc).await })
+                            .await,
+                    );
+                    driver.await?;
+                }
+                Ok::<_, qmp_client::Error>(())
+            }))
+        }
+        // async-std's block_on with a same-thread executor (async-std's own `spawn_local`
+        // needs its `unstable` feature; its block_on runs the same async-executor type).
+        "async-std" if a.driver != "join" => {
+            let ex = smol::LocalExecutor::new();
+            async_std::task::block_on(ex.run(async {
+                for _ in 0..a.repeat {
+                    let (c, conn) = qmp_async_std::connect_unix(path, builder()).await?;
+                    let driver = ex.spawn(conn);
+                    let mode = mode.to_owned();
+                    samples.push(
+                        ex.spawn(async move { workload(c, &mode, n, conc).await })
+                            .await,
+                    );
+                    driver.await?;
+                }
+                Ok::<_, qmp_client::Error>(())
+            }))
+        }
         "async-std" => async_std::task::block_on(async {
             for _ in 0..a.repeat {
                 let (c, conn) = qmp_async_std::connect_unix(path, builder()).await?;
@@ -255,15 +295,24 @@ fn main() -> ExitCode {
     );
     for (i, s) in samples.iter().enumerate() {
         println!(
-            "run={} secs={:.3} cpu_us_per_op={:.2} ops_per_sec={:.1}",
+            "run={} secs={:.3} switches_per_op={:.2} cpu_us_per_op={:.2} ops_per_sec={:.1}",
             i + 1,
             s.secs,
+            s.switches_per_op(),
             s.cpu_us_per_op(),
             s.ops_per_sec()
         );
     }
     let mut cpu: Vec<f64> = samples.iter().map(Sample::cpu_us_per_op).collect();
     let mut ops: Vec<f64> = samples.iter().map(Sample::ops_per_sec).collect();
+    let mut sw: Vec<f64> = samples.iter().map(Sample::switches_per_op).collect();
+    // Medians, with the best run beside them (the machine is shared and noisy).
+    println!(
+        "cpu_us_per_op_min={:.2} ops_per_sec_max={:.1}",
+        cpu.iter().copied().fold(f64::INFINITY, f64::min),
+        ops.iter().copied().fold(0.0, f64::max)
+    );
+    println!("switches_per_op={:.2}", median(&mut sw));
     println!("cpu_us_per_op={:.2}", median(&mut cpu));
     println!("ops_per_sec={:.1}", median(&mut ops));
     ExitCode::SUCCESS
