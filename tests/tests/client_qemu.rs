@@ -318,6 +318,24 @@ fn system() -> Option<Qemu> {
     Launch::system().spawn()
 }
 
+/// Runs `cmd`, waits for the event it causes (subscribed before sending), and checks the run
+/// state that follows.
+async fn run_state_step(c: &Client, cmd: &str, event: &str, status: &str, running: bool) {
+    let (_, ev): (IgnoredAny, _) = c
+        .execute_then_wait(cmd, &(), event, |_| true, T)
+        .await
+        .unwrap();
+    assert_eq!(ev.name, event);
+    let st: Status = c.execute("query-status", &()).await.unwrap();
+    assert_eq!(
+        st,
+        Status {
+            status: status.into(),
+            running
+        }
+    );
+}
+
 async fn vm_stop_cont_reset_quit(rt: &Rt) {
     let Some(mut q) = system() else { return };
     let (c, conn) = (rt.connect_raw)(q.socket_path().into(), Builder::new())
@@ -333,33 +351,8 @@ async fn vm_stop_cont_reset_quit(rt: &Rt) {
         }
     );
 
-    let (_, ev): (IgnoredAny, _) = c
-        .execute_then_wait("cont", &(), "RESUME", |_| true, T)
-        .await
-        .unwrap();
-    assert_eq!(ev.name, "RESUME");
-    let st: Status = c.execute("query-status", &()).await.unwrap();
-    assert_eq!(
-        st,
-        Status {
-            status: "running".into(),
-            running: true
-        }
-    );
-
-    let (_, ev): (IgnoredAny, _) = c
-        .execute_then_wait("stop", &(), "STOP", |_| true, T)
-        .await
-        .unwrap();
-    assert_eq!(ev.name, "STOP");
-    let st: Status = c.execute("query-status", &()).await.unwrap();
-    assert_eq!(
-        st,
-        Status {
-            status: "paused".into(),
-            running: false
-        }
-    );
+    run_state_step(&c, "cont", "RESUME", "running", true).await;
+    run_state_step(&c, "stop", "STOP", "paused", false).await;
 
     let (_, ev): (IgnoredAny, _) = c
         .execute_then_wait("system_reset", &(), "RESET", |_| true, T)
