@@ -1153,19 +1153,16 @@ impl Connection {
             return;
         }
         self.retire_inband(id);
-        match self.pending.get(&id).map(|p| (p.purpose, p.written)) {
-            Some((Purpose::Negotiation, _)) => {
-                self.pending.remove(&id);
-                match result {
-                    Ok(_) => self.become_ready(),
-                    Err(e) => self.shut(
-                        CloseReason::Remote(RemoteError::NegotiationFailed(e)),
-                        Failure::HandshakeFailed,
-                    ),
-                }
-            }
-            Some((_, written)) if written != Written::Nothing => {
-                let p = self.pending.remove(&id).expect("present");
+        // One lookup: take the entry out, and put it back only in the odd case below.
+        match self.pending.remove(&id) {
+            Some(p) if p.purpose == Purpose::Negotiation => match result {
+                Ok(_) => self.become_ready(),
+                Err(e) => self.shut(
+                    CloseReason::Remote(RemoteError::NegotiationFailed(e)),
+                    Failure::HandshakeFailed,
+                ),
+            },
+            Some(p) if p.written != Written::Nothing => {
                 if let Some(at) = p.deadline {
                     self.deadlines.remove(&(at, id));
                 }
@@ -1175,7 +1172,11 @@ impl Connection {
                 self.complete(id, Outcome::Replied(result));
                 self.admit();
             }
-            _ => {
+            other => {
+                if let Some(p) = other {
+                    // A "reply" to a request not yet written cannot be its answer.
+                    self.pending.insert(id, p);
+                }
                 if self.tombstones.remove(&id) {
                     self.stats.late_replies += 1;
                 } else {

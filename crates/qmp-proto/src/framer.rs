@@ -71,7 +71,7 @@ struct ScanState {
 /// A streaming splitter of JSON values with size and depth limits.
 #[derive(Debug)]
 pub(crate) struct Framer {
-    /// Unconsumed input. In [`Mode::Value`] the current value starts at index 0.
+    /// Unconsumed input. In [`Mode::Value`] the current value starts at `consumed`.
     buf: Vec<u8>,
     /// Bytes at the front of `buf` already handed out and waiting to be dropped.
     consumed: usize,
@@ -107,7 +107,12 @@ impl Framer {
     /// stays near `max_size`.
     pub(crate) fn push(&mut self, data: &[u8]) {
         if self.consumed > 0 {
+            // An unfinished value moves to the front here, once per read, so a large value
+            // ends up at index 0 and can leave without a copy (see `take`).
             self.buf.drain(..self.consumed);
+            if self.mode == Mode::Value {
+                self.scanned -= self.consumed;
+            }
             self.consumed = 0;
         }
         self.buf.extend_from_slice(data);
@@ -165,10 +170,9 @@ impl Framer {
                     let &first = self.buf.get(self.consumed)?;
                     match first {
                         b'{' | b'[' => {
-                            // Move the value to the front so ranges and `take` are cheap.
-                            self.buf.drain(..self.consumed);
-                            self.consumed = 0;
-                            self.scanned = 1;
+                            // The value starts at `consumed`; nothing moves for a value that
+                            // arrived whole.
+                            self.scanned = self.consumed + 1;
                             self.state = ScanState {
                                 depth: 1,
                                 ..ScanState::default()
@@ -203,29 +207,30 @@ impl Framer {
                     }
                 }
                 Mode::Value => {
+                    let start = self.consumed;
                     let from = self.scanned;
-                    let limit = self.max_size.min(self.buf.len());
-                    let end =
-                        (self.scan)(&mut self.state, &self.buf[..limit], from, self.max_depth);
+                    let limit = (start + self.max_size).min(self.buf.len());
+                    let buf = &self.buf[..limit];
+                    let end = (self.scan)(&mut self.state, buf, from, self.max_depth);
                     match end {
                         Some(end) => {
                             self.mode = Mode::Idle;
                             self.scanned = 0;
                             self.consumed = end;
                             if self.state.too_deep {
-                                return Some(Frame::TooDeep { len: end });
+                                return Some(Frame::TooDeep { len: end - start });
                             }
                             return Some(Frame::Value {
-                                range: 0..end,
+                                range: start..end,
                                 ascii: !self.state.non_ascii,
                             });
                         }
-                        None if self.buf.len() > self.max_size => {
+                        None if self.buf.len() - start > self.max_size => {
                             // Too long: stop buffering and skip the rest as it streams in.
                             // Whether it is reported as too deep or too long depends only on
                             // its first `max_size` bytes, so read boundaries cannot change it.
                             let len = self.max_size;
-                            self.consumed = len;
+                            self.consumed = start + len;
                             self.mode = Mode::Skipping {
                                 len,
                                 oversized: !self.state.too_deep,
@@ -235,8 +240,8 @@ impl Framer {
                             self.scanned = self.buf.len();
                             if self.state.too_deep {
                                 // No need to keep the bytes: the value is already rejected.
-                                let len = self.buf.len();
-                                self.consumed = len;
+                                let len = self.buf.len() - start;
+                                self.consumed = self.buf.len();
                                 self.mode = Mode::Skipping {
                                     len,
                                     oversized: false,
@@ -308,11 +313,17 @@ fn pick_scan() -> ScanFn {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("pclmulqdq") {
             return x86::scan_avx2_checked;
         }
-        |st, buf, from, max| scan_with(st, buf, from, max, x86::classify_sse2, prefix_xor)
+        |st, buf, from, max| {
+            let tail = |rest: &[u8]| padded(rest, x86::classify_sse2);
+            scan_with(st, buf, from, max, x86::classify_sse2, tail, prefix_xor)
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        |st, buf, from, max| scan_with(st, buf, from, max, classify_portable, prefix_xor)
+        |st, buf, from, max| {
+            let tail = |rest: &[u8]| padded(rest, classify_portable);
+            scan_with(st, buf, from, max, classify_portable, tail, prefix_xor)
+        }
     }
 }
 
@@ -325,6 +336,7 @@ fn scan_with(
     from: usize,
     max_depth: usize,
     classify: impl Fn(&[u8; 64]) -> Masks,
+    classify_tail: impl Fn(&[u8]) -> Masks,
     pxor: impl Fn(u64) -> u64,
 ) -> Option<usize> {
     let mut pos = from;
@@ -336,15 +348,21 @@ fn scan_with(
         pos += 64;
     }
     if pos < buf.len() {
-        // The tail, padded with zeros: a zero byte is neither a quote, a backslash nor a
-        // bracket, so padding changes no mask.
-        let mut block = [0u8; 64];
-        block[..buf.len() - pos].copy_from_slice(&buf[pos..]);
-        if let Some(i) = step(state, classify(&block), buf.len() - pos, max_depth, &pxor) {
+        let rest = &buf[pos..];
+        if let Some(i) = step(state, classify_tail(rest), rest.len(), max_depth, &pxor) {
             return Some(pos + i + 1);
         }
     }
     None
+}
+
+/// Classifies fewer than 64 bytes by padding them with zeros: a zero byte is neither a quote,
+/// a backslash nor a bracket, so padding changes no mask.
+#[inline(always)]
+fn padded(rest: &[u8], classify: impl Fn(&[u8; 64]) -> Masks) -> Masks {
+    let mut block = [0u8; 64];
+    block[..rest.len()].copy_from_slice(rest);
+    classify(&block)
 }
 
 /// Advances `state` over one block of `len` bytes. Returns the offset of the byte that brings the depth to
@@ -432,6 +450,7 @@ mod x86 {
     //! only be called after checking them at run time.
 
     use super::{Masks, ScanState, scan_with};
+
     use std::arch::x86_64::*;
 
     /// [`scan_avx512`], for CPUs where `pick_scan` found its features.
@@ -474,21 +493,39 @@ mod x86 {
         from: usize,
         max_depth: usize,
     ) -> Option<usize> {
-        let classify = |block: &[u8; 64]| {
-            // SAFETY: 64-byte unaligned load from a 64-byte array; features enabled above.
-            unsafe {
-                let v = _mm512_loadu_si512(block.as_ptr().cast());
-                let folded = _mm512_or_si512(v, _mm512_set1_epi8(0x20));
-                Masks {
-                    high: _mm512_movepi8_mask(v),
-                    quote: _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(b'"' as i8)),
-                    backslash: _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(b'\\' as i8)),
-                    open: _mm512_cmpeq_epi8_mask(folded, _mm512_set1_epi8(b'{' as i8)),
-                    close: _mm512_cmpeq_epi8_mask(folded, _mm512_set1_epi8(b'}' as i8)),
-                }
-            }
+        // SAFETY (both closures): features enabled above; the full load reads 64 bytes of a
+        // 64-byte array, the masked load reads only the `rest.len() < 64` bytes of `rest`.
+        let classify =
+            |block: &[u8; 64]| unsafe { masks_avx512(_mm512_loadu_si512(block.as_ptr().cast())) };
+        let tail = |rest: &[u8]| unsafe {
+            let mask = (1u64 << rest.len()) - 1;
+            masks_avx512(_mm512_maskz_loadu_epi8(mask, rest.as_ptr().cast()))
         };
-        scan_with(state, buf, from, max_depth, classify, clmul_prefix_xor)
+        scan_with(
+            state,
+            buf,
+            from,
+            max_depth,
+            classify,
+            tail,
+            clmul_prefix_xor,
+        )
+    }
+
+    /// The masks of 64 loaded bytes (zeros where a masked load left bytes out).
+    #[inline(always)]
+    unsafe fn masks_avx512(v: __m512i) -> Masks {
+        // SAFETY: only inlined into `scan_avx512`, compiled with avx512bw.
+        unsafe {
+            let folded = _mm512_or_si512(v, _mm512_set1_epi8(0x20));
+            Masks {
+                high: _mm512_movepi8_mask(v),
+                quote: _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(b'"' as i8)),
+                backslash: _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(b'\\' as i8)),
+                open: _mm512_cmpeq_epi8_mask(folded, _mm512_set1_epi8(b'{' as i8)),
+                close: _mm512_cmpeq_epi8_mask(folded, _mm512_set1_epi8(b'}' as i8)),
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,pclmulqdq")]
@@ -517,7 +554,16 @@ mod x86 {
             }
             m
         };
-        scan_with(state, buf, from, max_depth, classify, clmul_prefix_xor)
+        let tail = |rest: &[u8]| super::padded(rest, classify);
+        scan_with(
+            state,
+            buf,
+            from,
+            max_depth,
+            classify,
+            tail,
+            clmul_prefix_xor,
+        )
     }
 
     /// SSE2 is part of the x86_64 baseline, so this one needs no run-time check.
@@ -558,17 +604,30 @@ mod x86 {
             (end, st)
         };
         let (e, s) = run(&|st| {
+            let tail = |rest: &[u8]| super::padded(rest, super::classify_portable);
             scan_with(
                 st,
                 buf,
                 1,
                 max_depth,
                 super::classify_portable,
+                tail,
                 super::prefix_xor,
             )
         });
         out.push(("portable", e, s));
-        let (e, s) = run(&|st| scan_with(st, buf, 1, max_depth, classify_sse2, super::prefix_xor));
+        let (e, s) = run(&|st| {
+            let tail = |rest: &[u8]| super::padded(rest, classify_sse2);
+            scan_with(
+                st,
+                buf,
+                1,
+                max_depth,
+                classify_sse2,
+                tail,
+                super::prefix_xor,
+            )
+        });
         out.push(("sse2", e, s));
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("pclmulqdq") {
             // SAFETY: features checked just above.
