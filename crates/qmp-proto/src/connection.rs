@@ -617,8 +617,6 @@ pub struct Connection {
     segments: VecDeque<Segment>,
     outputs: VecDeque<Output>,
     stats: Stats,
-    /// Whether [`Output::Closed`] was queued.
-    closed_reported: bool,
 }
 
 impl fmt::Debug for Connection {
@@ -658,7 +656,6 @@ impl Connection {
             segments: VecDeque::new(),
             outputs: VecDeque::new(),
             stats: Stats::default(),
-            closed_reported: false,
             config,
         };
         if let Mode::Qga { sync_seed } = conn.config.mode {
@@ -670,28 +667,29 @@ impl Connection {
 
     // --- Inputs ---
 
-    /// Feeds bytes read from the transport.
-    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
+    /// Feeds bytes read from the transport. (`now` is part of the contract for every input;
+    /// input alone never fires a deadline.)
+    pub fn handle_input(&mut self, _now: Instant, data: &[u8]) {
         if self.state == State::Closed {
             return;
         }
         self.stats.bytes_received += data.len() as u64;
         for chunk in data.chunks(FEED_CHUNK) {
-            self.feed(now, chunk);
+            self.feed(chunk);
             if self.state == State::Closed {
                 return;
             }
         }
     }
 
-    fn feed(&mut self, now: Instant, mut chunk: &[u8]) {
+    fn feed(&mut self, mut chunk: &[u8]) {
         // While a QGA sync waits for its 0xFF, bytes before that marker are stale: complete
         // messages in them are still routed by id, partial ones are dropped at the marker.
         while let Some((sync, false)) = self.syncing {
             match chunk.iter().position(|&b| b == 0xFF) {
                 Some(i) => {
                     self.framer.push(&chunk[..i]);
-                    self.drain_frames(now);
+                    self.drain_frames();
                     self.framer.reset();
                     self.syncing = Some((sync, true));
                     chunk = &chunk[i + 1..];
@@ -700,10 +698,10 @@ impl Connection {
             }
         }
         self.framer.push(chunk);
-        self.drain_frames(now);
+        self.drain_frames();
     }
 
-    fn drain_frames(&mut self, now: Instant) {
+    fn drain_frames(&mut self) {
         while let Some(frame) = self.framer.next_frame() {
             match frame {
                 Frame::Value { range, ascii } => {
@@ -711,7 +709,7 @@ impl Connection {
                     let len = range.len();
                     let bytes = self.framer.take(range);
                     match wire::classify(bytes, ascii) {
-                        Ok(msg) => self.on_message(now, msg),
+                        Ok(msg) => self.on_message(msg),
                         Err(bad) => self.anomaly(Anomaly::InvalidJson { len, error: bad.0 }),
                     }
                 }
@@ -1057,7 +1055,7 @@ impl Connection {
         });
     }
 
-    fn on_message(&mut self, now: Instant, msg: Incoming) {
+    fn on_message(&mut self, msg: Incoming) {
         match msg {
             Incoming::Event(ev) => {
                 if self.syncing.is_some_and(|(_, seen)| !seen) && self.state != State::Ready {
@@ -1075,8 +1073,8 @@ impl Connection {
                     self.anomaly(Anomaly::Unexpected("a second greeting".to_owned()));
                 }
             }
-            Incoming::Return { id, value } => self.on_reply(now, id, Ok(value)),
-            Incoming::Error { id, error } => self.on_reply(now, id, Err(error)),
+            Incoming::Return { id, value } => self.on_reply(id, Ok(value)),
+            Incoming::Error { id, error } => self.on_reply(id, Err(error)),
             Incoming::Unexpected(text) => self.anomaly(Anomaly::Unexpected(text)),
         }
     }
@@ -1117,8 +1115,7 @@ impl Connection {
         self.put_on_wire(NEGOTIATION_ID, &bytes);
     }
 
-    fn on_reply(&mut self, now: Instant, id: WireId, result: Result<RawJson, CommandError>) {
-        let _ = now;
+    fn on_reply(&mut self, id: WireId, result: Result<RawJson, CommandError>) {
         let id = match id {
             WireId::Number(id) => id,
             WireId::Missing => {
@@ -1367,6 +1364,7 @@ impl Connection {
     }
 
     fn shut(&mut self, reason: CloseReason, why: Failure) {
+        debug_assert_ne!(self.state, State::Closed, "closed twice");
         let mut ids: Vec<u64> = self
             .pending
             .iter()
@@ -1396,10 +1394,8 @@ impl Connection {
         self.syncing = None;
         self.handshake_deadline = None;
         self.state = State::Closed;
-        if !self.closed_reported {
-            self.closed_reported = true;
-            self.outputs.push_back(Output::Closed(reason));
-        }
+        // Callers check first: a connection closes once, and says so once.
+        self.outputs.push_back(Output::Closed(reason));
     }
 }
 
