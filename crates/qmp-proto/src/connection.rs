@@ -528,6 +528,8 @@ struct Segment {
     id: u64,
     start: usize,
     end: usize,
+    /// File descriptors go with its first byte ([`Command::with_fds`]).
+    fds: bool,
 }
 
 /// Hashes the ids this machine generates (sequential integers) with one multiplication. The
@@ -941,13 +943,11 @@ impl Connection {
         }
         // Bytes of a request that carries fds start a write of their own, so the descriptors
         // travel with its first byte; the write before stops short of it.
-        let mut end = self.out.len();
-        for seg in &self.segments {
-            if seg.start > self.out_pos && self.pending.get(&seg.id).is_some_and(|p| p.fds) {
-                end = seg.start;
-                break;
-            }
-        }
+        let end = self
+            .segments
+            .iter()
+            .find(|seg| seg.fds && seg.start > self.out_pos)
+            .map_or(self.out.len(), |seg| seg.start);
         Some(&self.out[self.out_pos..end])
     }
 
@@ -1208,17 +1208,28 @@ impl Connection {
         self.outputs.push_back(Output::Ready(Ready {
             capabilities: self.capabilities.clone(),
         }));
-        if !self.has_capability("oob") {
-            let oob: Vec<u64> = self
-                .queue
-                .iter()
-                .copied()
-                .filter(|id| self.pending.get(id).is_some_and(|p| !p.inband))
-                .collect();
+        // `exec-oob` requests queue only before this point (afterwards they skip the queue):
+        // they go out now, ahead of the in-band cap, or fail if oob was not negotiated. From
+        // here on the queue holds in-band requests only.
+        let pending = &self.pending;
+        let oob: Vec<u64> = self
+            .queue
+            .iter()
+            .copied()
+            .filter(|id| pending.get(id).is_some_and(|p| !p.inband))
+            .collect();
+        if !oob.is_empty() {
+            self.queue
+                .retain(|id| pending.get(id).is_some_and(|p| p.inband));
+            let negotiated = self.has_capability("oob");
             for id in oob {
-                self.queue.retain(|&q| q != id);
-                let outcome = self.forget(id, Failure::OobUnavailable);
-                self.complete(id, outcome);
+                if negotiated {
+                    let bytes = self.pending.get_mut(&id).and_then(|p| p.queued.take());
+                    self.put_on_wire(id, &bytes.unwrap_or_default());
+                } else {
+                    let outcome = self.forget(id, Failure::OobUnavailable);
+                    self.complete(id, outcome);
+                }
             }
         }
         self.admit();
@@ -1267,31 +1278,18 @@ impl Connection {
         if self.state != State::Ready || self.syncing.is_some() {
             return;
         }
+        // Runs after every reply, so it stays O(admitted): the queue holds in-band requests
+        // only once the session is ready (see `become_ready`).
         while let Some(&id) = self.queue.front() {
-            let Some(p) = self.pending.get(&id) else {
+            let Some(p) = self.pending.get_mut(&id) else {
                 self.queue.pop_front();
                 continue;
             };
             if p.inband && p.expect_reply && self.inband.len() >= self.config.max_in_flight {
-                // An oob request queued before the session was ready must not wait here.
-                if let Some(pos) = self
-                    .queue
-                    .iter()
-                    .position(|q| self.pending.get(q).is_some_and(|p| !p.inband))
-                {
-                    let oob = self.queue.remove(pos).expect("in range");
-                    let bytes = self.pending.get_mut(&oob).and_then(|p| p.queued.take());
-                    self.put_on_wire(oob, &bytes.unwrap_or_default());
-                    continue;
-                }
                 break;
             }
+            let bytes = p.queued.take().unwrap_or_default();
             self.queue.pop_front();
-            let bytes = self
-                .pending
-                .get_mut(&id)
-                .and_then(|p| p.queued.take())
-                .unwrap_or_default();
             self.put_on_wire(id, &bytes);
         }
     }
@@ -1310,16 +1308,14 @@ impl Connection {
         }
         let start = self.out.len();
         self.out.extend_from_slice(bytes);
+        let p = self.pending.get(&id);
         self.segments.push_back(Segment {
             id,
             start,
             end: self.out.len(),
+            fds: p.is_some_and(|p| p.fds),
         });
-        if let Some(p) = self.pending.get(&id)
-            && p.inband
-            && p.expect_reply
-            && p.purpose == Purpose::User
-        {
+        if p.is_some_and(|p| p.inband && p.expect_reply && p.purpose == Purpose::User) {
             self.inband.push_back(id);
         }
     }

@@ -411,6 +411,34 @@ fn in_band_commands_are_capped_and_oob_bypasses_the_cap() {
 }
 
 #[test]
+fn oob_queued_before_ready_goes_out_at_ready_ahead_of_the_in_band_cap() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, Config::default().max_in_flight(2));
+    for _ in 0..3 {
+        c.send(t0, Command::new("q")).unwrap();
+    }
+    let oob = c.send(t0, Command::new("query-yank").oob()).unwrap();
+    c.handle_input(t0, GREETING.as_bytes());
+    let _ = tx(&mut c);
+    c.handle_input(t0, OK0.as_bytes());
+    assert_eq!(
+        tx(&mut c),
+        r#"{"exec-oob":"query-yank","id":4}{"execute":"q","id":1}{"execute":"q","id":2}"#
+    );
+    assert_eq!((c.in_flight(), c.queued()), (2, 1));
+    c.handle_input(
+        t0,
+        b"{\"return\": [], \"id\": 4}\r\n{\"return\": {}, \"id\": 1}\r\n",
+    );
+    assert_eq!(tx(&mut c), r#"{"execute":"q","id":3}"#);
+    assert!(
+        outs(&mut c)
+            .iter()
+            .any(|o| matches!(o, Output::Completed { id, .. } if *id == oob))
+    );
+}
+
+#[test]
 fn oob_queued_before_ready_fails_as_not_sent_when_not_offered() {
     let t0 = Instant::now();
     let mut c = Connection::new(t0, Config::default());
