@@ -38,20 +38,31 @@ impl Bytes<'_> {
     }
 }
 
+/// `input` cut into pieces whose sizes come from `sizes` (cycled, each byte `s` meaning
+/// `s + 1` bytes); no sizes means one piece.
+fn pieces<'a>(input: &'a [u8], sizes: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let mut rest = input;
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let step = sizes
+            .get(i % sizes.len().max(1))
+            .map_or(rest.len(), |&s| usize::from(s) + 1);
+        i += 1;
+        let (piece, tail) = rest.split_at(step.min(rest.len()));
+        rest = tail;
+        Some(piece)
+    })
+}
+
 /// Frames of `input` fed in pieces whose sizes come from `sizes` (cycled).
 fn frames_of(input: &[u8], sizes: &[u8], max_size: usize, max_depth: usize) -> Vec<String> {
     let mut f = Framer::new(max_size, max_depth);
     let mut out = Vec::new();
-    let mut pos = 0;
-    let mut i = 0;
-    while pos < input.len() {
-        let step = sizes
-            .get(i % sizes.len().max(1))
-            .map_or(input.len(), |&s| usize::from(s) + 1);
-        let (start, end) = (pos, (pos + step).min(input.len()));
-        f.push(&input[start..end]);
-        pos = end;
-        i += 1;
+    for piece in pieces(input, sizes) {
+        f.push(piece);
         while let Some(fr) = f.next_frame() {
             out.push(match fr {
                 Frame::Value { range, ascii } => {
@@ -68,10 +79,10 @@ fn frames_of(input: &[u8], sizes: &[u8], max_size: usize, max_depth: usize) -> V
         // What stays buffered is at most an unfinished value within the limit plus the read
         // that just arrived: never the whole stream.
         assert!(
-            f.buffered() <= max_size + (end - start),
+            f.buffered() <= max_size + piece.len(),
             "buffer grew to {} with a {max_size}-byte limit and a {}-byte read",
             f.buffered(),
-            end - start
+            piece.len()
         );
     }
     out.push(format!("partial {}", f.partial_len()));
@@ -117,25 +128,16 @@ fn outputs_of(config: &Config, greet: bool, input: &[u8], sizes: &[u8]) -> Vec<S
             let _ = c.send(t0, Command::new("q"));
         }
     }
-    let mut pos = 0;
-    let mut i = 0;
-    loop {
+    let flush = |c: &mut Connection, log: &mut Vec<String>| {
         while let Some(n) = c.poll_transmit().map(<[u8]>::len) {
             c.handle_transmitted(n);
         }
-        while let Some(o) = c.poll_output() {
-            log.push(format!("{o:?}"));
-        }
-        if pos >= input.len() {
-            break;
-        }
-        let step = sizes
-            .get(i % sizes.len().max(1))
-            .map_or(input.len(), |&s| usize::from(s) + 1);
-        let end = (pos + step).min(input.len());
-        c.handle_input(t0, &input[pos..end]);
-        pos = end;
-        i += 1;
+        log.extend(std::iter::from_fn(|| c.poll_output()).map(|o| format!("{o:?}")));
+    };
+    flush(&mut c, &mut log);
+    for piece in pieces(input, sizes) {
+        c.handle_input(t0, piece);
+        flush(&mut c, &mut log);
     }
     c.handle_eof(t0);
     while let Some(o) = c.poll_output() {
@@ -220,17 +222,8 @@ pub fn roundtrip(data: &[u8]) {
         ),
         _ => format!("{}\n", serde_json::to_string(&msg).expect("serialisable")),
     };
-    let bytes = text.as_bytes();
-    let mut pos = 0;
-    let mut i = 0;
-    while pos < bytes.len() {
-        let step = sizes
-            .get(i % sizes.len().max(1))
-            .map_or(bytes.len(), |&s| usize::from(s) + 1);
-        let end = (pos + step).min(bytes.len());
-        c.handle_input(t0, &bytes[pos..end]);
-        pos = end;
-        i += 1;
+    for piece in pieces(text.as_bytes(), &sizes) {
+        c.handle_input(t0, piece);
     }
     match c.poll_output() {
         Some(Output::Completed {
