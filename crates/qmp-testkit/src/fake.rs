@@ -721,40 +721,23 @@ impl FakeQemu {
 
     /// Waits until at least `n` requests were read (or `timeout` passes) and returns them all.
     pub fn wait_requests(&self, n: usize, timeout: Duration) -> Vec<Request> {
-        let deadline = Instant::now() + timeout;
-        let mut log = lock(&self.shared);
-        while log.requests.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            log = self
-                .shared
-                .1
-                .wait_timeout(log, left)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
-        }
-        log.requests.clone()
+        self.wait_until(timeout, |log| log.requests.len() >= n)
+            .requests
+            .clone()
     }
 
     /// Waits until `n` client connections have ended (or `timeout` passes); returns how many.
     pub fn wait_closed(&self, n: usize, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        let mut log = lock(&self.shared);
-        while log.closed < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            log = self
-                .shared
-                .1
-                .wait_timeout(log, left)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
-        }
-        log.closed
+        self.wait_until(timeout, |log| log.closed >= n).closed
+    }
+
+    /// The log once `done` holds for it or `timeout` has passed.
+    fn wait_until(&self, timeout: Duration, done: impl Fn(&Log) -> bool) -> MutexGuard<'_, Log> {
+        self.shared
+            .1
+            .wait_timeout_while(lock(&self.shared), timeout, |log| !done(log))
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
     }
 
     /// The raw bytes received on each connection so far (index = connection).
