@@ -727,7 +727,7 @@ fn schema_renders_real_introspection() {
 
 #[test]
 fn spawn_and_tcp_targets() {
-    if qmp_testkit_missing("qemu-storage-daemon") || qmp_testkit_missing("qemu-system-x86_64") {
+    if !Launch::storage_daemon().available() || !Launch::system().available() {
         return;
     }
     let o = qmp(&["--spawn", "qsd", "-H", "query-jobs"]);
@@ -758,21 +758,6 @@ fn spawn_and_tcp_targets() {
         "{}",
         err(&o)
     );
-}
-
-/// Whether a QEMU program is missing (prints SKIP; panics under QMP_REQUIRE_QEMU=1).
-fn qmp_testkit_missing(program: &str) -> bool {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain(["/usr/sbin", "/usr/bin"].map(Into::into))
-        .any(|d: std::path::PathBuf| d.join(program).is_file());
-    if !found {
-        assert!(
-            std::env::var("QMP_REQUIRE_QEMU").as_deref() != Ok("1"),
-            "QMP_REQUIRE_QEMU=1 but {program} is missing"
-        );
-        println!("SKIP: {program} not found");
-    }
-    !found
 }
 
 #[test]
@@ -939,7 +924,7 @@ const DEMO_BODY: &str = "
 
 #[test]
 fn demo_on_real_qemu_under_ten_seconds() {
-    if qmp_testkit_missing("qemu-storage-daemon") {
+    if !Launch::storage_daemon().available() {
         return;
     }
     let start = Instant::now();

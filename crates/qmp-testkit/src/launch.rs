@@ -104,27 +104,37 @@ impl Launch {
         find_binary(self.program()).is_some()
     }
 
+    /// Whether the program can be used by a test: `true` when it is installed; otherwise
+    /// prints `SKIP: <reason>` and returns `false`.
+    ///
+    /// # Panics
+    /// When the program is missing and `QMP_REQUIRE_QEMU=1`.
+    pub fn available(&self) -> bool {
+        if self.is_installed() {
+            return true;
+        }
+        let program = self.program();
+        let reason = format!("{program} not found on PATH, /usr/sbin or /usr/bin");
+        assert!(
+            std::env::var_os("QMP_REQUIRE_QEMU").as_deref() != Some(OsStr::new("1")),
+            "QMP_REQUIRE_QEMU=1 but {reason}"
+        );
+        println!("SKIP: {reason}");
+        false
+    }
+
     /// Starts the program and waits until its socket exists: the form for tests.
     ///
-    /// Returns `None` after printing `SKIP: <reason>` when the binary is not installed.
+    /// Returns `None` when the program is not [`available`](Self::available).
     ///
     /// # Panics
     /// When the binary is missing and `QMP_REQUIRE_QEMU=1`; when the program cannot be started,
     /// exits early, or does not create its socket in time (with its stderr in the message).
     pub fn spawn(self) -> Option<Qemu> {
-        match self.try_spawn() {
-            Ok(qemu) => Some(qemu),
-            Err(LaunchError::NotInstalled { program }) => {
-                let reason = format!("{program} not found on PATH, /usr/sbin or /usr/bin");
-                assert!(
-                    std::env::var_os("QMP_REQUIRE_QEMU").as_deref() != Some(OsStr::new("1")),
-                    "QMP_REQUIRE_QEMU=1 but {reason}"
-                );
-                println!("SKIP: {reason}");
-                None
-            }
-            Err(e) => panic!("{e}"),
+        if !self.available() {
+            return None;
         }
+        Some(self.try_spawn().unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// Starts the program and waits until its socket exists: the form for tools, which
