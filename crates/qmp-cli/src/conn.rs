@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qmp_testkit::launch::{Launch, LaunchError, Qemu};
-use qmp_tokio::{Builder, Client};
+use qmp_tokio::{Builder, Client, RemoteError};
 
 use crate::fail::Failure;
 
@@ -102,7 +102,9 @@ async fn unix_stream(path: &Path, t: Timeouts) -> Result<std::os::unix::net::Uni
 
 /// Opens the session described by `target`.
 pub(crate) async fn open(target: &Target, t: Timeouts) -> Result<Session, Failure> {
-    let mut builder = Builder::new().handshake_timeout(None);
+    // The library times the greeting plus negotiation (or the QGA sync) and says which step
+    // was missing; `greet` turns that into the message.
+    let mut builder = Builder::new().handshake_timeout(Some(t.greeting));
     if let Some(c) = t.command {
         builder = builder.command_timeout(c);
     }
@@ -111,17 +113,17 @@ pub(crate) async fn open(target: &Target, t: Timeouts) -> Result<Session, Failur
     let handshake = match target {
         Target::Unix(path) => {
             let s = unix_stream(path, t).await?;
-            greet(qmp_tokio::from_unix_stream(s, builder), t, false).await
+            greet(qmp_tokio::from_unix_stream(s, builder), t).await
         }
         Target::Qga(path) => {
             let s = unix_stream(path, t).await?;
-            greet(qmp_tokio::from_unix_stream(s, builder.qga()), t, true).await
+            greet(qmp_tokio::from_unix_stream(s, builder.qga()), t).await
         }
         Target::Spawn(kind) => {
             let q = launch(*kind)?;
             let s = unix_stream(q.socket_path(), t).await?;
             qemu = Some(q);
-            greet(qmp_tokio::from_unix_stream(s, builder), t, false).await
+            greet(qmp_tokio::from_unix_stream(s, builder), t).await
         }
         Target::Tcp(addr) => {
             let stream = match tokio::time::timeout(
@@ -144,7 +146,7 @@ pub(crate) async fn open(target: &Target, t: Timeouts) -> Result<Session, Failur
                 Ok(Ok(s)) => s,
             };
             let _ = stream.set_nodelay(true);
-            greet(qmp_tokio::from_stream(stream, builder), t, false).await
+            greet(qmp_tokio::from_stream(stream, builder), t).await
         }
     };
     let client = handshake?;
@@ -154,21 +156,27 @@ pub(crate) async fn open(target: &Target, t: Timeouts) -> Result<Session, Failur
 async fn greet(
     fut: impl Future<Output = Result<(Client, qmp_tokio::Connection), qmp_tokio::Error>>,
     t: Timeouts,
-    qga: bool,
 ) -> Result<Client, Failure> {
-    match tokio::time::timeout(t.greeting, fut).await {
-        Err(_) if qga => Err(Failure::Connection(format!(
-            "the guest agent accepted the connection but did not answer guest-sync-delimited \
-             within {}: is the agent running, and is no other client attached?",
-            secs(t.greeting)
-        ))),
-        Err(_) => Err(Failure::Connection(format!(
-            "the monitor accepted the connection but is not greeting: is another client \
-             attached? (no greeting within {})",
-            secs(t.greeting)
-        ))),
-        Ok(Err(e)) => Err(Failure::Connection(format!("handshake failed: {e}"))),
-        Ok(Ok((client, connection))) => {
+    match fut.await {
+        Err(e) => Err(Failure::Connection(match e.remote_error() {
+            Some(RemoteError::GreetingTimeout) => format!(
+                "the monitor accepted the connection but is not greeting: is another client \
+                 attached? (no greeting within {})",
+                secs(t.greeting)
+            ),
+            Some(RemoteError::NegotiationTimeout) => format!(
+                "the monitor greeted but did not answer qmp_capabilities within {}",
+                secs(t.greeting)
+            ),
+            Some(RemoteError::SyncTimeout) => format!(
+                "the guest agent accepted the connection but did not answer \
+                 guest-sync-delimited within {}: is the agent running, and is no other client \
+                 attached?",
+                secs(t.greeting)
+            ),
+            _ => format!("handshake failed: {e}"),
+        })),
+        Ok((client, connection)) => {
             qmp_tokio::spawn_connection(connection);
             Ok(client)
         }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use qmp_proto::{CloseReason, CommandError, Failure, LocalError};
+use qmp_proto::{CloseReason, CommandError, Failure, LocalError, RemoteError};
 
 /// What kind of failure an [`Error`] is. New kinds may be added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,6 +56,7 @@ struct Inner {
     command: Option<String>,
     status: Option<SendStatus>,
     server: Option<CommandError>,
+    remote: Option<RemoteError>,
     message: String,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
@@ -68,6 +69,7 @@ impl Error {
                 command: None,
                 status: None,
                 server: None,
+                remote: None,
                 message: message.into(),
                 source: None,
             }),
@@ -155,7 +157,11 @@ impl Error {
                 "the peer closed the connection (not sent)",
             ),
             // The proto says which step was missing: greeting, negotiation or QGA sync.
-            CloseReason::Remote(e) => Self::new(ErrorKind::Handshake, e.to_string()),
+            CloseReason::Remote(e) => {
+                let mut err = Self::new(ErrorKind::Handshake, e.to_string());
+                err.inner.remote = Some(e.clone());
+                err
+            }
             _ => Self::new(ErrorKind::Closed, "the connection is closed (not sent)"),
         }
         .with_status(SendStatus::NotSent)
@@ -182,6 +188,13 @@ impl Error {
         self.inner.server.as_ref()
     }
 
+    /// The protocol failure that ended the session, for [`ErrorKind::Handshake`]: which
+    /// handshake step timed out (greeting, negotiation reply, guest-agent sync) or why the
+    /// negotiation was refused.
+    pub fn remote_error(&self) -> Option<&RemoteError> {
+        self.inner.remote.as_ref()
+    }
+
     /// Whether retrying the command is safe whatever it does: nothing of it was sent.
     pub fn is_not_sent(&self) -> bool {
         self.inner.status == Some(SendStatus::NotSent)
@@ -195,6 +208,7 @@ impl fmt::Debug for Error {
             .field("command", &self.inner.command)
             .field("status", &self.inner.status)
             .field("server", &self.inner.server)
+            .field("remote", &self.inner.remote)
             .field("message", &self.inner.message)
             .finish()
     }

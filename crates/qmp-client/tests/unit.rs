@@ -10,7 +10,7 @@ use futures_channel::oneshot;
 use futures_executor::{LocalPool, LocalSpawner};
 use futures_util::task::LocalSpawnExt;
 use qmp_client::{
-    Builder, Client, CloseReason, Error, ErrorClass, ErrorKind, EventItem, SendStatus,
+    Builder, Client, CloseReason, Error, ErrorClass, ErrorKind, EventItem, RemoteError, SendStatus,
 };
 use support::{ManualTimer, Server, pipe};
 
@@ -380,7 +380,32 @@ fn never_greeted_is_a_clear_handshake_error() {
         err.to_string().contains("is another client attached"),
         "{err}"
     );
+    assert_eq!(err.remote_error(), Some(&RemoteError::GreetingTimeout));
     assert!(srv.client_closed());
+}
+
+#[test]
+fn greeted_but_no_negotiation_reply_says_so() {
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (io, srv) = pipe();
+    let timer = ManualTimer::new();
+    let mut hs = spawn(
+        &sp,
+        Builder::new()
+            .handshake_timeout(Some(Duration::from_secs(3)))
+            .handshake(io, timer.clone()),
+    );
+    srv.greet();
+    assert!(done(&mut pool, &mut hs).is_none());
+    timer.advance(Duration::from_secs(3));
+    let err = done(&mut pool, &mut hs).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Handshake);
+    assert_eq!(err.remote_error(), Some(&RemoteError::NegotiationTimeout));
+    assert_eq!(
+        err.to_string(),
+        "the server greeted but did not answer qmp_capabilities in time"
+    );
 }
 
 #[test]
