@@ -1,6 +1,6 @@
 //! State shared by the client handles and the driver.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Waker;
 use std::time::Instant;
@@ -22,10 +22,10 @@ pub(crate) struct Inner {
     pub(crate) proto: qmp_proto::Connection,
     /// The latest `now` passed to the machine, so time never goes backwards.
     last_now: Instant,
-    pub(crate) waiters: HashMap<RequestId, oneshot::Sender<Outcome>>,
+    pub(crate) waiters: BTreeMap<RequestId, oneshot::Sender<Outcome>>,
     pub(crate) subscribers: Vec<Weak<Subscriber>>,
     #[cfg(unix)]
-    pub(crate) fds: HashMap<RequestId, Vec<std::os::fd::OwnedFd>>,
+    pub(crate) fds: BTreeMap<RequestId, Vec<std::os::fd::OwnedFd>>,
     pub(crate) closed: Option<CloseReason>,
     /// The transport error that ended the session, if one did.
     pub(crate) io_error: Option<(std::io::ErrorKind, String)>,
@@ -50,10 +50,10 @@ impl Shared {
             inner: Mutex::new(Inner {
                 proto: qmp_proto::Connection::new(now, proto_config),
                 last_now: now,
-                waiters: HashMap::new(),
+                waiters: BTreeMap::new(),
                 subscribers: Vec::new(),
                 #[cfg(unix)]
-                fds: HashMap::new(),
+                fds: BTreeMap::new(),
                 closed: None,
                 io_error: None,
                 driver_waker: None,
