@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 
-use qmp_bench::{Sample, fake_server, median, raw, workload};
+use qmp_bench::{RawWait, Sample, fake_server, median, raw, workload};
 
 /// Where the commands go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,8 @@ struct Args {
     concurrency: usize,
     max_in_flight: Option<usize>,
     raw: bool,
+    /// How the raw baseline waits for replies.
+    raw_wait: RawWait,
     /// tokio worker threads (1: the current-thread runtime).
     threads: usize,
     server: Server,
@@ -41,7 +43,8 @@ struct Args {
 
 const USAGE: &str = "usage: qmp-load (--socket PATH | --fake | --fake-in-process) \
                      [--runtime tokio|smol|async-std] [--raw] [--mode seq|conc] [--n N] \
-                     [--concurrency C] [--max-in-flight M] [--threads T] [--repeat R]\n       \
+                     [--concurrency C] [--max-in-flight M] [--threads T] [--repeat R] \
+                     [--raw-wait block|poll]\n       \
                      qmp-load --serve-fake [--queue-limit Q]";
 
 fn parse() -> Result<Args, String> {
@@ -53,6 +56,7 @@ fn parse() -> Result<Args, String> {
         concurrency: 8,
         max_in_flight: None,
         raw: false,
+        raw_wait: RawWait::Block,
         threads: 2,
         server: Server::Socket,
         repeat: 1,
@@ -76,6 +80,13 @@ fn parse() -> Result<Args, String> {
             "--queue-limit" => a.queue_limit = num(value()?)?,
             "--driver" => a.driver = value()?,
             "--raw" => a.raw = true,
+            "--raw-wait" => {
+                a.raw_wait = match value()?.as_str() {
+                    "block" => RawWait::Block,
+                    "poll" => RawWait::Poll,
+                    other => return Err(format!("--raw-wait: {other:?} is not block or poll")),
+                }
+            }
             "--fake" => a.server = Server::FakeProcess,
             "--fake-in-process" => a.server = Server::FakeInProcess,
             "--serve-fake" => a.serve_fake = true,
@@ -132,7 +143,7 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
     if a.raw {
         let conc = if mode == "seq" { 1 } else { conc };
         for _ in 0..a.repeat {
-            samples.push(raw(path, n, conc).map_err(|e| e.to_string())?);
+            samples.push(raw(path, n, conc, a.raw_wait).map_err(|e| e.to_string())?);
         }
         return Ok(samples);
     }
@@ -278,7 +289,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let label = if a.raw { "raw" } else { a.runtime.as_str() };
+    let label = match (a.raw, a.raw_wait) {
+        (true, RawWait::Block) => "raw",
+        (true, RawWait::Poll) => "raw-poll",
+        (false, _) => a.runtime.as_str(),
+    };
     let server = match a.server {
         Server::Socket => "socket",
         Server::FakeProcess => "fake-process",
