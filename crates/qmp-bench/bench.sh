@@ -2,6 +2,12 @@
 # Runs the qmp-load matrix and prints one summary line per configuration.
 #   bench.sh fake   [N] [REPEAT]   the testkit's fake in a child process, 1/8/32 in flight
 #   bench.sh daemon [N] [REPEAT]   a fresh qemu-storage-daemon, seq and conc (C=8)
+#   bench.sh compare fake|daemon [N] [ROUNDS] [MODE...]
+#                                  rounds of one run per client, in an order that rotates
+#                                  each round; each client's ops/s and CPU are divided by those
+#                                  of the raw run of the same round, and the medians (with the
+#                                  lowest and highest) of those ratios are printed. Modes
+#                                  default to "seq conc" (conc: C=8).
 # QMP_LOAD overrides the binary (default: $CARGO_TARGET_DIR/release/qmp-load); PIN prefixes
 # every run (PIN="taskset -c 1": the client and the fake on one CPU, see README).
 set -eu
@@ -10,11 +16,13 @@ n=${2:-50000}
 repeat=${3:-5}
 load=${QMP_LOAD:-${CARGO_TARGET_DIR:-target}/release/qmp-load}
 clients="raw tokio1 tokio2 smol smol-join async-std async-std-join"
+compared="raw raw-poll tokio1 tokio2 smol async-std"
 
 one() { # client, then qmp-load arguments
     c=$1; shift
     case $c in
         raw) set -- --raw "$@" ;;
+        raw-poll) set -- --raw --raw-wait poll "$@" ;;
         tokio1) set -- --runtime tokio --threads 1 "$@" ;;
         tokio2) set -- --runtime tokio --threads 2 "$@" ;;
         *-join) set -- --runtime "${c%-join}" --driver join "$@" ;;
@@ -27,6 +35,60 @@ one() { # client, then qmp-load arguments
     echo "client=$c $* load=$(cut -d' ' -f1 /proc/loadavg) switches_per_op=$sw cpu_us_per_op=$cpu ops_per_sec=$ops"
 }
 
+start_daemon() {
+    dir=$(mktemp -d)
+    qemu-storage-daemon --chardev "socket,id=m,path=$dir/qmp.sock,server=on,wait=off" \
+        --monitor chardev=m &
+    pid=$!
+    trap 'kill $pid; rm -rf "$dir"' EXIT
+    while [ ! -S "$dir/qmp.sock" ]; do sleep 0.05; done
+}
+
+# Reads the lines of `one` for rounds of all $compared clients and prints, per client, the
+# median ops/s and the median (min..max) of its ratios to the same round's raw run.
+ratios() {
+    awk -v rounds="$1" -v clients="$compared" '
+    function med(s, k,   a, m, i, j, t) {
+        m = split(s, a, " ")
+        for (i = 2; i <= m; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
+        if (k == "min") return a[1]; if (k == "max") return a[m]
+        return m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
+    }
+    {
+        for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+        c = f["client"]; r = f["round"]
+        ops[c, r] = f["ops_per_sec"]; cpu[c, r] = f["cpu_us_per_op"]
+    }
+    END {
+        nc = split(clients, order, " ")
+        for (k = 1; k <= nc; k++) {
+            c = order[k]; o = ""; ro = ""; rc = ""
+            for (r = 1; r <= rounds; r++) {
+                o = o " " ops[c, r]
+                ro = ro " " ops[c, r] / ops["raw", r]
+                rc = rc " " cpu[c, r] / cpu["raw", r]
+            }
+            printf "client=%s rounds=%d ops_per_sec=%.0f ops_vs_raw=%.3f (%.3f..%.3f) cpu_vs_raw=%.2f (%.2f..%.2f)\n",
+                c, rounds, med(o), med(ro), med(ro, "min"), med(ro, "max"), med(rc), med(rc, "min"), med(rc, "max")
+        }
+    }'
+}
+
+compare() { # rounds, then qmp-load arguments
+    rounds=$1; shift
+    k=$(echo $compared | wc -w)
+    r=1
+    while [ $r -le "$rounds" ]; do
+        # Rotate the order: round r starts with the client at position r mod k.
+        list="$compared $compared"
+        start=$((r % k))
+        for c in $(echo $list | cut -d' ' -f$((start + 1))-$((start + k))); do
+            one "$c" "$@" | sed "s/^/round=$r /"
+        done
+        r=$((r + 1))
+    done
+}
+
 case $what in
 fake)
     for c in $clients; do
@@ -35,15 +97,26 @@ fake)
         one "$c" --fake --mode conc --concurrency 32
     done ;;
 daemon)
-    dir=$(mktemp -d)
-    qemu-storage-daemon --chardev "socket,id=m,path=$dir/qmp.sock,server=on,wait=off" \
-        --monitor chardev=m &
-    pid=$!
-    trap 'kill $pid; rm -rf "$dir"' EXIT
-    while [ ! -S "$dir/qmp.sock" ]; do sleep 0.05; done
+    start_daemon
     for c in $clients; do
         one "$c" --socket "$dir/qmp.sock" --mode seq
         one "$c" --socket "$dir/qmp.sock" --mode conc --concurrency 8
     done ;;
-*) echo "usage: bench.sh fake|daemon [N] [REPEAT]" >&2; exit 2 ;;
+compare)
+    where=${2:-daemon}
+    n=${3:-5000}
+    rounds=${4:-9}
+    repeat=1
+    shift $(( $# < 4 ? $# : 4 ))
+    modes=${*:-seq conc}
+    case $where in
+    daemon) start_daemon; target="--socket $dir/qmp.sock" ;;
+    fake) target="--fake" ;;
+    *) echo "usage: bench.sh compare fake|daemon [N] [ROUNDS] [MODE...]" >&2; exit 2 ;;
+    esac
+    for m in $modes; do
+        echo "mode=$m n=$n where=$where load_before=$(cut -d' ' -f1 /proc/loadavg)"
+        compare "$rounds" $target --mode "$m" --concurrency 8 | tee /dev/stderr | ratios "$rounds"
+    done ;;
+*) echo "usage: bench.sh fake|daemon|compare ..." >&2; exit 2 ;;
 esac
