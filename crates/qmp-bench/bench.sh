@@ -7,7 +7,8 @@
 #                                  each round; each client's ops/s and CPU are divided by those
 #                                  of the raw run of the same round, and the medians (with the
 #                                  lowest and highest) of those ratios are printed. Modes
-#                                  default to "seq conc" (conc: C=8).
+#                                  default to "seq conc" (conc: C=8). The runs themselves go
+#                                  to standard error.
 # QMP_LOAD overrides the binary (default: $CARGO_TARGET_DIR/release/qmp-load); PIN prefixes
 # every run (PIN="taskset -c 1": the client and the fake on one CPU, see README).
 set -eu
@@ -45,7 +46,8 @@ start_daemon() {
 }
 
 # Reads the lines of `one` for rounds of all $compared clients and prints, per client, the
-# median ops/s and the median (min..max) of its ratios to the same round's raw run.
+# median ops/s, the median (min..max) of its ratios to the same round's raw run, and the
+# median of its ratios to the same round's raw-poll run.
 ratios() {
     awk -v rounds="$1" -v clients="$compared" '
     function med(s, k,   a, m, i, j, t) {
@@ -62,14 +64,15 @@ ratios() {
     END {
         nc = split(clients, order, " ")
         for (k = 1; k <= nc; k++) {
-            c = order[k]; o = ""; ro = ""; rc = ""
+            c = order[k]; o = ""; ro = ""; rp = ""; rc = ""
             for (r = 1; r <= rounds; r++) {
                 o = o " " ops[c, r]
                 ro = ro " " ops[c, r] / ops["raw", r]
+                rp = rp " " ops[c, r] / ops["raw-poll", r]
                 rc = rc " " cpu[c, r] / cpu["raw", r]
             }
-            printf "client=%s rounds=%d ops_per_sec=%.0f ops_vs_raw=%.3f (%.3f..%.3f) cpu_vs_raw=%.2f (%.2f..%.2f)\n",
-                c, rounds, med(o), med(ro), med(ro, "min"), med(ro, "max"), med(rc), med(rc, "min"), med(rc, "max")
+            printf "client=%s rounds=%d ops_per_sec=%.0f ops_vs_raw=%.3f (%.3f..%.3f) ops_vs_raw_poll=%.3f cpu_vs_raw=%.2f (%.2f..%.2f)\n",
+                c, rounds, med(o), med(ro), med(ro, "min"), med(ro, "max"), med(rp), med(rc), med(rc, "min"), med(rc, "max")
         }
     }'
 }
