@@ -26,17 +26,27 @@ type Session = (Client, qmp_client::Connection);
 
 /// How one runtime connects and spawns the driver.
 struct Rt {
-    connect: fn(PathBuf, Builder) -> BoxFut<'static, Result<Client, Error>>,
-    connect_tcp: fn(SocketAddr, Builder) -> BoxFut<'static, Result<Client, Error>>,
-    /// Spawns the driver and reports its result on the returned channel-like future.
+    connect: fn(PathBuf, Builder) -> BoxFut<'static, Result<Session, Error>>,
+    connect_tcp: fn(SocketAddr, Builder) -> BoxFut<'static, Result<Session, Error>>,
+    /// Handshake over one end of a socketpair.
+    from_pair: fn(UnixStream, Builder) -> BoxFut<'static, Result<Session, Error>>,
+    /// Connect, retrying until the socket appears (up to 20 s).
+    connect_wait: fn(PathBuf, Builder) -> BoxFut<'static, Result<Session, Error>>,
+    /// Accept one connection on the listener and handshake.
+    accept: fn(UnixListener, Builder) -> BoxFut<'static, Result<Session, Error>>,
+    /// Spawns the driver, detached.
+    spawn: fn(qmp_client::Connection),
+    /// Spawns the driver and hands back its result.
     driver_result: fn(qmp_client::Connection) -> BoxFut<'static, Result<(), Error>>,
-    connect_raw: fn(PathBuf, Builder) -> BoxFut<'static, Result<Session, Error>>,
-    /// Handshake over one end of a socketpair, then spawn.
-    from_pair: fn(UnixStream, Builder) -> BoxFut<'static, Result<Client, Error>>,
-    /// Connect, retrying until the socket appears (up to 20 s), then spawn.
-    connect_wait: fn(PathBuf, Builder) -> BoxFut<'static, Result<Client, Error>>,
-    /// Accept one connection on the listener, handshake, then spawn.
-    accept: fn(UnixListener, Builder) -> BoxFut<'static, Result<Client, Error>>,
+}
+
+impl Rt {
+    /// Waits for a session, spawns its driver and hands back the client.
+    async fn up(&self, session: BoxFut<'static, Result<Session, Error>>) -> Result<Client, Error> {
+        let (client, connection) = session.await?;
+        (self.spawn)(connection);
+        Ok(client)
+    }
 }
 
 const T: Option<Duration> = Some(Duration::from_secs(10));
@@ -63,7 +73,8 @@ struct Status {
 
 async fn handshake_typed_raw_and_errors(rt: &Rt) {
     let Some(q) = qsd() else { return };
-    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+    let c = rt
+        .up((rt.connect)(q.socket_path().into(), Builder::new()))
         .await
         .unwrap();
     assert_eq!(c.greeting().unwrap().version.qemu.major, 10);
@@ -112,7 +123,8 @@ async fn handshake_typed_raw_and_errors(rt: &Rt) {
 /// 300 commands in flight at once, each with a reply only it can match.
 async fn pipelining(rt: &Rt) {
     let Some(q) = qsd() else { return };
-    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+    let c = rt
+        .up((rt.connect)(q.socket_path().into(), Builder::new()))
         .await
         .unwrap();
     let calls = (0..300).map(|i| {
@@ -149,7 +161,8 @@ struct JobStatus {
 /// blockdev-create runs a job whose whole life cycle is reported by events.
 async fn block_job_events(rt: &Rt) {
     let Some(q) = qsd() else { return };
-    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+    let c = rt
+        .up((rt.connect)(q.socket_path().into(), Builder::new()))
         .await
         .unwrap();
     let mut events = c.subscribe("JOB_STATUS_CHANGE");
@@ -196,7 +209,8 @@ async fn tcp_and_pretty(rt: &Rt) {
     let Some(q) = Launch::storage_daemon().tcp().pretty().spawn() else {
         return;
     };
-    let c = (rt.connect_tcp)(q.tcp_addr().unwrap(), Builder::new())
+    let c = rt
+        .up((rt.connect_tcp)(q.tcp_addr().unwrap(), Builder::new()))
         .await
         .unwrap();
     let raw = c.execute_raw("query-version", &()).await.unwrap();
@@ -226,7 +240,8 @@ async fn tcp_and_pretty(rt: &Rt) {
         .unwrap();
     assert_eq!(ev.data::<JobStatus>().unwrap().id, "p");
     // The unix monitor works too, alongside.
-    let c2 = (rt.connect)(q.socket_path().into(), Builder::new())
+    let c2 = rt
+        .up((rt.connect)(q.socket_path().into(), Builder::new()))
         .await
         .unwrap();
     let _: Version = c2.execute("query-version", &()).await.unwrap();
@@ -236,7 +251,7 @@ async fn tcp_and_pretty(rt: &Rt) {
 /// and event streams end with a terminal item.
 async fn peer_killed(rt: &Rt) {
     let Some(mut q) = qsd() else { return };
-    let (c, conn) = (rt.connect_raw)(q.socket_path().into(), Builder::new())
+    let (c, conn) = (rt.connect)(q.socket_path().into(), Builder::new())
         .await
         .unwrap();
     let driver = (rt.driver_result)(conn);
@@ -298,16 +313,18 @@ async fn peer_killed(rt: &Rt) {
 /// A second client is accepted but never greeted while the first holds the monitor.
 async fn second_client_never_greeted(rt: &Rt) {
     let Some(q) = qsd() else { return };
-    let _first = (rt.connect)(q.socket_path().into(), Builder::new())
+    let _first = rt
+        .up((rt.connect)(q.socket_path().into(), Builder::new()))
         .await
         .unwrap();
     let start = Instant::now();
-    let e = (rt.connect)(
-        q.socket_path().into(),
-        Builder::new().handshake_timeout(Some(Duration::from_millis(300))),
-    )
-    .await
-    .unwrap_err();
+    let e = rt
+        .up((rt.connect)(
+            q.socket_path().into(),
+            Builder::new().handshake_timeout(Some(Duration::from_millis(300))),
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Handshake);
     assert!(e.to_string().contains("is another client attached"), "{e}");
     assert!(start.elapsed() >= Duration::from_millis(300));
@@ -338,7 +355,7 @@ async fn run_state_step(c: &Client, cmd: &str, event: &str, status: &str, runnin
 
 async fn vm_stop_cont_reset_quit(rt: &Rt) {
     let Some(mut q) = system() else { return };
-    let (c, conn) = (rt.connect_raw)(q.socket_path().into(), Builder::new())
+    let (c, conn) = (rt.connect)(q.socket_path().into(), Builder::new())
         .await
         .unwrap();
     let driver = (rt.driver_result)(conn);
@@ -386,7 +403,8 @@ async fn vm_stop_cont_reset_quit(rt: &Rt) {
 /// USB hot-unplug completes without guest help: `device_del` then `DEVICE_DELETED`.
 async fn vm_hotplug_device_deleted(rt: &Rt) {
     let Some(q) = system() else { return };
-    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+    let c = rt
+        .up((rt.connect)(q.socket_path().into(), Builder::new()))
         .await
         .unwrap();
     let _: IgnoredAny = c
@@ -443,7 +461,8 @@ fn devnull() -> std::os::fd::OwnedFd {
 
 async fn vm_fd_passing_oob_and_hmp(rt: &Rt) {
     let Some(q) = system() else { return };
-    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+    let c = rt
+        .up((rt.connect)(q.socket_path().into(), Builder::new()))
         .await
         .unwrap();
 
@@ -512,7 +531,8 @@ async fn vm_fd_passing_oob_and_hmp(rt: &Rt) {
 async fn oob_overtakes_a_blocked_main_loop(rt: &Rt) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let Some(q) = system() else { return };
-    let c = (rt.connect)(q.socket_path().into(), Builder::new())
+    let c = rt
+        .up((rt.connect)(q.socket_path().into(), Builder::new()))
         .await
         .unwrap();
     let fifo = q.dir().join("dump.fifo");
@@ -563,7 +583,8 @@ async fn guest_agent(rt: &Rt) {
     let Some(q) = Launch::guest_agent().spawn() else {
         return;
     };
-    let c = (rt.connect)(q.socket_path().into(), Builder::new().qga())
+    let c = rt
+        .up((rt.connect)(q.socket_path().into(), Builder::new().qga()))
         .await
         .unwrap();
     assert!(c.greeting().is_none());
@@ -615,8 +636,8 @@ async fn socketpair_and_accept(rt: &Rt) {
         return;
     };
     drop(theirs);
-    let pair = (rt.from_pair)(mine, Builder::new()).await.unwrap();
-    let dialed = (rt.accept)(listener, Builder::new()).await.unwrap();
+    let pair = rt.up((rt.from_pair)(mine, Builder::new())).await.unwrap();
+    let dialed = rt.up((rt.accept)(listener, Builder::new())).await.unwrap();
     for c in [&pair, &dialed] {
         let v: Version = c.execute("query-version", &()).await.unwrap();
         assert_eq!(v.qemu.major, 10);
@@ -654,7 +675,7 @@ async fn connect_before_the_socket_exists(rt: &Rt) {
             .spawn()
     });
     assert!(!late.exists());
-    let res = (rt.connect_wait)(late, Builder::new()).await;
+    let res = rt.up((rt.connect_wait)(late, Builder::new())).await;
     let Some(q) = starter.join().unwrap() else {
         return;
     };
@@ -735,47 +756,21 @@ mod tokio_rt {
     }
 
     const RT: Rt = Rt {
-        connect: |p, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_tokio::connect_unix(p, b).await?;
-                qmp_tokio::spawn_connection(conn);
-                Ok(c)
-            })
-        },
-        connect_tcp: |a, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_tokio::connect_tcp(a, b).await?;
-                qmp_tokio::spawn_connection(conn);
-                Ok(c)
-            })
-        },
-        driver_result: |conn| {
-            let h = qmp_tokio::spawn_connection(conn);
-            Box::pin(async move { h.await.unwrap() })
-        },
-        connect_raw: |p, b| Box::pin(qmp_tokio::connect_unix(p, b)),
-        connect_wait: |p, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_tokio::connect_unix_wait(p, b, Duration::from_secs(20)).await?;
-                qmp_tokio::spawn_connection(conn);
-                Ok(c)
-            })
-        },
-        from_pair: |s, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_tokio::from_unix_stream(s, b).await?;
-                qmp_tokio::spawn_connection(conn);
-                Ok(c)
-            })
-        },
+        connect: |p, b| Box::pin(qmp_tokio::connect_unix(p, b)),
+        connect_tcp: |a, b| Box::pin(qmp_tokio::connect_tcp(a, b)),
+        from_pair: |s, b| Box::pin(qmp_tokio::from_unix_stream(s, b)),
+        connect_wait: |p, b| Box::pin(qmp_tokio::connect_unix_wait(p, b, Duration::from_secs(20))),
         accept: |l, b| {
             Box::pin(async move {
                 l.set_nonblocking(true)?;
                 let l = tokio::net::UnixListener::from_std(l)?;
-                let (c, conn) = qmp_tokio::accept(&l, b).await?;
-                qmp_tokio::spawn_connection(conn);
-                Ok(c)
+                qmp_tokio::accept(&l, b).await
             })
+        },
+        spawn: |conn| drop(qmp_tokio::spawn_connection(conn)),
+        driver_result: |conn| {
+            let h = qmp_tokio::spawn_connection(conn);
+            Box::pin(async move { h.await.unwrap() })
         },
     };
 
@@ -786,44 +781,15 @@ mod smol_rt {
     use super::*;
 
     const RT: Rt = Rt {
-        connect: |p, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_smol::connect_unix(p, b).await?;
-                qmp_smol::spawn_connection(conn).detach();
-                Ok(c)
-            })
-        },
-        connect_tcp: |a, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_smol::connect_tcp(a, b).await?;
-                qmp_smol::spawn_connection(conn).detach();
-                Ok(c)
-            })
-        },
-        driver_result: |conn| Box::pin(qmp_smol::spawn_connection(conn)),
-        connect_raw: |p, b| Box::pin(qmp_smol::connect_unix(p, b)),
-        connect_wait: |p, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_smol::connect_unix_wait(p, b, Duration::from_secs(20)).await?;
-                qmp_smol::spawn_connection(conn).detach();
-                Ok(c)
-            })
-        },
-        from_pair: |s, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_smol::from_unix_stream(s, b).await?;
-                qmp_smol::spawn_connection(conn).detach();
-                Ok(c)
-            })
-        },
+        connect: |p, b| Box::pin(qmp_smol::connect_unix(p, b)),
+        connect_tcp: |a, b| Box::pin(qmp_smol::connect_tcp(a, b)),
+        from_pair: |s, b| Box::pin(qmp_smol::from_unix_stream(s, b)),
+        connect_wait: |p, b| Box::pin(qmp_smol::connect_unix_wait(p, b, Duration::from_secs(20))),
         accept: |l, b| {
-            Box::pin(async move {
-                let l = async_io::Async::new(l)?;
-                let (c, conn) = qmp_smol::accept(&l, b).await?;
-                qmp_smol::spawn_connection(conn).detach();
-                Ok(c)
-            })
+            Box::pin(async move { qmp_smol::accept(&async_io::Async::new(l)?, b).await })
         },
+        spawn: |conn| qmp_smol::spawn_connection(conn).detach(),
+        driver_result: |conn| Box::pin(qmp_smol::spawn_connection(conn)),
     };
 
     scenarios!(RT, smol::block_on);
@@ -833,45 +799,21 @@ mod async_std_rt {
     use super::*;
 
     const RT: Rt = Rt {
-        connect: |p, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_async_std::connect_unix(p, b).await?;
-                qmp_async_std::spawn_connection(conn);
-                Ok(c)
-            })
-        },
-        connect_tcp: |a, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_async_std::connect_tcp(a, b).await?;
-                qmp_async_std::spawn_connection(conn);
-                Ok(c)
-            })
-        },
-        driver_result: |conn| Box::pin(qmp_async_std::spawn_connection(conn)),
-        connect_raw: |p, b| Box::pin(qmp_async_std::connect_unix(p, b)),
+        connect: |p, b| Box::pin(qmp_async_std::connect_unix(p, b)),
+        connect_tcp: |a, b| Box::pin(qmp_async_std::connect_tcp(a, b)),
+        from_pair: |s, b| Box::pin(qmp_async_std::from_unix_stream(s, b)),
         connect_wait: |p, b| {
-            Box::pin(async move {
-                let (c, conn) =
-                    qmp_async_std::connect_unix_wait(p, b, Duration::from_secs(20)).await?;
-                qmp_async_std::spawn_connection(conn);
-                Ok(c)
-            })
-        },
-        from_pair: |s, b| {
-            Box::pin(async move {
-                let (c, conn) = qmp_async_std::from_unix_stream(s, b).await?;
-                qmp_async_std::spawn_connection(conn);
-                Ok(c)
-            })
+            Box::pin(qmp_async_std::connect_unix_wait(
+                p,
+                b,
+                Duration::from_secs(20),
+            ))
         },
         accept: |l, b| {
-            Box::pin(async move {
-                let l = async_io::Async::new(l)?;
-                let (c, conn) = qmp_async_std::accept(&l, b).await?;
-                qmp_async_std::spawn_connection(conn);
-                Ok(c)
-            })
+            Box::pin(async move { qmp_async_std::accept(&async_io::Async::new(l)?, b).await })
         },
+        spawn: |conn| drop(qmp_async_std::spawn_connection(conn)),
+        driver_result: |conn| Box::pin(qmp_async_std::spawn_connection(conn)),
     };
 
     scenarios!(RT, async_std::task::block_on);
