@@ -1,7 +1,9 @@
 //! `qmp-load`: measures commands per second and client CPU per command against a QMP socket.
 
+use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::{Child, Command, ExitCode, Stdio};
 
 use qmp_bench::{RawWait, Sample, fake_server, median, raw, workload};
@@ -172,62 +174,46 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
                 Ok::<_, qmp_client::Error>(())
             })
         }
-        // The driver runs in the same task as the workload (one thread).
-        "smol" if a.driver == "join" => smol::block_on(async {
-            for _ in 0..a.repeat {
-                let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
-                let (driven, s) =
-                    futures_util::future::join(conn, workload(c, mode, n, conc)).await;
-                driven?;
-                samples.push(s);
-            }
-            Ok(())
-        }),
-        // The driver is a task of a LocalExecutor on this thread, the workload another.
-        "smol" => {
+        // Both run on async-io, and qmp-async-std's sockets are qmp-smol's: only `block_on`
+        // differs.
+        "smol" | "async-std" => {
+            type Run<'a> = Pin<Box<dyn Future<Output = Result<(), qmp_client::Error>> + 'a>>;
+            let block_on: fn(Run<'_>) -> Result<(), qmp_client::Error> = match a.runtime.as_str() {
+                "smol" => |f| smol::block_on(f),
+                _ => |f| async_std::task::block_on(f),
+            };
             let ex = smol::LocalExecutor::new();
-            smol::block_on(ex.run(async {
-                for _ in 0..a.repeat {
-                    let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
-                    let driver = ex.spawn(conn);
-                    let mode = mode.to_owned();
-                    samples.push(
-                        ex.spawn(async move { workload(c, &mode, n, conc).await })
-                            .await,
-                    );
-                    driver.await?;
-                }
-                Ok::<_, qmp_client::Error>(())
-            }))
+            let run: Run<'_> = if a.driver == "join" {
+                // The driver runs in the same task as the workload.
+                Box::pin(async {
+                    for _ in 0..a.repeat {
+                        let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
+                        let (driven, s) =
+                            futures_util::future::join(conn, workload(c, mode, n, conc)).await;
+                        driven?;
+                        samples.push(s);
+                    }
+                    Ok(())
+                })
+            } else {
+                // The driver is a task of a LocalExecutor on this thread, the workload another
+                // (async-std's own `spawn_local` needs its `unstable` feature).
+                Box::pin(ex.run(async {
+                    for _ in 0..a.repeat {
+                        let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
+                        let driver = ex.spawn(conn);
+                        let mode = mode.to_owned();
+                        samples.push(
+                            ex.spawn(async move { workload(c, &mode, n, conc).await })
+                                .await,
+                        );
+                        driver.await?;
+                    }
+                    Ok(())
+                }))
+            };
+            block_on(run)
         }
-        // async-std's block_on with a same-thread executor (async-std's own `spawn_local`
-        // needs its `unstable` feature; its block_on runs the same async-executor type).
-        "async-std" if a.driver != "join" => {
-            let ex = smol::LocalExecutor::new();
-            async_std::task::block_on(ex.run(async {
-                for _ in 0..a.repeat {
-                    let (c, conn) = qmp_async_std::connect_unix(path, builder()).await?;
-                    let driver = ex.spawn(conn);
-                    let mode = mode.to_owned();
-                    samples.push(
-                        ex.spawn(async move { workload(c, &mode, n, conc).await })
-                            .await,
-                    );
-                    driver.await?;
-                }
-                Ok::<_, qmp_client::Error>(())
-            }))
-        }
-        "async-std" => async_std::task::block_on(async {
-            for _ in 0..a.repeat {
-                let (c, conn) = qmp_async_std::connect_unix(path, builder()).await?;
-                let (driven, s) =
-                    futures_util::future::join(conn, workload(c, mode, n, conc)).await;
-                driven?;
-                samples.push(s);
-            }
-            Ok(())
-        }),
         other => return Err(format!("unknown runtime {other}")),
     }
     .map_err(|e| e.to_string())?;
