@@ -27,6 +27,8 @@ struct Args {
     concurrency: usize,
     max_in_flight: Option<usize>,
     raw: bool,
+    /// Every command's timeout (`--command-timeout SECS`; none by default).
+    command_timeout: Option<std::time::Duration>,
     /// How the raw baseline waits for replies.
     raw_wait: RawWait,
     /// tokio worker threads (1: the current-thread runtime).
@@ -46,7 +48,7 @@ struct Args {
 const USAGE: &str = "usage: qmp-load (--socket PATH | --fake | --fake-in-process) \
                      [--runtime tokio|smol|async-std] [--raw] [--mode seq|conc] [--n N] \
                      [--concurrency C] [--max-in-flight M] [--threads T] [--repeat R] \
-                     [--raw-wait block|poll]\n       \
+                     [--raw-wait block|poll] [--command-timeout SECS]\n       \
                      qmp-load --serve-fake [--queue-limit Q]";
 
 fn parse() -> Result<Args, String> {
@@ -59,6 +61,7 @@ fn parse() -> Result<Args, String> {
         max_in_flight: None,
         raw: false,
         raw_wait: RawWait::Block,
+        command_timeout: None,
         threads: 2,
         server: Server::Socket,
         repeat: 1,
@@ -82,6 +85,10 @@ fn parse() -> Result<Args, String> {
             "--queue-limit" => a.queue_limit = num(value()?)?,
             "--driver" => a.driver = value()?,
             "--raw" => a.raw = true,
+            "--command-timeout" => {
+                let secs = num(value()?)?;
+                a.command_timeout = Some(std::time::Duration::from_secs(secs as u64));
+            }
             "--raw-wait" => {
                 a.raw_wait = match value()?.as_str() {
                     "block" => RawWait::Block,
@@ -139,7 +146,13 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
         Server::Socket => a.concurrency.min(8),
         _ => a.concurrency,
     });
-    let builder = || qmp_client::Builder::new().max_in_flight(max_in_flight);
+    let builder = || {
+        let b = qmp_client::Builder::new().max_in_flight(max_in_flight);
+        match a.command_timeout {
+            Some(t) => b.command_timeout(t),
+            None => b,
+        }
+    };
     let (mode, n, conc, path) = (a.mode.as_str(), a.n, a.concurrency, &a.socket);
     let mut samples = Vec::with_capacity(a.repeat);
     if a.raw {
