@@ -258,10 +258,14 @@ impl Connection {
                 self.need_flush = false;
             }
 
-            // 2. One timer, at the earliest deadline.
-            let want = inner.proto.poll_timeout();
-            if want != self.sleep.as_ref().map(|(at, _)| *at) {
-                self.sleep = want.map(|at| (at, timer.sleep_until(at)));
+            // 2. One timer, never later than the earliest deadline. A later or no deadline
+            // keeps the armed sleep: it fires early at most once, which costs less than a new
+            // sleep for every command (each command with a timeout moves the deadline, and a new
+            // async-io timer wakes its reactor).
+            if let Some(at) = inner.proto.poll_timeout()
+                && self.sleep.as_ref().is_none_or(|(armed, _)| at < *armed)
+            {
+                self.sleep = Some((at, timer.sleep_until(at)));
             }
             if self
                 .sleep

@@ -361,6 +361,43 @@ fn command_timeout_follows_the_manual_clock() {
 }
 
 #[test]
+fn commands_in_a_row_keep_one_timer_and_a_later_timeout_still_fires() {
+    let mut s = session(Builder::new().command_timeout(Duration::from_secs(5)));
+    let before = s.timer.sleeps();
+    for i in 1..=50 {
+        let c = s.client.clone();
+        let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+        assert!(done(&mut s.pool, &mut call).is_none());
+        assert_eq!(s.srv.take(), format!(r#"{{"execute":"x","id":{i}}}"#));
+        s.srv.send(&format!("{{\"return\": {i}, \"id\": {i}}}\r\n"));
+        assert_eq!(
+            done(&mut s.pool, &mut call).unwrap().unwrap().get(),
+            i.to_string()
+        );
+        s.timer.advance(Duration::from_millis(10));
+    }
+    // The first command's deadline was the earliest; later ones kept its sleep.
+    assert_eq!(s.timer.sleeps(), before + 1);
+
+    // 0.5 s in: this deadline is at 5.5 s, the armed sleep at 5 s. It fires early, finds
+    // nothing due, and the timer is armed again for 5.5 s.
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    assert!(done(&mut s.pool, &mut call).is_none());
+    s.timer.advance(Duration::from_millis(4500));
+    assert!(done(&mut s.pool, &mut call).is_none());
+    assert_eq!(s.timer.sleeps(), before + 2);
+    s.timer.advance(Duration::from_millis(499));
+    assert!(done(&mut s.pool, &mut call).is_none());
+    s.timer.advance(Duration::from_millis(1));
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Timeout, Some(SendStatus::Unanswered))
+    );
+}
+
+#[test]
 fn never_greeted_is_a_clear_handshake_error() {
     let mut pool = LocalPool::new();
     let sp = pool.spawner();

@@ -137,6 +137,8 @@ type Slot = Arc<Mutex<(bool, Option<Waker>)>>;
 struct Clock {
     offset: Duration,
     sleepers: Vec<(Duration, Slot)>,
+    /// Sleeps created so far.
+    armed: usize,
 }
 
 /// A clock that moves only when the test says so.
@@ -152,6 +154,11 @@ impl ManualTimer {
             t0: Instant::now(),
             clock: Arc::default(),
         }
+    }
+
+    /// How many sleeps the driver has created.
+    pub fn sleeps(&self) -> usize {
+        self.clock.lock().unwrap().armed
     }
 
     pub fn advance(&self, d: Duration) {
@@ -183,6 +190,7 @@ impl Timer for ManualTimer {
         let slot = Arc::new(Mutex::new((false, None::<Waker>)));
         {
             let mut c = self.clock.lock().unwrap();
+            c.armed += 1;
             if at <= c.offset {
                 slot.lock().unwrap().0 = true;
             } else {
