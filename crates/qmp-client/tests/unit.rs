@@ -228,6 +228,41 @@ fn slow_subscriber_drops_oldest_reports_lag_and_ends_with_closed() {
 }
 
 #[test]
+fn builder_event_queue_sets_the_default_subscriber_capacity() {
+    for (queue, expect) in [
+        (
+            3,
+            vec!["lagged 2", r#"{"n": 2}"#, r#"{"n": 3}"#, r#"{"n": 4}"#],
+        ),
+        (0, vec!["lagged 4", r#"{"n": 4}"#]),
+    ] {
+        let mut s = session(Builder::new().event_queue(queue));
+        let mut stops = s.client.subscribe("STOP");
+        for n in 0..5 {
+            s.srv.send(&event("STOP", n));
+        }
+        s.pool.run_until_stalled();
+        s.srv.hang_up();
+        let mut rx = spawn(&s.sp, async move {
+            let mut items = Vec::new();
+            while let Some(item) = stops.recv().await {
+                match item {
+                    EventItem::Event(ev) => items.push(ev.data.unwrap().get().to_owned()),
+                    EventItem::Lagged(n) => items.push(format!("lagged {n}")),
+                    _ => {}
+                }
+            }
+            items
+        });
+        assert_eq!(
+            done(&mut s.pool, &mut rx).unwrap(),
+            expect,
+            "event_queue({queue})"
+        );
+    }
+}
+
+#[test]
 fn peer_gone_resolves_every_call_with_its_send_status() {
     let mut s = session(Builder::new().max_in_flight(1));
     let c = s.client.clone();
