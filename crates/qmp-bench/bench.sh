@@ -17,13 +17,14 @@ n=${2:-50000}
 repeat=${3:-5}
 load=${QMP_LOAD:-${CARGO_TARGET_DIR:-target}/release/qmp-load}
 clients="raw tokio1 tokio2 smol smol-join async-std async-std-join"
-compared="raw raw-poll tokio1 tokio2 smol async-std"
+compared="raw raw-poll raw-reuse tokio1 tokio2 smol async-std"
 
 one() { # client, then qmp-load arguments
     c=$1; shift
     case $c in
         raw) set -- --raw "$@" ;;
         raw-poll) set -- --raw --raw-wait poll "$@" ;;
+        raw-reuse) set -- --raw --raw-ids reuse "$@" ;;
         tokio1) set -- --runtime tokio --threads 1 "$@" ;;
         tokio2) set -- --runtime tokio --threads 2 "$@" ;;
         *-join) set -- --runtime "${c%-join}" --driver join "$@" ;;

@@ -129,12 +129,29 @@ pub enum RawWait {
     Poll,
 }
 
+/// Which ids the raw baseline writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawIds {
+    /// 0, 1, 2, ...: a new number per request, as the issue's baseline does. Its requests grow
+    /// by a byte at every power of ten.
+    Sequential,
+    /// 1 to `concurrency`, each reused once its reply is in (replies come in order): the
+    /// shortest ids a client can write, as `qmp-client` does.
+    Reuse,
+}
+
 /// The baseline: a blocking socket, no library, compact requests, `oob` negotiated, up to
 /// `concurrency` requests in flight. Counts replies by their line ends.
 ///
 /// # Errors
 /// When the socket fails.
-pub fn raw(path: &Path, n: usize, concurrency: usize, wait: RawWait) -> std::io::Result<Sample> {
+pub fn raw(
+    path: &Path,
+    n: usize,
+    concurrency: usize,
+    wait: RawWait,
+    ids: RawIds,
+) -> std::io::Result<Sample> {
     let stream = UnixStream::connect(path)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
@@ -150,7 +167,11 @@ pub fn raw(path: &Path, n: usize, concurrency: usize, wait: RawWait) -> std::io:
         batch.clear();
         while sent < n && sent - received < concurrency.max(1) {
             batch.extend_from_slice(br#"{"execute":"query-version","id":"#);
-            batch.extend_from_slice(sent.to_string().as_bytes());
+            let id = match ids {
+                RawIds::Sequential => sent,
+                RawIds::Reuse => sent % concurrency.max(1) + 1,
+            };
+            batch.extend_from_slice(id.to_string().as_bytes());
             batch.push(b'}');
             sent += 1;
         }
@@ -275,18 +296,33 @@ mod tests {
     fn raw_baseline_runs_against_the_fake_in_both_wait_modes() {
         let fake = fake_server(64).unwrap();
         let path = fake.socket_path().unwrap().to_owned();
-        for (wait, conc) in [(RawWait::Block, 1), (RawWait::Poll, 1), (RawWait::Poll, 8)] {
-            let s = raw(&path, 100, conc, wait).unwrap();
+        let runs = [
+            (RawWait::Block, 1, RawIds::Sequential),
+            (RawWait::Poll, 1, RawIds::Sequential),
+            (RawWait::Poll, 8, RawIds::Sequential),
+            (RawWait::Block, 1, RawIds::Reuse),
+            (RawWait::Poll, 3, RawIds::Reuse),
+        ];
+        for (wait, conc, ids) in runs {
+            let s = raw(&path, 100, conc, wait, ids).unwrap();
             assert_eq!(s.n, 100);
             assert!(s.secs > 0.0);
         }
-        let names: Vec<_> = fake.requests().into_iter().map(|r| r.name).collect();
-        assert_eq!(names.len(), 303);
-        let versions = names
-            .iter()
-            .filter(|n| n.as_deref() == Some(COMMAND))
-            .count();
-        assert_eq!(versions, 300);
+        let requests = fake.requests();
+        assert_eq!(requests.len(), 505);
+        let ids: Vec<Vec<String>> = requests
+            .chunks(101)
+            .map(|run| {
+                assert_eq!(run[0].name.as_deref(), Some("qmp_capabilities"));
+                assert!(run[1..].iter().all(|r| r.name.as_deref() == Some(COMMAND)));
+                run[1..].iter().map(|r| r.id.clone().unwrap()).collect()
+            })
+            .collect();
+        let expect = |f: fn(usize) -> usize| (0..100).map(|i| f(i).to_string()).collect::<Vec<_>>();
+        assert_eq!(ids[0], expect(|i| i));
+        assert_eq!(ids[2], expect(|i| i));
+        assert_eq!(ids[3], expect(|_| 1));
+        assert_eq!(ids[4], expect(|i| i % 3 + 1));
     }
 
     #[test]

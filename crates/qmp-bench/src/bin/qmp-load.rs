@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Child, Command, ExitCode, Stdio};
 
-use qmp_bench::{RawWait, Sample, fake_server, median, raw, workload};
+use qmp_bench::{RawIds, RawWait, Sample, fake_server, median, raw, workload};
 
 /// Where the commands go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +31,8 @@ struct Args {
     command_timeout: Option<std::time::Duration>,
     /// How the raw baseline waits for replies.
     raw_wait: RawWait,
+    /// Which ids the raw baseline writes.
+    raw_ids: RawIds,
     /// tokio worker threads (1: the current-thread runtime).
     threads: usize,
     server: Server,
@@ -48,7 +50,7 @@ struct Args {
 const USAGE: &str = "usage: qmp-load (--socket PATH | --fake | --fake-in-process) \
                      [--runtime tokio|smol|async-std] [--raw] [--mode seq|conc] [--n N] \
                      [--concurrency C] [--max-in-flight M] [--threads T] [--repeat R] \
-                     [--raw-wait block|poll] [--command-timeout SECS]\n       \
+                     [--raw-wait block|poll] [--raw-ids seq|reuse] [--command-timeout SECS]\n       \
                      qmp-load --serve-fake [--queue-limit Q]";
 
 fn parse() -> Result<Args, String> {
@@ -61,6 +63,7 @@ fn parse() -> Result<Args, String> {
         max_in_flight: None,
         raw: false,
         raw_wait: RawWait::Block,
+        raw_ids: RawIds::Sequential,
         command_timeout: None,
         threads: 2,
         server: Server::Socket,
@@ -94,6 +97,13 @@ fn parse() -> Result<Args, String> {
                     "block" => RawWait::Block,
                     "poll" => RawWait::Poll,
                     other => return Err(format!("--raw-wait: {other:?} is not block or poll")),
+                }
+            }
+            "--raw-ids" => {
+                a.raw_ids = match value()?.as_str() {
+                    "seq" => RawIds::Sequential,
+                    "reuse" => RawIds::Reuse,
+                    other => return Err(format!("--raw-ids: {other:?} is not seq or reuse")),
                 }
             }
             "--fake" => a.server = Server::FakeProcess,
@@ -158,7 +168,7 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
     if a.raw {
         let conc = if mode == "seq" { 1 } else { conc };
         for _ in 0..a.repeat {
-            samples.push(raw(path, n, conc, a.raw_wait).map_err(|e| e.to_string())?);
+            samples.push(raw(path, n, conc, a.raw_wait, a.raw_ids).map_err(|e| e.to_string())?);
         }
         return Ok(samples);
     }
