@@ -9,6 +9,8 @@
 #                                  lowest and highest) of those ratios are printed. Modes
 #                                  default to "seq conc" (conc: C=8). The runs themselves go
 #                                  to standard error.
+# COMPARED overrides the clients compare runs (default below; it must include raw and
+# raw-poll; raw-tick:US is raw-poll with a timer wake-up US microseconds into each wait).
 # QMP_LOAD overrides the binary (default: $CARGO_TARGET_DIR/release/qmp-load); PIN prefixes
 # every run (PIN="taskset -c 1": the client and the fake on one CPU, see README).
 set -eu
@@ -17,7 +19,7 @@ n=${2:-50000}
 repeat=${3:-5}
 load=${QMP_LOAD:-${CARGO_TARGET_DIR:-target}/release/qmp-load}
 clients="raw tokio1 tokio2 smol smol-join async-std async-std-join"
-compared="raw raw-poll raw-reuse tokio1 tokio2 smol async-std"
+compared=${COMPARED:-raw raw-poll raw-reuse tokio1 tokio2 smol async-std}
 
 one() { # client, then qmp-load arguments
     c=$1; shift
@@ -25,6 +27,7 @@ one() { # client, then qmp-load arguments
         raw) set -- --raw "$@" ;;
         raw-poll) set -- --raw --raw-wait poll "$@" ;;
         raw-reuse) set -- --raw --raw-ids reuse "$@" ;;
+        raw-tick:*) set -- --raw --raw-wait "${c#raw-}" "$@" ;;
         tokio1) set -- --runtime tokio --threads 1 "$@" ;;
         tokio2) set -- --runtime tokio --threads 2 "$@" ;;
         *-join) set -- --runtime "${c%-join}" --driver join "$@" ;;

@@ -50,7 +50,7 @@ struct Args {
 const USAGE: &str = "usage: qmp-load (--socket PATH | --fake | --fake-in-process) \
                      [--runtime tokio|smol|async-std] [--raw] [--mode seq|conc] [--n N] \
                      [--concurrency C] [--max-in-flight M] [--threads T] [--repeat R] \
-                     [--raw-wait block|poll] [--raw-ids seq|reuse] [--command-timeout SECS]\n       \
+                     [--raw-wait block|poll|tick:US] [--raw-ids seq|reuse] [--command-timeout SECS]\n       \
                      qmp-load --serve-fake [--queue-limit Q]";
 
 fn parse() -> Result<Args, String> {
@@ -96,7 +96,14 @@ fn parse() -> Result<Args, String> {
                 a.raw_wait = match value()?.as_str() {
                     "block" => RawWait::Block,
                     "poll" => RawWait::Poll,
-                    other => return Err(format!("--raw-wait: {other:?} is not block or poll")),
+                    other => match other.strip_prefix("tick:").map(str::parse) {
+                        Some(Ok(us)) => RawWait::Tick(us),
+                        _ => {
+                            return Err(format!(
+                                "--raw-wait: {other:?} is not block, poll or tick:MICROSECONDS"
+                            ));
+                        }
+                    },
                 }
             }
             "--raw-ids" => {
@@ -299,9 +306,14 @@ fn main() -> ExitCode {
         }
     };
     let label = match (a.raw, a.raw_wait) {
-        (true, RawWait::Block) => "raw",
-        (true, RawWait::Poll) => "raw-poll",
-        (false, _) => a.runtime.as_str(),
+        (true, RawWait::Block) => "raw".to_owned(),
+        (true, RawWait::Poll) => "raw-poll".to_owned(),
+        (true, RawWait::Tick(us)) => format!("raw-tick:{us}"),
+        (false, _) => a.runtime.clone(),
+    };
+    let label = match (a.raw, a.raw_ids) {
+        (true, RawIds::Reuse) => label + "-reuse",
+        _ => label,
     };
     let server = match a.server {
         Server::Socket => "socket",
