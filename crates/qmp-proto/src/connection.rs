@@ -356,6 +356,10 @@ pub enum Failure {
     HandshakeFailed,
     /// It needs `oob`, which the server did not offer.
     OobUnavailable,
+    /// The server answered, but the reply could not be read: over the message size limit,
+    /// nested too deep, or not JSON. Either its id was still legible, or a reply to a later
+    /// in-band request came first (QEMU answers those in order). It ran; how is unknown.
+    ReplyLost,
 }
 
 impl fmt::Display for Failure {
@@ -366,6 +370,7 @@ impl fmt::Display for Failure {
             Self::LocalClose => "the connection was closed",
             Self::HandshakeFailed => "the handshake failed",
             Self::OobUnavailable => "the server does not offer oob",
+            Self::ReplyLost => "its reply could not be read",
         })
     }
 }
@@ -636,7 +641,8 @@ impl fmt::Debug for Connection {
 impl Connection {
     /// A connection that has just been opened at `now`.
     pub fn new(now: Instant, config: Config) -> Self {
-        let handshake_deadline = config.handshake_timeout.map(|t| now + t);
+        // A timeout too long to represent is no timeout.
+        let handshake_deadline = config.handshake_timeout.and_then(|t| now.checked_add(t));
         let framer = Framer::new(config.max_message_size, config.max_depth);
         let mut conn = Self {
             state: State::AwaitingGreeting,
@@ -718,13 +724,15 @@ impl Connection {
                 // Outside a sync the 0xFF marker carries no meaning.
                 Frame::Delimiter => {}
                 Frame::Garbage { len } => self.anomaly(Anomaly::Garbage { len }),
-                Frame::Oversized { len } => {
+                Frame::Oversized { len, id } => {
                     self.stats.messages_received += 1;
                     self.anomaly(Anomaly::Oversized { len });
+                    self.on_unreadable_reply(id);
                 }
-                Frame::TooDeep { len } => {
+                Frame::TooDeep { len, id } => {
                     self.stats.messages_received += 1;
                     self.anomaly(Anomaly::TooDeep { len });
+                    self.on_unreadable_reply(id);
                 }
             }
             if self.state == State::Closed {
@@ -875,7 +883,7 @@ impl Connection {
         let deadline = cmd
             .timeout
             .unwrap_or(self.config.command_timeout)
-            .map(|t| now + t);
+            .and_then(|t| now.checked_add(t));
         if let Some(at) = deadline {
             self.deadlines.insert((at, id));
         }
@@ -1149,7 +1157,6 @@ impl Connection {
             self.stats.unknown_replies += 1;
             return;
         }
-        self.retire_inband(id);
         // One lookup: take the entry out, and put it back only in the odd case below.
         match self.pending.remove(&id) {
             Some(p) if p.purpose == Purpose::Negotiation => match result {
@@ -1160,6 +1167,7 @@ impl Connection {
                 ),
             },
             Some(p) if p.written != Written::Nothing => {
+                self.retire_inband(id);
                 if let Some(at) = p.deadline {
                     self.deadlines.remove(&(at, id));
                 }
@@ -1175,6 +1183,7 @@ impl Connection {
                     self.pending.insert(id, p);
                 }
                 if self.tombstones.remove(&id) {
+                    self.retire_inband(id);
                     self.stats.late_replies += 1;
                 } else {
                     self.stats.unknown_replies += 1;
@@ -1185,7 +1194,9 @@ impl Connection {
     }
 
     /// In-band replies come in order: a reply to `id` means QEMU is done with every earlier
-    /// in-band request, including abandoned ones whose replies were lost or discarded.
+    /// in-band request, including abandoned ones whose replies were lost or discarded. One
+    /// still pending will never be answered (its reply was unreadable, or the server skipped
+    /// it): it resolves as [`Failure::ReplyLost`].
     fn retire_inband(&mut self, id: u64) {
         if self.inband.front() == Some(&id) {
             // The usual case: replies arrive in the order the requests went out.
@@ -1198,6 +1209,46 @@ impl Connection {
         while let Some(first) = self.inband.pop_front() {
             if first == id {
                 break;
+            }
+            if self
+                .pending
+                .get(&first)
+                .is_some_and(|p| p.purpose == Purpose::User && p.written == Written::All)
+            {
+                let p = self.pending.remove(&first).expect("just seen");
+                if let Some(at) = p.deadline {
+                    self.deadlines.remove(&(at, first));
+                }
+                self.complete(first, Outcome::Unknown(Failure::ReplyLost));
+            }
+        }
+    }
+
+    /// A message skipped as too large or too deep. When an id of ours could be read at its
+    /// start or end, it was that request's reply: the request resolves as
+    /// [`Failure::ReplyLost`] instead of waiting for a reply that has come and gone.
+    fn on_unreadable_reply(&mut self, id: Option<u64>) {
+        let Some(id) = id else { return };
+        if self.state == State::Closed || self.syncing.is_some() {
+            return;
+        }
+        match self.pending.get(&id) {
+            Some(p) if p.purpose == Purpose::User && p.written == Written::All => {
+                self.retire_inband(id);
+                let p = self.pending.remove(&id).expect("just seen");
+                if let Some(at) = p.deadline {
+                    self.deadlines.remove(&(at, id));
+                }
+                self.complete(id, Outcome::Unknown(Failure::ReplyLost));
+                self.admit();
+            }
+            Some(_) => {}
+            None => {
+                if self.tombstones.remove(&id) {
+                    self.retire_inband(id);
+                    self.stats.late_replies += 1;
+                    self.admit();
+                }
             }
         }
     }

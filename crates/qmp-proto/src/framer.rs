@@ -20,6 +20,9 @@
 
 use std::ops::Range;
 
+/// How many bytes of each end of a skipped value are kept, to find its id.
+const ID_WINDOW: usize = 64;
+
 /// Values at least this long leave the framer by handing over its buffer (copying whatever
 /// follows them) instead of being copied; smaller ones are copied so the buffer is reused.
 const SPLIT_MIN: usize = 4096;
@@ -36,10 +39,11 @@ pub(crate) enum Frame {
     Delimiter,
     /// Bytes between values that cannot start one; `len` bytes were skipped.
     Garbage { len: usize },
-    /// A value over the size limit was skipped; `len` is its full length.
-    Oversized { len: usize },
-    /// A value nested deeper than the depth limit was skipped.
-    TooDeep { len: usize },
+    /// A value over the size limit was skipped; `len` is its full length, `id` the numeric
+    /// `"id"` member it had first or last, if any (see [`top_level_id`]).
+    Oversized { len: usize, id: Option<u64> },
+    /// A value nested deeper than the depth limit was skipped; `len` and `id` as above.
+    TooDeep { len: usize, id: Option<u64> },
 }
 
 /// Where the framer is between calls.
@@ -83,6 +87,9 @@ pub(crate) struct Framer {
     max_depth: usize,
     /// The scanner for this CPU, chosen once.
     scan: ScanFn,
+    /// The first and the last (so far) [`ID_WINDOW`] bytes of the value being skipped.
+    head: Vec<u8>,
+    tail: Vec<u8>,
 }
 
 /// Scans `buf[from..]` continuing from a state; see [`scan`].
@@ -100,6 +107,8 @@ impl Framer {
             max_size: max_size.max(2),
             max_depth: max_depth.max(1),
             scan: pick_scan(),
+            head: Vec::new(),
+            tail: Vec::new(),
         }
     }
 
@@ -218,7 +227,11 @@ impl Framer {
                             self.scanned = 0;
                             self.consumed = end;
                             if self.state.too_deep {
-                                return Some(Frame::TooDeep { len: end - start });
+                                let value = &self.buf[start..end];
+                                return Some(Frame::TooDeep {
+                                    len: end - start,
+                                    id: top_level_id(value, value),
+                                });
                             }
                             return Some(Frame::Value {
                                 range: start..end,
@@ -231,6 +244,7 @@ impl Framer {
                             // its first `max_size` bytes, so read boundaries cannot change it.
                             let len = self.max_size;
                             self.consumed = start + len;
+                            self.keep_ends(start, start + len);
                             self.mode = Mode::Skipping {
                                 len,
                                 oversized: !self.state.too_deep,
@@ -242,6 +256,7 @@ impl Framer {
                                 // No need to keep the bytes: the value is already rejected.
                                 let len = self.buf.len() - start;
                                 self.consumed = self.buf.len();
+                                self.keep_ends(start, self.buf.len());
                                 self.mode = Mode::Skipping {
                                     len,
                                     oversized: false,
@@ -257,16 +272,19 @@ impl Framer {
                     match end {
                         Some(end) => {
                             let total = len + (end - rest_start);
+                            keep_last(&mut self.tail, &self.buf[rest_start..end]);
                             self.consumed = end;
                             self.mode = Mode::Idle;
+                            let id = top_level_id(&self.head, &self.tail);
                             return Some(if oversized {
-                                Frame::Oversized { len: total }
+                                Frame::Oversized { len: total, id }
                             } else {
-                                Frame::TooDeep { len: total }
+                                Frame::TooDeep { len: total, id }
                             });
                         }
                         None => {
                             let total = len + (self.buf.len() - rest_start);
+                            keep_last(&mut self.tail, &self.buf[rest_start..]);
                             self.consumed = self.buf.len();
                             self.mode = Mode::Skipping {
                                 len: total,
@@ -280,6 +298,16 @@ impl Framer {
         }
     }
 
+    /// Keeps both ends of `buf[start..end]`, the start of a value about to be skipped.
+    fn keep_ends(&mut self, start: usize, end: usize) {
+        let value = &self.buf[start..end];
+        self.head.clear();
+        self.head
+            .extend_from_slice(&value[..value.len().min(ID_WINDOW)]);
+        self.tail.clear();
+        keep_last(&mut self.tail, value);
+    }
+
     /// The length of the unfinished value or garbage run at end of input, if any.
     pub(crate) fn partial_len(&self) -> usize {
         match self.mode {
@@ -289,6 +317,58 @@ impl Framer {
             Mode::Skipping { len, .. } => len + (self.buf.len() - self.consumed),
         }
     }
+}
+
+/// Appends `more` to `tail`, keeping only the last [`ID_WINDOW`] bytes.
+fn keep_last(tail: &mut Vec<u8>, more: &[u8]) {
+    if more.len() >= ID_WINDOW {
+        tail.clear();
+        tail.extend_from_slice(&more[more.len() - ID_WINDOW..]);
+    } else {
+        tail.extend_from_slice(more);
+        let excess = tail.len().saturating_sub(ID_WINDOW);
+        tail.drain(..excess);
+    }
+}
+
+/// The numeric `"id"` of an object known only by its first bytes (`head`) and its last bytes
+/// (`tail`): a member written first (`{"id": 5, ...`, as QEMU writes error replies) or last
+/// (`..., "id": 5}`, as it writes returns), in any whitespace. A member found there belongs
+/// to the top level: the `{` before it opens the value, or the `}` after it closes it.
+pub(crate) fn top_level_id(head: &[u8], tail: &[u8]) -> Option<u64> {
+    fn ws(b: &u8) -> bool {
+        matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+    }
+    fn front(s: &[u8]) -> &[u8] {
+        &s[s.iter().position(|b| !ws(b)).unwrap_or(s.len())..]
+    }
+    fn back(s: &[u8]) -> &[u8] {
+        &s[..s.iter().rposition(|b| !ws(b)).map_or(0, |i| i + 1)]
+    }
+    fn number(digits: &[u8]) -> Option<u64> {
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    }
+    let first = || {
+        let rest = front(front(head).strip_prefix(b"{")?);
+        let rest = front(front(rest.strip_prefix(b"\"id\"")?).strip_prefix(b":")?);
+        let n = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        matches!(front(&rest[n..]).first(), Some(b',' | b'}'))
+            .then(|| number(&rest[..n]))
+            .flatten()
+    };
+    let last = || {
+        let rest = back(back(tail).strip_suffix(b"}")?);
+        let n = rest.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+        let (rest, digits) = rest.split_at(rest.len() - n);
+        let rest = back(back(back(rest).strip_suffix(b":")?).strip_suffix(b"\"id\"")?);
+        matches!(rest.last(), Some(b',' | b'{'))
+            .then(|| number(digits))
+            .flatten()
+    };
+    first().or_else(last)
 }
 
 /// The bit masks of one block of up to 64 bytes.
@@ -681,8 +761,8 @@ mod tests {
                 }
                 Frame::Delimiter => "FF".to_owned(),
                 Frame::Garbage { len } => format!("G {len}"),
-                Frame::Oversized { len } => format!("BIG {len}"),
-                Frame::TooDeep { len } => format!("DEEP {len}"),
+                Frame::Oversized { len, .. } => format!("BIG {len}"),
+                Frame::TooDeep { len, .. } => format!("DEEP {len}"),
             });
         }
         out
@@ -801,6 +881,52 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn top_level_id_reads_a_first_or_last_numeric_member_only() {
+        let id = |v: &str| top_level_id(v.as_bytes(), v.as_bytes());
+        assert_eq!(id(r#"{"id": 5, "error": {}}"#), Some(5));
+        assert_eq!(id("{\n  \"id\" :\t5\n}\r\n"), Some(5));
+        assert_eq!(
+            id(r#"{"return": {}, "id": 18446744073709551615}"#),
+            Some(u64::MAX)
+        );
+        assert_eq!(id(r#"{"return": {"id": 5}}"#), None);
+        assert_eq!(id(r#"{"return": [{"id": 5}]}"#), None);
+        assert_eq!(id(r#"{"return": {}, "xid": 5}"#), None);
+        assert_eq!(id(r#"{"return": {}, "id": -5}"#), None);
+        assert_eq!(id(r#"{"return": {}, "id": 5.5}"#), None);
+        assert_eq!(id(r#"{"return": {}, "id": "5"}"#), None);
+        assert_eq!(id(r#"{"return": {}, "id": 18446744073709551616}"#), None);
+        assert_eq!(id(r#"{"id": 5"#), None);
+        // Only the given ends are looked at.
+        assert_eq!(top_level_id(b"{\"return\": ", b"\"id\": 7}"), None);
+        assert_eq!(
+            top_level_id(b"{\"return\": ", b"\"x\", \"id\": 7}"),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn a_skipped_value_reports_the_id_at_its_ends_across_reads() {
+        let value = format!("{{\"return\": \"{}\", \"id\": 42}}", "x".repeat(300));
+        for step in [1, 7, 64, 65, 1000] {
+            let mut f = Framer::new(100, 8);
+            let mut frames = Vec::new();
+            for chunk in value.as_bytes().chunks(step) {
+                f.push(chunk);
+                frames.extend(std::iter::from_fn(|| f.next_frame()));
+            }
+            assert_eq!(
+                frames,
+                vec![Frame::Oversized {
+                    len: value.len(),
+                    id: Some(42)
+                }],
+                "step {step}"
+            );
         }
     }
 }

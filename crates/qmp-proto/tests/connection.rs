@@ -295,10 +295,13 @@ fn oversized_and_too_deep_messages_are_skipped_and_the_session_goes_on() {
     }
     c.handle_input(t0, deep.as_bytes());
     c.handle_input(t0, b"{\"return\": {}, \"id\": 2}\r\n");
+    // The oversized reply still shows its id at its end: request 1 resolves at once, as
+    // answered but unreadable; the too-deep one then names an id no longer pending.
     assert_eq!(
         outs(&mut c),
         vec![
             Output::Anomaly(Anomaly::Oversized { len: big.len() - 2 }),
+            lost(1),
             Output::Anomaly(Anomaly::TooDeep {
                 len: deep.len() - 2
             }),
@@ -306,6 +309,98 @@ fn oversized_and_too_deep_messages_are_skipped_and_the_session_goes_on() {
         ]
     );
     assert_eq!(c.stats().anomalies, 2);
+    assert_eq!(c.pending(), 0);
+}
+
+fn lost(id: u64) -> Output {
+    Output::Completed {
+        id: rid(id),
+        outcome: Outcome::Unknown(Failure::ReplyLost),
+    }
+}
+
+#[test]
+fn an_unreadable_reply_resolves_its_request_by_the_id_at_either_end() {
+    let (t0, mut c) = ready(Config::default().max_message_size(200).max_depth(8));
+    for _ in 0..3 {
+        c.send(t0, Command::new("x").timeout(Some(Duration::from_secs(5))))
+            .unwrap();
+    }
+    let _ = tx(&mut c);
+    // An error reply writes its id first; nesting makes it too deep. Pretty-printed.
+    let deep = format!(
+        "{{\r\n    \"id\": 1,\r\n    \"error\": {}1{}\r\n}}\r\n",
+        "[".repeat(10),
+        "]".repeat(10)
+    );
+    c.handle_input(t0, deep.as_bytes());
+    assert_eq!(
+        outs(&mut c),
+        vec![
+            Output::Anomaly(Anomaly::TooDeep {
+                len: deep.len() - 2
+            }),
+            lost(1),
+        ]
+    );
+    // An oversized return, split anywhere, with its id last; "id" members nested inside the
+    // value, or in a string, do not count.
+    let big = format!(
+        "{{\"return\": {{\"id\": 7, \"s\": \"{} \\\"id\\\": 9}}\"}}, \"id\": 2 }}\n",
+        "a".repeat(500)
+    );
+    for chunk in big.as_bytes().chunks(7) {
+        c.handle_input(t0, chunk);
+    }
+    assert_eq!(
+        outs(&mut c),
+        vec![
+            Output::Anomaly(Anomaly::Oversized { len: big.len() - 1 }),
+            lost(2)
+        ]
+    );
+    // Their deadlines went with them; request 3 still times out on its own.
+    assert_eq!(c.pending(), 1);
+    c.handle_timeout(t0 + Duration::from_secs(5));
+    assert_eq!(
+        outs(&mut c),
+        vec![Output::Completed {
+            id: rid(3),
+            outcome: Outcome::Unknown(Failure::Timeout),
+        }]
+    );
+}
+
+#[test]
+fn a_reply_to_a_later_in_band_request_resolves_an_earlier_one_whose_reply_was_unreadable() {
+    let (t0, mut c) = ready(Config::default().max_message_size(200));
+    for _ in 0..3 {
+        c.send(t0, Command::new("x")).unwrap();
+    }
+    let _ = tx(&mut c);
+    // No legible id: too large with the id in the middle, and not JSON.
+    let big = format!(
+        "{{\"return\": 1, \"id\": 1, \"pad\": \"{}\"}}\n",
+        "a".repeat(300)
+    );
+    c.handle_input(t0, big.as_bytes());
+    c.handle_input(t0, b"{\"return\": nope, \"id\": 2}\n");
+    let o = outs(&mut c);
+    assert_eq!(o.len(), 2, "{o:?}");
+    assert_eq!(
+        o[0],
+        Output::Anomaly(Anomaly::Oversized { len: big.len() - 1 })
+    );
+    assert!(
+        matches!(o[1], Output::Anomaly(Anomaly::InvalidJson { .. })),
+        "{o:?}"
+    );
+    assert_eq!(c.pending(), 3);
+    // QEMU answers in-band requests in order, so 1 and 2 will never be answered now.
+    c.handle_input(t0, b"{\"return\": {}, \"id\": 3}\n");
+    assert_eq!(outs(&mut c), vec![lost(1), lost(2), ok(3, "{}")]);
+    assert_eq!(c.pending(), 0);
+    assert_eq!(c.in_flight(), 0);
 }
 
 #[test]

@@ -110,43 +110,58 @@ proptest! {
         prop_assert_eq!(got, expected);
     }
 
-    /// Whatever order replies come in, and however many are dropped by abandoning, every
-    /// request resolves exactly once, with its own value.
+    /// Whatever order replies come in (in-band ones in order, as QEMU sends them, with
+    /// `exec-oob` ones anywhere between them), and however many are dropped by abandoning,
+    /// every request resolves exactly once, with its own value.
     #[test]
     fn correlation_is_exact_under_reordering_and_abandonment(
         n in 1usize..40,
         order_seed in any::<u64>(),
+        oob_mask in any::<u64>(),
         abandon_mask in any::<u64>(),
         cuts in prop::collection::vec(any::<usize>(), 0..8),
     ) {
         let (t0, mut c) = ready(8);
-        let ids: Vec<_> = (0..n).map(|_| c.send(t0, Command::new("echo")).unwrap()).collect();
+        let ids: Vec<_> = (0..n)
+            .map(|i| {
+                let cmd = Command::new("echo");
+                let cmd = if oob_mask >> (i % 64) & 1 == 1 { cmd.oob() } else { cmd };
+                c.send(t0, cmd).unwrap()
+            })
+            .collect();
         let mut abandoned = BTreeSet::new();
         let mut resolved: BTreeMap<u64, u64> = BTreeMap::new();
         let mut rng = order_seed | 1;
-        let mut outstanding: Vec<u64> = Vec::new();
+        // At the server: in-band requests in arrival order, and oob ones.
+        let mut inband: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+        let mut oob: Vec<u64> = Vec::new();
         let mut rounds = 0;
         loop {
             rounds += 1;
             prop_assert!(rounds < 1000, "livelock");
             // Everything the machine wrote is now "at the server".
             let wire = drain_tx(&mut c);
-            let text = String::from_utf8(wire).unwrap();
-            for part in text.split("\"id\":").skip(1) {
-                let id: u64 = part.trim_end_matches('}').split('}').next().unwrap().parse().unwrap();
-                outstanding.push(id);
+            for req in serde_json::Deserializer::from_slice(&wire).into_iter::<serde_json::Value>() {
+                let req = req.unwrap();
+                let id = req["id"].as_u64().unwrap();
+                if req.get("exec-oob").is_some() { oob.push(id) } else { inband.push_back(id) }
             }
             for (i, id) in ids.iter().enumerate() {
                 if abandon_mask >> (i % 64) & 1 == 1 && i % 3 == 0 && c.abandon(*id) {
                     abandoned.insert(id.get());
                 }
             }
-            if outstanding.is_empty() {
+            if inband.is_empty() && oob.is_empty() {
                 break;
             }
-            // Answer a random outstanding one (out of order, as OOB could).
+            // Answer the oldest in-band request or any oob one.
             rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-            let pick = outstanding.swap_remove((rng % outstanding.len() as u64) as usize);
+            let k = (rng % (oob.len() as u64 + 1)) as usize;
+            let pick = match inband.front() {
+                Some(&first) if k == oob.len() => { inband.pop_front(); first }
+                _ if oob.is_empty() => inband.pop_front().unwrap(),
+                _ => oob.swap_remove(k % oob.len()),
+            };
             let reply = format!("{{\"return\": {}, \"id\": {}}}\r\n", pick * 10, pick);
             feed_in_chunks(&mut c, t0, reply.as_bytes(), &cuts);
             while let Some(o) = c.poll_output() {
