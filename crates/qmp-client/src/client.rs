@@ -5,7 +5,7 @@ use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use futures_io::{AsyncRead, AsyncWrite};
@@ -60,6 +60,11 @@ impl Builder {
         }
     }
 
+    /// The protocol configuration this builder holds.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Starts from a complete protocol configuration.
     pub fn with_config(config: Config) -> Self {
         Self {
@@ -69,15 +74,12 @@ impl Builder {
     }
 
     /// The guest agent protocol (no greeting; the session starts with a
-    /// `guest-sync-delimited` whose id is chosen at random).
+    /// `guest-sync-delimited` whose id is chosen at random). Other settings made before or
+    /// after this call are kept; capabilities do not apply to the agent.
     pub fn qga(mut self) -> Self {
-        let seed = u64::from(fastrand::u32(1..)) << 8 | u64::from(fastrand::u8(..));
-        let mut config = Config::qga(seed);
-        config.handshake_timeout = self.config.handshake_timeout;
-        config.command_timeout = self.config.command_timeout;
-        config.max_in_flight = self.config.max_in_flight;
-        config.max_message_size = self.config.max_message_size;
-        self.config = config;
+        let sync_seed = u64::from(fastrand::u32(1..)) << 8 | u64::from(fastrand::u8(..));
+        self.config.mode = qmp_proto::Mode::Qga { sync_seed };
+        self.config.capabilities.clear();
         self
     }
 
@@ -264,6 +266,11 @@ impl<S: Deref<Target = Shared>> Drop for Call<S> {
     }
 }
 
+/// The most descriptors one `SCM_RIGHTS` message may carry (Linux's `SCM_MAX_FD`); more make
+/// `sendmsg` fail, which would end the whole session.
+#[cfg(unix)]
+const MAX_FDS: usize = 253;
+
 impl Client {
     /// Submits `cmd` for the `ops` layer: the pending call, or why nothing was sent (the
     /// close reason when the session is closed, else the machine's refusal).
@@ -446,6 +453,17 @@ impl Client {
             .with_command(name)
             .with_status(SendStatus::NotSent));
         }
+        if fds.len() > MAX_FDS {
+            return Err(Error::new(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "{} file descriptors in one message; the kernel passes at most {MAX_FDS}",
+                    fds.len()
+                ),
+            )
+            .with_command(name)
+            .with_status(SendStatus::NotSent));
+        }
         let cmd = command(name, args)?.with_fds();
         let call = self.submit(name, cmd, fds)?;
         let raw = finish(name, call.await)?;
@@ -484,25 +502,38 @@ impl Client {
     /// arriving after this call count; to catch an event caused by a command, use
     /// [`execute_then_wait`](Self::execute_then_wait).
     ///
+    /// The subscription is made by this call, before the returned future is first polled: an
+    /// event arriving in between is not missed.
+    ///
     /// # Errors
-    /// [`ErrorKind::Timeout`], or [`ErrorKind::Disconnected`]/[`ErrorKind::Closed`] when the
-    /// connection ends first.
-    pub async fn wait_event(
+    /// [`ErrorKind::Timeout`]; [`ErrorKind::Lagged`] when events were dropped from the full
+    /// queue meanwhile; [`ErrorKind::Disconnected`]/[`ErrorKind::Closed`] when the connection
+    /// ends first.
+    pub fn wait_event(
         &self,
         filter: impl Into<EventFilter>,
         predicate: impl FnMut(&Event) -> bool,
         timeout: Option<Duration>,
-    ) -> Result<Event, Error> {
+    ) -> impl Future<Output = Result<Event, Error>> {
         let stream = self.subscribe(filter);
-        self.wait_on(stream, predicate, timeout).await
+        self.wait_on(stream, predicate, self.deadline(timeout))
+    }
+
+    /// `now + timeout` on the client's clock; `None` for no timeout or one too long to
+    /// represent.
+    fn deadline(&self, timeout: Option<Duration>) -> Option<Instant> {
+        timeout.and_then(|t| self.shared.timer.now().checked_add(t))
     }
 
     /// Executes a command and waits for the event it causes, race-free: the subscription is
     /// made before the command is sent, so an event QEMU emits before its reply is not missed.
-    /// Returns the command's return value and the event.
+    /// Returns the command's return value and the event. `timeout` bounds the whole: it is the
+    /// command's own timeout, and the event must come before it runs out, counted from this
+    /// call.
     ///
     /// # Errors
-    /// The command's error, or as for [`wait_event`](Self::wait_event).
+    /// The command's error; after its reply, as for [`wait_event`](Self::wait_event), with the
+    /// command's name and [`SendStatus::Answered`].
     pub async fn execute_then_wait<T: DeserializeOwned, A: Serialize + ?Sized>(
         &self,
         name: &str,
@@ -511,9 +542,19 @@ impl Client {
         predicate: impl FnMut(&Event) -> bool,
         timeout: Option<Duration>,
     ) -> Result<(T, Event), Error> {
+        let deadline = self.deadline(timeout);
         let stream = self.subscribe(filter);
-        let value = self.execute(name, args).await?;
-        let event = self.wait_on(stream, predicate, timeout).await?;
+        let cmd = command(name, args)?;
+        let cmd = match timeout {
+            Some(t) => cmd.timeout(Some(t)),
+            None => cmd,
+        };
+        let value = self.outcome_as(name, cmd).await?;
+        // The command was answered: whatever goes wrong now, it must not look unsent.
+        let event = self
+            .wait_on(stream, predicate, deadline)
+            .await
+            .map_err(|e| e.with_command(name).with_status(SendStatus::Answered))?;
         Ok((value, event))
     }
 
@@ -521,10 +562,9 @@ impl Client {
         &self,
         mut stream: EventStream,
         mut predicate: impl FnMut(&Event) -> bool,
-        timeout: Option<Duration>,
+        deadline: Option<Instant>,
     ) -> Result<Event, Error> {
-        let timer = &self.shared.timer;
-        let mut sleep = timeout.map(|t| timer.sleep_until(timer.now() + t));
+        let mut sleep = deadline.map(|at| self.shared.timer.sleep_until(at));
         futures_util::future::poll_fn(|cx| {
             loop {
                 match Pin::new(&mut stream).poll_next_item(cx) {
@@ -533,7 +573,15 @@ impl Client {
                             return Poll::Ready(Ok(ev));
                         }
                     }
-                    Poll::Ready(Some(EventItem::Lagged(_))) => {}
+                    Poll::Ready(Some(EventItem::Lagged(n))) => {
+                        return Poll::Ready(Err(Error::new(
+                            ErrorKind::Lagged,
+                            format!(
+                                "{n} events were dropped while waiting (the queue was full); \
+                                 the one awaited may be among them"
+                            ),
+                        )));
+                    }
                     Poll::Ready(Some(EventItem::Closed(reason))) => {
                         return Poll::Ready(Err(Error::closed(&reason)));
                     }
@@ -579,9 +627,24 @@ impl Client {
     /// Closes gracefully: new commands are refused at once (not sent), the pending ones get up
     /// to `timeout` to finish, then the session closes as with [`close`](Self::close) (any
     /// command still pending resolves as closed, with its send status).
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes calls the close off: new commands are accepted
+    /// again and nothing is closed.
     pub async fn close_gracefully(&self, timeout: Duration) {
-        let timer = &self.shared.timer;
-        let mut sleep = timer.sleep_until(timer.now() + timeout);
+        /// Ends the draining if the future is dropped before the close.
+        struct Draining<'a>(&'a Shared, bool);
+        impl Drop for Draining<'_> {
+            fn drop(&mut self) {
+                if self.1 {
+                    self.0.lock().draining = false;
+                }
+            }
+        }
+        let mut guard = Draining(&self.shared, true);
+        let mut sleep = self
+            .deadline(Some(timeout))
+            .map(|at| self.shared.timer.sleep_until(at));
         futures_util::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
             inner.draining = true;
@@ -592,9 +655,15 @@ impl Client {
                 inner.idle_wakers.push(cx.waker().clone());
             }
             drop(inner);
-            sleep.as_mut().poll(cx)
+            match &mut sleep {
+                Some(sleep) => sleep.as_mut().poll(cx),
+                None => Poll::Pending,
+            }
         })
         .await;
+        // `close` closes the session in this same poll; dropping the future after that only
+        // skips waiting for the driver.
+        guard.1 = false;
         self.close().await;
     }
 

@@ -31,6 +31,13 @@ pub enum ErrorKind {
     /// The session cannot do this: exec-oob without the `oob` capability, fds on a transport
     /// without fd passing, oob in guest-agent mode.
     Unsupported,
+    /// Events were dropped from a full subscriber queue while waiting for one, so the one
+    /// awaited may have been lost ([`Builder::event_queue`](crate::Builder::event_queue)
+    /// sizes the queue).
+    Lagged,
+    /// The server answered but its reply could not be read: larger than the maximum message
+    /// size, nested too deep, or not JSON. The command ran; whether it succeeded is unknown.
+    ReplyLost,
 }
 
 /// How far a command got, so a retry layer can decide whether retrying is safe.
@@ -39,7 +46,7 @@ pub enum ErrorKind {
 pub enum SendStatus {
     /// No byte of it reached the transport: retrying is always safe.
     NotSent,
-    /// It was written but no answer came: it may or may not have run.
+    /// It was written but no answer was read: it may or may not have had its effect.
     Unanswered,
     /// The server answered (with an error, or with a value that did not decode).
     Answered,
@@ -135,6 +142,7 @@ impl Error {
             Failure::LocalClose => ErrorKind::Closed,
             Failure::HandshakeFailed => ErrorKind::Handshake,
             Failure::OobUnavailable => ErrorKind::Unsupported,
+            Failure::ReplyLost => ErrorKind::ReplyLost,
             _ => ErrorKind::Closed,
         };
         let status = if sent {
@@ -142,10 +150,10 @@ impl Error {
         } else {
             SendStatus::NotSent
         };
-        let what = if sent {
-            "sent, but no reply came"
-        } else {
-            "not sent"
+        let what = match (sent, failure) {
+            (true, Failure::ReplyLost) => "it ran, with an unknown result",
+            (true, _) => "sent, but no reply came",
+            (false, _) => "not sent",
         };
         Self::new(kind, format!("{failure} ({what})")).with_status(status)
     }

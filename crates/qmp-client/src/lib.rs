@@ -35,6 +35,6 @@ pub use driver::Connection;
 pub use error::{Error, ErrorKind, SendStatus};
 pub use events::{EventFilter, EventItem, EventStream};
 pub use qmp_proto::{
-    CloseReason, Command, CommandError, Config, ErrorClass, Event, Greeting, RawJson, RemoteError,
-    Stats, Timestamp, VersionInfo,
+    CloseReason, Command, CommandError, Config, ErrorClass, Event, Greeting, Mode, RawJson,
+    RemoteError, Stats, Timestamp, VersionInfo,
 };

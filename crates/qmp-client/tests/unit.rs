@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_channel::oneshot;
 use futures_executor::{LocalPool, LocalSpawner};
+use futures_util::FutureExt;
 use futures_util::task::LocalSpawnExt;
 use qmp_client::{
     Builder, Client, CloseReason, Error, ErrorClass, ErrorKind, EventItem, RemoteError, SendStatus,
@@ -724,5 +725,213 @@ fn close_gracefully_gives_up_after_its_timeout() {
     assert_eq!(
         (e.kind(), e.send_status()),
         (ErrorKind::Closed, Some(SendStatus::Unanswered))
+    );
+}
+
+#[test]
+fn a_reply_too_large_to_read_fails_its_call_at_once_and_the_session_goes_on() {
+    let mut s = session(Builder::new().max_message_size(1000));
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move {
+        c.execute::<serde_json::Value, _>("query-qmp-schema", &())
+            .await
+    });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"query-qmp-schema","id":1}"#);
+    s.srv.send(&format!(
+        "{{\"return\": [\"{}\"], \"id\": 1}}\r\n",
+        "x".repeat(5000)
+    ));
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::ReplyLost,
+            Some(SendStatus::Unanswered),
+            "query-qmp-schema: its reply could not be read (it ran, with an unknown result)"
+        )
+    );
+    let c = s.client.clone();
+    let mut next = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"x","id":2}"#);
+    s.srv.send(r#"{"return": 7, "id": 2}"#);
+    assert_eq!(done(&mut s.pool, &mut next).unwrap().unwrap().get(), "7");
+    assert_eq!(s.client.stats().anomalies, 1);
+}
+
+#[test]
+fn wait_event_subscribes_when_called_not_when_first_polled() {
+    let mut s = session(Builder::new());
+    let wait = s.client.wait_event("STOP", |_| true, None);
+    s.srv.send(&event("STOP", 1));
+    s.pool.run_until_stalled();
+    // First polled only now, after the event went by.
+    let ev = wait.now_or_never().expect("the event was queued").unwrap();
+    assert_eq!(ev.data.unwrap().get(), r#"{"n": 1}"#);
+}
+
+#[test]
+fn waiting_reports_lost_events_instead_of_missing_the_one_awaited() {
+    let mut s = session(Builder::new().event_queue(2));
+    let wait = s.client.wait_event("STOP", |e| e.data.is_none(), None);
+    for n in 0..5 {
+        s.srv.send(&event("STOP", n));
+    }
+    s.pool.run_until_stalled();
+    let e = wait.now_or_never().expect("lag is reported").unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::Lagged,
+            None,
+            "3 events were dropped while waiting (the queue was full); the one awaited may be \
+             among them"
+        )
+    );
+}
+
+#[test]
+fn execute_then_wait_after_the_reply_reports_the_command_as_answered() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move {
+        c.execute_then_wait::<serde::de::IgnoredAny, _>(
+            "device_del",
+            &serde_json::json!({"id": "d0"}),
+            "DEVICE_DELETED",
+            |_| true,
+            Some(Duration::from_secs(5)),
+        )
+        .await
+    });
+    s.pool.run_until_stalled();
+    assert_eq!(
+        s.srv.take(),
+        r#"{"execute":"device_del","arguments":{"id":"d0"},"id":1}"#
+    );
+    s.srv.send(r#"{"return": {}, "id": 1}"#);
+    s.pool.run_until_stalled();
+    s.srv.hang_up();
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.command(), e.send_status()),
+        (
+            ErrorKind::Disconnected,
+            Some("device_del"),
+            Some(SendStatus::Answered)
+        )
+    );
+}
+
+#[test]
+fn execute_then_wait_bounds_the_command_itself_by_its_timeout() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move {
+        c.execute_then_wait::<serde::de::IgnoredAny, _>(
+            "stop",
+            &(),
+            "STOP",
+            |_| true,
+            Some(Duration::from_secs(3)),
+        )
+        .await
+    });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"stop","id":1}"#);
+    s.timer.advance(Duration::from_secs(3));
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.command(), e.send_status()),
+        (
+            ErrorKind::Timeout,
+            Some("stop"),
+            Some(SendStatus::Unanswered)
+        )
+    );
+}
+
+#[test]
+fn timeouts_too_long_to_represent_mean_no_timeout_not_a_panic() {
+    let mut s = session(Builder::new().command_timeout(Duration::MAX));
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move {
+        c.execute_timeout::<u32, _>("x", &(), Duration::MAX).await
+    });
+    let c = s.client.clone();
+    let mut wait = spawn(&s.sp, async move {
+        c.wait_event("STOP", |_| true, Some(Duration::MAX)).await
+    });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
+    s.timer.advance(Duration::from_secs(1 << 40));
+    assert!(done(&mut s.pool, &mut call).is_none());
+    assert!(done(&mut s.pool, &mut wait).is_none());
+    s.srv.send(r#"{"return": 5, "id": 1}"#);
+    s.srv.send(&event("STOP", 1));
+    assert_eq!(done(&mut s.pool, &mut call).unwrap().unwrap(), 5);
+    assert_eq!(done(&mut s.pool, &mut wait).unwrap().unwrap().name, "STOP");
+    let c = s.client.clone();
+    let mut closing = spawn(
+        &s.sp,
+        async move { c.close_gracefully(Duration::MAX).await },
+    );
+    assert_eq!(done(&mut s.pool, &mut closing), Some(()));
+}
+
+#[test]
+fn a_dropped_close_gracefully_calls_the_close_off() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut a = spawn(&s.sp, async move { c.execute_raw("a", &()).await });
+    s.pool.run_until_stalled();
+    let c = s.client.clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut closing = spawn(&s.sp, async move {
+        let close = std::pin::pin!(c.close_gracefully(Duration::from_secs(10)));
+        futures_util::future::select(close, stopped).await;
+    });
+    assert!(done(&mut s.pool, &mut closing).is_none());
+    let c = s.client.clone();
+    let mut refused = spawn(&s.sp, async move { c.execute_raw("b", &()).await });
+    assert_eq!(
+        done(&mut s.pool, &mut refused).unwrap().unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    stop.send(()).unwrap();
+    assert_eq!(done(&mut s.pool, &mut closing), Some(()));
+    assert!(!s.client.is_closed());
+    let c = s.client.clone();
+    let mut b = spawn(&s.sp, async move { c.execute_raw("b", &()).await });
+    s.pool.run_until_stalled();
+    assert_eq!(
+        s.srv.take(),
+        r#"{"execute":"a","id":1}{"execute":"b","id":2}"#
+    );
+    s.srv
+        .send(r#"{"return": 1, "id": 1}{"return": 2, "id": 2}"#);
+    assert_eq!(done(&mut s.pool, &mut a).unwrap().unwrap().get(), "1");
+    assert_eq!(done(&mut s.pool, &mut b).unwrap().unwrap().get(), "2");
+}
+
+#[test]
+fn builder_qga_keeps_the_settings_made_before_it() {
+    let config = Builder::new()
+        .max_queued(3)
+        .max_message_size(4096)
+        .command_timeout(Duration::from_secs(4))
+        .qga()
+        .config()
+        .clone();
+    assert!(matches!(config.mode, qmp_client::Mode::Qga { .. }));
+    assert_eq!(
+        (
+            config.max_queued,
+            config.max_message_size,
+            config.command_timeout,
+            config.capabilities.len()
+        ),
+        (3, 4096, Some(Duration::from_secs(4)), 0)
     );
 }

@@ -37,6 +37,27 @@ async fn socketpair_typed_command_and_fd_passing() {
         .unwrap();
     assert_eq!(getfd.fds, 2);
     assert_eq!(getfd.arguments.as_deref(), Some(r#"{"fdname":"a"}"#));
+    // More descriptors than one message can carry: refused before anything is sent, and the
+    // session (which a failed sendmsg would have ended) goes on.
+    let e = c
+        .execute_with_fds::<serde::de::IgnoredAny, _>(
+            "getfd",
+            &serde_json::json!({"fdname": "b"}),
+            (0..254).map(|_| devnull()).collect(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::InvalidRequest,
+            Some(SendStatus::NotSent),
+            "getfd: 254 file descriptors in one message; the kernel passes at most 253"
+        )
+    );
+    let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
+    assert_eq!(v["qemu"]["major"], 10);
+    assert_eq!(fake.requests().len(), reqs.len() + 1);
     c.close().await;
     assert!(driver.await.unwrap().is_ok());
 }
