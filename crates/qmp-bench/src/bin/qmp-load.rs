@@ -79,8 +79,18 @@ fn parse() -> Result<Args, String> {
         match flag.as_str() {
             "--socket" => a.socket = value()?.into(),
             "--runtime" => a.runtime = value()?,
-            "--mode" => a.mode = value()?,
-            "--n" => a.n = num(value()?)?,
+            "--mode" => {
+                a.mode = value()?;
+                if !matches!(a.mode.as_str(), "seq" | "conc") {
+                    return Err(format!("--mode: {:?} is not seq or conc", a.mode));
+                }
+            }
+            "--n" => {
+                a.n = num(value()?)?;
+                if a.n == 0 {
+                    return Err("--n: at least 1 command".into());
+                }
+            }
             "--concurrency" => a.concurrency = num(value()?)?.max(1),
             "--max-in-flight" => a.max_in_flight = Some(num(value()?)?),
             "--threads" => a.threads = num(value()?)?,
@@ -204,8 +214,22 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
                 Ok::<_, qmp_client::Error>(())
             })
         }
-        // Both run on async-io, and qmp-async-std's sockets are qmp-smol's: only `block_on`
-        // differs.
+        // As qmp-async-std tells users: the driver and the workload are tasks of async-std's
+        // executor (`spawn_connection`, `task::spawn`).
+        "async-std" if a.driver != "join" => async_std::task::block_on(async {
+            for _ in 0..a.repeat {
+                let (c, conn) = qmp_async_std::connect_unix(path, builder()).await?;
+                let driver = qmp_async_std::spawn_connection(conn);
+                let mode = mode.to_owned();
+                samples.push(
+                    async_std::task::spawn(async move { workload(c, &mode, n, conc).await }).await,
+                );
+                driver.await?;
+            }
+            Ok(())
+        }),
+        // Both run on async-io, and qmp-async-std's sockets are qmp-smol's: with the driver
+        // joined to the workload only `block_on` differs.
         "smol" | "async-std" => {
             type Run<'a> = Pin<Box<dyn Future<Output = Result<(), qmp_client::Error>> + 'a>>;
             let block_on: fn(Run<'_>) -> Result<(), qmp_client::Error> = match a.runtime.as_str() {
@@ -226,8 +250,8 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
                     Ok(())
                 })
             } else {
-                // The driver is a task of a LocalExecutor on this thread, the workload another
-                // (async-std's own `spawn_local` needs its `unstable` feature).
+                // smol: the driver is a task of a LocalExecutor on this thread, the workload
+                // another.
                 Box::pin(ex.run(async {
                     for _ in 0..a.repeat {
                         let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
