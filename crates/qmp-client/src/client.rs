@@ -645,22 +645,30 @@ impl Client {
         let mut sleep = self
             .deadline(Some(timeout))
             .map(|at| self.shared.timer.sleep_until(at));
-        futures_util::future::poll_fn(|cx| {
-            let mut inner = self.shared.lock();
-            inner.draining = true;
-            if inner.waiters.is_empty() || inner.closed.is_some() {
-                return Poll::Ready(());
+        loop {
+            let mut idle = {
+                let mut inner = self.shared.lock();
+                inner.draining = true;
+                if inner.waiters.is_empty() || inner.closed.is_some() {
+                    break;
+                }
+                // Listening under the lock: the notification cannot slip in between.
+                inner.idle.listen()
+            };
+            let timed_out = futures_util::future::poll_fn(|cx| {
+                if Pin::new(&mut idle).poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                match &mut sleep {
+                    Some(sleep) => sleep.as_mut().poll(cx).map(|()| true),
+                    None => Poll::Pending,
+                }
+            })
+            .await;
+            if timed_out {
+                break;
             }
-            if !inner.idle_wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                inner.idle_wakers.push(cx.waker().clone());
-            }
-            drop(inner);
-            match &mut sleep {
-                Some(sleep) => sleep.as_mut().poll(cx),
-                None => Poll::Pending,
-            }
-        })
-        .await;
+        }
         // `close` closes the session in this same poll; dropping the future after that only
         // skips waiting for the driver.
         guard.1 = false;
@@ -669,18 +677,17 @@ impl Client {
 
     /// Completes once the driver has finished (the session is closed and the transport shut).
     pub async fn closed(&self) {
-        futures_util::future::poll_fn(|cx| {
-            let mut inner = self.shared.lock();
-            if inner.driver_done {
-                Poll::Ready(())
-            } else {
-                if !inner.done_wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                    inner.done_wakers.push(cx.waker().clone());
+        loop {
+            let done = {
+                let inner = self.shared.lock();
+                if inner.driver_done {
+                    return;
                 }
-                Poll::Pending
-            }
-        })
-        .await;
+                // Listening under the lock: the notification cannot slip in between.
+                inner.done.listen()
+            };
+            done.await;
+        }
     }
 
     /// Whether the session is closed.
@@ -746,5 +753,38 @@ fn finish(name: &str, outcome: Outcome) -> Result<RawJson, Error> {
         _ => Err(Error::new(ErrorKind::Closed, "unknown outcome")
             .with_command(name)
             .with_status(SendStatus::Unanswered)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    struct NoTimer;
+
+    impl Timer for NoTimer {
+        fn sleep_until(&self, _deadline: Instant) -> crate::rt::Sleep {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[test]
+    fn waits_dropped_unfinished_leave_nothing_behind() {
+        let shared = Shared::new(Config::default(), Arc::new(NoTimer), 8, false);
+        let client = Client {
+            shared: Arc::clone(&shared),
+        };
+        // Many short-lived tasks each wait a moment for the close, then give up.
+        for _ in 0..1000 {
+            assert_eq!(client.closed().now_or_never(), None);
+        }
+        assert_eq!(shared.lock().done.total_listeners(), 0);
+        let mut waiting = Box::pin(client.closed());
+        assert_eq!(waiting.as_mut().now_or_never(), None);
+        assert_eq!(shared.lock().done.total_listeners(), 1);
+        shared.lock().finish_driver();
+        assert_eq!(waiting.now_or_never(), Some(()));
+        assert_eq!(client.closed().now_or_never(), Some(()));
     }
 }

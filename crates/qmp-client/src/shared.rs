@@ -31,11 +31,12 @@ pub(crate) struct Inner {
     pub(crate) io_error: Option<(std::io::ErrorKind, String)>,
     pub(crate) driver_waker: Option<Waker>,
     pub(crate) driver_done: bool,
-    pub(crate) done_wakers: Vec<Waker>,
+    /// Notified when the driver has finished. A listener dropped unnotified leaves nothing.
+    pub(crate) done: event_listener::Event,
     /// A graceful close is under way: new commands are refused.
     pub(crate) draining: bool,
-    /// Who waits for the last pending command to finish.
-    pub(crate) idle_wakers: Vec<Waker>,
+    /// Notified when the last pending command finishes.
+    pub(crate) idle: event_listener::Event,
 }
 
 impl Shared {
@@ -58,9 +59,9 @@ impl Shared {
                 io_error: None,
                 driver_waker: None,
                 driver_done: false,
-                done_wakers: Vec::new(),
+                done: event_listener::Event::new(),
                 draining: false,
-                idle_wakers: Vec::new(),
+                idle: event_listener::Event::new(),
             }),
             timer,
             event_queue,
@@ -163,18 +164,14 @@ impl Inner {
 
     /// Wakes whoever waits for the last pending command to finish.
     pub(crate) fn wake_idle(&mut self) {
-        for w in self.idle_wakers.drain(..) {
-            w.wake();
-        }
+        self.idle.notify(usize::MAX);
     }
 
     /// Marks the driver finished and wakes whoever waits for it.
     pub(crate) fn finish_driver(&mut self) {
         self.driver_done = true;
         self.driver_waker = None;
-        for w in self.done_wakers.drain(..) {
-            w.wake();
-        }
+        self.done.notify(usize::MAX);
         self.wake_idle();
     }
 }
