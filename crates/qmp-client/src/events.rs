@@ -52,6 +52,18 @@ impl From<&[&str]> for EventFilter {
     }
 }
 
+impl From<String> for EventFilter {
+    fn from(name: String) -> Self {
+        Self::names([name])
+    }
+}
+
+impl From<&String> for EventFilter {
+    fn from(name: &String) -> Self {
+        Self::names([name.as_str()])
+    }
+}
+
 impl From<Vec<String>> for EventFilter {
     fn from(names: Vec<String>) -> Self {
         Self::names(names)

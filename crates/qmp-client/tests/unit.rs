@@ -935,3 +935,12 @@ fn builder_qga_keeps_the_settings_made_before_it() {
         (3, 4096, Some(Duration::from_secs(4)), 0)
     );
 }
+
+#[test]
+fn event_filters_from_owned_and_borrowed_strings() {
+    let name = String::from("STOP");
+    for f in [qmp_client::EventFilter::from(&name), name.clone().into()] {
+        assert!(f.matches("STOP"));
+        assert!(!f.matches("RESUME"));
+    }
+}

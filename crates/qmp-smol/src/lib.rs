@@ -98,7 +98,8 @@ pub async fn connect_unix_wait(
 }
 
 /// Uses an already-connected std unix stream (one end of a socketpair whose other end QEMU
-/// got as `fd=N`); fd passing is enabled.
+/// got as `fd=N`); fd passing is enabled. An inherited descriptor becomes one with
+/// `UnixStream::from(owned_fd)`.
 ///
 /// # Errors
 /// As for [`connect_unix`].
@@ -135,6 +136,18 @@ pub async fn connect_tcp(
 ) -> Result<(Client, Connection), Error> {
     let stream = smol::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
+    from_stream(stream, builder).await
+}
+
+/// Performs the handshake over any futures-io stream (a TLS stream, a pipe...), without fd
+/// passing.
+///
+/// # Errors
+/// As for [`Builder::handshake`].
+pub async fn from_stream<S>(stream: S, builder: Builder) -> Result<(Client, Connection), Error>
+where
+    S: futures_io::AsyncRead + futures_io::AsyncWrite + Send + Unpin + 'static,
+{
     builder.handshake(stream, SmolTimer).await
 }
 

@@ -89,3 +89,26 @@ fn a_write_that_blocks_completes_and_fds_still_pass() {
         assert!(driver.await.is_ok());
     });
 }
+
+#[test]
+fn any_futures_io_stream_without_fd_passing() {
+    smol::block_on(async {
+        let (mine, theirs) = UnixStream::pair().unwrap();
+        let _fake = FakeQemu::from_stream(Script::new(), theirs).unwrap();
+        let stream = smol::Async::new(mine).unwrap();
+        let (c, conn) = qmp_smol::from_stream(stream, Builder::new()).await.unwrap();
+        let driver = qmp_smol::spawn_connection(conn);
+        let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
+        assert_eq!(v["qemu"]["major"], 10);
+        let e = c
+            .execute_with_fds::<serde::de::IgnoredAny, _>("getfd", &(), vec![devnull()])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.kind(), e.send_status()),
+            (ErrorKind::Unsupported, Some(SendStatus::NotSent))
+        );
+        c.close().await;
+        assert!(driver.await.is_ok());
+    });
+}

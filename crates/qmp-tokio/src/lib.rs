@@ -133,7 +133,8 @@ pub async fn connect_unix_wait(
 }
 
 /// Uses an already-connected std unix stream (one end of a socketpair whose other end QEMU
-/// got as `fd=N`); fd passing is enabled. MUST be called within a tokio runtime.
+/// got as `fd=N`); fd passing is enabled. An inherited descriptor becomes one with
+/// `UnixStream::from(owned_fd)`. MUST be called within a tokio runtime.
 ///
 /// # Errors
 /// As for [`connect_unix`].
