@@ -31,7 +31,7 @@ async fn peer_gone_mid_command(connect: Connect) {
     // the rest wait locally), then this future, which waits for the fake to have read them
     // and hangs up. The driver runs on another thread meanwhile.
     let hang_up = async {
-        let seen = fake.wait_requests(9, Duration::from_secs(5)).len();
+        let seen = fake.wait_requests(10, Duration::from_secs(5)).len();
         fake.disconnect();
         (seen, Instant::now())
     };
@@ -132,6 +132,50 @@ async fn stalled_server_times_out_then_recovers(connect: Connect) {
     assert_eq!(c.pending(), 0);
 }
 
+async fn a_server_that_stops_reading_does_not_stall_the_client(connect: Connect) {
+    // Like QEMU with oob: 8 in-band commands queued and the fake stops reading the socket.
+    // With 32 allowed in flight and requests of 64 KiB, the client's writes block too; every
+    // command still completes, in order, once the first one is let go.
+    let script = Script::new()
+        .on_once(
+            "slow",
+            Response::actions(vec![Action::Stall, Action::Return("0".into())]),
+        )
+        .on("big", Response::ok("1"));
+    let fake = FakeQemu::unix(script).unwrap();
+    let (c, _driver) = connect(
+        fake.socket_path().unwrap().into(),
+        Builder::new().max_in_flight(32),
+    )
+    .await
+    .unwrap();
+    let pad = serde_json::json!({ "pad": "x".repeat(64 << 10) });
+    type Call<'a> = Pin<Box<dyn Future<Output = Result<u32, Error>> + 'a>>;
+    let slow: Call<'_> = Box::pin(c.execute("slow", &()));
+    let calls = std::iter::once(slow)
+        .chain((0..31).map(|_| -> Call<'_> { Box::pin(c.execute("big", &pad)) }))
+        .collect::<Vec<_>>();
+    let release = async {
+        let seen = fake.wait_requests(10, Duration::from_secs(5)).len();
+        fake.release();
+        seen
+    };
+    let (answers, seen) =
+        futures_util::future::join(futures_util::future::join_all(calls), release).await;
+    assert_eq!(
+        seen, 10,
+        "negotiation, the stalled command and 8 queued behind it"
+    );
+    let answers: Vec<u32> = answers.into_iter().map(Result::unwrap).collect();
+    assert_eq!(answers[0], 0);
+    assert!(answers[1..].iter().all(|&n| n == 1));
+    let names: Vec<_> = fake.requests().into_iter().filter_map(|r| r.name).collect();
+    assert_eq!(names.len(), 33);
+    assert_eq!(names[1], "slow");
+    assert!(names[2..].iter().all(|n| n == "big"));
+    assert_eq!(c.pending(), 0);
+}
+
 async fn bad_output_does_not_end_the_session(connect: Connect) {
     let script = Script::new()
         .on(
@@ -199,6 +243,10 @@ macro_rules! faults_on {
         #[test]
         fn stalled_server_times_out_then_recovers() {
             $block_on(super::stalled_server_times_out_then_recovers($connect));
+        }
+        #[test]
+        fn a_server_that_stops_reading_does_not_stall_the_client() {
+            $block_on(super::a_server_that_stops_reading_does_not_stall_the_client($connect));
         }
         #[test]
         fn bad_output_does_not_end_the_session() {

@@ -944,3 +944,48 @@ fn event_filters_from_owned_and_borrowed_strings() {
         assert!(!f.matches("RESUME"));
     }
 }
+
+#[test]
+fn builder_capabilities_choose_what_is_negotiated() {
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (io, srv) = pipe();
+    let builder = Builder::new().capabilities(Vec::<String>::new());
+    let mut hs = spawn(&sp, builder.handshake(io, ManualTimer::new()));
+    srv.greet();
+    assert!(done(&mut pool, &mut hs).is_none());
+    // The server offers oob; none was asked for.
+    assert_eq!(srv.take(), r#"{"execute":"qmp_capabilities","id":0}"#);
+    srv.send("{\"return\": {}, \"id\": 0}\r\n");
+    let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
+    let _driver = spawn(&sp, conn);
+    assert!(client.capabilities().is_empty());
+    let c = client.clone();
+    let mut oob = spawn(&sp, async move { c.exec_oob::<u32, _>("x", &()).await });
+    let e = done(&mut pool, &mut oob).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Unsupported, Some(SendStatus::NotSent))
+    );
+}
+
+#[test]
+fn a_subscriber_that_never_reads_slows_neither_replies_nor_other_subscribers() {
+    let mut s = session(Builder::new());
+    let _stuck = s.client.subscribe_with_capacity("STOP", 1);
+    let mut other = s.client.subscribe("STOP");
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
+    let mut burst: String = (0..500).map(|n| event("STOP", n)).collect();
+    burst.push_str(r#"{"return": 3, "id": 1}"#);
+    s.srv.send(&burst);
+    assert_eq!(done(&mut s.pool, &mut call).unwrap().unwrap().get(), "3");
+    let mut seen = 0;
+    while let Some(Some(item)) = futures_util::StreamExt::next(&mut other).now_or_never() {
+        assert!(matches!(item, EventItem::Event(_)), "{item:?}");
+        seen += 1;
+    }
+    assert_eq!(seen, 500);
+}

@@ -11,6 +11,11 @@ fn devnull() -> std::os::fd::OwnedFd {
     std::fs::File::open("/dev/null").unwrap().into()
 }
 
+/// Descriptors open in this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
 #[tokio::test]
 async fn socketpair_typed_command_and_fd_passing() {
     let (mine, theirs) = UnixStream::pair().unwrap();
@@ -22,6 +27,7 @@ async fn socketpair_typed_command_and_fd_passing() {
     let driver = qmp_tokio::spawn_connection(conn);
     let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
     assert_eq!(v["qemu"]["major"], 10);
+    let open_before = open_fds();
     let _: serde::de::IgnoredAny = c
         .execute_with_fds(
             "getfd",
@@ -30,6 +36,8 @@ async fn socketpair_typed_command_and_fd_passing() {
         )
         .await
         .unwrap();
+    // Ours are closed once sent (the fake closes the copies it received).
+    assert_eq!(open_fds(), open_before);
     let reqs = fake.requests();
     let getfd = reqs
         .iter()
@@ -54,6 +62,11 @@ async fn socketpair_typed_command_and_fd_passing() {
             Some(SendStatus::NotSent),
             "getfd: 254 file descriptors in one message; the kernel passes at most 253"
         )
+    );
+    assert_eq!(
+        open_fds(),
+        open_before,
+        "the refused descriptors are closed"
     );
     let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
     assert_eq!(v["qemu"]["major"], 10);
