@@ -18,8 +18,8 @@ what=${1:-fake}
 n=${2:-50000}
 repeat=${3:-5}
 load=${QMP_LOAD:-${CARGO_TARGET_DIR:-target}/release/qmp-load}
-clients="raw tokio1 tokio2 smol smol-join async-std async-std-join"
-compared=${COMPARED:-raw raw-poll raw-reuse tokio1 tokio2 smol async-std}
+clients="raw tokio1 tokio2 smol smol-join smol-spawn async-std async-std-join async-std-spawn"
+compared=${COMPARED:-raw raw-poll raw-reuse tokio1 tokio2 smol smol-spawn async-std async-std-spawn}
 
 one() { # client, then qmp-load arguments
     c=$1; shift
@@ -31,6 +31,7 @@ one() { # client, then qmp-load arguments
         tokio1) set -- --runtime tokio --threads 1 "$@" ;;
         tokio2) set -- --runtime tokio --threads 2 "$@" ;;
         *-join) set -- --runtime "${c%-join}" --driver join "$@" ;;
+        *-spawn) set -- --runtime "${c%-spawn}" --driver spawn "$@" ;;
         *) set -- --runtime "$c" "$@" ;;
     esac
     out=$(${PIN:-} "$load" --n "$n" --repeat "$repeat" "$@")

@@ -42,15 +42,16 @@ struct Args {
     serve_fake: bool,
     /// Queued in-band commands the fake reads (QEMU: 8).
     queue_limit: usize,
-    /// smol and async-std: where the driver runs (`local`: a task on this thread; `join`: in
-    /// the workload's task).
+    /// smol and async-std: where the driver runs (`local`: a task of a same-thread executor
+    /// next to the workload's task; `join`: in the workload's task; `spawn`: both are tasks of
+    /// the runtime's thread pool, as the adapters' `spawn_connection` does).
     driver: String,
 }
 
 const USAGE: &str = "usage: qmp-load (--socket PATH | --fake | --fake-in-process) \
                      [--runtime tokio|smol|async-std] [--raw] [--mode seq|conc] [--n N] \
                      [--concurrency C] [--max-in-flight M] [--threads T] [--repeat R] \
-                     [--raw-wait block|poll|tick:US] [--raw-ids seq|reuse] [--command-timeout SECS]\n       \
+                     [--driver local|join|spawn] [--raw-wait block|poll|tick:US] [--raw-ids seq|reuse] [--command-timeout SECS]\n       \
                      qmp-load --serve-fake [--queue-limit Q]";
 
 fn parse() -> Result<Args, String> {
@@ -96,7 +97,12 @@ fn parse() -> Result<Args, String> {
             "--threads" => a.threads = num(value()?)?,
             "--repeat" => a.repeat = num(value()?)?.max(1),
             "--queue-limit" => a.queue_limit = num(value()?)?,
-            "--driver" => a.driver = value()?,
+            "--driver" => {
+                a.driver = value()?;
+                if !matches!(a.driver.as_str(), "local" | "join" | "spawn") {
+                    return Err(format!("--driver: {:?} is not local, join or spawn", a.driver));
+                }
+            }
             "--raw" => a.raw = true,
             "--command-timeout" => {
                 let secs = num(value()?)?;
@@ -214,9 +220,9 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
                 Ok::<_, qmp_client::Error>(())
             })
         }
-        // As qmp-async-std tells users: the driver and the workload are tasks of async-std's
-        // executor (`spawn_connection`, `task::spawn`).
-        "async-std" if a.driver != "join" => async_std::task::block_on(async {
+        // As the adapter's example does: the driver and the workload are tasks of async-std's
+        // thread pool (`spawn_connection`, `task::spawn`).
+        "async-std" if a.driver == "spawn" => async_std::task::block_on(async {
             for _ in 0..a.repeat {
                 let (c, conn) = qmp_async_std::connect_unix(path, builder()).await?;
                 let driver = qmp_async_std::spawn_connection(conn);
@@ -228,8 +234,19 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
             }
             Ok(())
         }),
+        // The same for smol's global executor.
+        "smol" if a.driver == "spawn" => smol::block_on(async {
+            for _ in 0..a.repeat {
+                let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
+                let driver = qmp_smol::spawn_connection(conn);
+                let mode = mode.to_owned();
+                samples.push(smol::spawn(async move { workload(c, &mode, n, conc).await }).await);
+                driver.await?;
+            }
+            Ok(())
+        }),
         // Both run on async-io, and qmp-async-std's sockets are qmp-smol's: with the driver
-        // joined to the workload only `block_on` differs.
+        // on this thread only `block_on` differs.
         "smol" | "async-std" => {
             type Run<'a> = Pin<Box<dyn Future<Output = Result<(), qmp_client::Error>> + 'a>>;
             let block_on: fn(Run<'_>) -> Result<(), qmp_client::Error> = match a.runtime.as_str() {
@@ -250,8 +267,9 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
                     Ok(())
                 })
             } else {
-                // smol: the driver is a task of a LocalExecutor on this thread, the workload
-                // another.
+                // The driver is a task of a LocalExecutor on this thread, the workload another
+                // (async-std's own `spawn_local` needs its `unstable` feature; its `block_on`
+                // runs the same executor type).
                 Box::pin(ex.run(async {
                     for _ in 0..a.repeat {
                         let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
