@@ -100,7 +100,10 @@ fn parse() -> Result<Args, String> {
             "--driver" => {
                 a.driver = value()?;
                 if !matches!(a.driver.as_str(), "local" | "join" | "spawn") {
-                    return Err(format!("--driver: {:?} is not local, join or spawn", a.driver));
+                    return Err(format!(
+                        "--driver: {:?} is not local, join or spawn",
+                        a.driver
+                    ));
                 }
             }
             "--raw" => a.raw = true,
