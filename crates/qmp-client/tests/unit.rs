@@ -498,20 +498,22 @@ fn eof_during_handshake_is_a_handshake_error() {
     );
 }
 
+/// Spawns `execute_then_wait("stop", .., "STOP", ..)` with `timeout`.
+fn stop_then_wait_for_stop(
+    s: &Session,
+    timeout: Duration,
+) -> oneshot::Receiver<Result<(serde::de::IgnoredAny, qmp_client::Event), Error>> {
+    let c = s.client.clone();
+    spawn(&s.sp, async move {
+        c.execute_then_wait("stop", &(), "STOP", |_| true, Some(timeout))
+            .await
+    })
+}
+
 #[test]
 fn execute_then_wait_sees_an_event_sent_before_the_reply() {
     let mut s = session(Builder::new());
-    let c = s.client.clone();
-    let mut call = spawn(&s.sp, async move {
-        c.execute_then_wait::<serde::de::IgnoredAny, _>(
-            "stop",
-            &(),
-            "STOP",
-            |_| true,
-            Some(Duration::from_secs(1)),
-        )
-        .await
-    });
+    let mut call = stop_then_wait_for_stop(&s, Duration::from_secs(1));
     s.pool.run_until_stalled();
     assert_eq!(s.srv.take(), r#"{"execute":"stop","id":1}"#);
     s.srv.send(&event("STOP", 1));
@@ -827,17 +829,7 @@ fn execute_then_wait_after_the_reply_reports_the_command_as_answered() {
 #[test]
 fn execute_then_wait_bounds_the_command_itself_by_its_timeout() {
     let mut s = session(Builder::new());
-    let c = s.client.clone();
-    let mut call = spawn(&s.sp, async move {
-        c.execute_then_wait::<serde::de::IgnoredAny, _>(
-            "stop",
-            &(),
-            "STOP",
-            |_| true,
-            Some(Duration::from_secs(3)),
-        )
-        .await
-    });
+    let mut call = stop_then_wait_for_stop(&s, Duration::from_secs(3));
     s.pool.run_until_stalled();
     assert_eq!(s.srv.take(), r#"{"execute":"stop","id":1}"#);
     s.timer.advance(Duration::from_secs(3));
