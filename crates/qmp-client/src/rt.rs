@@ -1,4 +1,5 @@
-//! What a runtime must provide: a [`Timer`], and for fd passing on unix sockets, [`FdWrite`].
+//! What a runtime must provide: a [`Timer`], and for fd passing on unix sockets, [`FdWrite`]
+//! (or a reactor's [`Readiness`], which [`UnixTransport`] turns into one).
 //!
 //! The transport itself is any futures-io `AsyncRead + AsyncWrite` value; nothing else is
 //! needed unless you want to pass file descriptors.
@@ -52,93 +53,6 @@ pub trait FdWrite: futures_io::AsyncWrite {
         buf: &[u8],
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> std::task::Poll<std::io::Result<usize>>;
-}
-
-/// The signature of a function that writes with descriptors attached, as
-/// [`FdWrite::poll_write_fds`] does, for [`WithFdWriter`].
-#[cfg(unix)]
-pub type FdWriteFn<T> = fn(
-    Pin<&mut T>,
-    &mut std::task::Context<'_>,
-    &[u8],
-    &[std::os::fd::BorrowedFd<'_>],
-) -> std::task::Poll<std::io::Result<usize>>;
-
-/// Pairs a futures-io stream with a function that writes to it with descriptors attached, so
-/// an adapter gets an [`FdWrite`] transport without a wrapper type of its own.
-#[cfg(unix)]
-pub struct WithFdWriter<T> {
-    io: T,
-    write_fds: FdWriteFn<T>,
-}
-
-#[cfg(unix)]
-impl<T> WithFdWriter<T> {
-    /// `write_fds` MUST follow the contract of [`FdWrite::poll_write_fds`].
-    pub fn new(io: T, write_fds: FdWriteFn<T>) -> Self {
-        Self { io, write_fds }
-    }
-
-    /// The stream.
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
-}
-
-#[cfg(unix)]
-impl<T> std::fmt::Debug for WithFdWriter<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WithFdWriter").finish_non_exhaustive()
-    }
-}
-
-#[cfg(unix)]
-impl<T: futures_io::AsyncRead + Unpin> futures_io::AsyncRead for WithFdWriter<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut [u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-#[cfg(unix)]
-impl<T: futures_io::AsyncWrite + Unpin> futures_io::AsyncWrite for WithFdWriter<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_close(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_close(cx)
-    }
-}
-
-#[cfg(unix)]
-impl<T: futures_io::AsyncWrite + Unpin> FdWrite for WithFdWriter<T> {
-    fn poll_write_fds(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-        fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        (this.write_fds)(Pin::new(&mut this.io), cx, buf, fds)
-    }
 }
 
 /// What a reactor provides for a nonblocking unix stream registered with it: readiness. Used
