@@ -187,6 +187,28 @@ fn argument_rules_allow_listed_values_and_deny_matches() {
 }
 
 #[test]
+fn a_star_in_the_value_does_not_defeat_a_wildcard() {
+    let m = |pat: &str, text: &str| qmp_ops::Pattern::new(pat).matches(text);
+    assert!(m("/etc/*", "/etc/*/../shadow"));
+    assert!(m("a*", "a*b"));
+    assert!(m("*", "*x"));
+    assert!(m("a*c", "a**c"));
+    assert!(m("a?c", "a*c"));
+    assert!(!m("a*c", "a*b"));
+    assert!(!m("a", "*"));
+    let p = device_add_policy();
+    assert_eq!(
+        p.check(
+            "device_add",
+            Some(&args(r#"{"driver":"usb-tablet","id":"evil*x"}"#))
+        )
+        .unwrap_err()
+        .reason,
+        "argument id = \"evil*x\" matches denied pattern \"evil*\""
+    );
+}
+
+#[test]
 fn a_denied_command_is_never_sent_and_the_hook_sees_the_rule() {
     let exec = FakeExec::new();
     let clock = ManualClock::new(Instant::now());
