@@ -10,9 +10,10 @@ use serde_json::{Map, Value};
 /// - `key:=json` takes the value as JSON (an error when it does not parse);
 /// - dots nest: `file.driver=file` gives `{"file": {"driver": "file"}}`.
 ///
-/// Returns the object and the dotted keys whose values were auto-typed (so validation may
-/// turn them back into strings where the schema wants a string).
-pub(crate) fn parse(words: &[String]) -> Result<(Map<String, Value>, Vec<String>), String> {
+/// Returns the object and the auto-typed values as (dotted key, text as typed), so that
+/// validation can put the text back, unchanged, where the schema wants a string (`007` stays
+/// `"007"`, not `"7"`).
+pub(crate) fn parse(words: &[String]) -> Result<(Map<String, Value>, Vec<Typed>), String> {
     let mut out = Map::new();
     let mut auto = Vec::new();
     if let [only] = words
@@ -50,7 +51,7 @@ pub(crate) fn parse(words: &[String]) -> Result<(Map<String, Value>, Vec<String>
         } else {
             let (v, guessed) = guess(raw);
             if guessed {
-                auto.push(key.to_owned());
+                auto.push((key.to_owned(), raw.to_owned()));
             }
             v
         };
@@ -58,6 +59,9 @@ pub(crate) fn parse(words: &[String]) -> Result<(Map<String, Value>, Vec<String>
     }
     Ok((out, auto))
 }
+
+/// A `key=value` value that was typed: its dotted key and the text as given.
+pub(crate) type Typed = (String, String);
 
 /// Types a plain value; the flag says whether it became something other than a string.
 fn guess(raw: &str) -> (Value, bool) {

@@ -389,7 +389,7 @@ async fn one_shot(
     session: &Session,
     name: &str,
     args: &mut Map<String, Value>,
-    auto: &[String],
+    auto: &[args::Typed],
     cli: &Cli,
     policy: Option<&Policy>,
     out: Out,
@@ -487,6 +487,7 @@ async fn follow_events(
     out: Out,
 ) -> Result<(), Failure> {
     let mut stream = session.client.subscribe(qmp_tokio::EventFilter::all());
+    let filters: Vec<qmp_ops::Pattern> = filters.iter().map(qmp_ops::Pattern::new).collect();
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut seen = 0u64;
     if count == Some(0) {
@@ -509,7 +510,7 @@ async fn follow_events(
         };
         match item {
             Some(qmp_tokio::EventItem::Event(ev)) => {
-                if !filters.is_empty() && !filters.iter().any(|f| schema::glob(f, &ev.name)) {
+                if !filters.is_empty() && !filters.iter().any(|f| f.matches(&ev.name)) {
                     continue;
                 }
                 let line = event_line(&ev);

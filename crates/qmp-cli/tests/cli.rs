@@ -183,6 +183,21 @@ fn arguments_typed_nested_json_and_validated() {
         "",
         "qmp: error: GenericError: Invalid node-name: '123'\n",
     );
+    // Sent exactly as typed, not as the number it parsed to.
+    for typed in ["007", "1e3", "+5", "1.50", "-0"] {
+        check(
+            &qmp(&[
+                "-s",
+                &s,
+                "blockdev-add",
+                "driver=null-co",
+                &format!("node-name={typed}"),
+            ]),
+            1,
+            "",
+            &format!("qmp: error: GenericError: Invalid node-name: '{typed}'\n"),
+        );
+    }
     // Exit 1: QEMU's error, class and description.
     check(
         &qmp(&["-s", &s, "blockdev-add", "driver=null-co", "node-name=n0"]),
