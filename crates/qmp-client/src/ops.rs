@@ -1,5 +1,7 @@
 //! `qmp_ops::Execute` for [`Client`] (feature `ops`).
 
+use std::time::Duration;
+
 use qmp_ops::{BoxFuture, ExecError, Execute};
 use qmp_proto::{CloseReason, Command, Failure, RawJson};
 use serde_json::value::RawValue;
@@ -17,20 +19,41 @@ impl Execute for Client {
         name: &'a str,
         args: Option<&'a RawValue>,
     ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
-        Box::pin(async move {
-            let mut cmd = Command::new(name);
-            if let Some(args) = args {
-                cmd = cmd.raw_arguments(args.get()).map_err(ExecError::Local)?;
-            }
-            match self.submit_outcome(cmd) {
-                Ok(call) => ExecError::from_outcome(call.await),
-                Err(Ok(reason)) => Err(ExecError::NotSent(match reason {
-                    CloseReason::PeerClosed => Failure::PeerClosed,
-                    CloseReason::Remote(_) => Failure::HandshakeFailed,
-                    _ => Failure::LocalClose,
-                })),
-                Err(Err(local)) => Err(ExecError::Local(local)),
-            }
-        })
+        Box::pin(run(self, name, args, None))
+    }
+
+    /// The machine's own per-command deadline: a request that times out before it is written
+    /// fails as [`ExecError::NotSent`].
+    fn execute_timeout<'a>(
+        &'a self,
+        name: &'a str,
+        args: Option<&'a RawValue>,
+        timeout: Duration,
+    ) -> Option<BoxFuture<'a, Result<RawJson, ExecError>>> {
+        Some(Box::pin(run(self, name, args, Some(timeout))))
+    }
+}
+
+async fn run(
+    client: &Client,
+    name: &str,
+    args: Option<&RawValue>,
+    timeout: Option<Duration>,
+) -> Result<RawJson, ExecError> {
+    let mut cmd = Command::new(name);
+    if let Some(args) = args {
+        cmd = cmd.raw_arguments(args.get()).map_err(ExecError::Local)?;
+    }
+    if timeout.is_some() {
+        cmd = cmd.timeout(timeout);
+    }
+    match client.submit_outcome(cmd) {
+        Ok(call) => ExecError::from_outcome(call.await),
+        Err(Ok(reason)) => Err(ExecError::NotSent(match reason {
+            CloseReason::PeerClosed => Failure::PeerClosed,
+            CloseReason::Remote(_) => Failure::HandshakeFailed,
+            _ => Failure::LocalClose,
+        })),
+        Err(Err(local)) => Err(ExecError::Local(local)),
     }
 }

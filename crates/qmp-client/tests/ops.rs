@@ -2,10 +2,13 @@
 
 mod support;
 
+use std::time::Duration;
+
 use futures_executor::LocalPool;
 use futures_util::task::LocalSpawnExt;
 use qmp_client::{Builder, ErrorClass};
 use qmp_ops::{ExecError, Execute};
+use qmp_proto::Failure;
 use serde_json::value::RawValue;
 use support::{ManualTimer, pipe};
 
@@ -66,7 +69,56 @@ fn execute_maps_replies_errors_and_closed_sessions() {
     .unwrap();
     pool.run_until_stalled();
     match rx.try_recv().unwrap().unwrap().unwrap_err() {
-        ExecError::NotSent(f) => assert_eq!(f, qmp_proto::Failure::PeerClosed),
+        ExecError::NotSent(f) => assert_eq!(f, Failure::PeerClosed),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_timeout_before_the_request_left_the_queue_is_not_sent() {
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (io, srv) = pipe();
+    let timer = ManualTimer::new();
+    let (tx, mut rx) = futures_channel::oneshot::channel();
+    let builder = Builder::new().max_in_flight(1);
+    let t = timer.clone();
+    sp.spawn_local(async move {
+        let _ = tx.send(builder.handshake(io, t).await);
+    })
+    .unwrap();
+    srv.greet();
+    pool.run_until_stalled();
+    srv.take();
+    srv.send(r#"{"return": {}, "id": 0}"#);
+    pool.run_until_stalled();
+    let (client, conn) = rx.try_recv().unwrap().unwrap().unwrap();
+    sp.spawn_local(async move {
+        let _ = conn.await;
+    })
+    .unwrap();
+
+    let second = Duration::from_secs(1);
+    let c = client.clone();
+    let (tx, mut rx) = futures_channel::oneshot::channel();
+    sp.spawn_local(async move {
+        // One slot: "a" goes out, "b" waits in the queue behind it.
+        let a = Execute::execute_timeout(&c, "a", None, second).unwrap();
+        let b = Execute::execute_timeout(&c, "b", None, second).unwrap();
+        let _ = tx.send(futures_util::future::join(a, b).await);
+    })
+    .unwrap();
+    pool.run_until_stalled();
+    assert_eq!(srv.take(), r#"{"execute":"a","id":1}"#);
+    timer.advance(second);
+    pool.run_until_stalled();
+    let (a, b) = rx.try_recv().unwrap().unwrap();
+    assert_eq!(
+        (a.unwrap_err(), b.unwrap_err()),
+        (
+            ExecError::Unknown(Failure::Timeout),
+            ExecError::NotSent(Failure::Timeout)
+        )
+    );
+    assert_eq!(srv.take(), "", "b never went out");
 }

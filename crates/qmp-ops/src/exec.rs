@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use qmp_proto::{CommandError, ErrorClass, Failure, LocalError, Outcome, RawJson};
 use serde_json::value::RawValue;
@@ -38,36 +39,55 @@ pub trait Execute: Send + Sync {
         name: &'a str,
         args: Option<&'a RawValue>,
     ) -> BoxFuture<'a, Result<RawJson, ExecError>>;
+
+    /// Like [`execute`](Self::execute), with a timeout the implementation enforces itself, so
+    /// that a request that timed out before any of it was written fails as
+    /// [`ExecError::NotSent`] (and may be retried). `None`, the default, means it has no
+    /// timeouts of its own: the caller then races [`execute`](Self::execute) against its own
+    /// timer, and a timeout counts as [`ExecError::Unknown`].
+    fn execute_timeout<'a>(
+        &'a self,
+        name: &'a str,
+        args: Option<&'a RawValue>,
+        timeout: Duration,
+    ) -> Option<BoxFuture<'a, Result<RawJson, ExecError>>> {
+        let _ = (name, args, timeout);
+        None
+    }
+}
+
+/// The forwarding impls below pass both methods through.
+macro_rules! forward_execute {
+    () => {
+        fn execute<'a>(
+            &'a self,
+            name: &'a str,
+            args: Option<&'a RawValue>,
+        ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
+            (**self).execute(name, args)
+        }
+
+        fn execute_timeout<'a>(
+            &'a self,
+            name: &'a str,
+            args: Option<&'a RawValue>,
+            timeout: Duration,
+        ) -> Option<BoxFuture<'a, Result<RawJson, ExecError>>> {
+            (**self).execute_timeout(name, args, timeout)
+        }
+    };
 }
 
 impl<E: Execute + ?Sized> Execute for Arc<E> {
-    fn execute<'a>(
-        &'a self,
-        name: &'a str,
-        args: Option<&'a RawValue>,
-    ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
-        (**self).execute(name, args)
-    }
+    forward_execute!();
 }
 
 impl<E: Execute + ?Sized> Execute for &E {
-    fn execute<'a>(
-        &'a self,
-        name: &'a str,
-        args: Option<&'a RawValue>,
-    ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
-        (**self).execute(name, args)
-    }
+    forward_execute!();
 }
 
 impl<E: Execute + ?Sized> Execute for Box<E> {
-    fn execute<'a>(
-        &'a self,
-        name: &'a str,
-        args: Option<&'a RawValue>,
-    ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
-        (**self).execute(name, args)
-    }
+    forward_execute!();
 }
 
 /// Whether a failed request reached QEMU.

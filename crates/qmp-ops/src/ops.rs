@@ -202,7 +202,7 @@ impl<E: Execute + 'static> Ops<E> {
         self.inner.locks.active_keys()
     }
 
-    /// Runs `name` with serialisable arguments.
+    /// Runs `name` with serialisable arguments (`&()` for none).
     ///
     /// # Errors
     /// See [`Ops::execute`]; [`OpsError::InvalidArguments`] when `args` does not serialise.
@@ -228,11 +228,7 @@ impl<E: Execute + 'static> Ops<E> {
     /// # Cancel safety
     /// See the type's documentation.
     pub async fn execute(&self, name: &str, args: Option<&RawValue>) -> Result<RawJson, OpsError> {
-        let start = self.inner.clock.now();
-        let result = self.execute_inner(name, args, None).await;
-        let latency = self.inner.clock.now().saturating_duration_since(start);
-        self.inner.hooks.on_outcome(name, latency, result.as_ref());
-        result
+        self.execute_timed(name, args, None).await
     }
 
     /// Like [`Ops::execute`], but deduplicates and caches under `key` instead of the default
@@ -252,8 +248,18 @@ impl<E: Execute + 'static> Ops<E> {
         name: &str,
         args: Option<&RawValue>,
     ) -> Result<RawJson, OpsError> {
+        self.execute_timed(name, args, Some(key)).await
+    }
+
+    /// Runs the command and reports its outcome and latency to the hooks.
+    async fn execute_timed(
+        &self,
+        name: &str,
+        args: Option<&RawValue>,
+        key: Option<&str>,
+    ) -> Result<RawJson, OpsError> {
         let start = self.inner.clock.now();
-        let result = self.execute_inner(name, args, Some(key)).await;
+        let result = self.execute_inner(name, args, key).await;
         let latency = self.inner.clock.now().saturating_duration_since(start);
         self.inner.hooks.on_outcome(name, latency, result.as_ref());
         result
@@ -266,6 +272,8 @@ impl<E: Execute + 'static> Ops<E> {
         custom_key: Option<&str>,
     ) -> Result<RawJson, OpsError> {
         let inner = &self.inner;
+        // `null` arguments are no arguments, as QMP and `qmp-proto` read them.
+        let args = args.filter(|a| a.get().trim() != "null");
         let allowed = inner.policy.check(name, args).map_err(|d| {
             inner.hooks.on_denied(&d);
             #[cfg(feature = "tracing")]
@@ -460,13 +468,16 @@ async fn attempt_once<E: Execute>(
     args: Option<&RawValue>,
     timeout: Option<Duration>,
 ) -> Result<RawJson, ExecError> {
-    let exec = inner.exec.execute(name, args);
-    match timeout {
-        None => exec.await,
-        Some(t) => match future::select(exec, inner.sleep.sleep(t)).await {
-            Either::Left((result, _)) => result,
-            // The request may have been written already: its outcome is unknown.
-            Either::Right(((), _)) => Err(ExecError::Unknown(Failure::Timeout)),
-        },
+    let Some(t) = timeout else {
+        return inner.exec.execute(name, args).await;
+    };
+    if let Some(exec) = inner.exec.execute_timeout(name, args, t) {
+        // The implementation knows whether the request left its queue.
+        return exec.await;
+    }
+    match future::select(inner.exec.execute(name, args), inner.sleep.sleep(t)).await {
+        Either::Left((result, _)) => result,
+        // The request may have been written already: its outcome is unknown.
+        Either::Right(((), _)) => Err(ExecError::Unknown(Failure::Timeout)),
     }
 }

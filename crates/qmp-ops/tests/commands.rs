@@ -111,3 +111,20 @@ fn ops_futures_are_send_so_any_runtime_can_spawn_them() {
     assert_send(&ops.query_status());
     assert_send(&ops.quit());
 }
+
+#[test]
+fn call_with_no_arguments_sends_none_and_non_objects_are_refused() {
+    let (exec, ops) = ops(Policy::read_only());
+    exec.push_ok("{}");
+    block_on(ops.call("query-status", &())).unwrap();
+    assert_eq!(exec.calls(), vec![("query-status".to_owned(), None)]);
+    let e = block_on(ops.call("query-status", &[1, 2])).unwrap_err();
+    assert_eq!(
+        (e.kind(), e.to_string()),
+        (
+            ErrorKind::InvalidArguments,
+            "invalid arguments for query-status: arguments must be a JSON object".to_owned()
+        )
+    );
+    assert_eq!(exec.count(), 1, "nothing more was sent");
+}
