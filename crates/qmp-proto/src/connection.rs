@@ -512,7 +512,7 @@ enum Written {
 enum Purpose {
     User,
     Negotiation,
-    Sync(u64),
+    Sync,
 }
 
 #[derive(Debug)]
@@ -525,6 +525,14 @@ struct Pending {
     /// Encoded bytes while still waiting in the local queue.
     queued: Option<Vec<u8>>,
     fds: bool,
+}
+
+impl Pending {
+    /// Whether it holds one of the [`Config::max_in_flight`] slots while on the wire: a user
+    /// request, in-band, that gets a reply.
+    fn takes_slot(&self) -> bool {
+        self.purpose == Purpose::User && self.inband && self.expect_reply
+    }
 }
 
 /// A request's bytes inside the transmit buffer.
@@ -668,7 +676,7 @@ impl Connection {
         };
         if let Mode::Qga { sync_seed } = conn.config.mode {
             conn.next_sync = sync_seed;
-            conn.start_sync();
+            conn.start_sync(now);
         }
         conn
     }
@@ -777,8 +785,15 @@ impl Connection {
             let Some(p) = self.pending.get(&id) else {
                 continue;
             };
-            if p.purpose != Purpose::User {
-                continue;
+            match p.purpose {
+                Purpose::User => {}
+                Purpose::Sync => {
+                    // The agent did not answer the sync in time: sync again (below).
+                    self.pending.remove(&id);
+                    resync = true;
+                    continue;
+                }
+                Purpose::Negotiation => continue,
             }
             let written = p.written;
             resync |= written != Written::Nothing;
@@ -787,7 +802,7 @@ impl Connection {
         }
         if resync && matches!(self.config.mode, Mode::Qga { .. }) && self.state == State::Ready {
             // The agent may hold a half-read request or owe us stale replies: resynchronise.
-            self.start_sync();
+            self.start_sync(now);
         }
         self.admit();
     }
@@ -812,7 +827,7 @@ impl Connection {
                 }
                 p.written = if done { Written::All } else { Written::Partly };
                 if done && !p.expect_reply {
-                    self.pending.remove(&seg.id);
+                    self.take_pending(seg.id);
                     self.complete(seg.id, Outcome::Sent);
                 }
             }
@@ -871,8 +886,10 @@ impl Connection {
             });
         }
         let ready = self.state == State::Ready && self.syncing.is_none();
+        // As `admit` decides: only a request that takes a slot waits for one.
+        let takes_slot = !cmd.oob && cmd.expect_reply;
         let direct = ready
-            && (cmd.oob
+            && (!takes_slot
                 || (self.queue.is_empty() && self.inband.len() < self.config.max_in_flight));
         if !direct && self.queue.len() >= self.config.max_queued {
             return Err(LocalError::QueueFull {
@@ -926,9 +943,9 @@ impl Connection {
     /// Starts a new guest-agent sync (0xFF plus `guest-sync-delimited`), for instance after a
     /// reconnect of the transport or an anomaly. New commands wait until it completes. Has no
     /// effect in QMP mode or when closed.
-    pub fn resync(&mut self) {
+    pub fn resync(&mut self, now: Instant) {
         if matches!(self.config.mode, Mode::Qga { .. }) && self.state != State::Closed {
-            self.start_sync();
+            self.start_sync(now);
         }
     }
 
@@ -965,9 +982,11 @@ impl Connection {
     #[must_use]
     pub fn poll_fds(&self) -> Option<RequestId> {
         let seg = self.segments.front()?;
+        if !seg.fds || seg.start != self.out_pos {
+            return None;
+        }
         let p = self.pending.get(&seg.id)?;
-        (seg.start == self.out_pos && p.fds && p.written == Written::Nothing)
-            .then_some(RequestId(seg.id))
+        (p.written == Written::Nothing).then_some(RequestId(seg.id))
     }
 
     /// The earliest deadline, if any.
@@ -1157,31 +1176,29 @@ impl Connection {
             self.stats.unknown_replies += 1;
             return;
         }
-        // One lookup: take the entry out, and put it back only in the odd case below.
-        match self.pending.remove(&id) {
-            Some(p) if p.purpose == Purpose::Negotiation => match result {
-                Ok(_) => self.become_ready(),
-                Err(e) => self.shut(
-                    CloseReason::Remote(RemoteError::NegotiationFailed(e)),
-                    Failure::HandshakeFailed,
-                ),
-            },
-            Some(p) if p.written != Written::Nothing => {
-                self.retire_inband(id);
-                if let Some(at) = p.deadline {
-                    self.deadlines.remove(&(at, id));
+        match self.pending.get(&id).map(|p| (p.purpose, p.written)) {
+            Some((Purpose::Negotiation, _)) => {
+                self.pending.remove(&id);
+                match result {
+                    Ok(_) => self.become_ready(),
+                    Err(e) => self.shut(
+                        CloseReason::Remote(RemoteError::NegotiationFailed(e)),
+                        Failure::HandshakeFailed,
+                    ),
                 }
+            }
+            Some((Purpose::User, written)) if written != Written::Nothing => {
+                self.take_pending(id);
+                self.retire_inband(id);
                 self.stats.replies += 1;
                 // Still pending means unresolved, even for a no-reply command answered before
                 // its last byte went out (a no-reply command leaves `pending` once written).
                 self.complete(id, Outcome::Replied(result));
                 self.admit();
             }
-            other => {
-                if let Some(p) = other {
-                    // A "reply" to a request not yet written cannot be its answer.
-                    self.pending.insert(id, p);
-                }
+            // Not an answer: a request not yet written, or a key of a sync (which has no wire
+            // id, so a peer naming it is making it up).
+            _ => {
                 if self.tombstones.remove(&id) {
                     self.retire_inband(id);
                     self.stats.late_replies += 1;
@@ -1215,10 +1232,7 @@ impl Connection {
                 .get(&first)
                 .is_some_and(|p| p.purpose == Purpose::User && p.written == Written::All)
             {
-                let p = self.pending.remove(&first).expect("just seen");
-                if let Some(at) = p.deadline {
-                    self.deadlines.remove(&(at, first));
-                }
+                self.take_pending(first);
                 self.complete(first, Outcome::Unknown(Failure::ReplyLost));
             }
         }
@@ -1235,10 +1249,7 @@ impl Connection {
         match self.pending.get(&id) {
             Some(p) if p.purpose == Purpose::User && p.written == Written::All => {
                 self.retire_inband(id);
-                let p = self.pending.remove(&id).expect("just seen");
-                if let Some(at) = p.deadline {
-                    self.deadlines.remove(&(at, id));
-                }
+                self.take_pending(id);
                 self.complete(id, Outcome::Unknown(Failure::ReplyLost));
                 self.admit();
             }
@@ -1286,7 +1297,19 @@ impl Connection {
         self.admit();
     }
 
-    fn start_sync(&mut self) {
+    /// Sends a sync. Once the session is ready, a sync not answered within
+    /// [`Config::handshake_timeout`] is sent again (the first one is bounded by the handshake
+    /// deadline instead).
+    fn start_sync(&mut self, now: Instant) {
+        let deadline = match self.state {
+            State::Ready => self
+                .config
+                .handshake_timeout
+                .and_then(|t| now.checked_add(t)),
+            _ => None,
+        };
+        // A newer sync supersedes any earlier one (its late answer is stale).
+        self.drop_syncs();
         let sync = self.next_sync;
         self.next_sync = self.next_sync.wrapping_add(1);
         self.syncing = Some((sync, false));
@@ -1301,22 +1324,51 @@ impl Connection {
         self.pending.insert(
             key,
             Pending {
-                purpose: Purpose::Sync(sync),
+                purpose: Purpose::Sync,
                 inband: false,
                 expect_reply: true,
                 written: Written::Nothing,
-                deadline: None,
+                deadline,
                 queued: None,
                 fds: false,
             },
         );
+        if let Some(at) = deadline {
+            self.deadlines.insert((at, key));
+        }
         self.put_on_wire(key, &bytes);
+    }
+
+    /// Forgets every sync request, with its deadline.
+    fn drop_syncs(&mut self) {
+        let keys: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.purpose == Purpose::Sync)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in keys {
+            self.take_pending(key);
+        }
     }
 
     fn finish_sync(&mut self) {
         self.syncing = None;
-        self.pending
-            .retain(|_, p| !matches!(p.purpose, Purpose::Sync(_)));
+        self.drop_syncs();
+        // The agent answers in order and drops a half-read request at the 0xFF, so every
+        // request written before the sync and still unanswered never will be: resolve them,
+        // forget their tombstones, and free their slots.
+        while let Some(id) = self.inband.pop_front() {
+            self.tombstones.remove(&id);
+            if self
+                .pending
+                .get(&id)
+                .is_some_and(|p| p.written != Written::Nothing)
+            {
+                self.take_pending(id);
+                self.complete(id, Outcome::Unknown(Failure::ReplyLost));
+            }
+        }
         if self.state != State::Ready {
             self.become_ready();
         } else {
@@ -1336,7 +1388,7 @@ impl Connection {
                 self.queue.pop_front();
                 continue;
             };
-            if p.inband && p.expect_reply && self.inband.len() >= self.config.max_in_flight {
+            if p.takes_slot() && self.inband.len() >= self.config.max_in_flight {
                 break;
             }
             let bytes = p.queued.take().unwrap_or_default();
@@ -1366,21 +1418,28 @@ impl Connection {
             end: self.out.len(),
             fds: p.is_some_and(|p| p.fds),
         });
-        if p.is_some_and(|p| p.inband && p.expect_reply && p.purpose == Purpose::User) {
+        if p.is_some_and(Pending::takes_slot) {
             self.inband.push_back(id);
         }
+    }
+
+    /// Removes a request's entry together with its deadline, so no stale deadline stays
+    /// armed.
+    fn take_pending(&mut self, id: u64) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        if let Some(at) = p.deadline {
+            self.deadlines.remove(&(at, id));
+        }
+        Some(p)
     }
 
     /// Drops a request's state. Unwritten bytes are removed from the wire buffer; a request
     /// already (partly) written is tombstoned and its remaining bytes still go out. Returns the
     /// outcome it would resolve with.
     fn forget(&mut self, id: u64, why: Failure) -> Outcome {
-        let Some(p) = self.pending.remove(&id) else {
+        let Some(p) = self.take_pending(id) else {
             return Outcome::NotSent(why);
         };
-        if let Some(at) = p.deadline {
-            self.deadlines.remove(&(at, id));
-        }
         if p.queued.is_some() {
             self.queue.retain(|&q| q != id);
             return Outcome::NotSent(why);

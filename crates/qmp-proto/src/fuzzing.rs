@@ -352,7 +352,7 @@ pub fn op_sequence(data: &[u8]) {
                     *state = "abandoned";
                 }
             }
-            7 => c.resync(),
+            7 => c.resync(now),
             _ => {
                 if b.byte() % 8 == 0 {
                     c.handle_eof(now);

@@ -894,10 +894,128 @@ mod qga {
     #[test]
     fn explicit_resync_after_a_reconnect() {
         let (t0, mut c) = synced();
-        c.resync();
+        c.resync(t0);
         assert_eq!(tx(&mut c), SYNC.replace("4242", "4243"));
         c.handle_input(t0, b"garbage from before\xff{\"return\": 4243}\n");
         assert!(outs(&mut c).is_empty(), "already ready: no second Ready");
         assert_eq!(c.state(), State::Ready);
     }
+
+    #[test]
+    fn an_agent_that_lost_a_request_does_not_hold_its_slot_after_the_sync() {
+        let t0 = Instant::now();
+        let mut c = Connection::new(
+            t0,
+            Config::qga(4242)
+                .max_in_flight(1)
+                .command_timeout(Some(Duration::from_secs(1))),
+        );
+        let _ = tx(&mut c);
+        c.handle_input(t0, b"\xff{\"return\": 4242}\n");
+        let _ = outs(&mut c);
+        c.send(t0, Command::new("guest-info")).unwrap();
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-info","id":1}"#);
+        // No reply (the agent restarted): the timeout resyncs.
+        c.handle_timeout(t0 + Duration::from_secs(1));
+        let _ = outs(&mut c);
+        assert_eq!(tx(&mut c), SYNC.replace("4242", "4243"));
+        let t1 = t0 + Duration::from_secs(1);
+        let next = c.send(t1, Command::new("guest-ping")).unwrap();
+        c.handle_input(t1, b"\xff{\"return\": 4243}\n");
+        // The lost request's reply will never come: its slot is free again.
+        assert_eq!(c.in_flight(), 1);
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-ping","id":2}"#);
+        c.handle_input(t1, b"{\"return\": {}, \"id\": 2}\n");
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id: next,
+                outcome: Outcome::Replied(Ok(raw("{}")))
+            }]
+        );
+    }
+
+    #[test]
+    fn a_request_written_before_a_sync_and_still_unanswered_is_lost() {
+        let (t0, mut c) = synced();
+        let id = c.send(t0, Command::new("guest-info")).unwrap();
+        let _ = tx(&mut c);
+        c.resync(t0);
+        assert_eq!(tx(&mut c), SYNC.replace("4242", "4243"));
+        c.handle_input(t0, b"\xff{\"return\": 4243}\n");
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id,
+                outcome: Outcome::Unknown(Failure::ReplyLost)
+            }]
+        );
+        assert_eq!((c.pending(), c.in_flight()), (0, 0));
+    }
+
+    #[test]
+    fn an_unanswered_resync_is_sent_again_after_the_handshake_timeout() {
+        let (t0, mut c) = synced();
+        c.resync(t0);
+        assert_eq!(tx(&mut c), SYNC.replace("4242", "4243"));
+        let id = c.send(t0, Command::new("guest-ping")).unwrap();
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(10)));
+        c.handle_timeout(t0 + Duration::from_secs(10));
+        assert_eq!(tx(&mut c), SYNC.replace("4242", "4244"));
+        // The first sync's late answer is stale; the second one lets the command out.
+        c.handle_input(t0, b"\xff{\"return\": 4243}\n");
+        assert_eq!(tx(&mut c), "");
+        c.handle_input(t0, b"\xff{\"return\": 4244}\n");
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-ping","id":1}"#);
+        assert_eq!(c.poll_timeout(), None, "no deadline left behind");
+        c.handle_input(t0, b"{\"return\": {}, \"id\": 1}\n");
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id,
+                outcome: Outcome::Replied(Ok(raw("{}")))
+            }]
+        );
+    }
+
+    #[test]
+    fn a_reply_naming_a_sync_key_completes_nothing() {
+        let (t0, mut c) = synced();
+        c.resync(t0);
+        let _ = tx(&mut c);
+        // The sync of 4243 is tracked under a key no user id takes; a peer naming it is not
+        // answering any request of ours.
+        let key = u64::MAX - 4243;
+        let before = c.stats().unknown_replies;
+        c.handle_input(t0, format!("{{\"return\": 1, \"id\": {key}}}\n").as_bytes());
+        assert!(outs(&mut c).is_empty());
+        assert_eq!(c.stats().unknown_replies, before + 1);
+    }
+}
+
+#[test]
+fn a_no_reply_command_leaves_no_deadline_once_written() {
+    let (t0, mut c) = ready(Config::default().max_in_flight(1));
+    c.send(t0, Command::new("a")).unwrap();
+    // In-flight cap full, yet a no-reply command takes no slot: it goes out at once.
+    let id = c
+        .send(
+            t0,
+            Command::new("b")
+                .no_reply()
+                .timeout(Some(Duration::from_secs(5))),
+        )
+        .unwrap();
+    assert_eq!(
+        tx(&mut c),
+        r#"{"execute":"a","id":1}{"execute":"b","id":2}"#
+    );
+    assert_eq!(
+        outs(&mut c),
+        vec![Output::Completed {
+            id,
+            outcome: Outcome::Sent
+        }]
+    );
+    assert_eq!(c.poll_timeout(), None);
 }

@@ -145,7 +145,7 @@ fn replay(steps: &[Step], cut: Cut<'_>) -> (Vec<u8>, Vec<Output>) {
                 for ask in asks(bytes, *fds, &mut first_sync) {
                     match ask {
                         Ask::Automatic => {}
-                        Ask::Resync => c.resync(),
+                        Ask::Resync => c.resync(t0),
                         Ask::Send(cmd) => {
                             let with_fds = *fds;
                             let id = c.send(t0, cmd).expect("send");

@@ -326,10 +326,10 @@ fn qga_basic(d: &mut Driver, _: &Path) {
 
 fn qga_resync(d: &mut Driver, _: &Path) {
     qga_start(d);
-    d.conn.resync();
+    d.conn.resync(Instant::now());
     d.flush();
     ok(&d.call(cmd("guest-ping")));
-    d.conn.resync();
+    d.conn.resync(Instant::now());
     d.flush();
     ok(&d.call(cmd("guest-get-time")));
 }
