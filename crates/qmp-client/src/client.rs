@@ -1,7 +1,6 @@
 //! The client handle and the builder that performs the handshake.
 
 use std::future::Future;
-use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -233,17 +232,16 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// A command submitted to the machine, waiting for its outcome. `S` is how it reaches the
-/// shared state: borrowed from the [`Client`] (no reference count to touch per command), or an
-/// `Arc` when the future must outlive the borrow.
-struct Call<S: Deref<Target = Shared>> {
-    shared: S,
+/// A command submitted to the machine, waiting for its outcome. It borrows the shared state
+/// from the [`Client`], so no reference count is touched per command.
+pub(crate) struct Call<'a> {
+    shared: &'a Shared,
     id: RequestId,
     rx: oneshot::Receiver<Outcome>,
     done: bool,
 }
 
-impl<S: Deref<Target = Shared> + Unpin> Future for Call<S> {
+impl Future for Call<'_> {
     type Output = Outcome;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
@@ -258,12 +256,22 @@ impl<S: Deref<Target = Shared> + Unpin> Future for Call<S> {
     }
 }
 
-impl<S: Deref<Target = Shared>> Drop for Call<S> {
+impl Drop for Call<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.shared.lock().abandon(self.id);
         }
     }
+}
+
+/// Why a command was not submitted; nothing of it was sent.
+pub(crate) enum Refused {
+    /// The session is closed, for this reason.
+    Closed(qmp_proto::CloseReason),
+    /// A graceful close is under way.
+    Draining,
+    /// The machine refused it.
+    Local(qmp_proto::LocalError),
 }
 
 /// The most descriptors one `SCM_RIGHTS` message may carry (Linux's `SCM_MAX_FD`); more make
@@ -272,62 +280,34 @@ impl<S: Deref<Target = Shared>> Drop for Call<S> {
 const MAX_FDS: usize = 253;
 
 impl Client {
-    /// Submits `cmd` for the `ops` layer: the pending call, or why nothing was sent (the
-    /// close reason when the session is closed, else the machine's refusal).
-    #[cfg(feature = "ops")]
-    pub(crate) fn submit_outcome(
+    /// Registers `cmd` (with the descriptors to pass with it) and wakes the driver when it has
+    /// something new to do.
+    pub(crate) fn submit(
         &self,
-        cmd: Command,
-    ) -> Result<
-        impl Future<Output = Outcome> + Send + use<>,
-        Result<qmp_proto::CloseReason, qmp_proto::LocalError>,
-    > {
-        let mut inner = self.shared.lock();
-        if let Some(reason) = &inner.closed {
-            return Err(Ok(reason.clone()));
-        }
-        if inner.draining {
-            return Err(Ok(qmp_proto::CloseReason::Local));
-        }
-        let now = inner.now(&*self.shared.timer);
-        let id = inner.proto.send(now, cmd).map_err(Err)?;
-        let (tx, rx) = oneshot::channel();
-        inner.waiters.insert(id, tx);
-        inner.wake_driver();
-        Ok(Call {
-            shared: Arc::clone(&self.shared),
-            id,
-            rx,
-            done: false,
-        })
-    }
-
-    /// Registers `cmd` (named `name`, for errors) with the machine and wakes the driver.
-    fn submit(
-        &self,
-        name: &str,
         cmd: Command,
         #[cfg(unix)] fds: Vec<std::os::fd::OwnedFd>,
-    ) -> Result<Call<&Shared>, Error> {
+    ) -> Result<Call<'_>, Refused> {
         let mut inner = self.shared.lock();
         if let Some(reason) = &inner.closed {
-            return Err(Error::closed(reason).with_command(name));
+            return Err(Refused::Closed(reason.clone()));
         }
         if inner.draining {
-            return Err(closing().with_command(name));
+            return Err(Refused::Draining);
         }
         let now = inner.now(&*self.shared.timer);
-        let id = inner
-            .proto
-            .send(now, cmd)
-            .map_err(|e| Error::local(e).with_command(name))?;
+        let deadline = inner.proto.poll_timeout();
+        let id = inner.proto.send(now, cmd).map_err(Refused::Local)?;
         let (tx, rx) = oneshot::channel();
         inner.waiters.insert(id, tx);
         #[cfg(unix)]
         if !fds.is_empty() {
             inner.fds.insert(id, fds);
         }
-        inner.wake_driver();
+        // A command that only joined the local queue, with no earlier deadline, gives the
+        // driver nothing to do until a reply frees a slot.
+        if inner.proto.poll_transmit().is_some() || inner.proto.poll_timeout() != deadline {
+            inner.wake_driver();
+        }
         Ok(Call {
             shared: &self.shared,
             id,
@@ -336,13 +316,34 @@ impl Client {
         })
     }
 
+    /// [`submit`](Self::submit), with a refusal as this crate's [`Error`] for command `name`.
+    fn submit_named(
+        &self,
+        name: &str,
+        cmd: Command,
+        #[cfg(unix)] fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Call<'_>, Error> {
+        #[cfg(unix)]
+        let call = self.submit(cmd, fds);
+        #[cfg(not(unix))]
+        let call = self.submit(cmd);
+        call.map_err(|refused| {
+            match refused {
+                Refused::Closed(reason) => Error::closed(&reason),
+                Refused::Draining => closing(),
+                Refused::Local(e) => Error::local(e),
+            }
+            .with_command(name)
+        })
+    }
+
     /// Runs `cmd`; `name` is its name, borrowed for the error messages so that nothing is
     /// copied per command.
     async fn outcome(&self, name: &str, cmd: Command) -> Result<RawJson, Error> {
         #[cfg(unix)]
-        let call = self.submit(name, cmd, Vec::new());
+        let call = self.submit_named(name, cmd, Vec::new());
         #[cfg(not(unix))]
-        let call = self.submit(name, cmd);
+        let call = self.submit_named(name, cmd);
         finish(name, call?.await)
     }
 
@@ -465,7 +466,7 @@ impl Client {
             .with_status(SendStatus::NotSent));
         }
         let cmd = command(name, args)?.with_fds();
-        let call = self.submit(name, cmd, fds)?;
+        let call = self.submit_named(name, cmd, fds)?;
         let raw = finish(name, call.await)?;
         raw.deserialize().map_err(|e| Error::decode(name, e))
     }
@@ -567,7 +568,7 @@ impl Client {
         let mut sleep = deadline.map(|at| self.shared.timer.sleep_until(at));
         futures_util::future::poll_fn(|cx| {
             loop {
-                match Pin::new(&mut stream).poll_next_item(cx) {
+                match stream.poll_item(cx) {
                     Poll::Ready(Some(EventItem::Event(ev))) => {
                         if predicate(&ev) {
                             return Poll::Ready(Ok(ev));
@@ -612,15 +613,7 @@ impl Client {
     /// unanswered), event streams end, and the driver shuts the transport down. Returns once
     /// the driver has finished.
     pub async fn close(&self) {
-        {
-            let mut inner = self.shared.lock();
-            if !inner.proto.is_closed() {
-                let now = inner.now(&*self.shared.timer);
-                inner.proto.close(now);
-                inner.dispatch();
-            }
-            inner.wake_driver();
-        }
+        self.shared.lock().close_now(&*self.shared.timer);
         self.closed().await;
     }
 
@@ -726,12 +719,6 @@ impl Client {
     }
 }
 
-impl EventStream {
-    fn poll_next_item(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
-        futures_core::Stream::poll_next(self, cx)
-    }
-}
-
 fn closing() -> Error {
     Error::new(ErrorKind::Closed, "the connection is closing (not sent)")
         .with_status(SendStatus::NotSent)
@@ -747,7 +734,7 @@ fn finish(name: &str, outcome: Outcome) -> Result<RawJson, Error> {
     match outcome {
         Outcome::Replied(Ok(raw)) => Ok(raw),
         Outcome::Replied(Err(e)) => Err(Error::server(name, e)),
-        Outcome::Sent => Ok(RawJson::from_string("null".to_owned()).expect("valid JSON")),
+        Outcome::Sent => Ok(RawJson::null()),
         Outcome::NotSent(f) => Err(Error::failure(f, false).with_command(name)),
         Outcome::Unknown(f) => Err(Error::failure(f, true).with_command(name)),
         _ => Err(Error::new(ErrorKind::Closed, "unknown outcome")

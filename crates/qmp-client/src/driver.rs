@@ -26,13 +26,20 @@ pub(crate) trait Transport: Send {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>>;
+    /// Writes with descriptors attached. Only transports built with fd passing override it;
+    /// the client refuses descriptors on the others, so the default is never reached.
     #[cfg(unix)]
     fn poll_write_fds(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-        fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> Poll<io::Result<usize>>;
+        _cx: &mut Context<'_>,
+        _buf: &[u8],
+        _fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this transport cannot pass file descriptors",
+        )))
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
@@ -71,20 +78,6 @@ macro_rules! delegate_io {
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for Plain<T> {
     delegate_io!();
-
-    #[cfg(unix)]
-    fn poll_write_fds(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        _buf: &[u8],
-        _fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> Poll<io::Result<usize>> {
-        // Never reached: the client refuses fds when the transport cannot pass them.
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "this transport cannot pass file descriptors",
-        )))
-    }
 }
 
 #[cfg(unix)]
@@ -125,7 +118,8 @@ pub struct Connection {
     shared: Arc<Shared>,
     io: Pin<Box<dyn Transport>>,
     buf: Box<[u8]>,
-    read_done: bool,
+    /// The transport error that ended the session, if one did (a peer going away is not one).
+    io_error: Option<io::Error>,
     need_flush: bool,
     sleep: Option<(Instant, Sleep)>,
     finished: bool,
@@ -134,7 +128,6 @@ pub struct Connection {
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("read_done", &self.read_done)
             .field("finished", &self.finished)
             .finish_non_exhaustive()
     }
@@ -157,7 +150,7 @@ impl Connection {
             shared,
             io,
             buf: vec![0; READ_BUF].into_boxed_slice(),
-            read_done: false,
+            io_error: None,
             need_flush: false,
             sleep: None,
             finished: false,
@@ -178,36 +171,30 @@ impl Connection {
         for _ in 0..BUDGET {
             let mut progress = false;
 
-            // Read, without holding the lock.
-            if !self.read_done && !read_pending {
-                let got = self.io.as_mut().poll_read(cx, &mut self.buf);
-                read_pending = got.is_pending();
-                if let Poll::Ready(res) = got {
-                    progress = true;
-                    let mut inner = shared.lock();
-                    let now = inner.now(timer);
-                    match res {
-                        Ok(0) => {
-                            self.read_done = true;
-                            inner.proto.handle_eof(now);
+            // Read without holding the lock; handle what came under the turn's one lock.
+            let read = if read_pending {
+                Poll::Pending
+            } else {
+                self.io.as_mut().poll_read(cx, &mut self.buf)
+            };
+            read_pending = read.is_pending();
+            let mut inner = shared.lock();
+            if let Poll::Ready(res) = read {
+                progress = true;
+                let now = inner.now(timer);
+                match res {
+                    Ok(0) => inner.proto.handle_eof(now),
+                    Ok(n) => inner.proto.handle_input(now, &self.buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        if !is_peer_gone(&e) {
+                            self.io_error = Some(e);
                         }
-                        Ok(n) => inner.proto.handle_input(now, &self.buf[..n]),
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            self.read_done = true;
-                            if !is_peer_gone(&e) {
-                                inner.io_error = Some((e.kind(), e.to_string()));
-                            }
-                            inner.proto.handle_eof(now);
-                        }
+                        inner.proto.handle_eof(now);
                     }
-                    // Route at once, so a caller never sees the machine closed before the
-                    // close is recorded.
-                    inner.dispatch();
                 }
             }
 
-            let mut inner = shared.lock();
             // 1. Write what the machine shows, attaching fds where it says so.
             loop {
                 let inner = &mut *inner;
@@ -241,9 +228,7 @@ impl Connection {
                     Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                     Poll::Ready(res) => {
                         match res {
-                            Err(e) if !is_peer_gone(&e) => {
-                                inner.io_error = Some((e.kind(), e.to_string()));
-                            }
+                            Err(e) if !is_peer_gone(&e) => self.io_error = Some(e),
                             _ => {}
                         }
                         let now = inner.now(timer);
@@ -282,11 +267,8 @@ impl Connection {
             inner.dispatch();
 
             if inner.proto.is_closed() {
-                let result = match (&inner.io_error, &inner.closed) {
-                    (Some((kind, msg)), _) => Err(Error::io(
-                        "the transport failed",
-                        io::Error::new(*kind, msg.clone()),
-                    )),
+                let result = match (self.io_error.take(), &inner.closed) {
+                    (Some(e), _) => Err(Error::io("the transport failed", e)),
                     (None, Some(reason @ CloseReason::Remote(_))) => Err(Error::closed(reason)),
                     _ => Ok(()),
                 };
@@ -328,11 +310,7 @@ impl Drop for Connection {
             return;
         }
         let mut inner = self.shared.lock();
-        if !inner.proto.is_closed() {
-            let now = inner.now(&*self.shared.timer);
-            inner.proto.close(now);
-        }
-        inner.dispatch();
+        inner.close_now(&*self.shared.timer);
         inner.finish_driver();
     }
 }

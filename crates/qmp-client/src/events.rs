@@ -200,7 +200,7 @@ impl EventStream {
         self.len() == 0
     }
 
-    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
+    pub(crate) fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
         let mut st = self.sub.lock();
         if st.lagged > 0 {
             let n = std::mem::take(&mut st.lagged);

@@ -7,6 +7,7 @@ use qmp_proto::{CloseReason, Command, Failure, RawJson};
 use serde_json::value::RawValue;
 
 use crate::Client;
+use crate::client::Refused;
 
 impl Execute for Client {
     /// Runs the command and maps its outcome by send status: a closed session is
@@ -47,13 +48,18 @@ async fn run(
     if timeout.is_some() {
         cmd = cmd.timeout(timeout);
     }
-    match client.submit_outcome(cmd) {
+    #[cfg(unix)]
+    let call = client.submit(cmd, Vec::new());
+    #[cfg(not(unix))]
+    let call = client.submit(cmd);
+    match call {
         Ok(call) => ExecError::from_outcome(call.await),
-        Err(Ok(reason)) => Err(ExecError::NotSent(match reason {
+        Err(Refused::Closed(reason)) => Err(ExecError::NotSent(match reason {
             CloseReason::PeerClosed => Failure::PeerClosed,
             CloseReason::Remote(_) => Failure::HandshakeFailed,
             _ => Failure::LocalClose,
         })),
-        Err(Err(local)) => Err(ExecError::Local(local)),
+        Err(Refused::Draining) => Err(ExecError::NotSent(Failure::LocalClose)),
+        Err(Refused::Local(local)) => Err(ExecError::Local(local)),
     }
 }

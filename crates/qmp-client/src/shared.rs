@@ -27,8 +27,6 @@ pub(crate) struct Inner {
     #[cfg(unix)]
     pub(crate) fds: BTreeMap<RequestId, Vec<std::os::fd::OwnedFd>>,
     pub(crate) closed: Option<CloseReason>,
-    /// The transport error that ended the session, if one did.
-    pub(crate) io_error: Option<(std::io::ErrorKind, String)>,
     pub(crate) driver_waker: Option<Waker>,
     pub(crate) driver_done: bool,
     /// Notified when the driver has finished. A listener dropped unnotified leaves nothing.
@@ -56,7 +54,6 @@ impl Shared {
                 #[cfg(unix)]
                 fds: BTreeMap::new(),
                 closed: None,
-                io_error: None,
                 driver_waker: None,
                 driver_done: false,
                 done: event_listener::Event::new(),
@@ -77,12 +74,7 @@ impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|poisoned| {
             let mut guard = PoisonError::into_inner(poisoned);
-            if !guard.proto.is_closed() {
-                let now = guard.now(&*self.timer);
-                guard.proto.close(now);
-                guard.dispatch();
-                guard.wake_driver();
-            }
+            guard.close_now(&*self.timer);
             guard
         })
     }
@@ -96,20 +88,36 @@ impl Inner {
         now
     }
 
+    /// Closes the session now (if it is not already): every pending call resolves, streams
+    /// end, and the driver is woken to shut the transport.
+    pub(crate) fn close_now(&mut self, timer: &dyn Timer) {
+        let now = self.now(timer);
+        self.proto.close(now);
+        self.dispatch();
+        self.wake_driver();
+    }
+
     pub(crate) fn wake_driver(&mut self) {
         if let Some(w) = self.driver_waker.take() {
             w.wake();
         }
     }
 
-    /// Forgets a request whose caller went away.
-    pub(crate) fn abandon(&mut self, id: RequestId) {
-        self.waiters.remove(&id);
+    /// Drops what is kept for request `id` (its caller's channel and its descriptors) and
+    /// returns the channel.
+    fn release(&mut self, id: RequestId) -> Option<oneshot::Sender<Outcome>> {
+        #[cfg(unix)]
+        self.fds.remove(&id);
+        let tx = self.waiters.remove(&id);
         if self.waiters.is_empty() {
             self.wake_idle();
         }
-        #[cfg(unix)]
-        self.fds.remove(&id);
+        tx
+    }
+
+    /// Forgets a request whose caller went away.
+    pub(crate) fn abandon(&mut self, id: RequestId) {
+        self.release(id);
         if self.proto.abandon(id) {
             self.wake_driver();
         }
@@ -121,14 +129,9 @@ impl Inner {
         while let Some(out) = self.proto.poll_output() {
             match out {
                 Output::Completed { id, outcome } => {
-                    #[cfg(unix)]
-                    self.fds.remove(&id);
-                    if let Some(tx) = self.waiters.remove(&id) {
+                    if let Some(tx) = self.release(id) {
                         // The caller may have gone; then nobody wants the outcome.
                         let _ = tx.send(outcome);
-                    }
-                    if self.waiters.is_empty() {
-                        self.wake_idle();
                     }
                 }
                 Output::Event(ev) => {

@@ -981,3 +981,61 @@ fn a_subscriber_that_never_reads_slows_neither_replies_nor_other_subscribers() {
     }
     assert_eq!(seen, 500);
 }
+
+#[test]
+fn a_transport_error_ends_the_session_and_the_driver_reports_it_whole() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
+    s.srv
+        .fail_reads(std::io::Error::from_raw_os_error(5 /* EIO */));
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Disconnected, Some(SendStatus::Unanswered))
+    );
+    let e = done(&mut s.pool, &mut s.driver).unwrap().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
+    let source = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .expect("the io::Error is the source");
+    assert_eq!(source.raw_os_error(), Some(5), "the OS error code is kept");
+    assert!(s.client.is_closed());
+}
+
+#[test]
+fn a_full_local_queue_refuses_a_command_unsent_and_the_queue_drains_in_order() {
+    let mut s = session(Builder::new().max_in_flight(1).max_queued(1));
+    let c = s.client.clone();
+    let mut a = spawn(&s.sp, async move { c.execute_raw("a", &()).await });
+    let c = s.client.clone();
+    let mut b = spawn(&s.sp, async move { c.execute_raw("b", &()).await });
+    let c = s.client.clone();
+    let mut third = spawn(&s.sp, async move { c.execute_raw("c", &()).await });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"a","id":1}"#);
+    let e = done(&mut s.pool, &mut third).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status(), e.command()),
+        (ErrorKind::QueueFull, Some(SendStatus::NotSent), Some("c"))
+    );
+    s.srv.send(r#"{"return": 1, "id": 1}"#);
+    assert_eq!(done(&mut s.pool, &mut a).unwrap().unwrap().get(), "1");
+    assert_eq!(s.srv.take(), r#"{"execute":"b","id":2}"#);
+    s.srv.send(r#"{"return": 2, "id": 2}"#);
+    assert_eq!(done(&mut s.pool, &mut b).unwrap().unwrap().get(), "2");
+}
+
+#[test]
+fn run_with_a_no_reply_command_returns_null_once_written() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move {
+        c.run::<()>(qmp_client::Command::new("guest-shutdown").no_reply())
+            .await
+    });
+    assert_eq!(done(&mut s.pool, &mut call).unwrap().unwrap(), ());
+    assert_eq!(s.srv.take(), r#"{"execute":"guest-shutdown","id":1}"#);
+}

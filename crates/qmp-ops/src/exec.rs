@@ -126,7 +126,8 @@ pub enum ExecError {
 impl ExecError {
     /// Maps a [`qmp_proto::Outcome`] to the result [`Execute::execute`] returns.
     ///
-    /// `Outcome::Sent` (a command sent with no reply expected) becomes `Ok` holding `{}`.
+    /// `Outcome::Sent` (a command sent with no reply expected) becomes `Ok` holding `null`
+    /// ([`RawJson::null`]), as `qmp-client` returns it.
     ///
     /// # Errors
     /// The outcome's failure, classified by send status.
@@ -136,7 +137,7 @@ impl ExecError {
             Outcome::Replied(Err(e)) => Err(Self::Command(e)),
             Outcome::NotSent(f) => Err(Self::NotSent(f)),
             Outcome::Unknown(f) => Err(Self::Unknown(f)),
-            Outcome::Sent => Ok(RawJson::from_string("{}".to_owned()).expect("valid JSON")),
+            Outcome::Sent => Ok(RawJson::null()),
             // `Outcome` is non-exhaustive: a future variant we do not know is treated as the
             // least safe case.
             _ => Err(Self::Unknown(Failure::LocalClose)),

@@ -310,7 +310,10 @@ fn from_outcome_maps_every_outcome() {
             .get(),
         "1"
     );
-    assert_eq!(ExecError::from_outcome(Outcome::Sent).unwrap().get(), "{}");
+    assert_eq!(
+        ExecError::from_outcome(Outcome::Sent).unwrap().get(),
+        "null"
+    );
     let err = CommandError::new(ErrorClass::CommandNotFound, "nope");
     assert_eq!(
         ExecError::from_outcome(Outcome::Replied(Err(err.clone()))).unwrap_err(),

@@ -37,6 +37,12 @@ impl RawJson {
         Ok(Self::new(text, trimmed))
     }
 
+    /// `null`: what a command sent without expecting a reply ([`crate::Outcome::Sent`])
+    /// returns, so that it deserialises into `()` or `Option<T>`.
+    pub fn null() -> Self {
+        Self::new("null".to_owned(), 0..4)
+    }
+
     /// The raw JSON text.
     pub fn get(&self) -> &str {
         &self.text[self.range.clone()]

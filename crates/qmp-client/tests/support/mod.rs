@@ -15,6 +15,8 @@ use qmp_client::rt::{Sleep, Timer};
 struct Half {
     data: VecDeque<u8>,
     closed: bool,
+    /// The error the next read returns.
+    error: Option<io::Error>,
     reader: Option<Waker>,
 }
 
@@ -72,6 +74,15 @@ impl Server {
         }
     }
 
+    /// Makes the client's next read fail with `e`.
+    pub fn fail_reads(&self, e: io::Error) {
+        let mut h = self.to_client.lock().unwrap();
+        h.error = Some(e);
+        if let Some(w) = h.reader.take() {
+            w.wake();
+        }
+    }
+
     /// Whether the client closed its sending side.
     pub fn client_closed(&self) -> bool {
         self.from_client.lock().unwrap().closed
@@ -91,6 +102,9 @@ impl AsyncRead for PipeEnd {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let mut h = self.rx.lock().unwrap();
+        if let Some(e) = h.error.take() {
+            return Poll::Ready(Err(e));
+        }
         if h.data.is_empty() {
             if h.closed {
                 return Poll::Ready(Ok(0));
