@@ -78,14 +78,25 @@ fn different_arguments_or_non_idempotent_rules_are_not_shared() {
     let (exec, _, _, ops) = ops_with(policy, 0);
     let x = args(r#"{"id":"a"}"#);
     let y = args(r#"{"id":"b"}"#);
+    let answers: Vec<_> = (0..4).map(|_| exec.push_later()).collect();
     let mut all = join_all([
         ops.execute("chardev-add", Some(&x)).boxed(),
         ops.execute("chardev-add", Some(&y)).boxed(),
         ops.execute("device_add", Some(&x)).boxed(),
         ops.execute("device_add", Some(&x)).boxed(),
     ]);
-    assert!(poll_once(&mut all).is_ready());
+    // All four are in flight at once, and each went out on its own.
+    assert!(poll_once(&mut all).is_pending());
     assert_eq!(exec.count(), 4);
+    assert_eq!(
+        ops.in_flight(),
+        2,
+        "one shared execution per chardev-add key; device_add none"
+    );
+    for a in answers {
+        a.send(Ok(raw("{}"))).unwrap();
+    }
+    assert!(poll_once(&mut all).is_ready());
 }
 
 #[test]
@@ -232,7 +243,14 @@ fn the_cache_is_bounded_and_evicts_the_oldest() {
 
 #[test]
 fn the_cache_is_off_by_default() {
-    let (exec, _, _, ops) = ops_with(cached_policy(), 0);
+    let exec = FakeExec::new();
+    let clock = ManualClock::new(Instant::now());
+    let ops = Ops::builder(
+        Arc::clone(&exec),
+        cached_policy(),
+        RecordingSleep::new(clock),
+    )
+    .build();
     block_on(ops.execute("query-a", None)).unwrap();
     block_on(ops.execute("query-a", None)).unwrap();
     assert_eq!(exec.count(), 2);

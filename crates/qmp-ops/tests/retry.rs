@@ -287,8 +287,29 @@ fn the_overall_deadline_stops_retries_before_sleeping_past_it() {
     assert_eq!(e.kind(), ErrorKind::Deadline);
     assert_eq!(e.attempts(), 3);
     assert_eq!(r.sleep.slept(), vec![100 * MS, 100 * MS]);
-    // Time spent in the executor counts too.
-    let _ = &r.clock;
+}
+
+#[test]
+fn time_spent_in_the_executor_counts_toward_the_deadline() {
+    let retry = RetryPolicy::default()
+        .max_attempts(10)
+        .backoff(100 * MS, 100 * MS)
+        .jitter(Jitter::None)
+        .deadline(Some(250 * MS));
+    let r = rig(Policy::deny_all().rule("cmd", Rule::allow().retry(retry)));
+    let answer = r.exec.push_later();
+    let mut call = Box::pin(r.ops.execute("cmd", None));
+    assert!(common::poll_once(&mut call).is_pending());
+    // The first attempt takes 200 ms: a 100 ms backoff would end past the deadline.
+    r.clock.advance(200 * MS);
+    answer
+        .send(Err(ExecError::NotSent(Failure::Timeout)))
+        .unwrap();
+    let std::task::Poll::Ready(Err(e)) = common::poll_once(&mut call) else {
+        panic!("the deadline ends it at once")
+    };
+    assert_eq!((e.kind(), e.attempts()), (ErrorKind::Deadline, 1));
+    assert!(r.sleep.slept().is_empty());
 }
 
 #[test]
