@@ -13,14 +13,27 @@ use serde::de::IgnoredAny;
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = T>>>;
 
+/// Where the fake listens.
+enum Addr {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl Addr {
+    fn of(fake: &FakeQemu) -> Self {
+        match fake.socket_path() {
+            Some(path) => Self::Unix(path.into()),
+            None => Self::Tcp(fake.tcp_addr().expect("a unix or a tcp fake")),
+        }
+    }
+}
+
 /// Connects, spawns the driver, and returns the client and the driver's result.
-type Connect = fn(PathBuf, Builder) -> BoxFut<Result<(Client, BoxFut<Result<(), Error>>), Error>>;
+type Connect = fn(Addr, Builder) -> BoxFut<Result<(Client, BoxFut<Result<(), Error>>), Error>>;
 
 async fn peer_gone_mid_command(connect: Connect) {
     let fake = FakeQemu::unix(Script::new().on("hang", Response::none())).unwrap();
-    let (c, driver) = connect(fake.socket_path().unwrap().into(), Builder::new())
-        .await
-        .unwrap();
+    let (c, driver) = connect(Addr::of(&fake), Builder::new()).await.unwrap();
     let calls: Vec<_> = (0..20)
         .map(|_| {
             let c = c.clone();
@@ -65,9 +78,7 @@ async fn closed_mid_reply(connect: Connect) {
         ]),
     );
     let fake = FakeQemu::unix(script).unwrap();
-    let (c, driver) = connect(fake.socket_path().unwrap().into(), Builder::new())
-        .await
-        .unwrap();
+    let (c, driver) = connect(Addr::of(&fake), Builder::new()).await.unwrap();
     let e = c.execute_raw("x", &()).await.unwrap_err();
     assert_eq!(
         (e.kind(), e.send_status()),
@@ -81,7 +92,7 @@ async fn never_greeted(connect: Connect) {
     let fake = FakeQemu::unix(Script::new().no_greeting()).unwrap();
     let start = Instant::now();
     let e = connect(
-        fake.socket_path().unwrap().into(),
+        Addr::of(&fake),
         Builder::new().handshake_timeout(Some(Duration::from_millis(200))),
     )
     .await
@@ -104,9 +115,7 @@ async fn stalled_server_times_out_then_recovers(connect: Connect) {
         )
         .on("fast", Response::ok("2"));
     let fake = FakeQemu::unix(script).unwrap();
-    let (c, _driver) = connect(fake.socket_path().unwrap().into(), Builder::new())
-        .await
-        .unwrap();
+    let (c, _driver) = connect(Addr::of(&fake), Builder::new()).await.unwrap();
     let e = c
         .execute_timeout::<IgnoredAny, _>("slow", &(), Duration::from_millis(100))
         .await
@@ -143,12 +152,9 @@ async fn a_server_that_stops_reading_does_not_stall_the_client(connect: Connect)
         )
         .on("big", Response::ok("1"));
     let fake = FakeQemu::unix(script).unwrap();
-    let (c, _driver) = connect(
-        fake.socket_path().unwrap().into(),
-        Builder::new().max_in_flight(32),
-    )
-    .await
-    .unwrap();
+    let (c, _driver) = connect(Addr::of(&fake), Builder::new().max_in_flight(32))
+        .await
+        .unwrap();
     let pad = serde_json::json!({ "pad": "x".repeat(64 << 10) });
     type Call<'a> = Pin<Box<dyn Future<Output = Result<u32, Error>> + 'a>>;
     let slow: Call<'_> = Box::pin(c.execute("slow", &()));
@@ -199,12 +205,9 @@ async fn bad_output_does_not_end_the_session(connect: Connect) {
             ]),
         );
     let fake = FakeQemu::unix(script).unwrap();
-    let (c, _driver) = connect(
-        fake.socket_path().unwrap().into(),
-        Builder::new().max_message_size(65_536),
-    )
-    .await
-    .unwrap();
+    let (c, _driver) = connect(Addr::of(&fake), Builder::new().max_message_size(65_536))
+        .await
+        .unwrap();
     let n: u32 = c.execute("x", &()).await.unwrap();
     assert_eq!(n, 42);
     let v: IgnoredAny = c.execute("query-version", &()).await.unwrap();
@@ -216,11 +219,11 @@ async fn bad_output_does_not_end_the_session(connect: Connect) {
 }
 
 async fn reset_after_quit_is_a_normal_close(connect: Connect) {
+    // Over TCP, where closing with SO_LINGER 0 makes the client read ECONNRESET (a unix peer
+    // would mostly see EOF).
     let script = Script::new().on("quit", Response::ok("{}").then(Action::Reset));
-    let fake = FakeQemu::unix(script).unwrap();
-    let (c, driver) = connect(fake.socket_path().unwrap().into(), Builder::new())
-        .await
-        .unwrap();
+    let fake = FakeQemu::tcp(script).unwrap();
+    let (c, driver) = connect(Addr::of(&fake), Builder::new()).await.unwrap();
     let _: IgnoredAny = c.execute("quit", &()).await.unwrap();
     assert!(driver.await.is_ok());
     assert!(c.is_closed());
@@ -273,7 +276,10 @@ mod tokio_rt {
 
     faults_on!(
         |p, b| Box::pin(async move {
-            let (c, conn) = qmp_tokio::connect_unix(p, b).await?;
+            let (c, conn) = match p {
+                super::Addr::Unix(p) => qmp_tokio::connect_unix(p, b).await?,
+                super::Addr::Tcp(a) => qmp_tokio::connect_tcp(a, b).await?,
+            };
             let h = qmp_tokio::spawn_connection(conn);
             Ok((
                 c,
@@ -287,7 +293,10 @@ mod tokio_rt {
 mod smol_rt {
     faults_on!(
         |p, b| Box::pin(async move {
-            let (c, conn) = qmp_smol::connect_unix(p, b).await?;
+            let (c, conn) = match p {
+                super::Addr::Unix(p) => qmp_smol::connect_unix(p, b).await?,
+                super::Addr::Tcp(a) => qmp_smol::connect_tcp(a, b).await?,
+            };
             let t = qmp_smol::spawn_connection(conn);
             Ok((c, Box::pin(t) as super::BoxFut<_>))
         }),
@@ -298,7 +307,10 @@ mod smol_rt {
 mod async_std_rt {
     faults_on!(
         |p, b| Box::pin(async move {
-            let (c, conn) = qmp_async_std::connect_unix(p, b).await?;
+            let (c, conn) = match p {
+                super::Addr::Unix(p) => qmp_async_std::connect_unix(p, b).await?,
+                super::Addr::Tcp(a) => qmp_async_std::connect_tcp(a, b).await?,
+            };
             let t = qmp_async_std::spawn_connection(conn);
             Ok((c, Box::pin(t) as super::BoxFut<_>))
         }),
