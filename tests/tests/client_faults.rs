@@ -210,8 +210,7 @@ async fn bad_output_does_not_end_the_session(connect: Connect) {
         .unwrap();
     let n: u32 = c.execute("x", &()).await.unwrap();
     assert_eq!(n, 42);
-    let v: IgnoredAny = c.execute("query-version", &()).await.unwrap();
-    let _ = v;
+    let _: IgnoredAny = c.execute("query-version", &()).await.unwrap();
     let st = c.stats();
     assert_eq!(st.events, 1, "{st:?}");
     assert_eq!(st.unknown_replies, 1, "{st:?}");

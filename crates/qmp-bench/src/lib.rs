@@ -176,7 +176,7 @@ pub fn raw(
                 RawIds::Sequential => sent,
                 RawIds::Reuse => sent % concurrency.max(1) + 1,
             };
-            batch.extend_from_slice(id.to_string().as_bytes());
+            write!(batch, "{id}")?; // into the reused buffer, no allocation
             batch.push(b'}');
             sent += 1;
         }
@@ -266,12 +266,6 @@ pub fn median(values: &mut [f64]) -> f64 {
         n if n % 2 == 1 => values[n / 2],
         n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
-}
-
-/// User plus system CPU time of this process so far (all threads, no children), in
-/// microseconds.
-pub fn cpu_micros() -> f64 {
-    usage().0
 }
 
 /// CPU microseconds and voluntary context switches of this process so far (getrusage

@@ -134,6 +134,16 @@ impl ServerRequest {
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.get().to_owned())
     }
+
+    /// What qemu-ga answers to `guest-sync` or `guest-sync-delimited`: its `id` argument,
+    /// echoed, or the error for a missing one (the argument is required).
+    ///
+    /// # Errors
+    /// The agent's error when there is no `id`.
+    pub fn sync_answer(&self) -> Result<String, CommandError> {
+        self.argument("id")
+            .ok_or_else(|| CommandError::new(ErrorClass::GenericError, "Parameter 'id' is missing"))
+    }
 }
 
 /// What the server made of the next piece of client input.

@@ -148,12 +148,7 @@ impl FakeQemu {
             server: Server::new(config),
             greeting: Greeting::new(VersionInfo::new(10, 0, 2), caps),
             replies: HashMap::new(),
-            handler: Box::new(|req| {
-                Reply::error(
-                    ErrorClass::CommandNotFound,
-                    &format!("The command {} has not been found", req.name),
-                )
-            }),
+            handler: Box::new(|req| Reply::with(Answer::Error(CommandError::not_found(&req.name)))),
             due: Vec::new(),
             requests: Vec::new(),
             qga,
@@ -244,11 +239,15 @@ impl FakeQemu {
         self.requests.push(req.clone());
         let id = req.id.as_deref();
         if self.qga && matches!(req.name.as_str(), "guest-sync-delimited" | "guest-sync") {
-            let sync = req.argument("id").unwrap_or_else(|| "0".to_owned());
-            if req.name == "guest-sync-delimited" {
-                self.server.send_delimiter();
+            match req.sync_answer() {
+                Ok(sync) => {
+                    if req.name == "guest-sync-delimited" {
+                        self.server.send_delimiter();
+                    }
+                    self.server.send_return(id, &sync).expect("valid");
+                }
+                Err(e) => self.server.send_error(id, &e).expect("valid"),
             }
-            self.server.send_return(id, &sync).expect("valid");
             self.queue_output(now);
             return;
         }

@@ -230,6 +230,14 @@ pub struct CommandError {
 }
 
 impl CommandError {
+    /// QEMU's answer to a command it does not have.
+    pub fn not_found(name: &str) -> Self {
+        Self::new(
+            ErrorClass::CommandNotFound,
+            format!("The command {name} has not been found"),
+        )
+    }
+
     /// An error of the given class and description.
     pub fn new(class: ErrorClass, desc: impl Into<String>) -> Self {
         Self {

@@ -445,7 +445,12 @@ impl Script {
     }
 
     fn builtin(&self, req: &ServerRequest) -> Response {
-        let echo_id = || req.argument("id").unwrap_or_else(|| "null".to_owned());
+        let sync = || match req.sync_answer() {
+            Ok(id) => Ok(id),
+            Err(e) => Err(Response {
+                actions: vec![Action::Error(e)],
+            }),
+        };
         match (self.qga, req.name.as_str()) {
             (false, "qmp_capabilities") => Response::ok("{}"),
             (false, "query-version") => {
@@ -459,15 +464,15 @@ impl Script {
                 ))
             }
             (false, "quit") => Response::ok("{}").then(Action::Close),
-            (true, "guest-sync") => Response::ok(echo_id()),
-            (true, "guest-sync-delimited") => {
-                Response::actions(vec![Action::Delimiter, Action::Return(echo_id())])
-            }
-            (true, "guest-ping") => Response::ok("{}"),
-            (_, name) => Response::error(
-                ErrorClass::CommandNotFound,
-                format!("The command {name} has not been found"),
+            (true, "guest-sync") => sync().map_or_else(|e| e, Response::ok),
+            (true, "guest-sync-delimited") => sync().map_or_else(
+                |e| e,
+                |id| Response::actions(vec![Action::Delimiter, Action::Return(id)]),
             ),
+            (true, "guest-ping") => Response::ok("{}"),
+            (_, name) => Response {
+                actions: vec![Action::Error(CommandError::not_found(name))],
+            },
         }
     }
 }
@@ -792,12 +797,12 @@ impl Worker {
                     Some(s) => Stream::Unix(s),
                     None => {
                         // Served the one stream; wait for shutdown.
-                        while !matches!(self.wait(None, None), Some(End::Shutdown)) {}
+                        while !matches!(self.wait(None), Some(End::Shutdown)) {}
                         return;
                     }
                 },
                 Listener::Unix(l) => {
-                    if matches!(self.wait(Some(l.as_fd()), None), Some(End::Shutdown)) {
+                    if matches!(self.wait(Some(l.as_fd())), Some(End::Shutdown)) {
                         return;
                     }
                     match l.accept() {
@@ -806,7 +811,7 @@ impl Worker {
                     }
                 }
                 Listener::Tcp(l) => {
-                    if matches!(self.wait(Some(l.as_fd()), None), Some(End::Shutdown)) {
+                    if matches!(self.wait(Some(l.as_fd())), Some(End::Shutdown)) {
                         return;
                     }
                     match l.accept() {
@@ -828,7 +833,21 @@ impl Worker {
 
     /// Waits for `fd` to be readable or a control message; handles controls that need no
     /// session. Returns `Some(End::Shutdown)` on shutdown, `None` when `fd` is readable.
-    fn wait(&mut self, fd: Option<BorrowedFd<'_>>, timeout: Option<Duration>) -> Option<End> {
+    fn wait(&mut self, fd: Option<BorrowedFd<'_>>) -> Option<End> {
+        self.poll(fd, None);
+        while let Ok(c) = self.rx.try_recv() {
+            match c {
+                Control::Shutdown => return Some(End::Shutdown),
+                Control::Release => self.released += 1,
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Waits until `fd` is readable, a control message comes or `timeout` passes; returns
+    /// whether `fd` is readable. Control messages are left for the caller.
+    fn poll(&mut self, fd: Option<BorrowedFd<'_>>, timeout: Option<Duration>) -> bool {
         let mut fds = vec![PollFd::new(&self.wake, PollFlags::IN)];
         if let Some(fd) = fd {
             fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
@@ -840,15 +859,10 @@ impl Worker {
             })
         });
         let _ = poll(&mut fds, ts.as_ref());
+        let readable = fds.get(1).is_some_and(|f| !f.revents().is_empty());
+        drop(fds);
         self.drain_wake();
-        while let Ok(c) = self.rx.try_recv() {
-            match c {
-                Control::Shutdown => return Some(End::Shutdown),
-                Control::Release => self.released += 1,
-                _ => {}
-            }
-        }
-        None
+        readable
     }
 
     fn drain_wake(&mut self) {
@@ -889,12 +903,9 @@ impl Worker {
         loop {
             // Run what can run now.
             let outcome = self.step(&mut server, &mut session, &mut releases_used, index);
-            if let Some(bytes) = server.poll_transmit() {
-                let bytes = bytes.to_vec();
-                server.handle_transmitted(bytes.len());
-                if stream.write_all(&bytes, &self.stop).is_err() {
-                    return End::Client;
-                }
+            let bytes = server.take_transmit();
+            if !bytes.is_empty() && stream.write_all(&bytes, &self.stop).is_err() {
+                return End::Client;
             }
             match outcome {
                 Step::Continue => {}
@@ -919,20 +930,7 @@ impl Worker {
                 .as_ref()
                 .and_then(|j| j.until)
                 .map(|t| t.saturating_duration_since(Instant::now()));
-            let mut fds = vec![PollFd::new(&self.wake, PollFlags::IN)];
-            if !suspended {
-                fds.push(PollFd::from_borrowed_fd(stream.fd(), PollFlags::IN));
-            }
-            let ts = timeout.map(|t| {
-                Timespec::try_from(t).unwrap_or(Timespec {
-                    tv_sec: i64::MAX,
-                    tv_nsec: 0,
-                })
-            });
-            let _ = poll(&mut fds, ts.as_ref());
-            let readable = fds.get(1).is_some_and(|f| !f.revents().is_empty());
-            drop(fds);
-            self.drain_wake();
+            let readable = self.poll((!suspended).then(|| stream.fd()), timeout);
             while let Ok(c) = self.rx.try_recv() {
                 match c {
                     Control::Shutdown => return End::Shutdown,
@@ -940,11 +938,7 @@ impl Worker {
                     Control::Disconnect => {
                         // Controls act in order: what earlier ones queued (an event pushed
                         // just before) goes out before the connection closes.
-                        if let Some(bytes) = server.poll_transmit() {
-                            let bytes = bytes.to_vec();
-                            server.handle_transmitted(bytes.len());
-                            let _ = stream.write_all(&bytes, &self.stop);
-                        }
+                        let _ = stream.write_all(&server.take_transmit(), &self.stop);
                         return End::Client;
                     }
                     Control::Event { name, data } => {
@@ -1005,6 +999,15 @@ impl Worker {
                 return Step::Continue;
             };
             let fds = std::mem::take(&mut session.fds);
+            // Negotiation is scripted and recorded as the command it is, arguments included.
+            let received = match received {
+                Received::Negotiated { id, enable } => {
+                    let args = (!enable.is_empty())
+                        .then(|| serde_json::json!({ "enable": enable }).to_string());
+                    Received::Command(ServerRequest::new("qmp_capabilities", args, id, false))
+                }
+                other => other,
+            };
             let (record, job) = match received {
                 Received::Command(req) => {
                     let response = self.script.respond(&req);
@@ -1020,26 +1023,6 @@ impl Worker {
                         },
                         Job {
                             id: req.id,
-                            actions: response.actions.into(),
-                            until: None,
-                        },
-                    )
-                }
-                Received::Negotiated { id, .. } => {
-                    let req = ServerRequest::new("qmp_capabilities", None, id.clone(), false);
-                    let response = self.script.respond(&req);
-                    (
-                        Request {
-                            connection: index,
-                            name: Some("qmp_capabilities".to_owned()),
-                            arguments: None,
-                            id: id.clone(),
-                            oob: false,
-                            rejected: None,
-                            fds,
-                        },
-                        Job {
-                            id,
                             actions: response.actions.into(),
                             until: None,
                         },

@@ -7,7 +7,6 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use qmp_proto::ErrorClass;
 use qmp_testkit::fake::{Action, FakeQemu, Response, Script, faults};
 use qmp_testkit::transcript::{Direction, Transcript};
 
@@ -77,6 +76,19 @@ fn event_before_the_negotiation_reply() {
     let first = c.line();
     assert!(is_event(&first, "EARLY"), "{first}");
     assert_eq!(c.line(), "{\"return\": {}, \"id\": 0}\r\n");
+    let negotiation = &fake.requests()[0];
+    assert_eq!(
+        (
+            negotiation.name.as_deref(),
+            negotiation.arguments.as_deref(),
+            negotiation.id.as_deref()
+        ),
+        (
+            Some("qmp_capabilities"),
+            Some(r#"{"enable":["oob"]}"#),
+            Some("0")
+        )
+    );
 }
 
 #[test]
@@ -417,6 +429,14 @@ fn qga_framing_matches_the_recorded_agent() {
         c.line(),
         "{\"return\": {\"version\": \"10.0.2\"}, \"id\": 2}\n"
     );
+    // Without its required id, as real qemu-ga 10.0.2 answers (seen).
+    c.send(br#"{"execute":"guest-sync"}{"execute":"guest-sync-delimited"}"#);
+    for _ in 0..2 {
+        assert_eq!(
+            c.line(),
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'id' is missing\"}}\n"
+        );
+    }
 }
 
 #[test]
@@ -478,7 +498,6 @@ fn oob_support_is_per_command() {
         c.line(),
         "{\"id\": 2, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command nope has not been found\"}}\r\n"
     );
-    let _ = ErrorClass::GenericError;
 }
 
 #[test]
