@@ -379,6 +379,12 @@ async fn vm_stop_cont_reset_quit(rt: &Rt) {
         ev.data::<Value>().unwrap()["reason"],
         "host-qmp-system-reset"
     );
+    // A powerdown request is announced even with no guest to act on it.
+    let (_, ev): (IgnoredAny, _) = c
+        .execute_then_wait("system_powerdown", &(), "POWERDOWN", |_| true, T)
+        .await
+        .unwrap();
+    assert_eq!((ev.name.as_str(), ev.data), ("POWERDOWN", None));
 
     let mut events = c.subscribe(["SHUTDOWN"]);
     let _: IgnoredAny = c.execute("quit", &()).await.unwrap();
@@ -653,6 +659,10 @@ async fn socketpair_and_accept(rt: &Rt) {
 
 /// `connect_unix_wait` called before QEMU has created its socket.
 async fn connect_before_the_socket_exists(rt: &Rt) {
+    // Checked first: without the program the client would retry for its whole wait.
+    if !Launch::storage_daemon().available() {
+        return;
+    }
     let dir = std::env::temp_dir().join(format!(
         "qmp-late-{}-{}",
         std::process::id(),
