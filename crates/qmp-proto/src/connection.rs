@@ -620,7 +620,10 @@ pub struct Connection {
     /// Every unresolved request, by wire id.
     pending: IdMap<Pending>,
     /// Requests waiting for admission, in order.
+    /// May also hold ids forgotten since (skipped by `admit`, dropped in bulk by `forget`).
     queue: VecDeque<u64>,
+    /// Requests in `queue` still waiting (pending, with bytes queued).
+    queued: usize,
     /// In-band requests on the wire without a reply (including tombstoned ones), in order.
     inband: VecDeque<u64>,
     /// Abandoned or timed-out ids whose replies may still arrive.
@@ -639,7 +642,7 @@ impl fmt::Debug for Connection {
         f.debug_struct("Connection")
             .field("state", &self.state)
             .field("pending", &self.pending.len())
-            .field("queued", &self.queue.len())
+            .field("queued", &self.queued)
             .field("in_flight", &self.inband.len())
             .field("unsent_bytes", &(self.out.len() - self.out_pos))
             .finish_non_exhaustive()
@@ -663,6 +666,7 @@ impl Connection {
             syncing: None,
             pending: IdMap::default(),
             queue: VecDeque::new(),
+            queued: 0,
             inband: VecDeque::new(),
             tombstones: IdSet::default(),
             tombstone_order: VecDeque::new(),
@@ -889,9 +893,8 @@ impl Connection {
         // As `admit` decides: only a request that takes a slot waits for one.
         let takes_slot = !cmd.oob && cmd.expect_reply;
         let direct = ready
-            && (!takes_slot
-                || (self.queue.is_empty() && self.inband.len() < self.config.max_in_flight));
-        if !direct && self.queue.len() >= self.config.max_queued {
+            && (!takes_slot || (self.queued == 0 && self.inband.len() < self.config.max_in_flight));
+        if !direct && self.queued >= self.config.max_queued {
             return Err(LocalError::QueueFull {
                 max: self.config.max_queued,
             });
@@ -921,6 +924,7 @@ impl Connection {
         } else {
             self.pending.get_mut(&id).expect("just inserted").queued = Some(bytes);
             self.queue.push_back(id);
+            self.queued += 1;
         }
         Ok(RequestId(id))
     }
@@ -1047,7 +1051,7 @@ impl Connection {
 
     /// Requests waiting locally.
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.queued
     }
 
     /// Unresolved requests of the caller's (queued, on the wire or awaiting a reply).
@@ -1287,6 +1291,7 @@ impl Connection {
             for id in oob {
                 if negotiated {
                     let bytes = self.pending.get_mut(&id).and_then(|p| p.queued.take());
+                    self.queued -= 1;
                     self.put_on_wire(id, &bytes.unwrap_or_default());
                 } else {
                     let outcome = self.forget(id, Failure::OobUnavailable);
@@ -1393,6 +1398,7 @@ impl Connection {
             }
             let bytes = p.queued.take().unwrap_or_default();
             self.queue.pop_front();
+            self.queued -= 1;
             self.put_on_wire(id, &bytes);
         }
     }
@@ -1441,7 +1447,16 @@ impl Connection {
             return Outcome::NotSent(why);
         };
         if p.queued.is_some() {
-            self.queue.retain(|&q| q != id);
+            // Left in `queue` for `admit` to skip: removing it here would cost a scan per
+            // cancelled request. The stale ids go in bulk, so the queue stays O(waiting).
+            self.queued -= 1;
+            if self.queued == 0 {
+                self.queue.clear();
+            } else if self.queue.len() > 2 * self.queued + 32 {
+                let pending = &self.pending;
+                self.queue
+                    .retain(|id| pending.get(id).is_some_and(|p| p.queued.is_some()));
+            }
             return Outcome::NotSent(why);
         }
         if p.written == Written::Nothing {
@@ -1489,6 +1504,7 @@ impl Connection {
         }
         self.pending.clear();
         self.queue.clear();
+        self.queued = 0;
         self.inband.clear();
         self.deadlines.clear();
         self.tombstones.clear();

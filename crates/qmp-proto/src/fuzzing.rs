@@ -261,7 +261,8 @@ fn check_wire(wire: &[u8]) {
 }
 
 /// A random sequence of operations: ids stay unique, each request resolves at most once (and
-/// exactly once unless abandoned), nothing stays pending after EOF, buffers stay bounded.
+/// exactly once unless abandoned), nothing stays pending after EOF, the in-flight cap and
+/// the local queue's limit hold.
 pub fn op_sequence(data: &[u8]) {
     let mut b = Bytes(data);
     let t0 = virtual_t0();
@@ -360,7 +361,10 @@ pub fn op_sequence(data: &[u8]) {
             }
         }
         drain(&mut c, &mut issued);
-        assert!(c.in_flight() <= 2 || qga, "in-flight cap exceeded");
+        assert!(c.in_flight() <= c.config().max_in_flight, "in-flight cap exceeded");
+        assert!(c.queued() <= c.config().max_queued, "queue limit exceeded");
+        let open = issued.values().filter(|s| **s == "open").count();
+        assert!(c.pending() <= open + 1, "pending holds only open requests (and a sync)");
     }
     c.handle_eof(now);
     drain(&mut c, &mut issued);

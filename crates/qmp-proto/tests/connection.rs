@@ -1019,3 +1019,45 @@ fn a_no_reply_command_leaves_no_deadline_once_written() {
     );
     assert_eq!(c.poll_timeout(), None);
 }
+
+#[test]
+fn abandoning_queued_requests_keeps_the_count_and_the_order() {
+    let (t0, mut c) = ready(Config::default().max_in_flight(1).max_queued(1000));
+    c.send(t0, Command::new("a")).unwrap();
+    let queued: Vec<RequestId> = (0..1000)
+        .map(|_| c.send(t0, Command::new("q")).unwrap())
+        .collect();
+    assert_eq!(
+        c.send(t0, Command::new("over")),
+        Err(LocalError::QueueFull { max: 1000 })
+    );
+    // Abandon all but three, scattered.
+    for (i, id) in queued.iter().enumerate() {
+        if !matches!(i, 10 | 500 | 999) {
+            assert!(c.abandon(*id));
+        }
+    }
+    assert_eq!(c.queued(), 3);
+    assert_eq!(tx(&mut c), r#"{"execute":"a","id":1}"#);
+    // Room again: a new one queues behind the three.
+    c.send(t0, Command::new("late")).unwrap();
+    let mut order = Vec::new();
+    for id in [1, 12, 502, 1001, 1002] {
+        c.handle_input(
+            t0,
+            format!("{{\"return\": {{}}, \"id\": {id}}}\n").as_bytes(),
+        );
+        order.push(tx(&mut c));
+    }
+    assert_eq!(
+        order,
+        [
+            r#"{"execute":"q","id":12}"#,
+            r#"{"execute":"q","id":502}"#,
+            r#"{"execute":"q","id":1001}"#,
+            r#"{"execute":"late","id":1002}"#,
+            ""
+        ]
+    );
+    assert_eq!((c.queued(), c.pending()), (0, 0));
+}
