@@ -60,3 +60,28 @@ fn command_timeout_fires() {
         assert!(start.elapsed() >= Duration::from_millis(50));
     });
 }
+
+#[test]
+fn any_async_std_stream_without_fd_passing() {
+    async_std::task::block_on(async {
+        let (mine, theirs) = UnixStream::pair().unwrap();
+        let _fake = FakeQemu::from_stream(Script::new(), theirs).unwrap();
+        let stream = async_std::os::unix::net::UnixStream::from(mine);
+        let (c, conn) = qmp_async_std::from_stream(stream, Builder::new())
+            .await
+            .unwrap();
+        let driver = qmp_async_std::spawn_connection(conn);
+        let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
+        assert_eq!(v["qemu"]["major"], 10);
+        let e = c
+            .execute_with_fds::<serde::de::IgnoredAny, _>("getfd", &(), vec![devnull()])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.kind(), e.send_status()),
+            (ErrorKind::Unsupported, Some(SendStatus::NotSent))
+        );
+        c.close().await;
+        assert!(driver.await.is_ok());
+    });
+}

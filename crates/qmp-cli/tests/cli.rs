@@ -749,6 +749,19 @@ fn spawn_and_tcp_targets() {
     check(&o, 0, "no jobs\n", "");
     let o = qmp(&["--spawn", "system", "-H", "query-status"]);
     check(&o, 0, "VM is paused (prelaunch)\n", "");
+    // Out of band: query-yank allows it; query-status does not, and QEMU says so.
+    check(
+        &qmp(&["--spawn", "system", "--oob", "query-yank"]),
+        0,
+        "[\n  {\n    \"type\": \"chardev\",\n    \"id\": \"m0\"\n  }\n]\n",
+        "",
+    );
+    check(
+        &qmp(&["--spawn", "system", "--oob", "query-status"]),
+        1,
+        "",
+        "qmp: error: GenericError: The command query-status does not support OOB\n",
+    );
     check(
         &qmp(&["--spawn", "system", "query-status"]),
         0,

@@ -133,3 +133,27 @@ async fn a_write_that_blocks_completes_and_fds_still_pass() {
     c.close().await;
     assert!(driver.await.unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn any_tokio_stream_without_fd_passing() {
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    let _fake = FakeQemu::from_stream(Script::new(), theirs).unwrap();
+    mine.set_nonblocking(true).unwrap();
+    let stream = tokio::net::UnixStream::from_std(mine).unwrap();
+    let (c, conn) = qmp_tokio::from_stream(stream, Builder::new())
+        .await
+        .unwrap();
+    let driver = qmp_tokio::spawn_connection(conn);
+    let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
+    assert_eq!(v["qemu"]["major"], 10);
+    let e = c
+        .execute_with_fds::<serde::de::IgnoredAny, _>("getfd", &(), vec![devnull()])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Unsupported, Some(SendStatus::NotSent))
+    );
+    c.close().await;
+    assert!(driver.await.unwrap().is_ok());
+}
