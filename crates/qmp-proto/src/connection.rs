@@ -758,8 +758,8 @@ impl Connection {
         if self.state == State::Closed {
             return;
         }
-        if self.framer.has_partial() {
-            let len = self.framer.partial_len();
+        let len = self.framer.partial_len();
+        if len > 0 {
             self.anomaly(Anomaly::Truncated { len });
         }
         self.shut(CloseReason::PeerClosed, Failure::PeerClosed);

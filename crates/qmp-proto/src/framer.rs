@@ -148,14 +148,6 @@ impl Framer {
         self.buf.len()
     }
 
-    /// Whether bytes of an unfinished value or garbage run are pending.
-    pub(crate) fn has_partial(&self) -> bool {
-        match self.mode {
-            Mode::Idle => false,
-            Mode::Value | Mode::Skipping { .. } | Mode::Garbage(_) => true,
-        }
-    }
-
     /// Forgets all buffered input and starts again between values.
     pub(crate) fn reset(&mut self) {
         self.buf.clear();
@@ -825,6 +817,16 @@ mod tests {
         ];
         assert_eq!(all(input, 1 << 20, 64), expect);
         assert_eq!(bytewise(input, 1 << 20, 64), expect);
+    }
+
+    #[test]
+    fn a_value_of_exactly_the_size_limit_passes_one_byte_more_does_not() {
+        let at = br#"{"x":"abcd"}"#; // 12 bytes
+        let over = br#"{"x":"abcde"}"#;
+        assert_eq!(all(at, 12, 64), vec![r#"V {"x":"abcd"}"#.to_owned()]);
+        assert_eq!(bytewise(at, 12, 64), all(at, 12, 64));
+        assert_eq!(all(over, 12, 64), vec!["BIG 13".to_owned()]);
+        assert_eq!(bytewise(over, 12, 64), all(over, 12, 64));
     }
 
     #[test]

@@ -361,10 +361,16 @@ pub fn op_sequence(data: &[u8]) {
             }
         }
         drain(&mut c, &mut issued);
-        assert!(c.in_flight() <= c.config().max_in_flight, "in-flight cap exceeded");
+        assert!(
+            c.in_flight() <= c.config().max_in_flight,
+            "in-flight cap exceeded"
+        );
         assert!(c.queued() <= c.config().max_queued, "queue limit exceeded");
         let open = issued.values().filter(|s| **s == "open").count();
-        assert!(c.pending() <= open + 1, "pending holds only open requests (and a sync)");
+        assert!(
+            c.pending() <= open + 1,
+            "pending holds only open requests (and a sync)"
+        );
     }
     c.handle_eof(now);
     drain(&mut c, &mut issued);

@@ -112,7 +112,6 @@ pub struct FakeQemu {
     /// Bytes due at an instant, in order (in-band replies never overtake each other).
     due: Vec<(Instant, Vec<u8>)>,
     requests: Vec<ServerRequest>,
-    qga: bool,
 }
 
 impl std::fmt::Debug for FakeQemu {
@@ -133,16 +132,16 @@ impl Default for FakeQemu {
 impl FakeQemu {
     /// A QMP monitor of QEMU 10.0.2 offering `oob`.
     pub fn new() -> Self {
-        Self::with_config(ServerConfig::qmp(), false)
+        Self::with_config(ServerConfig::qmp())
     }
 
     /// A guest agent.
     pub fn qga() -> Self {
-        Self::with_config(ServerConfig::qga(), true)
+        Self::with_config(ServerConfig::qga())
     }
 
     /// A server with this configuration (pretty printing, capabilities, limits).
-    pub fn with_config(config: ServerConfig, qga: bool) -> Self {
+    pub fn with_config(config: ServerConfig) -> Self {
         let caps = config.capabilities.clone();
         Self {
             server: Server::new(config),
@@ -151,7 +150,6 @@ impl FakeQemu {
             handler: Box::new(|req| Reply::with(Answer::Error(CommandError::not_found(&req.name)))),
             due: Vec::new(),
             requests: Vec::new(),
-            qga,
         }
     }
 
@@ -210,7 +208,7 @@ impl FakeQemu {
     }
 
     fn greet(&mut self, now: Instant) {
-        if !self.qga {
+        if !self.server.config().qga {
             self.server.send_greeting(&self.greeting);
             self.queue_output(now);
         }
@@ -238,7 +236,9 @@ impl FakeQemu {
     fn answer(&mut self, now: Instant, req: ServerRequest) {
         self.requests.push(req.clone());
         let id = req.id.as_deref();
-        if self.qga && matches!(req.name.as_str(), "guest-sync-delimited" | "guest-sync") {
+        if self.server.config().qga
+            && matches!(req.name.as_str(), "guest-sync-delimited" | "guest-sync")
+        {
             match req.sync_answer() {
                 Ok(sync) => {
                     if req.name == "guest-sync-delimited" {

@@ -1061,3 +1061,21 @@ fn abandoning_queued_requests_keeps_the_count_and_the_order() {
     );
     assert_eq!((c.queued(), c.pending()), (0, 0));
 }
+
+#[test]
+fn a_second_greeting_and_a_message_of_no_known_shape_are_anomalies() {
+    let (t0, mut c) = ready(Config::default());
+    c.handle_input(t0, GREETING.as_bytes());
+    c.handle_input(t0, b"{\"foo\": 1}\r\n");
+    let o = outs(&mut c);
+    assert_eq!(o.len(), 2, "{o:?}");
+    assert_eq!(
+        o[0],
+        Output::Anomaly(Anomaly::Unexpected("a second greeting".to_owned()))
+    );
+    assert!(
+        matches!(&o[1], Output::Anomaly(Anomaly::Unexpected(_))),
+        "{o:?}"
+    );
+    assert_eq!((c.state(), c.stats().anomalies), (State::Ready, 2));
+}
