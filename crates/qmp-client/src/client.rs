@@ -295,7 +295,7 @@ impl Client {
             return Err(Refused::Draining);
         }
         let now = inner.now(&*self.shared.timer);
-        let deadline = inner.proto.poll_timeout();
+        let (queued, deadline) = (inner.proto.queued(), inner.proto.poll_timeout());
         let id = inner.proto.send(now, cmd).map_err(Refused::Local)?;
         let (tx, rx) = oneshot::channel();
         inner.waiters.insert(id, tx);
@@ -305,7 +305,7 @@ impl Client {
         }
         // A command that only joined the local queue, with no earlier deadline, gives the
         // driver nothing to do until a reply frees a slot.
-        if inner.proto.poll_transmit().is_some() || inner.proto.poll_timeout() != deadline {
+        if inner.proto.queued() == queued || inner.proto.poll_timeout() != deadline {
             inner.wake_driver();
         }
         Ok(Call {

@@ -122,6 +122,9 @@ pub struct Connection {
     io_error: Option<io::Error>,
     need_flush: bool,
     sleep: Option<(Instant, Sleep)>,
+    /// The waker the armed sleep last saw, so that it is polled again only when that changes
+    /// or its instant has come (a poll costs more than a clock read).
+    sleep_waker: Option<std::task::Waker>,
     finished: bool,
 }
 
@@ -153,6 +156,7 @@ impl Connection {
             io_error: None,
             need_flush: false,
             sleep: None,
+            sleep_waker: None,
             finished: false,
         }
     }
@@ -251,16 +255,23 @@ impl Connection {
                 && self.sleep.as_ref().is_none_or(|(armed, _)| at < *armed)
             {
                 self.sleep = Some((at, timer.sleep_until(at)));
+                self.sleep_waker = None;
             }
-            if self
-                .sleep
-                .as_mut()
-                .is_some_and(|(_, sleep)| sleep.as_mut().poll(cx).is_ready())
-            {
-                self.sleep = None;
-                let now = inner.now(timer);
-                inner.proto.handle_timeout(now);
-                progress = true;
+            if let Some((at, sleep)) = &mut self.sleep {
+                let new_waker = self
+                    .sleep_waker
+                    .as_ref()
+                    .is_none_or(|w| !w.will_wake(cx.waker()));
+                if new_waker || timer.now() >= *at {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        self.sleep = None;
+                        let now = inner.now(timer);
+                        inner.proto.handle_timeout(now);
+                        progress = true;
+                    } else if new_waker {
+                        self.sleep_waker = Some(cx.waker().clone());
+                    }
+                }
             }
 
             // 3. Route the outputs.

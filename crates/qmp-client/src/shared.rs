@@ -167,7 +167,10 @@ impl Inner {
 
     /// Wakes whoever waits for the last pending command to finish.
     pub(crate) fn wake_idle(&mut self) {
-        self.idle.notify(usize::MAX);
+        // Only a graceful close listens, and it sets `draining` first.
+        if self.draining {
+            self.idle.notify(usize::MAX);
+        }
     }
 
     /// Marks the driver finished and wakes whoever waits for it.

@@ -1180,19 +1180,20 @@ impl Connection {
             self.stats.unknown_replies += 1;
             return;
         }
-        match self.pending.get(&id).map(|p| (p.purpose, p.written)) {
-            Some((Purpose::Negotiation, _)) => {
-                self.pending.remove(&id);
-                match result {
-                    Ok(_) => self.become_ready(),
-                    Err(e) => self.shut(
-                        CloseReason::Remote(RemoteError::NegotiationFailed(e)),
-                        Failure::HandshakeFailed,
-                    ),
+        // One lookup: take the entry out, and put it back when this is not its answer (its
+        // deadline stays armed meanwhile).
+        match self.pending.remove(&id) {
+            Some(p) if p.purpose == Purpose::Negotiation => match result {
+                Ok(_) => self.become_ready(),
+                Err(e) => self.shut(
+                    CloseReason::Remote(RemoteError::NegotiationFailed(e)),
+                    Failure::HandshakeFailed,
+                ),
+            },
+            Some(p) if p.purpose == Purpose::User && p.written != Written::Nothing => {
+                if let Some(at) = p.deadline {
+                    self.deadlines.remove(&(at, id));
                 }
-            }
-            Some((Purpose::User, written)) if written != Written::Nothing => {
-                self.take_pending(id);
                 self.retire_inband(id);
                 self.stats.replies += 1;
                 // Still pending means unresolved, even for a no-reply command answered before
@@ -1202,7 +1203,10 @@ impl Connection {
             }
             // Not an answer: a request not yet written, or a key of a sync (which has no wire
             // id, so a peer naming it is making it up).
-            _ => {
+            other => {
+                if let Some(p) = other {
+                    self.pending.insert(id, p);
+                }
                 if self.tombstones.remove(&id) {
                     self.retire_inband(id);
                     self.stats.late_replies += 1;
