@@ -6,20 +6,20 @@ use std::time::Duration;
 
 use futures_executor::LocalPool;
 use futures_util::task::LocalSpawnExt;
-use qmp_client::{Builder, ErrorClass};
+use qmp_client::{Builder, Client, ErrorClass};
 use qmp_ops::{ExecError, Execute};
 use qmp_proto::Failure;
 use serde_json::value::RawValue;
-use support::{ManualTimer, pipe};
+use support::{ManualTimer, Server, pipe};
 
-#[test]
-fn execute_maps_replies_errors_and_closed_sessions() {
+/// A session past its handshake, its driver spawned on the pool.
+fn session(builder: Builder, timer: ManualTimer) -> (LocalPool, Server, Client) {
     let mut pool = LocalPool::new();
     let sp = pool.spawner();
     let (io, srv) = pipe();
     let (tx, mut rx) = futures_channel::oneshot::channel();
     sp.spawn_local(async move {
-        let _ = tx.send(Builder::new().handshake(io, ManualTimer::new()).await);
+        let _ = tx.send(builder.handshake(io, timer).await);
     })
     .unwrap();
     srv.greet();
@@ -32,6 +32,13 @@ fn execute_maps_replies_errors_and_closed_sessions() {
         let _ = conn.await;
     })
     .unwrap();
+    (pool, srv, client)
+}
+
+#[test]
+fn execute_maps_replies_errors_and_closed_sessions() {
+    let (mut pool, srv, client) = session(Builder::new(), ManualTimer::new());
+    let sp = pool.spawner();
 
     let c = client.clone();
     let (tx, mut rx) = futures_channel::oneshot::channel();
@@ -76,27 +83,9 @@ fn execute_maps_replies_errors_and_closed_sessions() {
 
 #[test]
 fn a_timeout_before_the_request_left_the_queue_is_not_sent() {
-    let mut pool = LocalPool::new();
-    let sp = pool.spawner();
-    let (io, srv) = pipe();
     let timer = ManualTimer::new();
-    let (tx, mut rx) = futures_channel::oneshot::channel();
-    let builder = Builder::new().max_in_flight(1);
-    let t = timer.clone();
-    sp.spawn_local(async move {
-        let _ = tx.send(builder.handshake(io, t).await);
-    })
-    .unwrap();
-    srv.greet();
-    pool.run_until_stalled();
-    srv.take();
-    srv.send(r#"{"return": {}, "id": 0}"#);
-    pool.run_until_stalled();
-    let (client, conn) = rx.try_recv().unwrap().unwrap().unwrap();
-    sp.spawn_local(async move {
-        let _ = conn.await;
-    })
-    .unwrap();
+    let (mut pool, srv, client) = session(Builder::new().max_in_flight(1), timer.clone());
+    let sp = pool.spawner();
 
     let second = Duration::from_secs(1);
     let c = client.clone();
