@@ -47,7 +47,12 @@ start_daemon() {
         --monitor chardev=m &
     pid=$!
     trap 'kill $pid; rm -rf "$dir"' EXIT
-    while [ ! -S "$dir/qmp.sock" ]; do sleep 0.05; done
+    # The socket file appears at bind(), a moment before QEMU listens: wait until one short
+    # raw session gets through (and give up if the daemon has gone).
+    until "$load" --socket "$dir/qmp.sock" --raw --n 1 >/dev/null 2>&1; do
+        kill -0 $pid 2>/dev/null || { echo "bench.sh: qemu-storage-daemon exited" >&2; exit 1; }
+        sleep 0.05
+    done
 }
 
 # Reads the lines of `one` for rounds of all $compared clients and prints, per client, the
