@@ -44,6 +44,14 @@ struct Session {
 const NEGOTIATE: &str = r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":0}"#;
 
 fn session(builder: Builder) -> Session {
+    let (s, conn) = unspawned(builder);
+    let driver = spawn(&s.sp, conn);
+    Session { driver, ..s }
+}
+
+/// A session after its handshake, with its driver handed back instead of spawned (the
+/// `driver` receiver of the result never resolves).
+fn unspawned(builder: Builder) -> (Session, qmp_client::Connection) {
     let mut pool = LocalPool::new();
     let sp = pool.spawner();
     let (io, srv) = pipe();
@@ -56,15 +64,16 @@ fn session(builder: Builder) -> Session {
     assert_eq!(srv.take(), NEGOTIATE);
     srv.send("{\"return\": {}, \"id\": 0}\r\n");
     let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
-    let driver = spawn(&sp, conn);
-    Session {
+    let (_never, driver) = oneshot::channel();
+    let s = Session {
         pool,
         sp,
         client,
         srv,
         timer,
         driver,
-    }
+    };
+    (s, conn)
 }
 
 #[derive(Debug, PartialEq, serde::Deserialize)]
@@ -394,6 +403,61 @@ fn command_timeout_follows_the_manual_clock() {
     s.srv.take();
     s.srv.send(r#"{"return": 7, "id": 3}"#);
     assert_eq!(done(&mut s.pool, &mut ok).unwrap().unwrap().get(), "7");
+}
+
+/// Polls a driver until told to stop, then hands it back: a driver that moves between tasks.
+struct Handover {
+    conn: Option<qmp_client::Connection>,
+    stop: std::rc::Rc<std::cell::Cell<bool>>,
+    waker: std::rc::Rc<std::cell::RefCell<Option<std::task::Waker>>>,
+}
+
+impl Future for Handover {
+    type Output = qmp_client::Connection;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<qmp_client::Connection> {
+        if self.stop.get() {
+            return std::task::Poll::Ready(self.conn.take().expect("polled after it ended"));
+        }
+        *self.waker.borrow_mut() = Some(cx.waker().clone());
+        let conn = self.conn.as_mut().expect("polled after it ended");
+        assert!(conn.poll_unpin(cx).is_pending(), "the session ended");
+        std::task::Poll::Pending
+    }
+}
+
+#[test]
+fn a_driver_moved_to_another_task_still_gets_its_timeout() {
+    let (mut s, conn) = unspawned(Builder::new().command_timeout(Duration::from_secs(5)));
+    let stop = std::rc::Rc::new(std::cell::Cell::new(false));
+    let waker = std::rc::Rc::default();
+    let mut first = spawn(
+        &s.sp,
+        Handover {
+            conn: Some(conn),
+            stop: std::rc::Rc::clone(&stop),
+            waker: std::rc::Rc::clone(&waker),
+        },
+    );
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
+    // The sleep for the deadline is armed, and it knows the first task's waker.
+    stop.set(true);
+    waker.borrow_mut().take().unwrap().wake();
+    let conn = done(&mut s.pool, &mut first).unwrap();
+    let mut second = spawn(&s.sp, conn);
+    s.pool.run_until_stalled();
+    s.timer.advance(Duration::from_secs(5));
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Timeout, Some(SendStatus::Unanswered))
+    );
+    assert!(done(&mut s.pool, &mut second).is_none());
 }
 
 #[test]
