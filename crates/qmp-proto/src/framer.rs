@@ -300,6 +300,30 @@ impl Framer {
         keep_last(&mut self.tail, value);
     }
 
+    /// Ends an unfinished value at a 0xFF byte, as QEMU's JSON lexer does wherever that byte
+    /// comes: a value being read is dropped (its bytes can never parse), and a value being
+    /// skipped is reported now, as it will never end. Idle and garbage states are left as
+    /// they are (a 0xFF ends a garbage run by itself). Call it with all input before the
+    /// 0xFF pushed and every frame drained, then push the 0xFF.
+    pub(crate) fn cut_value(&mut self) -> Option<Frame> {
+        let frame = match self.mode {
+            Mode::Idle | Mode::Garbage(_) => return None,
+            Mode::Value => None,
+            Mode::Skipping { len, oversized } => {
+                let len = len + (self.buf.len() - self.consumed);
+                // Only its first bytes are known to belong to the top level.
+                let id = top_level_id(&self.head, &[]);
+                Some(if oversized {
+                    Frame::Oversized { len, id }
+                } else {
+                    Frame::TooDeep { len, id }
+                })
+            }
+        };
+        self.reset();
+        frame
+    }
+
     /// The length of the unfinished value or garbage run at end of input, if any.
     pub(crate) fn partial_len(&self) -> usize {
         match self.mode {

@@ -10,7 +10,8 @@
 //! Known differences from QEMU: single-quoted strings are not accepted; a top-level scalar
 //! (`42`) draws a "JSON parse error" rather than "QMP input must be a JSON object"; a value over
 //! the size or depth limit draws one error, not QEMU's burst of follow-up errors for the bytes
-//! after the cut; numeric ids are echoed as written (QEMU re-prints them, `-1e999` as `-inf`).
+//! after the cut; numeric ids are echoed as written (QEMU re-prints them, `-1e999` as `-inf`);
+//! a 0xFF inside a string draws `stray '\u{FFFD}'` where QEMU quotes the string read so far.
 //!
 //! It decides nothing about which commands exist: every well-formed command in command mode is
 //! handed to the caller as [`Received::Command`], and the caller answers it.
@@ -246,21 +247,42 @@ impl Server {
     // --- Input ---
 
     /// Feeds bytes read from the client.
-    pub fn handle_input(&mut self, data: &[u8]) {
-        self.framer.push(data);
-        while let Some(frame) = self.framer.next_frame() {
-            let item = match frame {
-                Frame::Value { range, .. } => {
-                    let bytes = self.framer.take(range);
-                    self.classify(&bytes)
-                }
-                Frame::Delimiter => parse_error("stray '\u{FFFD}'"),
-                Frame::Garbage { .. } => parse_error("invalid input"),
-                Frame::Oversized { .. } => rejected(None, "JSON token size limit exceeded"),
-                Frame::TooDeep { .. } => rejected(None, "JSON nesting depth limit exceeded"),
-            };
-            self.received.push_back(item);
+    ///
+    /// A 0xFF byte resets the parser wherever it comes, as in QEMU: an unfinished request
+    /// before it is dropped, and the byte draws one parse error.
+    pub fn handle_input(&mut self, mut data: &[u8]) {
+        while let Some(at) = data.iter().position(|&b| b == 0xFF) {
+            self.framer.push(&data[..at]);
+            self.drain_frames();
+            if let Some(frame) = self.framer.cut_value() {
+                self.receive(frame);
+            }
+            self.framer.push(&[0xFF]);
+            self.drain_frames();
+            data = &data[at + 1..];
         }
+        self.framer.push(data);
+        self.drain_frames();
+    }
+
+    fn drain_frames(&mut self) {
+        while let Some(frame) = self.framer.next_frame() {
+            self.receive(frame);
+        }
+    }
+
+    fn receive(&mut self, frame: Frame) {
+        let item = match frame {
+            Frame::Value { range, .. } => {
+                let bytes = self.framer.take(range);
+                self.classify(&bytes)
+            }
+            Frame::Delimiter => parse_error("stray '\u{FFFD}'"),
+            Frame::Garbage { .. } => parse_error("invalid input"),
+            Frame::Oversized { .. } => rejected(None, "JSON token size limit exceeded"),
+            Frame::TooDeep { .. } => rejected(None, "JSON nesting depth limit exceeded"),
+        };
+        self.received.push_back(item);
     }
 
     /// The next classified request, in input order.
@@ -919,6 +941,61 @@ mod tests {
                 generic(None, "JSON parse error, stray '\u{FFFD}'"),
                 generic(None, "JSON parse error, expecting value"),
                 generic(None, "JSON parse error, invalid input"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_0xff_byte_drops_an_unfinished_request_as_qemu_does() {
+        // Checked against qemu-storage-daemon and qemu-ga 10.0.2: an unfinished value and then
+        // 0xFF draw one error; garbage and then 0xFF draw two; the next request is answered.
+        for (input, errors) in [
+            (
+                &b"{\"execute\": \"q\", \"arguments\": {\"a\": [1, \xff"[..],
+                1,
+            ),
+            (b"[\xff", 1),
+            (b"\xff", 1),
+            (b"abc\xff", 2),
+        ] {
+            for split in [false, true] {
+                let mut s = negotiated();
+                let mut r = Vec::new();
+                if split {
+                    for b in input {
+                        r.extend(received(&mut s, &[*b]));
+                    }
+                } else {
+                    r.extend(received(&mut s, input));
+                }
+                r.extend(received(&mut s, br#"{"execute":"ok","id":1}"#));
+                let mut expected =
+                    vec![generic(None, "JSON parse error, invalid input"); errors - 1];
+                expected.push(generic(None, "JSON parse error, stray '\u{FFFD}'"));
+                expected.push(command("ok", None, Some("1"), false));
+                assert_eq!(r, expected, "{input:?}, split: {split}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_0xff_byte_ends_a_value_over_the_limits_that_would_never_end() {
+        let mut s = Server::new(ServerConfig::qmp().max_depth(4).max_message_size(64));
+        let _ = received(&mut s, br#"{"execute":"qmp_capabilities"}"#);
+        let mut input = Vec::from(&b"{\"id\": \""[..]);
+        input.extend_from_slice("x".repeat(100).as_bytes());
+        input.push(0xFF);
+        input.extend_from_slice(b"[[[[[[\xff");
+        input.extend_from_slice(br#"{"execute":"ok"}"#);
+        let r = received(&mut s, &input);
+        assert_eq!(
+            r,
+            vec![
+                generic(None, "JSON token size limit exceeded"),
+                generic(None, "JSON parse error, stray '\u{FFFD}'"),
+                generic(None, "JSON nesting depth limit exceeded"),
+                generic(None, "JSON parse error, stray '\u{FFFD}'"),
+                command("ok", None, None, false),
             ]
         );
     }
