@@ -205,6 +205,73 @@ async fn block_job_events(rt: &Rt) {
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 1048576);
 }
 
+#[derive(Debug, Deserialize, PartialEq)]
+struct Job {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
+}
+
+/// A mirror slowed down by `speed` is paused, resumed and cancelled. QEMU emits each step's
+/// JOB_STATUS_CHANGE before the step's reply; `execute_then_wait` must see it all the same.
+async fn block_job_pause_resume_cancel(rt: &Rt) {
+    let Some(q) = qsd() else { return };
+    let c = rt
+        .up((rt.connect)(q.socket_path().into(), Builder::new()))
+        .await
+        .unwrap();
+    for node in ["src", "dst"] {
+        let args = json!({"driver": "null-co", "node-name": node, "size": 1u64 << 30});
+        let _: IgnoredAny = c.execute("blockdev-add", &args).await.unwrap();
+    }
+    let mut cancelled = c.subscribe("BLOCK_JOB_CANCELLED");
+    let step = async |name: &str, args: Value, status: &str| {
+        let (_, ev): (IgnoredAny, _) = c
+            .execute_then_wait(
+                name,
+                &args,
+                "JOB_STATUS_CHANGE",
+                |e| e.data::<JobStatus>().unwrap().status == status,
+                T,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(ev.data::<JobStatus>().unwrap().id, "m1");
+    };
+    let mirror = json!({"job-id": "m1", "device": "src", "target": "dst", "sync": "full",
+        "speed": 1 << 20});
+    step("blockdev-mirror", mirror, "running").await;
+    step("job-pause", json!({"id": "m1"}), "paused").await;
+    let paused = Job {
+        id: "m1".into(),
+        kind: "mirror".into(),
+        status: "paused".into(),
+    };
+    let jobs: Vec<Job> = c.execute("query-jobs", &()).await.unwrap();
+    assert_eq!(jobs, [paused]);
+    step("job-resume", json!({"id": "m1"}), "running").await;
+    // Cancelled before it was ready: the job ends and is dismissed by itself.
+    step("job-cancel", json!({"id": "m1"}), "null").await;
+    match cancelled.recv().await.unwrap() {
+        EventItem::Event(ev) => {
+            let data: Value = ev.data().unwrap();
+            assert_eq!(
+                (&data["device"], &data["type"], &data["speed"], &data["len"]),
+                (
+                    &json!("m1"),
+                    &json!("mirror"),
+                    &json!(1 << 20),
+                    &json!(1u64 << 30)
+                )
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let jobs: Vec<Job> = c.execute("query-jobs", &()).await.unwrap();
+    assert_eq!(jobs, []);
+}
+
 async fn tcp_and_pretty(rt: &Rt) {
     let Some(q) = Launch::storage_daemon().tcp().pretty().spawn() else {
         return;
@@ -709,6 +776,10 @@ macro_rules! scenarios {
         #[test]
         fn block_job_events() {
             $block_on(super::block_job_events(&$rt));
+        }
+        #[test]
+        fn block_job_pause_resume_cancel() {
+            $block_on(super::block_job_pause_resume_cancel(&$rt));
         }
         #[test]
         fn tcp_and_pretty() {
