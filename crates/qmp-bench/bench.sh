@@ -10,7 +10,8 @@
 #                                  default to "seq conc" (conc: C=8). The runs themselves go
 #                                  to standard error.
 # COMPARED overrides the clients compare runs (default below; it must include raw and
-# raw-poll; raw-tick:US is raw-poll with a timer wake-up US microseconds into each wait).
+# raw-poll; raw-tick:US is raw-poll with a timer wake-up US microseconds into each wait;
+# raw-reuse and raw-noid write ids 1..C reused, and no ids).
 # QMP_LOAD overrides the binary (default: $CARGO_TARGET_DIR/release/qmp-load); PIN prefixes
 # every run (PIN="taskset -c 1": the client and the fake on one CPU, see README).
 set -eu
@@ -27,6 +28,7 @@ one() { # client, then qmp-load arguments
         raw) set -- --raw "$@" ;;
         raw-poll) set -- --raw --raw-wait poll "$@" ;;
         raw-reuse) set -- --raw --raw-ids reuse "$@" ;;
+        raw-noid) set -- --raw --raw-ids none "$@" ;;
         raw-tick:*) set -- --raw --raw-wait "${c#raw-}" "$@" ;;
         tokio1) set -- --runtime tokio --threads 1 "$@" ;;
         tokio2) set -- --runtime tokio --threads 2 "$@" ;;

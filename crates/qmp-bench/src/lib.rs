@@ -141,8 +141,11 @@ pub enum RawIds {
     /// by a byte at every power of ten.
     Sequential,
     /// 1 to `concurrency`, each reused once its reply is in (replies come in order): the
-    /// shortest ids a client can write, as `qmp-client` does.
+    /// shortest ids a client can write.
     Reuse,
+    /// No id at all: QEMU answers in-band requests in order, so replies can be matched by
+    /// position. An experiment to price the id's bytes; `exec-oob` needs an id.
+    None,
 }
 
 /// The baseline: a blocking socket, no library, compact requests, `oob` negotiated, up to
@@ -171,13 +174,16 @@ pub fn raw(
     while received < n {
         batch.clear();
         while sent < n && sent - received < concurrency.max(1) {
-            batch.extend_from_slice(br#"{"execute":"query-version","id":"#);
             let id = match ids {
-                RawIds::Sequential => sent,
-                RawIds::Reuse => sent % concurrency.max(1) + 1,
+                RawIds::Sequential => Some(sent),
+                RawIds::Reuse => Some(sent % concurrency.max(1) + 1),
+                RawIds::None => None,
             };
-            write!(batch, "{id}")?; // into the reused buffer, no allocation
-            batch.push(b'}');
+            match id {
+                // Into the reused buffer, no allocation.
+                Some(id) => write!(batch, r#"{{"execute":"query-version","id":{id}}}"#)?,
+                None => batch.extend_from_slice(br#"{"execute":"query-version"}"#),
+            }
             sent += 1;
         }
         if !batch.is_empty() {
@@ -318,6 +324,7 @@ mod tests {
             (RawWait::Poll, 8, RawIds::Sequential),
             (RawWait::Block, 1, RawIds::Reuse),
             (RawWait::Tick(50), 3, RawIds::Reuse),
+            (RawWait::Poll, 8, RawIds::None),
         ];
         for (wait, conc, ids) in runs {
             let s = raw(&path, 100, conc, wait, ids).unwrap();
@@ -325,20 +332,22 @@ mod tests {
             assert!(s.secs > 0.0);
         }
         let requests = fake.requests();
-        assert_eq!(requests.len(), 505);
-        let ids: Vec<Vec<String>> = requests
+        assert_eq!(requests.len(), 606);
+        let ids: Vec<Vec<Option<String>>> = requests
             .chunks(101)
             .map(|run| {
                 assert_eq!(run[0].name.as_deref(), Some("qmp_capabilities"));
                 assert!(run[1..].iter().all(|r| r.name.as_deref() == Some(COMMAND)));
-                run[1..].iter().map(|r| r.id.clone().unwrap()).collect()
+                run[1..].iter().map(|r| r.id.clone()).collect()
             })
             .collect();
-        let expect = |f: fn(usize) -> usize| (0..100).map(|i| f(i).to_string()).collect::<Vec<_>>();
+        let expect =
+            |f: fn(usize) -> usize| (0..100).map(|i| Some(f(i).to_string())).collect::<Vec<_>>();
         assert_eq!(ids[0], expect(|i| i));
         assert_eq!(ids[2], expect(|i| i));
         assert_eq!(ids[3], expect(|_| 1));
         assert_eq!(ids[4], expect(|i| i % 3 + 1));
+        assert_eq!(ids[5], vec![None; 100]);
     }
 
     #[test]

@@ -51,7 +51,7 @@ struct Args {
 const USAGE: &str = "usage: qmp-load (--socket PATH | --fake | --fake-in-process) \
                      [--runtime tokio|smol|async-std] [--raw] [--mode seq|conc] [--n N] \
                      [--concurrency C] [--max-in-flight M] [--threads T] [--repeat R] \
-                     [--driver local|join|spawn] [--raw-wait block|poll|tick:US] [--raw-ids seq|reuse] [--command-timeout SECS]\n       \
+                     [--driver local|join|spawn] [--raw-wait block|poll|tick:US] [--raw-ids seq|reuse|none] [--command-timeout SECS]\n       \
                      qmp-load --serve-fake [--queue-limit Q]";
 
 fn parse() -> Result<Args, String> {
@@ -129,7 +129,10 @@ fn parse() -> Result<Args, String> {
                 a.raw_ids = match value()?.as_str() {
                     "seq" => RawIds::Sequential,
                     "reuse" => RawIds::Reuse,
-                    other => return Err(format!("--raw-ids: {other:?} is not seq or reuse")),
+                    "none" => RawIds::None,
+                    other => {
+                        return Err(format!("--raw-ids: {other:?} is not seq, reuse or none"));
+                    }
                 }
             }
             "--fake" => a.server = Server::FakeProcess,
@@ -358,6 +361,7 @@ fn main() -> ExitCode {
     };
     let label = match (a.raw, a.raw_ids) {
         (true, RawIds::Reuse) => label + "-reuse",
+        (true, RawIds::None) => label + "-noid",
         _ => label,
     };
     let server = match a.server {
