@@ -13,10 +13,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::driver::{Connection, Plain, Transport};
-use crate::error::{Error, ErrorKind, SendStatus};
+use crate::error::{Error, ErrorKind};
 use crate::events::{EventFilter, EventItem, EventStream, Subscriber};
 use crate::rt::Timer;
 use crate::shared::Shared;
+use qmp_proto::SendStatus;
 
 /// Default capacity of each subscriber's event queue.
 const DEFAULT_EVENT_QUEUE: usize = 1024;

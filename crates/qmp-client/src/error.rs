@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use qmp_proto::{CloseReason, CommandError, Failure, LocalError, RemoteError};
+use qmp_proto::{CloseReason, CommandError, Failure, LocalError, RemoteError, SendStatus};
 
 /// What kind of failure an [`Error`] is. New kinds may be added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,18 +38,6 @@ pub enum ErrorKind {
     /// The server answered but its reply could not be read: larger than the maximum message
     /// size, nested too deep, or not JSON. The command ran; whether it succeeded is unknown.
     ReplyLost,
-}
-
-/// How far a command got, so a retry layer can decide whether retrying is safe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum SendStatus {
-    /// No byte of it reached the transport: retrying is always safe.
-    NotSent,
-    /// It was written but no answer was read: it may or may not have had its effect.
-    Unanswered,
-    /// The server answered (with an error, or with a value that did not decode).
-    Answered,
 }
 
 /// An error from the client: its [`kind`](Self::kind), the command it concerns, the server's

@@ -32,9 +32,9 @@ mod shared;
 
 pub use client::{Builder, Client, handshake};
 pub use driver::Connection;
-pub use error::{Error, ErrorKind, SendStatus};
+pub use error::{Error, ErrorKind};
 pub use events::{EventFilter, EventItem, EventStream};
 pub use qmp_proto::{
     CloseReason, Command, CommandError, Config, ErrorClass, Event, Greeting, Mode, RawJson,
-    RemoteError, Stats, Timestamp, VersionInfo,
+    RemoteError, SendStatus, Stats, Timestamp, VersionInfo,
 };

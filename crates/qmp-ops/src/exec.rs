@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qmp_proto::{CommandError, ErrorClass, Failure, LocalError, Outcome, RawJson};
+use qmp_proto::{CommandError, ErrorClass, Failure, LocalError, Outcome, RawJson, SendStatus};
 use serde_json::value::RawValue;
 
 /// A boxed, `Send` future, as returned by [`Execute::execute`] and [`crate::Sleep::sleep`].
@@ -90,18 +90,6 @@ impl<E: Execute + ?Sized> Execute for Box<E> {
     forward_execute!();
 }
 
-/// Whether a failed request reached QEMU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum SendStatus {
-    /// Nothing was written: retrying is always safe.
-    NotSent,
-    /// It was written but no answer came: it may or may not have run.
-    Unknown,
-    /// QEMU answered (with an error).
-    Replied,
-}
-
 /// Why one execution failed, classified by send status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -148,8 +136,8 @@ impl ExecError {
     pub fn send_status(&self) -> SendStatus {
         match self {
             Self::NotSent(_) | Self::Local(_) | Self::Connect(_) => SendStatus::NotSent,
-            Self::Unknown(_) => SendStatus::Unknown,
-            Self::Command(_) => SendStatus::Replied,
+            Self::Unknown(_) => SendStatus::Unanswered,
+            Self::Command(_) => SendStatus::Answered,
         }
     }
 

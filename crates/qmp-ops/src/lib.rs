@@ -55,13 +55,14 @@ mod time;
 pub use cache::call_key;
 pub use commands::{RunState, StatusInfo};
 pub use error::{ErrorKind, OpsError};
-pub use exec::{BoxFuture, ExecError, Execute, SendStatus};
+pub use exec::{BoxFuture, ExecError, Execute};
 pub use hooks::{Hooks, NoHooks};
 pub use mutex::{KeyedGuard, KeyedMutex, Lock};
 pub use ops::{Ops, OpsBuilder};
 pub use policy::{
     Allowed, ArgRule, Denial, Mode, Pattern, Policy, PolicyError, Profile, Rule, RuleRef,
 };
+pub use qmp_proto::SendStatus;
 pub use reconnect::{Reconnected, Reconnecting};
 pub use retry::{Jitter, RetryPolicy, is_retry_safe};
 pub use time::{Clock, Sleep, SystemClock};

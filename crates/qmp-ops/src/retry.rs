@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use qmp_proto::ErrorClass;
 
-use crate::exec::{ExecError, SendStatus};
+use crate::exec::ExecError;
+use qmp_proto::SendStatus;
 
 /// How the delay is randomised inside its exponential ceiling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -127,7 +128,9 @@ impl RetryPolicy {
 pub fn is_retry_safe(err: &ExecError, idempotent: bool, retry_classes: &[ErrorClass]) -> bool {
     match err.send_status() {
         SendStatus::NotSent => err.is_transient_local(),
-        SendStatus::Unknown => idempotent,
-        SendStatus::Replied => err.class().is_some_and(|c| retry_classes.contains(c)),
+        SendStatus::Unanswered => idempotent,
+        SendStatus::Answered => err.class().is_some_and(|c| retry_classes.contains(c)),
+        // A status added later is not known to be safe.
+        _ => false,
     }
 }

@@ -389,6 +389,31 @@ pub enum Outcome {
     Unknown(Failure),
 }
 
+impl Outcome {
+    /// How far the request got. A [`Sent`](Self::Sent) no-reply command counts as
+    /// [`SendStatus::Unanswered`]: it was written, and nothing says what it did.
+    pub fn send_status(&self) -> SendStatus {
+        match self {
+            Self::Replied(_) => SendStatus::Answered,
+            Self::NotSent(_) => SendStatus::NotSent,
+            Self::Sent | Self::Unknown(_) => SendStatus::Unanswered,
+        }
+    }
+}
+
+/// How far a request got, so that a retry layer can decide whether another try is safe. The
+/// same type in every layer: `qmp-client` errors and `qmp-ops` execution errors report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SendStatus {
+    /// No byte of it reached the transport: retrying is always safe.
+    NotSent,
+    /// It was written but no answer was read: it may or may not have had its effect.
+    Unanswered,
+    /// The server answered (with an error, or with a value the caller could not use).
+    Answered,
+}
+
 /// Something the peer sent that does not fit the protocol. The session continues.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

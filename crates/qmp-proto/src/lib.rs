@@ -53,7 +53,7 @@ mod wire;
 
 pub use connection::{
     Anomaly, CloseReason, Command, Config, Connection, Failure, LocalError, Mode, Outcome, Output,
-    Ready, RemoteError, RequestId, State, Stats,
+    Ready, RemoteError, RequestId, SendStatus, State, Stats,
 };
 pub use server::{EncodeError, Received, Server, ServerConfig, ServerRequest};
 pub use wire::{

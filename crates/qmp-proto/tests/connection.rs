@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use qmp_proto::{
     Anomaly, CloseReason, Command, CommandError, Config, Connection, ErrorClass, Failure,
-    LocalError, Outcome, Output, Ready, RemoteError, RequestId, State,
+    LocalError, Outcome, Output, Ready, RemoteError, RequestId, SendStatus, State,
 };
 
 const GREETING: &str = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"Debian 1:10.0.2\"}, \"capabilities\": [\"oob\"]}}\r\n";
@@ -1078,4 +1078,20 @@ fn a_second_greeting_and_a_message_of_no_known_shape_are_anomalies() {
         "{o:?}"
     );
     assert_eq!((c.state(), c.stats().anomalies), (State::Ready, 2));
+}
+
+#[test]
+fn each_outcome_says_how_far_its_request_got() {
+    let error = CommandError::new(ErrorClass::GenericError, "no");
+    let cases = [
+        (Outcome::Replied(Ok(raw("{}"))), SendStatus::Answered),
+        (Outcome::Replied(Err(error)), SendStatus::Answered),
+        (Outcome::Sent, SendStatus::Unanswered),
+        (Outcome::NotSent(Failure::PeerClosed), SendStatus::NotSent),
+        (Outcome::Unknown(Failure::Timeout), SendStatus::Unanswered),
+        (Outcome::Unknown(Failure::ReplyLost), SendStatus::Unanswered),
+    ];
+    for (outcome, status) in cases {
+        assert_eq!(outcome.send_status(), status, "{outcome:?}");
+    }
 }
