@@ -16,7 +16,8 @@
 //! a [`Frame::Delimiter`] (the guest agent's sync marker) and reports any other run of bytes up
 //! to the next `{`, `[`, LF or 0xFF as [`Frame::Garbage`]. A value larger than the size limit or
 //! nested deeper than the depth limit is dropped while it streams in (memory stays bounded) and
-//! reported once its end is found; framing then resumes after it.
+//! reported once its end is found, or at a 0xFF byte that cuts it short (`cut_value`, which the
+//! server side uses, as QEMU's lexer resets there); framing then resumes after it.
 
 use std::ops::Range;
 

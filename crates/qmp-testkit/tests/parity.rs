@@ -171,9 +171,12 @@ fn fake_and_guest_agent_answer_alike() {
         br#"{"execute":"guest-ping","id":{"nested":[1,"two"]}}"#,
         // A request cut short by a 0xFF: the agent drops it and answers the sync.
         b"{\"execute\":\"guest-ping\",\"arguments\":{\"a\":[1,\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":79}}",
+        // 0xFE does the same.
+        b"{\"execute\":\"guest-ping\",\"arguments\":{\"a\":[1,\xfe{\"execute\":\"guest-ping\",\"id\":6}",
+        br#"{"execute":"guest-ping","id":7}"#,
     ];
     // Replies per request: the 0xFF draws an error before the sync reply.
-    let counts = [2, 1, 1, 1, 1, 1, 1, 1, 2];
+    let counts = [2, 1, 1, 1, 1, 1, 1, 1, 2, 2, 1];
     let run = |path: &std::path::Path| -> Vec<u8> {
         let mut s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
