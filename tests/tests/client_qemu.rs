@@ -213,8 +213,9 @@ struct Job {
     status: String,
 }
 
-/// A mirror slowed down by `speed` is paused, resumed and cancelled. QEMU emits each step's
-/// JOB_STATUS_CHANGE before the step's reply; `execute_then_wait` must see it all the same.
+/// A mirror slowed down by `speed` is paused, resumed and cancelled. A step's
+/// JOB_STATUS_CHANGE can come before the step's reply (it did for the first three here) or
+/// after it; `execute_then_wait` must see it either way.
 async fn block_job_pause_resume_cancel(rt: &Rt) {
     let Some(q) = qsd() else { return };
     let c = rt

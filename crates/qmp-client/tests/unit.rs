@@ -49,8 +49,8 @@ fn session(builder: Builder) -> Session {
     Session { driver, ..s }
 }
 
-/// A session after its handshake, with its driver handed back instead of spawned (the
-/// `driver` receiver of the result never resolves).
+/// A session after its handshake, with its driver handed back instead of spawned. Its
+/// `driver` receiver is already closed (it resolves as cancelled): wait on the driver itself.
 fn unspawned(builder: Builder) -> (Session, qmp_client::Connection) {
     let mut pool = LocalPool::new();
     let sp = pool.spawner();

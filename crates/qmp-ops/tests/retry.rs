@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use common::{FakeExec, ManualClock, RecordingHooks, RecordingSleep, raw};
 use futures_executor::block_on;
 use qmp_ops::{
-    ErrorKind, ExecError, Jitter, Ops, OpsError, Policy, RetryPolicy, Rule, is_retry_safe,
+    ErrorKind, ExecError, Jitter, Ops, OpsError, Policy, RetryPolicy, Rule, SendStatus,
+    is_retry_safe,
 };
 use qmp_proto::{CommandError, ErrorClass, Failure, LocalError};
 
@@ -126,6 +127,27 @@ fn retry_decision_for_each_outcome_kind() {
             want,
             "{err:?} idempotent={idempotent}"
         );
+    }
+}
+
+#[test]
+fn each_execution_error_says_how_far_its_request_got() {
+    let cases = [
+        (ExecError::NotSent(Failure::PeerClosed), SendStatus::NotSent),
+        (ExecError::Local(LocalError::Closed), SendStatus::NotSent),
+        (ExecError::Connect("refused".into()), SendStatus::NotSent),
+        (ExecError::Unknown(Failure::Timeout), SendStatus::Unanswered),
+        (
+            ExecError::Unknown(Failure::ReplyLost),
+            SendStatus::Unanswered,
+        ),
+        (
+            ExecError::Command(CommandError::new(ErrorClass::GenericError, "x")),
+            SendStatus::Answered,
+        ),
+    ];
+    for (err, status) in cases {
+        assert_eq!(err.send_status(), status, "{err:?}");
     }
 }
 

@@ -408,7 +408,9 @@ impl Outcome {
 pub enum SendStatus {
     /// No byte of it reached the transport: retrying is always safe.
     NotSent,
-    /// It was written but no answer was read: it may or may not have had its effect.
+    /// It was written but no answer was read: it may or may not have had its effect. A
+    /// reply that arrived but could not be read ([`Failure::ReplyLost`]) counts here too: the
+    /// command ran, with a result nobody knows.
     Unanswered,
     /// The server answered (with an error, or with a value the caller could not use).
     Answered,
