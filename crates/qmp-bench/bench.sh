@@ -50,9 +50,13 @@ start_daemon() {
     pid=$!
     trap 'kill $pid; rm -rf "$dir"' EXIT
     # The socket file appears at bind(), a moment before QEMU listens: wait until one short
-    # raw session gets through (and give up if the daemon has gone).
+    # raw session gets through (up to 10 s; give up at once if the daemon has gone).
+    [ -x "$load" ] || { echo "bench.sh: no $load (cargo build --release -p qmp-bench)" >&2; exit 1; }
+    tries=0
     until "$load" --socket "$dir/qmp.sock" --raw --n 1 >/dev/null 2>&1; do
         kill -0 $pid 2>/dev/null || { echo "bench.sh: qemu-storage-daemon exited" >&2; exit 1; }
+        tries=$((tries + 1))
+        [ $tries -lt 200 ] || { echo "bench.sh: no QMP session on $dir/qmp.sock" >&2; exit 1; }
         sleep 0.05
     done
 }
