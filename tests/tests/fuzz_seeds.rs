@@ -37,3 +37,8 @@ fn roundtrip_seeds() {
 fn op_sequence_seeds() {
     replay("op_sequence", qmp_proto::fuzzing::op_sequence);
 }
+
+#[test]
+fn server_input_seeds() {
+    replay("server_input", qmp_proto::fuzzing::server_input);
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::framer::{Frame, Framer};
-use crate::{Command, Config, Connection, Outcome, Output};
+use crate::{Command, Config, Connection, Outcome, Output, Received, Server, ServerConfig};
 
 /// The origin of the virtual clock the harnesses drive; only differences from it matter.
 #[allow(
@@ -397,4 +397,36 @@ mod tests {
             op_sequence(input);
         }
     }
+}
+
+/// The server machine (the test kit's fake QEMU) on arbitrary client input, as a QMP monitor
+/// or a guest agent with small limits: it never panics, and the requests it reads do not
+/// depend on how the input was cut into reads (0xFF and 0xFE resets included).
+pub fn server_input(data: &[u8]) {
+    let mut b = Bytes(data);
+    let mode = b.byte();
+    let nsizes = usize::from(b.byte() % 8);
+    let sizes = b.take(nsizes).to_vec();
+    let input = b.0;
+    let read = |chunks: &mut dyn Iterator<Item = &[u8]>| -> Vec<Received> {
+        let config = if mode & 1 == 0 {
+            ServerConfig::qmp()
+        } else {
+            ServerConfig::qga()
+        };
+        let mut server = Server::new(
+            config
+                .max_message_size(16 + usize::from(mode >> 4) * 8)
+                .max_depth(1 + usize::from((mode >> 1) & 7)),
+        );
+        let mut got = Vec::new();
+        for chunk in chunks {
+            server.handle_input(chunk);
+            got.extend(std::iter::from_fn(|| server.poll_received()));
+        }
+        got
+    };
+    let whole = read(&mut std::iter::once(input));
+    let split = read(&mut pieces(input, &sizes));
+    assert_eq!(whole, split, "the cut into reads changed what was read");
 }
