@@ -380,25 +380,6 @@ pub fn op_sequence(data: &[u8]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn harnesses_accept_simple_inputs() {
-        for input in [
-            &b""[..],
-            b"\x05\x03\x02{\"a\":[1]}\r\n\xffjunk",
-            b"\x80\x01\x02{\"return\": 1, \"id\": 1}",
-        ] {
-            framing(input);
-            bytes_to_outputs(input);
-            roundtrip(input);
-            op_sequence(input);
-        }
-    }
-}
-
 /// The server machine (the test kit's fake QEMU) on arbitrary client input, as a QMP monitor
 /// or a guest agent with small limits: it never panics, and the requests it reads do not
 /// depend on how the input was cut into reads (0xFF and 0xFE resets included).
@@ -429,4 +410,23 @@ pub fn server_input(data: &[u8]) {
     let whole = read(&mut std::iter::once(input));
     let split = read(&mut pieces(input, &sizes));
     assert_eq!(whole, split, "the cut into reads changed what was read");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn harnesses_accept_simple_inputs() {
+        for input in [
+            &b""[..],
+            b"\x05\x03\x02{\"a\":[1]}\r\n\xffjunk",
+            b"\x80\x01\x02{\"return\": 1, \"id\": 1}",
+        ] {
+            framing(input);
+            bytes_to_outputs(input);
+            roundtrip(input);
+            op_sequence(input);
+        }
+    }
 }
