@@ -901,26 +901,29 @@ impl Connection {
             });
         }
         let id = self.next_id;
-        let mut bytes =
-            Vec::with_capacity(32 + cmd.name.len() + cmd.arguments.as_ref().map_or(0, String::len));
-        wire::encode_request(
-            &mut bytes,
-            &cmd.name,
-            cmd.arguments.as_deref(),
-            cmd.oob,
-            Some(id),
-        );
-        if bytes.len() > self.config.max_request_size {
-            return Err(LocalError::RequestTooLarge {
-                size: bytes.len(),
-                max: self.config.max_request_size,
-            });
-        }
         let ready = self.state == State::Ready && self.syncing.is_none();
         // As `admit` decides: only a request that takes a slot waits for one.
         let takes_slot = !cmd.oob && cmd.expect_reply;
         let direct = ready
             && (!takes_slot || (self.queued == 0 && self.inband.len() < self.config.max_in_flight));
+        // A request that can go now is encoded straight into the transmit buffer; one that
+        // waits gets its own buffer in the queue.
+        let (start, mut queued) = if direct {
+            (self.begin_segment(), None)
+        } else {
+            let capacity = 32 + cmd.name.len() + cmd.arguments.as_ref().map_or(0, String::len);
+            (0, Some(Vec::with_capacity(capacity)))
+        };
+        let out = queued.as_mut().unwrap_or(&mut self.out);
+        wire::encode_request(out, &cmd.name, cmd.arguments.as_deref(), cmd.oob, Some(id));
+        let size = out.len() - start;
+        if size > self.config.max_request_size {
+            out.truncate(start);
+            return Err(LocalError::RequestTooLarge {
+                size,
+                max: self.config.max_request_size,
+            });
+        }
         if !direct && self.queued >= self.config.max_queued {
             return Err(LocalError::QueueFull {
                 max: self.config.max_queued,
@@ -942,14 +945,13 @@ impl Connection {
                 expect_reply: cmd.expect_reply,
                 written: Written::Nothing,
                 deadline,
-                queued: None,
+                queued,
                 fds: cmd.fds,
             },
         );
         if direct {
-            self.put_on_wire(id, &bytes);
+            self.end_segment(id, start);
         } else {
-            self.pending.get_mut(&id).expect("just inserted").queued = Some(bytes);
             self.queue.push_back(id);
             self.queued += 1;
         }
@@ -1435,6 +1437,14 @@ impl Connection {
     }
 
     fn put_on_wire(&mut self, id: u64, bytes: &[u8]) {
+        let start = self.begin_segment();
+        self.out.extend_from_slice(bytes);
+        self.end_segment(id, start);
+    }
+
+    /// Makes room at the end of the transmit buffer for a request's bytes and returns where
+    /// they start; [`end_segment`](Self::end_segment) records them once appended.
+    fn begin_segment(&mut self) -> usize {
         if self.out_pos > 0 && self.out_pos >= self.out.len() / 2 {
             // Compact so the buffer does not grow while the transport drains it slowly.
             self.out.drain(..self.out_pos);
@@ -1446,8 +1456,11 @@ impl Connection {
             }
             self.out_pos = 0;
         }
-        let start = self.out.len();
-        self.out.extend_from_slice(bytes);
+        self.out.len()
+    }
+
+    /// Records the bytes appended since `start` as request `id`'s.
+    fn end_segment(&mut self, id: u64, start: usize) {
         let p = self.pending.get(&id);
         self.segments.push_back(Segment {
             id,

@@ -747,15 +747,33 @@ fn requests_over_the_local_limits_are_refused_before_anything_is_written() {
     ));
     let mut small = Config::default();
     small.max_request_size = 64;
-    let (t0, mut c) = ready(small);
-    let big = Command::new("x")
-        .arguments(&serde_json::json!({"s": "y".repeat(100)}))
-        .unwrap();
+    let (t0, mut c) = ready(small.clone());
+    let big = || {
+        Command::new("x")
+            .arguments(&serde_json::json!({"s": "y".repeat(100)}))
+            .unwrap()
+    };
     assert!(matches!(
-        c.send(t0, big),
+        c.send(t0, big()),
         Err(LocalError::RequestTooLarge { max: 64, .. })
     ));
     assert_eq!(tx(&mut c), "");
+    // Refused with other bytes waiting to go: they go unchanged, and no id was used up.
+    c.send(t0, Command::new("a")).unwrap();
+    assert_eq!(
+        c.send(t0, big()),
+        Err(LocalError::RequestTooLarge { size: 143, max: 64 })
+    );
+    c.send(t0, Command::new("b")).unwrap();
+    assert_eq!(tx(&mut c), r#"{"execute":"a","id":1}{"execute":"b","id":2}"#);
+    // The same for a request that would have waited in the queue (before the greeting).
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, small);
+    assert_eq!(
+        c.send(t0, big()),
+        Err(LocalError::RequestTooLarge { size: 143, max: 64 })
+    );
+    assert_eq!(c.stats().requests_sent, 0);
     let mut tiny = Config::default();
     tiny.max_queued = 1;
     let t0 = Instant::now();
