@@ -765,7 +765,10 @@ fn requests_over_the_local_limits_are_refused_before_anything_is_written() {
         Err(LocalError::RequestTooLarge { size: 143, max: 64 })
     );
     c.send(t0, Command::new("b")).unwrap();
-    assert_eq!(tx(&mut c), r#"{"execute":"a","id":1}{"execute":"b","id":2}"#);
+    assert_eq!(
+        tx(&mut c),
+        r#"{"execute":"a","id":1}{"execute":"b","id":2}"#
+    );
     // The same for a request that would have waited in the queue (before the greeting).
     let t0 = Instant::now();
     let mut c = Connection::new(t0, small);
