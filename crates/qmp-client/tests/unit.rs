@@ -49,14 +49,40 @@ fn session(builder: Builder) -> Session {
     Session { driver, ..s }
 }
 
-/// A session after its handshake, with its driver handed back instead of spawned. Its
-/// `driver` receiver is already closed (it resolves as cancelled): wait on the driver itself.
-fn unspawned(builder: Builder) -> (Session, qmp_client::Connection) {
-    let mut pool = LocalPool::new();
+/// A handshake under way on a fresh executor, against a server scripted by the test.
+struct Handshaking {
+    pool: LocalPool,
+    sp: LocalSpawner,
+    srv: Server,
+    timer: ManualTimer,
+    hs: oneshot::Receiver<Result<(Client, qmp_client::Connection), Error>>,
+}
+
+fn handshaking(builder: Builder) -> Handshaking {
+    let pool = LocalPool::new();
     let sp = pool.spawner();
     let (io, srv) = pipe();
     let timer = ManualTimer::new();
-    let mut hs = spawn(&sp, builder.handshake(io, timer.clone()));
+    let hs = spawn(&sp, builder.handshake(io, timer.clone()));
+    Handshaking {
+        pool,
+        sp,
+        srv,
+        timer,
+        hs,
+    }
+}
+
+/// A session after its handshake, with its driver handed back instead of spawned. Its
+/// `driver` receiver is already closed (it resolves as cancelled): wait on the driver itself.
+fn unspawned(builder: Builder) -> (Session, qmp_client::Connection) {
+    let Handshaking {
+        mut pool,
+        sp,
+        srv,
+        timer,
+        mut hs,
+    } = handshaking(builder);
     assert!(done(&mut pool, &mut hs).is_none());
     assert_eq!(srv.take(), "");
     srv.greet();
@@ -499,16 +525,13 @@ fn commands_in_a_row_keep_one_timer_and_a_later_timeout_still_fires() {
 
 #[test]
 fn never_greeted_is_a_clear_handshake_error() {
-    let mut pool = LocalPool::new();
-    let sp = pool.spawner();
-    let (io, srv) = pipe();
-    let timer = ManualTimer::new();
-    let mut hs = spawn(
-        &sp,
-        Builder::new()
-            .handshake_timeout(Some(Duration::from_secs(3)))
-            .handshake(io, timer.clone()),
-    );
+    let Handshaking {
+        mut pool,
+        srv,
+        timer,
+        mut hs,
+        ..
+    } = handshaking(Builder::new().handshake_timeout(Some(Duration::from_secs(3))));
     assert!(done(&mut pool, &mut hs).is_none());
     timer.advance(Duration::from_secs(3));
     let err = done(&mut pool, &mut hs).unwrap().unwrap_err();
@@ -523,16 +546,13 @@ fn never_greeted_is_a_clear_handshake_error() {
 
 #[test]
 fn greeted_but_no_negotiation_reply_says_so() {
-    let mut pool = LocalPool::new();
-    let sp = pool.spawner();
-    let (io, srv) = pipe();
-    let timer = ManualTimer::new();
-    let mut hs = spawn(
-        &sp,
-        Builder::new()
-            .handshake_timeout(Some(Duration::from_secs(3)))
-            .handshake(io, timer.clone()),
-    );
+    let Handshaking {
+        mut pool,
+        srv,
+        timer,
+        mut hs,
+        ..
+    } = handshaking(Builder::new().handshake_timeout(Some(Duration::from_secs(3))));
     srv.greet();
     assert!(done(&mut pool, &mut hs).is_none());
     timer.advance(Duration::from_secs(3));
@@ -547,10 +567,12 @@ fn greeted_but_no_negotiation_reply_says_so() {
 
 #[test]
 fn eof_during_handshake_is_a_handshake_error() {
-    let mut pool = LocalPool::new();
-    let sp = pool.spawner();
-    let (io, srv) = pipe();
-    let mut hs = spawn(&sp, Builder::new().handshake(io, ManualTimer::new()));
+    let Handshaking {
+        mut pool,
+        srv,
+        mut hs,
+        ..
+    } = handshaking(Builder::new());
     srv.greet();
     assert!(done(&mut pool, &mut hs).is_none());
     srv.hang_up();
@@ -637,20 +659,12 @@ fn close_resolves_pending_calls_and_stops_the_driver() {
 
 #[test]
 fn dropping_the_connection_resolves_pending_calls() {
-    let mut pool = LocalPool::new();
-    let sp = pool.spawner();
-    let (io, srv) = pipe();
-    let timer = ManualTimer::new();
-    let mut hs = spawn(&sp, Builder::new().handshake(io, timer));
-    srv.greet();
-    pool.run_until_stalled();
-    srv.send("{\"return\": {}, \"id\": 0}");
-    let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
-    let c = client.clone();
-    let mut call = spawn(&sp, async move { c.execute_raw("x", &()).await });
-    assert!(done(&mut pool, &mut call).is_none());
+    let (mut s, conn) = unspawned(Builder::new());
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    assert!(done(&mut s.pool, &mut call).is_none());
     drop(conn);
-    let e = done(&mut pool, &mut call).unwrap().unwrap_err();
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
     assert_eq!(
         (e.kind(), e.send_status()),
         (ErrorKind::Closed, Some(SendStatus::NotSent))
@@ -698,10 +712,12 @@ fn subscribing_and_dropping_without_events_stays_bounded() {
 
 #[test]
 fn refused_negotiation_is_a_handshake_error_and_no_oob_without_the_capability() {
-    let mut pool = LocalPool::new();
-    let sp = pool.spawner();
-    let (io, srv) = pipe();
-    let mut hs = spawn(&sp, Builder::new().handshake(io, ManualTimer::new()));
+    let Handshaking {
+        mut pool,
+        srv,
+        mut hs,
+        ..
+    } = handshaking(Builder::new());
     srv.greet();
     assert!(done(&mut pool, &mut hs).is_none());
     srv.take();
@@ -714,8 +730,13 @@ fn refused_negotiation_is_a_handshake_error_and_no_oob_without_the_capability() 
     );
 
     // A server that offers no capabilities: exec-oob is refused locally, nothing is sent.
-    let (io, srv) = pipe();
-    let mut hs = spawn(&sp, Builder::new().handshake(io, ManualTimer::new()));
+    let Handshaking {
+        mut pool,
+        sp,
+        srv,
+        mut hs,
+        ..
+    } = handshaking(Builder::new());
     srv.send("{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 9}, \"package\": \"\"}, \"capabilities\": []}}\r\n");
     assert!(done(&mut pool, &mut hs).is_none());
     assert_eq!(srv.take(), r#"{"execute":"qmp_capabilities","id":0}"#);
@@ -1003,11 +1024,13 @@ fn event_filters_from_owned_and_borrowed_strings() {
 
 #[test]
 fn builder_capabilities_choose_what_is_negotiated() {
-    let mut pool = LocalPool::new();
-    let sp = pool.spawner();
-    let (io, srv) = pipe();
-    let builder = Builder::new().capabilities(Vec::<String>::new());
-    let mut hs = spawn(&sp, builder.handshake(io, ManualTimer::new()));
+    let Handshaking {
+        mut pool,
+        sp,
+        srv,
+        mut hs,
+        ..
+    } = handshaking(Builder::new().capabilities(Vec::<String>::new()));
     srv.greet();
     assert!(done(&mut pool, &mut hs).is_none());
     // The server offers oob; none was asked for.
