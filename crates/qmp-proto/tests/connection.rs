@@ -34,8 +34,13 @@ fn outs(c: &mut Connection) -> Vec<Output> {
 }
 
 fn ok(id: u64, ret: &str) -> Output {
+    replied(rid(id), ret)
+}
+
+/// The completion of request `id` with the return value `ret`.
+fn replied(id: RequestId, ret: &str) -> Output {
     Output::Completed {
-        id: rid(id),
+        id,
         outcome: Outcome::Replied(Ok(raw(ret))),
     }
 }
@@ -94,13 +99,7 @@ fn handshake_negotiates_oob_and_releases_commands_queued_before_it() {
         t0,
         b"{\"return\": {\"status\": \"running\"}, \"id\": 1}\r\n",
     );
-    assert_eq!(
-        outs(&mut c),
-        vec![Output::Completed {
-            id,
-            outcome: Outcome::Replied(Ok(raw(r#"{"status": "running"}"#)))
-        }]
-    );
+    assert_eq!(outs(&mut c), vec![replied(id, r#"{"status": "running"}"#)]);
 }
 
 fn ready_caps(caps: &[&str]) -> Ready {
@@ -457,10 +456,7 @@ fn idless_errors_and_unknown_ids_never_misroute_or_close() {
             Output::Anomaly(Anomaly::IdlessError(e.clone())),
             Output::Anomaly(Anomaly::IdlessError(e.clone())),
             Output::Anomaly(Anomaly::IdlessError(e)),
-            Output::Completed {
-                id: a,
-                outcome: Outcome::Replied(Ok(raw("7")))
-            },
+            replied(a, "7"),
         ]
     );
     assert_eq!(c.stats().unknown_replies, 2);
@@ -598,13 +594,7 @@ fn timeouts_distinguish_not_sent_from_unknown_and_late_replies_are_dropped() {
     assert_eq!(tx(&mut c), r#"{"execute":"third","id":3}"#);
     assert_eq!(c.poll_timeout(), None);
     c.handle_input(t0, b"{\"return\": 3, \"id\": 3}\r\n");
-    assert_eq!(
-        outs(&mut c),
-        vec![Output::Completed {
-            id: third,
-            outcome: Outcome::Replied(Ok(raw("3")))
-        }]
-    );
+    assert_eq!(outs(&mut c), vec![replied(third, "3")]);
 }
 
 #[test]
@@ -687,13 +677,7 @@ fn abandoning_never_leaves_half_a_request_on_the_wire() {
         t0,
         b"{\"return\": 1, \"id\": 1}\r\n{\"return\": 3, \"id\": 3}\r\n",
     );
-    assert_eq!(
-        outs(&mut c),
-        vec![Output::Completed {
-            id: cc,
-            outcome: Outcome::Replied(Ok(raw("3")))
-        }]
-    );
+    assert_eq!(outs(&mut c), vec![replied(cc, "3")]);
     assert_eq!(c.stats().late_replies, 1);
     assert_eq!(c.pending(), 0);
     assert_eq!(c.in_flight(), 0);
@@ -843,13 +827,7 @@ mod qga {
         assert_eq!(outs(&mut c), vec![Output::Ready(ready_caps(&[]))]);
         assert_eq!(tx(&mut c), r#"{"execute":"guest-ping","id":1}"#);
         c.handle_input(t0, b"{\"return\": {}, \"id\": 1}\n");
-        assert_eq!(
-            outs(&mut c),
-            vec![Output::Completed {
-                id,
-                outcome: Outcome::Replied(Ok(raw("{}")))
-            }]
-        );
+        assert_eq!(outs(&mut c), vec![replied(id, "{}")]);
         assert_eq!(c.stats().unknown_replies, 2);
     }
 
@@ -902,13 +880,7 @@ mod qga {
         );
         assert_eq!(tx(&mut c), r#"{"execute":"guest-ping","id":2}"#);
         c.handle_input(t0, b"{\"return\": {}, \"id\": 2}\n");
-        assert_eq!(
-            outs(&mut c),
-            vec![Output::Completed {
-                id: next,
-                outcome: Outcome::Replied(Ok(raw("{}")))
-            }]
-        );
+        assert_eq!(outs(&mut c), vec![replied(next, "{}")]);
         assert_eq!(c.stats().late_replies, 1);
     }
 
@@ -947,13 +919,7 @@ mod qga {
         assert_eq!(c.in_flight(), 1);
         assert_eq!(tx(&mut c), r#"{"execute":"guest-ping","id":2}"#);
         c.handle_input(t1, b"{\"return\": {}, \"id\": 2}\n");
-        assert_eq!(
-            outs(&mut c),
-            vec![Output::Completed {
-                id: next,
-                outcome: Outcome::Replied(Ok(raw("{}")))
-            }]
-        );
+        assert_eq!(outs(&mut c), vec![replied(next, "{}")]);
     }
 
     #[test]
@@ -990,13 +956,7 @@ mod qga {
         assert_eq!(tx(&mut c), r#"{"execute":"guest-ping","id":1}"#);
         assert_eq!(c.poll_timeout(), None, "no deadline left behind");
         c.handle_input(t0, b"{\"return\": {}, \"id\": 1}\n");
-        assert_eq!(
-            outs(&mut c),
-            vec![Output::Completed {
-                id,
-                outcome: Outcome::Replied(Ok(raw("{}")))
-            }]
-        );
+        assert_eq!(outs(&mut c), vec![replied(id, "{}")]);
     }
 
     #[test]
