@@ -294,14 +294,19 @@ fn attempts_stop_at_max_attempts_with_the_last_error() {
     assert_eq!(r.sleep.slept(), SEED42_FULL.to_vec());
 }
 
-#[test]
-fn the_overall_deadline_stops_retries_before_sleeping_past_it() {
+/// Up to 10 attempts of "cmd", 100 ms apart, within 250 ms overall.
+fn rig_with_a_250ms_deadline() -> Rig {
     let retry = RetryPolicy::default()
         .max_attempts(10)
         .backoff(100 * MS, 100 * MS)
         .jitter(Jitter::None)
         .deadline(Some(250 * MS));
-    let r = rig(Policy::deny_all().rule("cmd", Rule::allow().retry(retry)));
+    rig(Policy::deny_all().rule("cmd", Rule::allow().retry(retry)))
+}
+
+#[test]
+fn the_overall_deadline_stops_retries_before_sleeping_past_it() {
+    let r = rig_with_a_250ms_deadline();
     for _ in 0..10 {
         r.exec.push_err(ExecError::NotSent(Failure::Timeout));
     }
@@ -313,12 +318,7 @@ fn the_overall_deadline_stops_retries_before_sleeping_past_it() {
 
 #[test]
 fn time_spent_in_the_executor_counts_toward_the_deadline() {
-    let retry = RetryPolicy::default()
-        .max_attempts(10)
-        .backoff(100 * MS, 100 * MS)
-        .jitter(Jitter::None)
-        .deadline(Some(250 * MS));
-    let r = rig(Policy::deny_all().rule("cmd", Rule::allow().retry(retry)));
+    let r = rig_with_a_250ms_deadline();
     let answer = r.exec.push_later();
     let mut call = Box::pin(r.ops.execute("cmd", None));
     assert!(common::poll_once(&mut call).is_pending());
