@@ -732,15 +732,17 @@ fn command<A: Serialize + ?Sized>(name: &str, args: &A) -> Result<Command, Error
 }
 
 fn finish(name: &str, outcome: Outcome) -> Result<RawJson, Error> {
+    let status = outcome.send_status();
     match outcome {
         Outcome::Replied(Ok(raw)) => Ok(raw),
         Outcome::Replied(Err(e)) => Err(Error::server(name, e)),
         Outcome::Sent => Ok(RawJson::null()),
-        Outcome::NotSent(f) => Err(Error::failure(f, false).with_command(name)),
-        Outcome::Unknown(f) => Err(Error::failure(f, true).with_command(name)),
+        Outcome::NotSent(f) | Outcome::Unknown(f) => {
+            Err(Error::failure(f, status).with_command(name))
+        }
         _ => Err(Error::new(ErrorKind::Closed, "unknown outcome")
             .with_command(name)
-            .with_status(SendStatus::Unanswered)),
+            .with_status(status)),
     }
 }
 

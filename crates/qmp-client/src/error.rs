@@ -123,7 +123,9 @@ impl Error {
             .with_source(e)
     }
 
-    pub(crate) fn failure(failure: Failure, sent: bool) -> Self {
+    /// A request that got no answer; `status` says whether it was sent (from
+    /// [`Outcome::send_status`](qmp_proto::Outcome::send_status)).
+    pub(crate) fn failure(failure: Failure, status: SendStatus) -> Self {
         let kind = match failure {
             Failure::Timeout => ErrorKind::Timeout,
             Failure::PeerClosed => ErrorKind::Disconnected,
@@ -133,15 +135,10 @@ impl Error {
             Failure::ReplyLost => ErrorKind::ReplyLost,
             _ => ErrorKind::Closed,
         };
-        let status = if sent {
-            SendStatus::Unanswered
-        } else {
-            SendStatus::NotSent
-        };
-        let what = match (sent, failure) {
-            (true, Failure::ReplyLost) => "it ran, with an unknown result",
-            (true, _) => "sent, but no reply came",
-            (false, _) => "not sent",
+        let what = match (status, failure) {
+            (SendStatus::NotSent, _) => "not sent",
+            (_, Failure::ReplyLost) => "it ran, with an unknown result",
+            _ => "sent, but no reply came",
         };
         Self::new(kind, format!("{failure} ({what})")).with_status(status)
     }
