@@ -49,6 +49,14 @@ fn session(builder: Builder) -> Session {
     Session { driver, ..s }
 }
 
+impl Session {
+    /// Spawns `execute_raw(name)` with no arguments; the receiver gets its result.
+    fn call(&self, name: &'static str) -> oneshot::Receiver<Result<qmp_client::RawJson, Error>> {
+        let c = self.client.clone();
+        spawn(&self.sp, async move { c.execute_raw(name, &()).await })
+    }
+}
+
 /// A handshake under way on a fresh executor, against a server scripted by the test.
 struct Handshaking {
     pool: LocalPool,
@@ -301,10 +309,8 @@ fn builder_event_queue_sets_the_default_subscriber_capacity() {
 #[test]
 fn peer_gone_resolves_every_call_with_its_send_status() {
     let mut s = session(Builder::new().max_in_flight(1));
-    let c = s.client.clone();
-    let mut first = spawn(&s.sp, async move { c.execute_raw("a", &()).await });
-    let c = s.client.clone();
-    let mut second = spawn(&s.sp, async move { c.execute_raw("b", &()).await });
+    let mut first = s.call("a");
+    let mut second = s.call("b");
     let mut events = s.client.subscribe(qmp_client::EventFilter::all());
     s.pool.run_until_stalled();
     assert_eq!(s.srv.take(), r#"{"execute":"a","id":1}"#);
@@ -323,8 +329,7 @@ fn peer_gone_resolves_every_call_with_its_send_status() {
     assert!(matches!(done(&mut s.pool, &mut s.driver), Some(Ok(()))));
 
     // Later calls fail at once, not sent.
-    let c = s.client.clone();
-    let mut later = spawn(&s.sp, async move { c.execute_raw("c", &()).await });
+    let mut later = s.call("c");
     let e3 = done(&mut s.pool, &mut later).unwrap().unwrap_err();
     assert_eq!(
         (e3.kind(), e3.send_status()),
@@ -363,8 +368,7 @@ fn dropped_call_is_abandoned_and_its_late_reply_never_misrouted() {
     assert_eq!(done(&mut s.pool, &mut dropped), Some(()));
     assert_eq!(s.client.pending(), 0);
 
-    let c = s.client.clone();
-    let mut next = spawn(&s.sp, async move { c.execute_raw("fast", &()).await });
+    let mut next = s.call("fast");
     s.pool.run_until_stalled();
     assert_eq!(s.srv.take(), r#"{"execute":"fast","id":2}"#);
     s.srv.send(r#"{"return": "late", "id": 1}"#);
@@ -381,8 +385,7 @@ fn dropped_call_is_abandoned_and_its_late_reply_never_misrouted() {
 #[test]
 fn a_call_dropped_before_it_was_written_never_goes_out() {
     let mut s = session(Builder::new().max_in_flight(1));
-    let c = s.client.clone();
-    let mut first = spawn(&s.sp, async move { c.execute_raw("first", &()).await });
+    let mut first = s.call("first");
     let c = s.client.clone();
     let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
     let mut queued = spawn(&s.sp, async move {
@@ -401,8 +404,7 @@ fn a_call_dropped_before_it_was_written_never_goes_out() {
 #[test]
 fn command_timeout_follows_the_manual_clock() {
     let mut s = session(Builder::new().command_timeout(Duration::from_secs(5)));
-    let c = s.client.clone();
-    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    let mut call = s.call("x");
     let c = s.client.clone();
     let mut short = spawn(&s.sp, async move {
         c.execute_timeout::<serde::de::IgnoredAny, _>("y", &(), Duration::from_secs(1))
@@ -423,8 +425,7 @@ fn command_timeout_follows_the_manual_clock() {
     assert_eq!(e.kind(), ErrorKind::Timeout);
     assert_eq!(e.to_string(), "x: timed out (sent, but no reply came)");
     // The session goes on.
-    let c = s.client.clone();
-    let mut ok = spawn(&s.sp, async move { c.execute_raw("z", &()).await });
+    let mut ok = s.call("z");
     s.pool.run_until_stalled();
     s.srv.take();
     s.srv.send(r#"{"return": 7, "id": 3}"#);
@@ -467,8 +468,7 @@ fn a_driver_moved_to_another_task_still_gets_its_timeout() {
             waker: std::rc::Rc::clone(&waker),
         },
     );
-    let c = s.client.clone();
-    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    let mut call = s.call("x");
     s.pool.run_until_stalled();
     assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
     // The sleep for the deadline is armed, and it knows the first task's waker.
@@ -491,8 +491,7 @@ fn commands_in_a_row_keep_one_timer_and_a_later_timeout_still_fires() {
     let mut s = session(Builder::new().command_timeout(Duration::from_secs(5)));
     let before = s.timer.sleeps();
     for i in 1..=50 {
-        let c = s.client.clone();
-        let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+        let mut call = s.call("x");
         assert!(done(&mut s.pool, &mut call).is_none());
         assert_eq!(s.srv.take(), format!(r#"{{"execute":"x","id":{i}}}"#));
         s.srv.send(&format!("{{\"return\": {i}, \"id\": {i}}}\r\n"));
@@ -507,8 +506,7 @@ fn commands_in_a_row_keep_one_timer_and_a_later_timeout_still_fires() {
 
     // 0.5 s in: this deadline is at 5.5 s, the armed sleep at 5 s. It fires early, finds
     // nothing due, and the timer is armed again for 5.5 s.
-    let c = s.client.clone();
-    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    let mut call = s.call("x");
     assert!(done(&mut s.pool, &mut call).is_none());
     s.timer.advance(Duration::from_millis(4500));
     assert!(done(&mut s.pool, &mut call).is_none());
@@ -642,8 +640,7 @@ fn execute_then_wait_sees_an_event_sent_before_the_reply() {
 #[test]
 fn close_resolves_pending_calls_and_stops_the_driver() {
     let mut s = session(Builder::new());
-    let c = s.client.clone();
-    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    let mut call = s.call("x");
     s.pool.run_until_stalled();
     let c = s.client.clone();
     let mut closing = spawn(&s.sp, async move { c.close().await });
@@ -660,8 +657,7 @@ fn close_resolves_pending_calls_and_stops_the_driver() {
 #[test]
 fn dropping_the_connection_resolves_pending_calls() {
     let (mut s, conn) = unspawned(Builder::new());
-    let c = s.client.clone();
-    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    let mut call = s.call("x");
     assert!(done(&mut s.pool, &mut call).is_none());
     drop(conn);
     let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
@@ -674,8 +670,7 @@ fn dropping_the_connection_resolves_pending_calls() {
 #[test]
 fn garbage_and_idless_errors_do_not_end_the_session() {
     let mut s = session(Builder::new());
-    let c = s.client.clone();
-    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    let mut call = s.call("x");
     s.pool.run_until_stalled();
     s.srv.take();
     s.srv.send(
@@ -760,10 +755,8 @@ fn refused_negotiation_is_a_handshake_error_and_no_oob_without_the_capability() 
 #[test]
 fn close_gracefully_lets_pending_calls_finish_and_refuses_new_ones() {
     let mut s = session(Builder::new());
-    let c = s.client.clone();
-    let mut a = spawn(&s.sp, async move { c.execute_raw("a", &()).await });
-    let c = s.client.clone();
-    let mut b = spawn(&s.sp, async move { c.execute_raw("b", &()).await });
+    let mut a = s.call("a");
+    let mut b = s.call("b");
     s.pool.run_until_stalled();
     assert_eq!(
         s.srv.take(),
@@ -774,8 +767,7 @@ fn close_gracefully_lets_pending_calls_finish_and_refuses_new_ones() {
         c.close_gracefully(Duration::from_secs(10)).await
     });
     assert!(done(&mut s.pool, &mut closing).is_none());
-    let c = s.client.clone();
-    let mut late = spawn(&s.sp, async move { c.execute_raw("late", &()).await });
+    let mut late = s.call("late");
     let e = done(&mut s.pool, &mut late).unwrap().unwrap_err();
     assert_eq!(
         (e.kind(), e.send_status(), e.to_string().as_str()),
@@ -798,8 +790,7 @@ fn close_gracefully_lets_pending_calls_finish_and_refuses_new_ones() {
 #[test]
 fn close_gracefully_gives_up_after_its_timeout() {
     let mut s = session(Builder::new());
-    let c = s.client.clone();
-    let mut a = spawn(&s.sp, async move { c.execute_raw("a", &()).await });
+    let mut a = s.call("a");
     s.pool.run_until_stalled();
     let c = s.client.clone();
     let mut closing = spawn(&s.sp, async move {
@@ -838,8 +829,7 @@ fn a_reply_too_large_to_read_fails_its_call_at_once_and_the_session_goes_on() {
             "query-qmp-schema: its reply could not be read (it ran, with an unknown result)"
         )
     );
-    let c = s.client.clone();
-    let mut next = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    let mut next = s.call("x");
     s.pool.run_until_stalled();
     assert_eq!(s.srv.take(), r#"{"execute":"x","id":2}"#);
     s.srv.send(r#"{"return": 7, "id": 2}"#);
@@ -960,8 +950,7 @@ fn timeouts_too_long_to_represent_mean_no_timeout_not_a_panic() {
 #[test]
 fn a_dropped_close_gracefully_calls_the_close_off() {
     let mut s = session(Builder::new());
-    let c = s.client.clone();
-    let mut a = spawn(&s.sp, async move { c.execute_raw("a", &()).await });
+    let mut a = s.call("a");
     s.pool.run_until_stalled();
     let c = s.client.clone();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -970,8 +959,7 @@ fn a_dropped_close_gracefully_calls_the_close_off() {
         futures_util::future::select(close, stopped).await;
     });
     assert!(done(&mut s.pool, &mut closing).is_none());
-    let c = s.client.clone();
-    let mut refused = spawn(&s.sp, async move { c.execute_raw("b", &()).await });
+    let mut refused = s.call("b");
     assert_eq!(
         done(&mut s.pool, &mut refused).unwrap().unwrap_err().kind(),
         ErrorKind::Closed
@@ -979,8 +967,7 @@ fn a_dropped_close_gracefully_calls_the_close_off() {
     stop.send(()).unwrap();
     assert_eq!(done(&mut s.pool, &mut closing), Some(()));
     assert!(!s.client.is_closed());
-    let c = s.client.clone();
-    let mut b = spawn(&s.sp, async move { c.execute_raw("b", &()).await });
+    let mut b = s.call("b");
     s.pool.run_until_stalled();
     assert_eq!(
         s.srv.take(),
@@ -1053,8 +1040,7 @@ fn a_subscriber_that_never_reads_slows_neither_replies_nor_other_subscribers() {
     let mut s = session(Builder::new());
     let _stuck = s.client.subscribe_with_capacity("STOP", 1);
     let mut other = s.client.subscribe("STOP");
-    let c = s.client.clone();
-    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    let mut call = s.call("x");
     s.pool.run_until_stalled();
     assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
     let mut burst: String = (0..500).map(|n| event("STOP", n)).collect();
@@ -1072,8 +1058,7 @@ fn a_subscriber_that_never_reads_slows_neither_replies_nor_other_subscribers() {
 #[test]
 fn a_transport_error_ends_the_session_and_the_driver_reports_it_whole() {
     let mut s = session(Builder::new());
-    let c = s.client.clone();
-    let mut call = spawn(&s.sp, async move { c.execute_raw("x", &()).await });
+    let mut call = s.call("x");
     s.pool.run_until_stalled();
     assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
     s.srv
@@ -1095,12 +1080,9 @@ fn a_transport_error_ends_the_session_and_the_driver_reports_it_whole() {
 #[test]
 fn a_full_local_queue_refuses_a_command_unsent_and_the_queue_drains_in_order() {
     let mut s = session(Builder::new().max_in_flight(1).max_queued(1));
-    let c = s.client.clone();
-    let mut a = spawn(&s.sp, async move { c.execute_raw("a", &()).await });
-    let c = s.client.clone();
-    let mut b = spawn(&s.sp, async move { c.execute_raw("b", &()).await });
-    let c = s.client.clone();
-    let mut third = spawn(&s.sp, async move { c.execute_raw("c", &()).await });
+    let mut a = s.call("a");
+    let mut b = s.call("b");
+    let mut third = s.call("c");
     s.pool.run_until_stalled();
     assert_eq!(s.srv.take(), r#"{"execute":"a","id":1}"#);
     let e = done(&mut s.pool, &mut third).unwrap().unwrap_err();
