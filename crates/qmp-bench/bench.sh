@@ -45,7 +45,9 @@ one() { # client, then qmp-load arguments
 
 start_daemon() {
     dir=$(mktemp -d)
-    qemu-storage-daemon --chardev "socket,id=m,path=$dir/qmp.sock,server=on,wait=off" \
+    # wait=on: QEMU takes the first connection before it sets the monitor up, which avoids
+    # its start-up race (see the qmp-testkit launch docs).
+    qemu-storage-daemon --chardev "socket,id=m,path=$dir/qmp.sock,server=on,wait=on" \
         --monitor chardev=m &
     pid=$!
     trap 'kill $pid; rm -rf "$dir"' EXIT

@@ -753,8 +753,10 @@ async fn connect_before_the_socket_exists(rt: &Rt) {
         std::thread::sleep(Duration::from_millis(150));
         Launch::storage_daemon()
             .arg("--chardev")
+            // `wait=on`, as the launcher does: with `wait=off` a client this quick can meet
+            // QEMU's start-up race (see `qmp_testkit::launch`).
             .arg(format!(
-                "socket,path={},server=on,wait=off,id=late",
+                "socket,path={},server=on,wait=on,id=late",
                 path.display()
             ))
             .arg("--monitor")

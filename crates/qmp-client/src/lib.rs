@@ -19,6 +19,15 @@
 //! let status: serde_json::Value = client.execute("query-status", &()).await?;
 //! # drop((status, connection)); Ok(()) }
 //! ```
+//!
+//! # Connecting to a QEMU you have just started
+//! QEMU 10.0's monitor socket listens a moment before the monitor's I/O thread owns it. A
+//! client that connects in that window (as `connect_unix_wait` in the adapters may) can be
+//! greeted twice (the client reports the second greeting as an anomaly and goes on), never be
+//! answered (the handshake timeout, 10 s by default, ends the wait), or leave the listener
+//! cutting off the next client. Starting the monitor with `wait=on` avoids it: QEMU then
+//! accepts the first connection before it sets up the monitor. The testkit launcher measures
+//! and documents it.
 #![cfg_attr(not(fuzzing), warn(missing_docs))]
 
 mod client;

@@ -76,7 +76,8 @@ pub async fn connect_unix(
 }
 
 /// Like [`connect_unix`], retrying every 10 ms for up to `wait` while the socket does not
-/// exist yet or refuses connections (QEMU still starting).
+/// exist yet or refuses connections (QEMU still starting). Start the monitor with `wait=on`
+/// when connecting this early: see [`qmp_client`]'s notes on a QEMU that has just started.
 ///
 /// # Errors
 /// As for [`connect_unix`], with the last connect error once `wait` has passed.
