@@ -137,7 +137,11 @@ compare)
     esac
     for m in $modes; do
         echo "mode=$m n=$n where=$where load_before=$(cut -d' ' -f1 /proc/loadavg)"
-        compare "$rounds" $target --mode "$m" --concurrency 8 | tee /dev/stderr | ratios "$rounds"
+        # Each run also to standard error (not `tee /dev/stderr`: reopening a redirected file
+        # truncates it).
+        compare "$rounds" $target --mode "$m" --concurrency 8 |
+            while IFS= read -r run; do printf '%s\n' "$run" >&2; printf '%s\n' "$run"; done |
+            ratios "$rounds"
     done ;;
 *) echo "usage: bench.sh fake|daemon|compare ..." >&2; exit 2 ;;
 esac
