@@ -219,6 +219,25 @@ async fn bad_output_does_not_end_the_session(connect: Connect) {
     assert_eq!(st.anomalies, 7, "{st:?}");
 }
 
+/// A monitor connected during QEMU's start-up race greets twice: the second greeting arrives
+/// after the client has sent `qmp_capabilities` (seen with qemu-storage-daemon 10.0.2; see
+/// `qmp_testkit::launch`). The session goes on with the first greeting.
+async fn greeted_twice_at_start_up(connect: Connect) {
+    let again = br#"{"QMP": {"version": {"qemu": {"micro": 9, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}}"#;
+    let mut again = again.to_vec();
+    again.extend_from_slice(b"\r\n");
+    let script = Script::new().version(10, 0, 2).on(
+        "qmp_capabilities",
+        Response::actions(vec![Action::Raw(again), Action::Return("{}".into())]),
+    );
+    let fake = FakeQemu::unix(script).unwrap();
+    let (c, _driver) = connect(Addr::of(&fake), Builder::new()).await.unwrap();
+    assert_eq!(c.greeting().unwrap().version.qemu.micro, 2);
+    assert_eq!(c.capabilities(), vec!["oob".to_owned()]);
+    let _: IgnoredAny = c.execute("query-version", &()).await.unwrap();
+    assert_eq!(c.stats().anomalies, 1);
+}
+
 async fn reset_after_quit_is_a_normal_close(connect: Connect) {
     // Over TCP, where closing with SO_LINGER 0 makes the client read ECONNRESET (a unix peer
     // would mostly see EOF).
@@ -259,6 +278,10 @@ macro_rules! faults_on {
         #[test]
         fn reset_after_quit_is_a_normal_close() {
             $block_on(super::reset_after_quit_is_a_normal_close($connect));
+        }
+        #[test]
+        fn greeted_twice_at_start_up() {
+            $block_on(super::greeted_twice_at_start_up($connect));
         }
     };
 }
