@@ -103,7 +103,9 @@ impl Launch {
         self
     }
 
-    /// An extra command-line argument.
+    /// An extra command-line argument, after the launcher's own. An extra chardev with
+    /// `wait=on` holds QEMU until something connects to it, and with it the greetings that
+    /// [`spawn`](Self::spawn) waits for: connect to it from another thread.
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.args.push(arg.as_ref().to_owned());
         self
