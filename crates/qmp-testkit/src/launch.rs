@@ -10,8 +10,8 @@
 //! main thread and the I/O thread at once. With two busy loops on this 2-core machine,
 //! connecting the moment the socket accepted went wrong in 106 of 300 launches: the first
 //! client was greeted twice (65) or cut off (3), or a second client was cut off at once (38);
-//! other runs also met first clients that were never answered, and listeners left refusing
-//! every connection. `examples/startup_race.rs` measures it.
+//! other runs also met first clients that were never answered, and listeners that refused
+//! every connection for over a second. `examples/startup_race.rs` measures it.
 //!
 //! So the monitors are created with `wait=on`: QEMU accepts one connection before it sets up
 //! the monitor, and the launcher makes that connection, reads the greeting (proof that the I/O
