@@ -145,19 +145,14 @@ impl Error {
 
     pub(crate) fn closed(reason: &CloseReason) -> Self {
         match reason {
-            CloseReason::PeerClosed => Self::new(
-                ErrorKind::Disconnected,
-                "the peer closed the connection (not sent)",
-            ),
             // The proto says which step was missing: greeting, negotiation or QGA sync.
             CloseReason::Remote(e) => {
                 let mut err = Self::new(ErrorKind::Handshake, e.to_string());
                 err.inner.remote = Some(e.clone());
-                err
+                err.with_status(SendStatus::NotSent)
             }
-            _ => Self::new(ErrorKind::Closed, "the connection is closed (not sent)"),
+            _ => Self::failure(reason.failure(), SendStatus::NotSent),
         }
-        .with_status(SendStatus::NotSent)
     }
 
     /// The kind of failure.

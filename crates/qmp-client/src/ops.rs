@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use qmp_ops::{BoxFuture, ExecError, Execute};
-use qmp_proto::{CloseReason, Command, Failure, RawJson};
+use qmp_proto::{Command, Failure, RawJson};
 use serde_json::value::RawValue;
 
 use crate::Client;
@@ -54,11 +54,7 @@ async fn run(
     let call = client.submit(cmd);
     match call {
         Ok(call) => ExecError::from_outcome(call.await),
-        Err(Refused::Closed(reason)) => Err(ExecError::NotSent(match reason {
-            CloseReason::PeerClosed => Failure::PeerClosed,
-            CloseReason::Remote(_) => Failure::HandshakeFailed,
-            _ => Failure::LocalClose,
-        })),
+        Err(Refused::Closed(reason)) => Err(ExecError::NotSent(reason.failure())),
         Err(Refused::Draining) => Err(ExecError::NotSent(Failure::LocalClose)),
         Err(Refused::Local(local)) => Err(ExecError::Local(local)),
     }

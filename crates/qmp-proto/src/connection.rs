@@ -342,6 +342,17 @@ pub enum CloseReason {
     Remote(RemoteError),
 }
 
+impl CloseReason {
+    /// What a request that this close ended, or that came after it, fails with.
+    pub fn failure(&self) -> Failure {
+        match self {
+            Self::PeerClosed => Failure::PeerClosed,
+            Self::Local => Failure::LocalClose,
+            Self::Remote(_) => Failure::HandshakeFailed,
+        }
+    }
+}
+
 /// Why a request did not get an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -789,7 +800,7 @@ impl Connection {
         if len > 0 {
             self.anomaly(Anomaly::Truncated { len });
         }
-        self.shut(CloseReason::PeerClosed, Failure::PeerClosed);
+        self.shut(CloseReason::PeerClosed);
     }
 
     /// Expires every deadline at or before `now`. Harmless when nothing is due.
@@ -804,7 +815,7 @@ impl Connection {
                 State::Negotiating => RemoteError::NegotiationTimeout,
                 _ => RemoteError::SyncTimeout,
             };
-            self.shut(CloseReason::Remote(why), Failure::HandshakeFailed);
+            self.shut(CloseReason::Remote(why));
             return;
         }
         let mut resync = false;
@@ -986,7 +997,7 @@ impl Connection {
     /// [`Output::Closed`] follows. The driver SHOULD then shut the transport down.
     pub fn close(&mut self, _now: Instant) {
         if self.state != State::Closed {
-            self.shut(CloseReason::Local, Failure::LocalClose);
+            self.shut(CloseReason::Local);
         }
     }
 
@@ -1214,10 +1225,7 @@ impl Connection {
         match self.pending.remove(&id) {
             Some(p) if p.purpose == Purpose::Negotiation => match result {
                 Ok(_) => self.become_ready(),
-                Err(e) => self.shut(
-                    CloseReason::Remote(RemoteError::NegotiationFailed(e)),
-                    Failure::HandshakeFailed,
-                ),
+                Err(e) => self.shut(CloseReason::Remote(RemoteError::NegotiationFailed(e))),
             },
             Some(p) if p.purpose == Purpose::User && p.written != Written::Nothing => {
                 if let Some(at) = p.deadline {
@@ -1528,8 +1536,9 @@ impl Connection {
         Outcome::Unknown(why)
     }
 
-    fn shut(&mut self, reason: CloseReason, why: Failure) {
+    fn shut(&mut self, reason: CloseReason) {
         debug_assert_ne!(self.state, State::Closed, "closed twice");
+        let why = reason.failure();
         let mut ids: Vec<u64> = self
             .pending
             .iter()

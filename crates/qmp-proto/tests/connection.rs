@@ -1076,3 +1076,18 @@ fn each_outcome_says_how_far_its_request_got() {
         assert_eq!(outcome.send_status(), status, "{outcome:?}");
     }
 }
+
+#[test]
+fn each_close_reason_names_the_failure_of_the_requests_it_ends() {
+    let cases = [
+        (CloseReason::PeerClosed, Failure::PeerClosed),
+        (CloseReason::Local, Failure::LocalClose),
+        (
+            CloseReason::Remote(RemoteError::GreetingTimeout),
+            Failure::HandshakeFailed,
+        ),
+    ];
+    for (reason, failure) in cases {
+        assert_eq!(reason.failure(), failure, "{reason:?}");
+    }
+}
