@@ -32,6 +32,15 @@ fn done<T>(pool: &mut LocalPool, rx: &mut oneshot::Receiver<T>) -> Option<T> {
     rx.try_recv().unwrap()
 }
 
+/// The kind and send status of the error a call finishes with now.
+fn failed<T: std::fmt::Debug>(
+    pool: &mut LocalPool,
+    rx: &mut oneshot::Receiver<Result<T, Error>>,
+) -> (ErrorKind, Option<SendStatus>) {
+    let e = done(pool, rx).expect("finished").unwrap_err();
+    (e.kind(), e.send_status())
+}
+
 struct Session {
     pool: LocalPool,
     sp: LocalSpawner,
@@ -414,9 +423,8 @@ fn command_timeout_follows_the_manual_clock() {
     s.timer.advance(Duration::from_millis(999));
     assert!(done(&mut s.pool, &mut short).is_none());
     s.timer.advance(Duration::from_millis(1));
-    let e = done(&mut s.pool, &mut short).unwrap().unwrap_err();
     assert_eq!(
-        (e.kind(), e.send_status()),
+        failed(&mut s.pool, &mut short),
         (ErrorKind::Timeout, Some(SendStatus::Unanswered))
     );
     assert!(done(&mut s.pool, &mut call).is_none());
@@ -478,9 +486,8 @@ fn a_driver_moved_to_another_task_still_gets_its_timeout() {
     let mut second = spawn(&s.sp, conn);
     s.pool.run_until_stalled();
     s.timer.advance(Duration::from_secs(5));
-    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
     assert_eq!(
-        (e.kind(), e.send_status()),
+        failed(&mut s.pool, &mut call),
         (ErrorKind::Timeout, Some(SendStatus::Unanswered))
     );
     assert!(done(&mut s.pool, &mut second).is_none());
@@ -514,9 +521,8 @@ fn commands_in_a_row_keep_one_timer_and_a_later_timeout_still_fires() {
     s.timer.advance(Duration::from_millis(499));
     assert!(done(&mut s.pool, &mut call).is_none());
     s.timer.advance(Duration::from_millis(1));
-    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
     assert_eq!(
-        (e.kind(), e.send_status()),
+        failed(&mut s.pool, &mut call),
         (ErrorKind::Timeout, Some(SendStatus::Unanswered))
     );
 }
@@ -633,8 +639,7 @@ fn execute_then_wait_sees_an_event_sent_before_the_reply() {
     });
     assert!(done(&mut s.pool, &mut wait).is_none());
     s.timer.advance(Duration::from_secs(2));
-    let e = done(&mut s.pool, &mut wait).unwrap().unwrap_err();
-    assert_eq!((e.kind(), e.send_status()), (ErrorKind::Timeout, None));
+    assert_eq!(failed(&mut s.pool, &mut wait), (ErrorKind::Timeout, None));
 }
 
 #[test]
@@ -645,9 +650,8 @@ fn close_resolves_pending_calls_and_stops_the_driver() {
     let c = s.client.clone();
     let mut closing = spawn(&s.sp, async move { c.close().await });
     assert_eq!(done(&mut s.pool, &mut closing), Some(()));
-    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
     assert_eq!(
-        (e.kind(), e.send_status()),
+        failed(&mut s.pool, &mut call),
         (ErrorKind::Closed, Some(SendStatus::Unanswered))
     );
     assert!(matches!(done(&mut s.pool, &mut s.driver), Some(Ok(()))));
@@ -660,9 +664,8 @@ fn dropping_the_connection_resolves_pending_calls() {
     let mut call = s.call("x");
     assert!(done(&mut s.pool, &mut call).is_none());
     drop(conn);
-    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
     assert_eq!(
-        (e.kind(), e.send_status()),
+        failed(&mut s.pool, &mut call),
         (ErrorKind::Closed, Some(SendStatus::NotSent))
     );
 }
@@ -744,9 +747,8 @@ fn refused_negotiation_is_a_handshake_error_and_no_oob_without_the_capability() 
         c.exec_oob::<serde::de::IgnoredAny, _>("query-yank", &())
             .await
     });
-    let e = done(&mut pool, &mut call).unwrap().unwrap_err();
     assert_eq!(
-        (e.kind(), e.send_status()),
+        failed(&mut pool, &mut call),
         (ErrorKind::Unsupported, Some(SendStatus::NotSent))
     );
     assert_eq!(srv.take(), "");
@@ -799,9 +801,8 @@ fn close_gracefully_gives_up_after_its_timeout() {
     assert!(done(&mut s.pool, &mut closing).is_none());
     s.timer.advance(Duration::from_secs(2));
     assert_eq!(done(&mut s.pool, &mut closing), Some(()));
-    let e = done(&mut s.pool, &mut a).unwrap().unwrap_err();
     assert_eq!(
-        (e.kind(), e.send_status()),
+        failed(&mut s.pool, &mut a),
         (ErrorKind::Closed, Some(SendStatus::Unanswered))
     );
 }
@@ -1028,9 +1029,8 @@ fn builder_capabilities_choose_what_is_negotiated() {
     assert!(client.capabilities().is_empty());
     let c = client.clone();
     let mut oob = spawn(&sp, async move { c.exec_oob::<u32, _>("x", &()).await });
-    let e = done(&mut pool, &mut oob).unwrap().unwrap_err();
     assert_eq!(
-        (e.kind(), e.send_status()),
+        failed(&mut pool, &mut oob),
         (ErrorKind::Unsupported, Some(SendStatus::NotSent))
     );
 }
@@ -1063,9 +1063,8 @@ fn a_transport_error_ends_the_session_and_the_driver_reports_it_whole() {
     assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
     s.srv
         .fail_reads(std::io::Error::from_raw_os_error(5 /* EIO */));
-    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
     assert_eq!(
-        (e.kind(), e.send_status()),
+        failed(&mut s.pool, &mut call),
         (ErrorKind::Disconnected, Some(SendStatus::Unanswered))
     );
     let e = done(&mut s.pool, &mut s.driver).unwrap().unwrap_err();
