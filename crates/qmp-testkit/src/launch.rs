@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 /// The read-only guest-agent commands tests may use (the agent runs on the host).
 pub const QGA_ALLOW_LIST: &str = "guest-sync-delimited,guest-sync,guest-ping,guest-info,guest-get-osinfo,guest-get-time,guest-get-timezone,guest-get-host-name";
 
-/// How long a program gets to create its socket.
+/// How long a program gets to be ready, by default.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +61,7 @@ pub struct Launch {
     kind: Kind,
     pretty: bool,
     tcp: bool,
+    ready_timeout: Duration,
     args: Vec<OsString>,
 }
 
@@ -86,6 +87,7 @@ impl Launch {
             kind,
             pretty: false,
             tcp: false,
+            ready_timeout: READY_TIMEOUT,
             args: Vec::new(),
         }
     }
@@ -103,9 +105,15 @@ impl Launch {
         self
     }
 
+    /// How long the program gets to be ready (see the module docs); 20 s by default.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
     /// An extra command-line argument, after the launcher's own. An extra chardev with
-    /// `wait=on` holds QEMU until something connects to it, and with it the greetings that
-    /// [`spawn`](Self::spawn) waits for: connect to it from another thread.
+    /// `wait=on` holds QEMU until something connects to it; on qemu-system-x86_64 that holds
+    /// back the greeting [`spawn`](Self::spawn) waits for, so connect from another thread.
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.args.push(arg.as_ref().to_owned());
         self
@@ -239,7 +247,13 @@ impl Launch {
             tcp_addr,
             dir,
         };
-        qemu.wait_ready(program, &stderr_path, self.kind)?;
+        let wait = Wait {
+            program,
+            stderr: &stderr_path,
+            timeout: self.ready_timeout,
+            deadline: Instant::now() + self.ready_timeout,
+        };
+        qemu.wait_ready(&wait, self.kind)?;
         Ok(qemu)
     }
 }
@@ -337,19 +351,21 @@ pub struct Qemu {
     dir: tempfile::TempDir,
 }
 
+/// One readiness wait: its deadline, and what its errors report.
+struct Wait<'a> {
+    program: &'static str,
+    stderr: &'a Path,
+    timeout: Duration,
+    deadline: Instant,
+}
+
 impl Qemu {
     /// Waits until the program is ready for tests: the guest agent once its socket listens;
     /// a QEMU monitor once the launcher has connected to it and read its greeting.
-    fn wait_ready(
-        &mut self,
-        program: &'static str,
-        stderr: &Path,
-        kind: Kind,
-    ) -> Result<(), LaunchError> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+    fn wait_ready(&mut self, w: &Wait<'_>, kind: Kind) -> Result<(), LaunchError> {
         if kind == Kind::GuestAgent {
             let start = Instant::now();
-            return self.retry(program, stderr, deadline, |q| {
+            return self.retry(w, |q| {
                 // The path appears at bind(); connecting works only after listen(). Another
                 // network namespace hides the socket from /proc/net/unix: then trust the path.
                 (is_listening(&q.socket)
@@ -358,46 +374,46 @@ impl Qemu {
             });
         }
         // The monitors were created with `wait=on`, in command-line order: QEMU blocks at each
-        // until a client connects, so the TCP one (created first) is dialled first. The
-        // monitors are set up, and greet, only once every chardev has its client.
+        // until a client connects, so the TCP one (created first) is dialled first. Both are
+        // dialled before any greeting is awaited: qemu-system-x86_64 sets its monitors up only
+        // once every chardev has its client (qemu-storage-daemon sets each up in turn).
+        // Reads wake every 100 ms, so that the deadline is checked.
+        let slice = Some(Duration::from_millis(100));
         let tcp = match self.tcp_addr {
-            Some(addr) => {
-                Some(self.retry(program, stderr, deadline, |_| TcpStream::connect(addr).ok())?)
-            }
+            Some(addr) => Some(self.retry(w, |_| {
+                let s = TcpStream::connect(addr).ok()?;
+                s.set_read_timeout(slice).ok().map(|()| s)
+            })?),
             None => None,
         };
         let socket = self.socket.clone();
-        let mut unix = self.retry(program, stderr, deadline, |_| {
-            UnixStream::connect(&socket).ok()
+        let unix = self.retry(w, |_| {
+            let s = UnixStream::connect(&socket).ok()?;
+            s.set_read_timeout(slice).ok().map(|()| s)
         })?;
-        if let Some(mut tcp) = tcp {
-            self.greeted(program, stderr, deadline, &mut tcp, |s, t| {
-                s.set_read_timeout(t)
-            })?;
+        if let Some(tcp) = tcp {
+            self.greeted(w, tcp)?;
         }
-        self.greeted(program, stderr, deadline, &mut unix, |s, t| {
-            s.set_read_timeout(t)
-        })
+        self.greeted(w, unix)
     }
 
-    /// Calls `attempt` every 5 ms until it gives a value, the child exits, or `deadline` passes.
+    /// Calls `attempt` every 5 ms until it gives a value, the child exits, or the deadline
+    /// passes.
     fn retry<T>(
         &mut self,
-        program: &'static str,
-        stderr: &Path,
-        deadline: Instant,
+        w: &Wait<'_>,
         mut attempt: impl FnMut(&Self) -> Option<T>,
     ) -> Result<T, LaunchError> {
         loop {
             if let Some(v) = attempt(self) {
                 return Ok(v);
             }
-            self.check_alive(program, stderr)?;
-            if Instant::now() > deadline {
+            self.check_alive(w)?;
+            if Instant::now() > w.deadline {
                 return Err(LaunchError::NotReady {
-                    program,
-                    timeout: READY_TIMEOUT,
-                    stderr: read_log(stderr),
+                    program: w.program,
+                    timeout: w.timeout,
+                    stderr: read_log(w.stderr),
                 });
             }
             // No readiness signal exists short of inotify; the socket appears within ms.
@@ -407,23 +423,12 @@ impl Qemu {
 
     /// Reads from a fresh monitor connection until the greeting has arrived (then the monitor
     /// is fully set up), and closes it; QEMU then serves the next client.
-    fn greeted<S: Read>(
-        &mut self,
-        program: &'static str,
-        stderr: &Path,
-        deadline: Instant,
-        stream: &mut S,
-        set_timeout: impl Fn(&S, Option<Duration>) -> std::io::Result<()>,
-    ) -> Result<(), LaunchError> {
+    fn greeted(&mut self, w: &Wait<'_>, mut stream: impl Read) -> Result<(), LaunchError> {
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
         let detail = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break format!("no greeting within {READY_TIMEOUT:?}");
-            }
-            if let Err(e) = set_timeout(stream, Some(left)) {
-                break format!("cannot set a read timeout: {e}");
+            if Instant::now() > w.deadline {
+                break format!("no greeting within {:?}", w.timeout);
             }
             match stream.read(&mut buf) {
                 Ok(0) => break "the monitor closed the connection".to_owned(),
@@ -445,22 +450,22 @@ impl Qemu {
                 Err(e) => break format!("reading the greeting: {e}"),
             }
         };
-        self.check_alive(program, stderr)?;
+        self.check_alive(w)?;
         Err(LaunchError::NoGreeting {
-            program,
+            program: w.program,
             detail,
-            stderr: read_log(stderr),
+            stderr: read_log(w.stderr),
         })
     }
 
     /// `Err(Exited)` when the child has exited.
-    fn check_alive(&mut self, program: &'static str, stderr: &Path) -> Result<(), LaunchError> {
+    fn check_alive(&mut self, w: &Wait<'_>) -> Result<(), LaunchError> {
         if let Ok(Some(status)) = self.child.try_wait() {
             self.exited = true;
             return Err(LaunchError::Exited {
-                program,
+                program: w.program,
                 status,
-                stderr: read_log(stderr),
+                stderr: read_log(w.stderr),
             });
         }
         Ok(())

@@ -122,3 +122,32 @@ fn try_spawn_reports_a_program_that_exits_early_with_its_stderr() {
         other => panic!("expected an early exit, got {other:?}"),
     }
 }
+
+#[test]
+fn try_spawn_reports_a_monitor_that_never_greets() {
+    // qemu-system-x86_64 sets up its monitors once every chardev has its client, so a second
+    // `wait=on` chardev that nobody dials holds back the greeting.
+    let q = tempfile::tempdir().unwrap();
+    let held = q.path().join("held.sock");
+    let launch = Launch::system()
+        .arg("-chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=on,id=held",
+            held.display()
+        ))
+        .ready_timeout(Duration::from_millis(500));
+    if !launch.available() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    match launch.try_spawn() {
+        Err(qmp_testkit::launch::LaunchError::NoGreeting {
+            program, detail, ..
+        }) => {
+            assert_eq!(program, "qemu-system-x86_64");
+            assert_eq!(detail, "no greeting within 500ms");
+        }
+        other => panic!("expected no greeting, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
