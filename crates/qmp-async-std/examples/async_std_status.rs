@@ -16,9 +16,10 @@ async fn run() -> Result<(), qmp_async_std::Error> {
     if let Some(g) = client.greeting() {
         println!("connected to QEMU {}", g.version);
     }
+    // Subscribed first, so that no event between the status and the loop is missed.
+    let mut events = client.subscribe(EventFilter::all());
     let status: serde_json::Value = client.execute("query-status", &()).await?;
     println!("status: {status}");
-    let mut events = client.subscribe(EventFilter::all());
     while let Some(item) = events.recv().await {
         match item {
             EventItem::Event(ev) => println!("event {} {:?}", ev.name, ev.data),

@@ -85,3 +85,9 @@ fn any_async_std_stream_without_fd_passing() {
         assert!(driver.await.is_ok());
     });
 }
+
+/// The crate's example, run as a user would, against a real VM.
+#[test]
+fn the_status_example_follows_a_real_vm() {
+    qmp_testkit::example::check_status_example("async_std_status");
+}

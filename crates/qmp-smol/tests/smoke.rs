@@ -112,3 +112,9 @@ fn any_futures_io_stream_without_fd_passing() {
         assert!(driver.await.is_ok());
     });
 }
+
+/// The crate's example, run as a user would, against a real VM.
+#[test]
+fn the_status_example_follows_a_real_vm() {
+    qmp_testkit::example::check_status_example("smol_status");
+}

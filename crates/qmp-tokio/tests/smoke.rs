@@ -157,3 +157,9 @@ async fn any_tokio_stream_without_fd_passing() {
     c.close().await;
     assert!(driver.await.unwrap().is_ok());
 }
+
+/// The crate's example, run as a user would, against a real VM.
+#[test]
+fn the_status_example_follows_a_real_vm() {
+    qmp_testkit::example::check_status_example("tokio_status");
+}
