@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qmp_testkit::launch::Launch;
@@ -44,20 +44,29 @@ fn one_launch(mode: &str) -> String {
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("qmp.sock");
-    let mut child = Command::new("qemu-storage-daemon")
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=m,path={},server=on,wait=off",
-            path.display()
-        ))
-        .args(["--monitor", "chardev=m"])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon starts");
-    let outcome = clients(&path);
-    let _ = child.kill();
-    let _ = child.wait();
-    outcome
+    let _daemon = Daemon(
+        Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=m,path={},server=on,wait=off",
+                path.display()
+            ))
+            .args(["--monitor", "chardev=m"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon starts"),
+    );
+    clients(&path)
+}
+
+/// A daemon killed and reaped when dropped, panics included.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The first client (connected as soon as the socket accepts) and then a second one.
@@ -80,15 +89,18 @@ fn clients(path: &Path) -> String {
         Line::Text(t) if t.starts_with("{\"QMP\"") => {}
         other => return format!("first client: {other:?} instead of a greeting"),
     }
-    (&first)
-        .write_all(b"{\"execute\":\"qmp_capabilities\"}")
-        .expect("write");
+    if let Err(e) = (&first).write_all(b"{\"execute\":\"qmp_capabilities\"}") {
+        return format!("first client: cannot write ({})", e.kind());
+    }
     match line(&mut lines) {
         Line::Text(t) if t.starts_with("{\"return\"") => {}
         Line::Text(t) if t.starts_with("{\"QMP\"") => return "first client greeted twice".into(),
         other => return format!("first client: {other:?} instead of a return"),
     }
-    let second = UnixStream::connect(path).expect("second connect");
+    let second = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => return format!("second client cannot connect ({})", e.kind()),
+    };
     second
         .set_read_timeout(Some(Duration::from_millis(300)))
         .expect("timeout");

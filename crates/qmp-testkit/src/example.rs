@@ -10,7 +10,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -19,13 +19,20 @@ use crate::launch::Launch;
 /// How long each step may take.
 const STEP: Duration = Duration::from_secs(20);
 
-/// Runs the example binary `name` (built next to the calling test, as `cargo test` does for
-/// the package's examples) and asserts its output line by line. Returns without checking when
-/// qemu-system-x86_64 is not installed (see [`Launch::spawn`]).
+/// Runs the example binary `name` and asserts its output line by line. Returns without
+/// checking when qemu-system-x86_64 is not installed (see [`Launch::spawn`]).
+///
+/// The binary is the one cargo built next to the calling test: `cargo test -p <crate>` builds
+/// the package's examples, but `cargo test --test <file>` does not (and would run an older
+/// build if one is there).
 ///
 /// # Panics
 /// When the example is not built, prints something else, or does not exit successfully.
 pub fn check_status_example(name: &str) {
+    let launch = Launch::system().tcp();
+    if !launch.available() {
+        return;
+    }
     let exe = std::env::current_exe().expect("the test's own path");
     let bin = exe
         .parent()
@@ -35,17 +42,18 @@ pub fn check_status_example(name: &str) {
         .join(name);
     assert!(
         bin.is_file(),
-        "{} is not built (cargo test builds the package's examples)",
+        "{} is not built: run `cargo test -p <its crate>`, which builds the examples",
         bin.display()
     );
-    let Some(mut qemu) = Launch::system().tcp().spawn() else {
-        return;
-    };
-    let mut child = Command::new(&bin)
-        .arg(qemu.socket_path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the example starts");
+    let mut qemu = launch.spawn().expect("available");
+    let mut child = Reaped(
+        Command::new(&bin)
+            .arg(qemu.socket_path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the example starts"),
+    );
+    let child = &mut child.0;
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -105,4 +113,14 @@ pub fn check_status_example(name: &str) {
         ],
         "{name}"
     );
+}
+
+/// The example's process, killed and reaped when the check ends, by panic or not.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -7,11 +7,12 @@
 //! # Why the launcher greets each monitor first
 //! QEMU 10.0 has a start-up race: its monitor socket listens before the monitor's I/O thread
 //! has taken the chardev over, and a client that connects in that window can be handled by the
-//! main thread and the I/O thread at once. With two busy loops on this 2-core machine,
-//! connecting the moment the socket accepted went wrong in 106 of 300 launches: the first
-//! client was greeted twice (65) or cut off (3), or a second client was cut off at once (38);
-//! other runs also met first clients that were never answered, and listeners that refused
-//! every connection for over a second. `examples/startup_race.rs` measures it.
+//! main thread and the I/O thread at once. With qemu-storage-daemon 10.0.2 on a 2-core VM
+//! running two busy loops, connecting the moment the socket accepted went wrong in 106 of 300
+//! launches: the first client was greeted twice (65) or cut off (3), or a second client was
+//! cut off at once (38). `examples/startup_race.rs` measures it. Earlier hand-written probes
+//! also met first clients that were greeted but never answered, and listeners that refused
+//! every connection for as long as they tried (over a second).
 //!
 //! So the monitors are created with `wait=on`: QEMU accepts one connection before it sets up
 //! the monitor, and the launcher makes that connection, reads the greeting (proof that the I/O
@@ -251,7 +252,10 @@ impl Launch {
             program,
             stderr: &stderr_path,
             timeout: self.ready_timeout,
-            deadline: Instant::now() + self.ready_timeout,
+            // A timeout too large to add means no deadline to speak of: a day.
+            deadline: Instant::now()
+                .checked_add(self.ready_timeout)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
         };
         qemu.wait_ready(&wait, self.kind)?;
         Ok(qemu)
@@ -450,7 +454,12 @@ impl Qemu {
                 Err(e) => break format!("reading the greeting: {e}"),
             }
         };
-        self.check_alive(w)?;
+        // A program that died closed its sockets a moment before it can be reaped: give it
+        // that moment, so that the error is its exit status and stderr.
+        for _ in 0..20 {
+            self.check_alive(w)?;
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Err(LaunchError::NoGreeting {
             program: w.program,
             detail,
