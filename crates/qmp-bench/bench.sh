@@ -14,11 +14,26 @@
 # raw-reuse and raw-noid write ids 1..C reused, and no ids).
 # QMP_LOAD overrides the binary (default: $CARGO_TARGET_DIR/release/qmp-load); PIN prefixes
 # every run (PIN="taskset -c 1": the client and the fake on one CPU, see README).
+# HALT_POLL_NS=NS sets the guest's cpuidle halt-polling window for the run and puts the old
+# value back at the end (root only). On a VM booted with haltpoll.guest_halt_poll_ns=0, as
+# this machine kind is, an idle vCPU halts at once and waking it goes through the
+# hypervisor; that alone moves one-at-a-time results by 5-30% (see README). The setting in
+# force is printed with each mode's header.
 set -eu
 what=${1:-fake}
 n=${2:-50000}
 repeat=${3:-5}
 load=${QMP_LOAD:-${CARGO_TARGET_DIR:-target}/release/qmp-load}
+halt_poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+halt_poll_ns() { cat "$halt_poll" 2>/dev/null || echo none; }
+cleanup=:
+trap 'eval "$cleanup"' EXIT
+if [ -n "${HALT_POLL_NS:-}" ]; then
+    old=$(halt_poll_ns)
+    [ "$old" != none ] || { echo "bench.sh: no $halt_poll here" >&2; exit 1; }
+    echo "$HALT_POLL_NS" >"$halt_poll" || { echo "bench.sh: cannot write $halt_poll" >&2; exit 1; }
+    cleanup="echo $old >$halt_poll; $cleanup"
+fi
 clients="raw tokio1 tokio2 smol smol-join smol-spawn async-std async-std-join async-std-spawn"
 compared=${COMPARED:-raw raw-poll raw-reuse tokio1 tokio2 smol smol-spawn async-std async-std-spawn}
 
@@ -40,7 +55,7 @@ one() { # client, then qmp-load arguments
     sw=$(echo "$out" | sed -n 's/^switches_per_op=//p')
     cpu=$(echo "$out" | sed -n 's/^cpu_us_per_op=//p')
     ops=$(echo "$out" | sed -n 's/^ops_per_sec=//p')
-    echo "client=$c $* load=$(cut -d' ' -f1 /proc/loadavg) switches_per_op=$sw cpu_us_per_op=$cpu ops_per_sec=$ops"
+    echo "client=$c $* load=$(cut -d' ' -f1 /proc/loadavg) guest_halt_poll_ns=$(halt_poll_ns) switches_per_op=$sw cpu_us_per_op=$cpu ops_per_sec=$ops"
 }
 
 start_daemon() {
@@ -50,7 +65,7 @@ start_daemon() {
     qemu-storage-daemon --chardev "socket,id=m,path=$dir/qmp.sock,server=on,wait=on" \
         --monitor chardev=m &
     pid=$!
-    trap 'kill $pid; rm -rf "$dir"' EXIT
+    cleanup="kill $pid; rm -rf '$dir'; $cleanup"
     # The socket file appears at bind(), a moment before QEMU listens: wait until one short
     # raw session gets through (up to 10 s; give up at once if the daemon has gone).
     [ -x "$load" ] || { echo "bench.sh: no $load (cargo build --release -p qmp-bench)" >&2; exit 1; }
@@ -136,7 +151,7 @@ compare)
     *) echo "usage: bench.sh compare fake|daemon [N] [ROUNDS] [MODE...]" >&2; exit 2 ;;
     esac
     for m in $modes; do
-        echo "mode=$m n=$n where=$where load_before=$(cut -d' ' -f1 /proc/loadavg)"
+        echo "mode=$m n=$n where=$where load_before=$(cut -d' ' -f1 /proc/loadavg) guest_halt_poll_ns=$(halt_poll_ns)"
         # Each run also to standard error (not `tee /dev/stderr`: reopening a redirected file
         # truncates it).
         compare "$rounds" $target --mode "$m" --concurrency 8 |
