@@ -42,3 +42,14 @@ fn no_reply_command_answered_before_fully_written_still_resolves() {
         "../../fuzz/regressions/op-sequence-no-reply-answered"
     ));
 }
+
+/// Root cause: a too-deep value that ended within one read was searched whole for its id,
+/// but one skipped across reads keeps only its first and last 64 bytes. An id member that
+/// reached past those ends (here a number padded with zeros to 75 digits) was found in the
+/// first case and not in the second (the unit test
+/// `a_too_deep_value_reports_the_same_id_whole_or_in_pieces` covers the window itself). Fix: both read only the value's ends, and a number with
+/// a leading zero is not an id (JSON writes none).
+#[test]
+fn too_deep_id_search_ignores_read_boundaries() {
+    qmp_proto::fuzzing::framing(include_bytes!("../../fuzz/regressions/framing-id-window"));
+}

@@ -41,7 +41,8 @@ pub(crate) enum Frame {
     /// Bytes between values that cannot start one; `len` bytes were skipped.
     Garbage { len: usize },
     /// A value over the size limit was skipped; `len` is its full length, `id` the numeric
-    /// `"id"` member it had first or last, if any (see [`top_level_id`]).
+    /// `"id"` member it had first or last, if that member lies within its first or last
+    /// [`ID_WINDOW`] bytes (see [`top_level_id`]).
     Oversized { len: usize, id: Option<u64> },
     /// A value nested deeper than the depth limit was skipped; `len` and `id` as above.
     TooDeep { len: usize, id: Option<u64> },
@@ -220,10 +221,15 @@ impl Framer {
                             self.scanned = 0;
                             self.consumed = end;
                             if self.state.too_deep {
+                                // Only the value's ends are searched for its id, as when it
+                                // is skipped across reads, so read boundaries cannot change
+                                // which id is found.
                                 let value = &self.buf[start..end];
+                                let head = &value[..value.len().min(ID_WINDOW)];
+                                let tail = &value[value.len().saturating_sub(ID_WINDOW)..];
                                 return Some(Frame::TooDeep {
                                     len: end - start,
-                                    id: top_level_id(value, value),
+                                    id: top_level_id(head, tail),
                                 });
                             }
                             return Some(Frame::Value {
@@ -265,6 +271,7 @@ impl Framer {
                     match end {
                         Some(end) => {
                             let total = len + (end - rest_start);
+                            keep_first(&mut self.head, &self.buf[rest_start..end]);
                             keep_last(&mut self.tail, &self.buf[rest_start..end]);
                             self.consumed = end;
                             self.mode = Mode::Idle;
@@ -277,6 +284,7 @@ impl Framer {
                         }
                         None => {
                             let total = len + (self.buf.len() - rest_start);
+                            keep_first(&mut self.head, &self.buf[rest_start..]);
                             keep_last(&mut self.tail, &self.buf[rest_start..]);
                             self.consumed = self.buf.len();
                             self.mode = Mode::Skipping {
@@ -295,8 +303,7 @@ impl Framer {
     fn keep_ends(&mut self, start: usize, end: usize) {
         let value = &self.buf[start..end];
         self.head.clear();
-        self.head
-            .extend_from_slice(&value[..value.len().min(ID_WINDOW)]);
+        keep_first(&mut self.head, value);
         self.tail.clear();
         keep_last(&mut self.tail, value);
     }
@@ -336,6 +343,13 @@ impl Framer {
     }
 }
 
+/// Appends to `head` as much of `more` as fits in [`ID_WINDOW`] bytes: a value that went
+/// over a limit early in one read has the same head as one that arrived whole.
+fn keep_first(head: &mut Vec<u8>, more: &[u8]) {
+    let room = ID_WINDOW.saturating_sub(head.len());
+    head.extend_from_slice(&more[..more.len().min(room)]);
+}
+
 /// Appends `more` to `tail`, keeping only the last [`ID_WINDOW`] bytes.
 fn keep_last(tail: &mut Vec<u8>, more: &[u8]) {
     if more.len() >= ID_WINDOW {
@@ -363,7 +377,11 @@ pub(crate) fn top_level_id(head: &[u8], tail: &[u8]) -> Option<u64> {
         &s[..s.iter().rposition(|b| !ws(b)).map_or(0, |i| i + 1)]
     }
     fn number(digits: &[u8]) -> Option<u64> {
+        // JSON writes no leading zeros: `007` is not a number our requests could carry.
         if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        if digits.len() > 1 && digits[0] == b'0' {
             return None;
         }
         std::str::from_utf8(digits).ok()?.parse().ok()
@@ -928,12 +946,45 @@ mod tests {
         assert_eq!(id(r#"{"return": {}, "id": "5"}"#), None);
         assert_eq!(id(r#"{"return": {}, "id": 18446744073709551616}"#), None);
         assert_eq!(id(r#"{"id": 5"#), None);
+        assert_eq!(id(r#"{"id": 007, "error": {}}"#), None);
+        assert_eq!(id(r#"{"return": {}, "id": 05}"#), None);
+        assert_eq!(id(r#"{"return": {}, "id": 0}"#), Some(0));
         // Only the given ends are looked at.
         assert_eq!(top_level_id(b"{\"return\": ", b"\"id\": 7}"), None);
         assert_eq!(
             top_level_id(b"{\"return\": ", b"\"x\", \"id\": 7}"),
             Some(7)
         );
+    }
+
+    #[test]
+    fn a_too_deep_value_reports_the_same_id_whole_or_in_pieces() {
+        // An id member that ends within the first or last ID_WINDOW bytes is found; one that
+        // reaches past them is not, whether the value arrived in one read or many (found by
+        // the `framing` fuzz target: fed whole, the whole value used to be searched).
+        let pad = " ".repeat(ID_WINDOW);
+        let cases = [
+            (r#"{"id": 5, "a": [[[1]]]}"#.to_owned(), Some(5)),
+            (r#"{"a": [[[1]]], "id": 6}"#.to_owned(), Some(6)),
+            (format!("{{\"id\":{pad}5, \"a\": [[[1]]]}}"), None),
+            (format!("{{\"a\": [[[1]]], \"id\":{pad}6}}"), None),
+        ];
+        for (value, id) in cases {
+            for step in [1, 3, 10, value.len()] {
+                let mut f = Framer::new(1000, 2);
+                let mut frames = Vec::new();
+                for chunk in value.as_bytes().chunks(step) {
+                    f.push(chunk);
+                    frames.extend(std::iter::from_fn(|| f.next_frame()));
+                }
+                let len = value.len();
+                assert_eq!(
+                    frames,
+                    vec![Frame::TooDeep { len, id }],
+                    "{value:?} step {step}"
+                );
+            }
+        }
     }
 
     #[test]
