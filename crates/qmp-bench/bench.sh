@@ -28,6 +28,8 @@ halt_poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
 halt_poll_ns() { cat "$halt_poll" 2>/dev/null || echo none; }
 cleanup=:
 trap 'eval "$cleanup"' EXIT
+# On Ctrl-C or kill, exit so that the EXIT trap still cleans up (dash runs it only on exit).
+trap 'exit 130' INT TERM
 if [ -n "${HALT_POLL_NS:-}" ]; then
     old=$(halt_poll_ns)
     [ "$old" != none ] || { echo "bench.sh: no $halt_poll here" >&2; exit 1; }
