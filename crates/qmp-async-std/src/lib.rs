@@ -45,8 +45,8 @@ where
 /// Spawns the driver on async-std's executor. The session runs until it closes even if the
 /// handle is dropped.
 ///
-/// The executor's threads are not the caller's, so each command crosses threads twice: about
-/// 1.7x the CPU per command of the alternatives below, measured against qemu-storage-daemon
+/// The executor's threads are not the caller's, so each command crosses threads twice: 1.6-2.2x
+/// the CPU per command of the alternatives below, measured against qemu-storage-daemon
 /// (`qmp-load --driver spawn`, see qmp-bench's README). For the least CPU per command, run the
 /// driver on the callers' thread: await it alongside the work (`join`), or spawn it on a
 /// same-thread executor (`async-executor`'s `LocalExecutor` inside `block_on`).
