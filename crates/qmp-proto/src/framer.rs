@@ -271,7 +271,6 @@ impl Framer {
                     match end {
                         Some(end) => {
                             let total = len + (end - rest_start);
-                            keep_first(&mut self.head, &self.buf[rest_start..end]);
                             keep_last(&mut self.tail, &self.buf[rest_start..end]);
                             self.consumed = end;
                             self.mode = Mode::Idle;
@@ -284,7 +283,6 @@ impl Framer {
                         }
                         None => {
                             let total = len + (self.buf.len() - rest_start);
-                            keep_first(&mut self.head, &self.buf[rest_start..]);
                             keep_last(&mut self.tail, &self.buf[rest_start..]);
                             self.consumed = self.buf.len();
                             self.mode = Mode::Skipping {
@@ -302,8 +300,13 @@ impl Framer {
     /// Keeps both ends of `buf[start..end]`, the start of a value about to be skipped.
     fn keep_ends(&mut self, start: usize, end: usize) {
         let value = &self.buf[start..end];
+        // The head is taken once, when the value goes over a limit, so it does not depend on
+        // reads: a value too long goes over at `max_size` bytes, and one too deep may go over
+        // before `ID_WINDOW` bytes have arrived, but a leading `"id"` member (the only one
+        // `top_level_id` reads in the head) ends before any nesting, so it is all there.
         self.head.clear();
-        keep_first(&mut self.head, value);
+        self.head
+            .extend_from_slice(&value[..value.len().min(ID_WINDOW)]);
         self.tail.clear();
         keep_last(&mut self.tail, value);
     }
@@ -341,13 +344,6 @@ impl Framer {
             Mode::Skipping { len, .. } => len + (self.buf.len() - self.consumed),
         }
     }
-}
-
-/// Appends to `head` as much of `more` as fits in [`ID_WINDOW`] bytes: a value that went
-/// over a limit early in one read has the same head as one that arrived whole.
-fn keep_first(head: &mut Vec<u8>, more: &[u8]) {
-    let room = ID_WINDOW.saturating_sub(head.len());
-    head.extend_from_slice(&more[..more.len().min(room)]);
 }
 
 /// Appends `more` to `tail`, keeping only the last [`ID_WINDOW`] bytes.
