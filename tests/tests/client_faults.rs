@@ -249,8 +249,93 @@ async fn reset_after_quit_is_a_normal_close(connect: Connect) {
     assert!(c.is_closed());
 }
 
+/// `connect_unix_wait(path, builder, wait)`, the driver spawned as in [`Connect`].
+type ConnectWait =
+    fn(PathBuf, Builder, Duration) -> BoxFut<Result<(Client, BoxFut<Result<(), Error>>), Error>>;
+
+/// A listener standing in for a QEMU that is still starting: it binds `path` after `delay`
+/// and takes one connection, which it closes at once (as QEMU 10.0 can during its start-up
+/// race) or, with `silent`, holds without a word until the client closes it. Joining it
+/// gives the number of connections it took.
+fn starting_monitor(
+    path: PathBuf,
+    delay: Duration,
+    silent: bool,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        if silent {
+            let mut buf = [0u8; 64];
+            while std::io::Read::read(&mut &stream, &mut buf).is_ok_and(|n| n > 0) {}
+        }
+        drop(stream);
+        // Anyone trying again would be refused from here on.
+        listener.set_nonblocking(true).unwrap();
+        1 + std::iter::from_fn(|| listener.accept().ok()).count()
+    })
+}
+
+/// `connect_unix_wait` waits for the socket to appear, but a monitor that closes the
+/// connection before greeting is reported at once, not tried again until `wait` has passed:
+/// a QEMU 10.0 monitor that does this does not recover (see qmp-client's docs).
+async fn connect_wait_reports_a_cut_off_at_once(connect_wait: ConnectWait) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qmp.sock");
+    let monitor = starting_monitor(path.clone(), Duration::from_millis(50), false);
+    let start = Instant::now();
+    let e = connect_wait(path, Builder::new(), Duration::from_secs(10))
+        .await
+        .err()
+        .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(e.kind(), ErrorKind::Handshake);
+    assert_eq!(e.send_status(), None);
+    assert_eq!(
+        e.to_string(),
+        "the server closed the connection before greeting"
+    );
+    assert_eq!(monitor.join().unwrap(), 1);
+}
+
+/// Nor is a monitor that accepts and never greets (another client holds it): the handshake
+/// timeout ends the wait, on the one connection.
+async fn connect_wait_does_not_retry_a_silent_monitor(connect_wait: ConnectWait) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qmp.sock");
+    let monitor = starting_monitor(path.clone(), Duration::ZERO, true);
+    let start = Instant::now();
+    let e = connect_wait(
+        path,
+        Builder::new().handshake_timeout(Some(Duration::from_millis(200))),
+        Duration::from_secs(10),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(e.kind(), ErrorKind::Handshake);
+    assert_eq!(
+        e.to_string(),
+        "the server accepted the connection but sent no greeting in time (is another client \
+         attached to this monitor?)"
+    );
+    assert_eq!(monitor.join().unwrap(), 1);
+}
+
 macro_rules! faults_on {
-    ($connect:expr, $block_on:path) => {
+    ($connect:expr, $connect_wait:expr, $block_on:path) => {
+        #[test]
+        fn connect_wait_reports_a_cut_off_at_once() {
+            $block_on(super::connect_wait_reports_a_cut_off_at_once($connect_wait));
+        }
+        #[test]
+        fn connect_wait_does_not_retry_a_silent_monitor() {
+            $block_on(super::connect_wait_does_not_retry_a_silent_monitor(
+                $connect_wait,
+            ));
+        }
         #[test]
         fn peer_gone_mid_command() {
             $block_on(super::peer_gone_mid_command($connect));
@@ -310,6 +395,14 @@ mod tokio_rt {
                 Box::pin(async move { h.await.unwrap() }) as super::BoxFut<_>,
             ))
         }),
+        |p, b, wait| Box::pin(async move {
+            let (c, conn) = qmp_tokio::connect_unix_wait(p, b, wait).await?;
+            let h = qmp_tokio::spawn_connection(conn);
+            Ok((
+                c,
+                Box::pin(async move { h.await.unwrap() }) as super::BoxFut<_>,
+            ))
+        }),
         block_on
     );
 }
@@ -324,6 +417,11 @@ mod smol_rt {
             let t = qmp_smol::spawn_connection(conn);
             Ok((c, Box::pin(t) as super::BoxFut<_>))
         }),
+        |p, b, wait| Box::pin(async move {
+            let (c, conn) = qmp_smol::connect_unix_wait(p, b, wait).await?;
+            let t = qmp_smol::spawn_connection(conn);
+            Ok((c, Box::pin(t) as super::BoxFut<_>))
+        }),
         smol::block_on
     );
 }
@@ -335,6 +433,11 @@ mod async_std_rt {
                 super::Addr::Unix(p) => qmp_async_std::connect_unix(p, b).await?,
                 super::Addr::Tcp(a) => qmp_async_std::connect_tcp(a, b).await?,
             };
+            let t = qmp_async_std::spawn_connection(conn);
+            Ok((c, Box::pin(t) as super::BoxFut<_>))
+        }),
+        |p, b, wait| Box::pin(async move {
+            let (c, conn) = qmp_async_std::connect_unix_wait(p, b, wait).await?;
             let t = qmp_async_std::spawn_connection(conn);
             Ok((c, Box::pin(t) as super::BoxFut<_>))
         }),

@@ -183,7 +183,13 @@ impl Builder {
                 let err = match reason {
                     qmp_proto::CloseReason::PeerClosed => Error::new(
                         ErrorKind::Handshake,
-                        "the server closed the connection before the session was ready",
+                        if inner.proto.greeting().is_some() {
+                            "the server closed the connection during capability negotiation"
+                        } else if inner.proto.config().mode == qmp_proto::Mode::Qmp {
+                            "the server closed the connection before greeting"
+                        } else {
+                            "the guest agent closed the connection before the sync step ended"
+                        },
                     ),
                     other => Error::closed(&other),
                 };

@@ -584,7 +584,42 @@ fn eof_during_handshake_is_a_handshake_error() {
     assert_eq!(err.kind(), ErrorKind::Handshake);
     assert_eq!(
         err.to_string(),
-        "the server closed the connection before the session was ready"
+        "the server closed the connection during capability negotiation"
+    );
+}
+
+#[test]
+fn eof_before_the_greeting_says_so() {
+    let Handshaking {
+        mut pool,
+        srv,
+        mut hs,
+        ..
+    } = handshaking(Builder::new());
+    srv.hang_up();
+    let err = done(&mut pool, &mut hs).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Handshake);
+    assert_eq!(
+        err.to_string(),
+        "the server closed the connection before greeting"
+    );
+}
+
+#[test]
+fn eof_before_the_guest_agent_syncs_says_so() {
+    let Handshaking {
+        mut pool,
+        srv,
+        mut hs,
+        ..
+    } = handshaking(Builder::new().qga());
+    assert!(done(&mut pool, &mut hs).is_none());
+    srv.hang_up();
+    let err = done(&mut pool, &mut hs).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Handshake);
+    assert_eq!(
+        err.to_string(),
+        "the guest agent closed the connection before the sync step ended"
     );
 }
 
