@@ -76,8 +76,10 @@ pub async fn connect_unix(
 }
 
 /// Like [`connect_unix`], retrying every 10 ms for up to `wait` while the socket does not
-/// exist yet or refuses connections (QEMU still starting). Start the monitor with `wait=on`
-/// when connecting this early: see [`qmp_client`]'s notes on a QEMU that has just started.
+/// exist yet or refuses connections (QEMU still starting). A connection that the server
+/// closes before the session is ready is reported at once: a QEMU 10.0 monitor that does
+/// that does not recover. Start the monitor with `wait=on` when connecting this early: see
+/// [`qmp_client`]'s notes on a QEMU that has just started.
 ///
 /// # Errors
 /// As for [`connect_unix`], with the last connect error once `wait` has passed.
