@@ -569,56 +569,37 @@ fn greeted_but_no_negotiation_reply_says_so() {
     );
 }
 
-#[test]
-fn eof_during_handshake_is_a_handshake_error() {
+/// The handshake's error when the server hangs up, after greeting or before.
+fn hung_up_in_handshake(builder: Builder, greet: bool) -> Error {
     let Handshaking {
         mut pool,
         srv,
         mut hs,
         ..
-    } = handshaking(Builder::new());
-    srv.greet();
+    } = handshaking(builder);
+    if greet {
+        srv.greet();
+    }
     assert!(done(&mut pool, &mut hs).is_none());
     srv.hang_up();
     let err = done(&mut pool, &mut hs).unwrap().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Handshake);
+    assert_eq!(err.send_status(), None);
+    err
+}
+
+#[test]
+fn eof_during_handshake_says_when() {
     assert_eq!(
-        err.to_string(),
+        hung_up_in_handshake(Builder::new(), true).to_string(),
         "the server closed the connection during capability negotiation"
     );
-}
-
-#[test]
-fn eof_before_the_greeting_says_so() {
-    let Handshaking {
-        mut pool,
-        srv,
-        mut hs,
-        ..
-    } = handshaking(Builder::new());
-    srv.hang_up();
-    let err = done(&mut pool, &mut hs).unwrap().unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Handshake);
     assert_eq!(
-        err.to_string(),
+        hung_up_in_handshake(Builder::new(), false).to_string(),
         "the server closed the connection before greeting"
     );
-}
-
-#[test]
-fn eof_before_the_guest_agent_syncs_says_so() {
-    let Handshaking {
-        mut pool,
-        srv,
-        mut hs,
-        ..
-    } = handshaking(Builder::new().qga());
-    assert!(done(&mut pool, &mut hs).is_none());
-    srv.hang_up();
-    let err = done(&mut pool, &mut hs).unwrap().unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Handshake);
     assert_eq!(
-        err.to_string(),
+        hung_up_in_handshake(Builder::new().qga(), false).to_string(),
         "the guest agent closed the connection before the sync step ended"
     );
 }
