@@ -298,7 +298,7 @@ impl Client {
         if let Some(reason) = &inner.closed {
             return Err(Refused::Closed(reason.clone()));
         }
-        if inner.draining {
+        if inner.draining > 0 {
             return Err(Refused::Draining);
         }
         let now = inner.now(&*self.shared.timer);
@@ -632,23 +632,22 @@ impl Client {
     /// Dropping the future before it completes calls the close off: new commands are accepted
     /// again and nothing is closed.
     pub async fn close_gracefully(&self, timeout: Duration) {
-        /// Ends the draining if the future is dropped before the close.
-        struct Draining<'a>(&'a Shared, bool);
+        /// Counts this close among those under way for as long as it runs. Dropped before
+        /// the close, it calls this one off; the others go on.
+        struct Draining<'a>(&'a Shared);
         impl Drop for Draining<'_> {
             fn drop(&mut self) {
-                if self.1 {
-                    self.0.lock().draining = false;
-                }
+                self.0.lock().draining -= 1;
             }
         }
-        let mut guard = Draining(&self.shared, true);
+        self.shared.lock().draining += 1;
+        let _guard = Draining(&self.shared);
         let mut sleep = self
             .deadline(Some(timeout))
             .map(|at| self.shared.timer.sleep_until(at));
         loop {
             let mut idle = {
-                let mut inner = self.shared.lock();
-                inner.draining = true;
+                let inner = self.shared.lock();
                 if inner.waiters.is_empty() || inner.closed.is_some() {
                     break;
                 }
@@ -671,7 +670,6 @@ impl Client {
         }
         // `close` closes the session in this same poll; dropping the future after that only
         // skips waiting for the driver.
-        guard.1 = false;
         self.close().await;
     }
 

@@ -31,8 +31,8 @@ pub(crate) struct Inner {
     pub(crate) driver_done: bool,
     /// Notified when the driver has finished. A listener dropped unnotified leaves nothing.
     pub(crate) done: event_listener::Event,
-    /// A graceful close is under way: new commands are refused.
-    pub(crate) draining: bool,
+    /// How many graceful closes are under way; while any is, new commands are refused.
+    pub(crate) draining: usize,
     /// Notified when the last pending command finishes.
     pub(crate) idle: event_listener::Event,
 }
@@ -57,7 +57,7 @@ impl Shared {
                 driver_waker: None,
                 driver_done: false,
                 done: event_listener::Event::new(),
-                draining: false,
+                draining: 0,
                 idle: event_listener::Event::new(),
             }),
             timer,
@@ -167,8 +167,8 @@ impl Inner {
 
     /// Wakes whoever waits for the last pending command to finish.
     pub(crate) fn wake_idle(&mut self) {
-        // Only a graceful close listens, and it sets `draining` first.
-        if self.draining {
+        // Only a graceful close listens, and it counts itself in `draining` first.
+        if self.draining > 0 {
             self.idle.notify(usize::MAX);
         }
     }

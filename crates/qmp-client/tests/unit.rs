@@ -997,6 +997,42 @@ fn a_dropped_close_gracefully_calls_the_close_off() {
 }
 
 #[test]
+fn a_dropped_close_gracefully_leaves_another_one_draining() {
+    let mut s = session(Builder::new());
+    let mut a = s.call("a");
+    s.pool.run_until_stalled();
+    let c = s.client.clone();
+    let mut long = spawn(&s.sp, async move {
+        c.close_gracefully(Duration::from_secs(60)).await
+    });
+    let c = s.client.clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut short = spawn(&s.sp, async move {
+        let close = std::pin::pin!(c.close_gracefully(Duration::from_secs(10)));
+        futures_util::future::select(close, stopped).await;
+    });
+    assert!(done(&mut s.pool, &mut long).is_none());
+    assert!(done(&mut s.pool, &mut short).is_none());
+    stop.send(()).unwrap();
+    assert_eq!(done(&mut s.pool, &mut short), Some(()));
+    // The remaining close still refuses new commands...
+    let mut refused = s.call("b");
+    assert_eq!(
+        done(&mut s.pool, &mut refused)
+            .unwrap()
+            .unwrap_err()
+            .to_string(),
+        "b: the connection is closing (not sent)"
+    );
+    // ...and closes as soon as the last pending command has finished, not at its timeout.
+    s.srv.send(r#"{"return": 1, "id": 1}"#);
+    assert_eq!(done(&mut s.pool, &mut a).unwrap().unwrap().get(), "1");
+    assert_eq!(done(&mut s.pool, &mut long), Some(()));
+    assert!(s.client.is_closed());
+    assert_eq!(s.srv.take(), r#"{"execute":"a","id":1}"#);
+}
+
+#[test]
 fn builder_qga_keeps_the_settings_made_before_it() {
     let config = Builder::new()
         .max_queued(3)
