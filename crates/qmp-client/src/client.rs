@@ -346,18 +346,17 @@ impl Client {
 
     /// Runs `cmd`; `name` is its name, borrowed for the error messages so that nothing is
     /// copied per command.
-    async fn outcome(&self, name: &str, cmd: Command) -> Result<RawJson, Error> {
+    async fn outcome(&self, name: &str, cmd: Command) -> Result<Outcome, Error> {
         #[cfg(unix)]
         let call = self.submit_named(name, cmd, Vec::new());
         #[cfg(not(unix))]
         let call = self.submit_named(name, cmd);
-        finish(name, call?.await)
+        Ok(call?.await)
     }
 
     /// Runs `cmd` and deserialises its return value (`name` as for [`outcome`](Self::outcome)).
     async fn outcome_as<T: DeserializeOwned>(&self, name: &str, cmd: Command) -> Result<T, Error> {
-        let raw = self.outcome(name, cmd).await?;
-        raw.deserialize().map_err(|e| Error::decode(name, e))
+        finish_as(name, self.outcome(name, cmd).await?)
     }
 
     /// Runs a command built with [`Command`] (per-call timeout, oob, no reply) and returns its
@@ -370,7 +369,7 @@ impl Client {
     /// Dropping the future abandons the command (see [`Client`]).
     pub async fn run_raw(&self, cmd: Command) -> Result<RawJson, Error> {
         let name = cmd.name().to_owned();
-        self.outcome(&name, cmd).await
+        finish(&name, self.outcome(&name, cmd).await?)
     }
 
     /// Runs a command built with [`Command`] and deserialises its return value into `T`
@@ -409,7 +408,7 @@ impl Client {
         name: &str,
         args: &A,
     ) -> Result<RawJson, Error> {
-        self.outcome(name, command(name, args)?).await
+        finish(name, self.outcome(name, command(name, args)?).await?)
     }
 
     /// Executes `name` out of band (`exec-oob`), overtaking queued in-band commands. Needs
@@ -474,8 +473,7 @@ impl Client {
         }
         let cmd = command(name, args)?.with_fds();
         let call = self.submit_named(name, cmd, fds)?;
-        let raw = finish(name, call.await)?;
-        raw.deserialize().map_err(|e| Error::decode(name, e))
+        finish_as(name, call.await)
     }
 
     /// Subscribes to the events that pass `filter`, with the builder's queue capacity. Only
@@ -591,7 +589,7 @@ impl Client {
                         )));
                     }
                     Poll::Ready(Some(EventItem::Closed(reason))) => {
-                        return Poll::Ready(Err(Error::closed(&reason)));
+                        return Poll::Ready(Err(Error::wait_ended(&reason)));
                     }
                     Poll::Ready(None) => {
                         return Poll::Ready(Err(Error::new(
@@ -748,6 +746,14 @@ fn finish(name: &str, outcome: Outcome) -> Result<RawJson, Error> {
             .with_command(name)
             .with_status(status)),
     }
+}
+
+/// [`finish`], then the return value deserialised into `T`.
+fn finish_as<T: DeserializeOwned>(name: &str, outcome: Outcome) -> Result<T, Error> {
+    let status = outcome.send_status();
+    finish(name, outcome)?
+        .deserialize()
+        .map_err(|e| Error::decode(name, e, status))
 }
 
 #[cfg(test)]

@@ -101,14 +101,18 @@ impl Error {
         err
     }
 
-    pub(crate) fn decode(name: &str, e: serde_json::Error) -> Self {
-        Self::new(
-            ErrorKind::Decode,
-            format!("the reply does not match the expected type: {e}"),
-        )
-        .with_command(name)
-        .with_status(SendStatus::Answered)
-        .with_source(e)
+    /// The return value did not deserialise; `status` is [`SendStatus::Unanswered`] for a
+    /// command that sends no reply (its value is `null`).
+    pub(crate) fn decode(name: &str, e: serde_json::Error, status: SendStatus) -> Self {
+        let message = if status == SendStatus::Answered {
+            format!("the reply does not match the expected type: {e}")
+        } else {
+            format!("the command sends no reply, so there is no value of the expected type: {e}")
+        };
+        Self::new(ErrorKind::Decode, message)
+            .with_command(name)
+            .with_status(status)
+            .with_source(e)
     }
 
     pub(crate) fn local(e: LocalError) -> Self {
@@ -153,6 +157,17 @@ impl Error {
             }
             _ => Self::failure(reason.failure(), SendStatus::NotSent),
         }
+    }
+
+    /// The session ended while waiting for an event: no command was involved, so there is
+    /// no send status.
+    pub(crate) fn wait_ended(reason: &CloseReason) -> Self {
+        let mut err = Self::closed(reason);
+        err.inner.status = None;
+        if !matches!(reason, CloseReason::Remote(_)) {
+            err.inner.message = format!("{} while waiting for an event", reason.failure());
+        }
+        err
     }
 
     /// The kind of failure.

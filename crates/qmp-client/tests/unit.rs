@@ -1159,3 +1159,45 @@ fn run_with_a_no_reply_command_returns_null_once_written() {
     assert_eq!(done(&mut s.pool, &mut call).unwrap().unwrap(), ());
     assert_eq!(s.srv.take(), r#"{"execute":"guest-shutdown","id":1}"#);
 }
+
+#[test]
+fn a_no_reply_command_read_as_a_value_fails_as_unanswered() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut call = spawn(&s.sp, async move {
+        c.run::<u32>(qmp_client::Command::new("guest-shutdown").no_reply())
+            .await
+    });
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::Decode,
+            Some(SendStatus::Unanswered),
+            "guest-shutdown: the command sends no reply, so there is no value of the expected \
+             type: invalid type: null, expected u32 at line 1 column 4"
+        )
+    );
+}
+
+#[test]
+fn a_wait_for_an_event_ended_by_the_peer_has_no_send_status() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut wait = spawn(
+        &s.sp,
+        async move { c.wait_event("STOP", |_| true, None).await },
+    );
+    assert!(done(&mut s.pool, &mut wait).is_none());
+    s.srv.hang_up();
+    let e = done(&mut s.pool, &mut wait).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::Disconnected,
+            None,
+            "the peer closed the connection while waiting for an event"
+        )
+    );
+    assert!(!e.is_not_sent());
+}
