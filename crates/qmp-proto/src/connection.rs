@@ -1241,18 +1241,32 @@ impl Connection {
             // Not an answer: a request not yet written, or a key of a sync (which has no wire
             // id, so a peer naming it is making it up).
             other => {
-                if let Some(p) = other {
-                    self.pending.insert(id, p);
-                }
-                if self.tombstones.remove(&id) {
-                    self.retire_inband(id);
-                    self.stats.late_replies += 1;
-                } else {
+                let late = match other {
+                    Some(p) => {
+                        self.pending.insert(id, p);
+                        false
+                    }
+                    None => self.take_late(id),
+                };
+                if !late {
                     self.stats.unknown_replies += 1;
                 }
                 self.admit();
             }
         }
+    }
+
+    /// Takes a reply to `id`, which is not pending, as a late reply to an abandoned request:
+    /// frees its in-band slot and counts it. False if `id` was never abandoned. An abandoned
+    /// request still holding a slot counts even when its tombstone was evicted (over
+    /// `MAX_TOMBSTONES` abandoned since): otherwise the slot would stay taken.
+    fn take_late(&mut self, id: u64) -> bool {
+        if !self.tombstones.remove(&id) && !self.inband.contains(&id) {
+            return false;
+        }
+        self.retire_inband(id);
+        self.stats.late_replies += 1;
+        true
     }
 
     /// In-band replies come in order: a reply to `id` means QEMU is done with every earlier
@@ -1300,9 +1314,7 @@ impl Connection {
             }
             Some(_) => {}
             None => {
-                if self.tombstones.remove(&id) {
-                    self.retire_inband(id);
-                    self.stats.late_replies += 1;
+                if self.take_late(id) {
                     self.admit();
                 }
             }

@@ -683,6 +683,53 @@ fn abandoning_never_leaves_half_a_request_on_the_wire() {
     assert_eq!(c.in_flight(), 0);
 }
 
+/// One in-band slot, held by an abandoned request whose tombstone is then evicted by more
+/// abandoned (oob) requests than the machine keeps tombstones for; then `late_reply` to it.
+/// The slot must be free again: the next command goes out and is answered.
+fn late_reply_after_eviction(late_reply: &[u8]) {
+    let mut one = Config::default();
+    one.max_in_flight = 1;
+    one.max_message_size = 1000;
+    let (t0, mut c) = ready(one);
+    let slow = c.send(t0, Command::new("slow")).unwrap();
+    assert_eq!(tx(&mut c), r#"{"execute":"slow","id":1}"#);
+    assert!(c.abandon(slow));
+    for n in 2..=4098 {
+        let id = c.send(t0, Command::new("query-yank").oob()).unwrap();
+        assert_eq!(
+            tx(&mut c),
+            format!(r#"{{"exec-oob":"query-yank","id":{n}}}"#)
+        );
+        assert!(c.abandon(id));
+    }
+    let next = c.send(t0, Command::new("next")).unwrap();
+    assert_eq!(tx(&mut c), "", "waits for the slot `slow` holds");
+    c.handle_input(t0, late_reply);
+    assert_eq!(c.stats().late_replies, 1);
+    assert_eq!(c.stats().unknown_replies, 0);
+    assert_eq!(tx(&mut c), r#"{"execute":"next","id":4099}"#);
+    c.handle_input(t0, b"{\"return\": 7, \"id\": 4099}\r\n");
+    let completions: Vec<Output> = outs(&mut c)
+        .into_iter()
+        .filter(|o| matches!(o, Output::Completed { .. }))
+        .collect();
+    assert_eq!(completions, vec![replied(next, "7")]);
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[test]
+fn a_late_reply_frees_its_slot_even_after_its_tombstone_was_evicted() {
+    late_reply_after_eviction(b"{\"return\": {}, \"id\": 1}\r\n");
+}
+
+#[test]
+fn an_unreadable_late_reply_frees_its_slot_even_after_its_tombstone_was_evicted() {
+    let mut big = br#"{"id": 1, "return": ""#.to_vec();
+    big.extend_from_slice(&[b'x'; 2000]);
+    big.extend_from_slice(b"\"}\r\n");
+    late_reply_after_eviction(&big);
+}
+
 #[test]
 fn file_descriptor_requests_start_their_own_write() {
     let (t0, mut c) = ready(Config::default());
