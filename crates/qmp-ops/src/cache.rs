@@ -64,7 +64,8 @@ pub(crate) struct ResultCache {
 
 #[derive(Debug)]
 struct CacheEntry {
-    expires: Instant,
+    /// `None`: a TTL too long to represent, which never runs out.
+    expires: Option<Instant>,
     seq: u64,
     value: RawJson,
 }
@@ -80,7 +81,7 @@ impl ResultCache {
 
     pub(crate) fn get(&mut self, key: &str, now: Instant) -> Option<RawJson> {
         match self.entries.get(key) {
-            Some(e) if e.expires > now => Some(e.value.clone()),
+            Some(e) if e.expires.is_none_or(|at| at > now) => Some(e.value.clone()),
             Some(_) => {
                 self.entries.remove(key);
                 None
@@ -94,7 +95,8 @@ impl ResultCache {
             return;
         }
         if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
-            self.entries.retain(|_, e| e.expires > now);
+            self.entries
+                .retain(|_, e| e.expires.is_none_or(|at| at > now));
             let oldest = (self.entries.len() >= self.capacity)
                 .then(|| {
                     self.entries
@@ -111,7 +113,7 @@ impl ResultCache {
         self.entries.insert(
             key,
             CacheEntry {
-                expires: now + ttl,
+                expires: now.checked_add(ttl),
                 seq: self.seq,
                 value,
             },

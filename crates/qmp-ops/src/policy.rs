@@ -133,19 +133,22 @@ impl Pattern {
 
     /// Whether `text` matches the whole pattern.
     pub fn matches(&self, text: &str) -> bool {
-        glob_match(self.0.as_bytes(), text.as_bytes())
+        // By character: `?` is one character, however many bytes it takes.
+        let pat: Vec<char> = self.0.chars().collect();
+        let text: Vec<char> = text.chars().collect();
+        glob_match(&pat, &text)
     }
 }
 
-fn glob_match(pat: &[u8], text: &[u8]) -> bool {
+fn glob_match(pat: &[char], text: &[char]) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
         // A `*` in the pattern is always the wildcard, even facing a `*` in the text.
-        if p < pat.len() && pat[p] == b'*' {
+        if p < pat.len() && pat[p] == '*' {
             star = Some((p, t));
             p += 1;
-        } else if p < pat.len() && (pat[p] == b'?' || pat[p] == text[t]) {
+        } else if p < pat.len() && (pat[p] == '?' || pat[p] == text[t]) {
             p += 1;
             t += 1;
         } else if let Some((sp, st)) = star {
@@ -156,7 +159,7 @@ fn glob_match(pat: &[u8], text: &[u8]) -> bool {
             return false;
         }
     }
-    pat[p..].iter().all(|&c| c == b'*')
+    pat[p..].iter().all(|&c| c == '*')
 }
 
 /// A rule on one argument of a command.

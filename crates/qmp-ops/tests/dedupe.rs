@@ -211,6 +211,20 @@ fn cached_success_is_served_until_its_ttl_expires() {
 }
 
 #[test]
+fn a_ttl_too_long_to_represent_never_runs_out() {
+    let policy = Policy::deny_all().rule(
+        "query-*",
+        Rule::allow().idempotent(true).cache_ttl(Duration::MAX),
+    );
+    let (exec, clock, _, ops) = ops_with(policy, 4);
+    exec.push_ok("1");
+    assert_eq!(block_on(ops.execute("query-a", None)).unwrap().get(), "1");
+    clock.advance(Duration::from_secs(10 * 365 * 24 * 3600));
+    assert_eq!(block_on(ops.execute("query-a", None)).unwrap().get(), "1");
+    assert_eq!(exec.count(), 1);
+}
+
+#[test]
 fn errors_are_not_cached() {
     let (exec, _, _, ops) = ops_with(cached_policy(), 4);
     exec.push_err(ExecError::Command(qmp_proto::CommandError::new(

@@ -196,6 +196,10 @@ fn a_star_in_the_value_does_not_defeat_a_wildcard() {
     assert!(m("a?c", "a*c"));
     assert!(!m("a*c", "a*b"));
     assert!(!m("a", "*"));
+    // `?` is one character, not one byte.
+    assert!(m("vm-?", "vm-é"));
+    assert!(m("?", "€"));
+    assert!(!m("?", "é€"));
     let p = device_add_policy();
     assert_eq!(
         p.check(
