@@ -120,6 +120,16 @@ impl<K: Eq + Hash + Clone> KeyedMutex<K> {
         self.inner.lock().entries.len()
     }
 
+    /// Whether a ticket issued after `ticket` holds or waits for `key`: someone asked for the
+    /// lock later and has not given up.
+    pub(crate) fn taken_after(&self, key: &K, ticket: u64) -> bool {
+        self.inner
+            .lock()
+            .entries
+            .get(key)
+            .is_some_and(|e| e.owner > ticket || e.queue.back().is_some_and(|&(t, _)| t > ticket))
+    }
+
     /// How many callers wait (not counting the holder) for `key`.
     pub fn waiters(&self, key: &K) -> usize {
         self.inner
@@ -195,6 +205,13 @@ impl<K: Eq + Hash> fmt::Debug for Lock<K> {
         f.debug_struct("Lock")
             .field("ticket", &self.ticket)
             .finish_non_exhaustive()
+    }
+}
+
+impl<K: Eq + Hash> Lock<K> {
+    /// This request's place in line: tickets are issued in increasing order, across keys.
+    pub(crate) fn ticket(&self) -> u64 {
+        self.ticket
     }
 }
 

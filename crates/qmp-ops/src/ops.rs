@@ -23,6 +23,14 @@ use crate::time::{Clock, Sleep, SystemClock};
 type SharedRun = Shared<BoxFuture<'static, Result<RawJson, OpsError>>>;
 type WeakRun = WeakShared<BoxFuture<'static, Result<RawJson, OpsError>>>;
 
+/// A deduplicated execution in flight, under its call key.
+struct Inflight {
+    generation: u64,
+    run: WeakRun,
+    /// Its lock ticket plus one once it has queued for its rule's lock group; 0 before.
+    queued_as: Arc<AtomicU64>,
+}
+
 /// The safe executor: runs commands through a [`Policy`], a per-group lock, deduplication of
 /// identical idempotent calls, an optional result cache and retries, reporting to [`Hooks`].
 ///
@@ -30,7 +38,9 @@ type WeakRun = WeakShared<BoxFuture<'static, Result<RawJson, OpsError>>>;
 /// 1. the policy decides; a denial returns [`OpsError::Denied`] and nothing is sent;
 /// 2. a rule with `cache_ttl` is answered from the cache when a fresh success is there;
 /// 3. a call whose rule is idempotent joins an identical call already in flight (same command,
-///    same arguments up to key order) instead of sending its own;
+///    same arguments up to key order) instead of sending its own, unless another call has
+///    queued for the rule's lock group since that one did (a `stop` made after a waiting
+///    `cont` runs after it, not as part of an earlier `stop`);
 /// 4. the rule's lock group, if any, is taken (FIFO, in the order the calls first reach
 ///    this step, i.e. the order their futures are first polled);
 /// 5. attempts run, with retries only when safe ([`crate::is_retry_safe`]) and allowed by the
@@ -56,7 +66,7 @@ struct Inner<E> {
     hooks: Arc<dyn Hooks>,
     rng: Mutex<fastrand::Rng>,
     locks: KeyedMutex<String>,
-    inflight: Mutex<HashMap<String, (u64, WeakRun)>>,
+    inflight: Mutex<HashMap<String, Inflight>>,
     next_gen: AtomicU64,
     cache: Mutex<ResultCache>,
 }
@@ -311,7 +321,7 @@ impl<E: Execute + 'static> Ops<E> {
         }
         let result = match (&key, rule.idempotent) {
             (Some(key), true) => self.run_shared(key, name, args, &rule).await,
-            _ => run(inner, name, args, &rule).await,
+            _ => run(inner, name, args, &rule, None).await,
         };
         if let (Some(ttl), Some(key), Ok(value)) = (rule.cache_ttl, key, &result) {
             let now = inner.clock.now();
@@ -330,19 +340,33 @@ impl<E: Execute + 'static> Ops<E> {
         let inner = &self.inner;
         let (generation, shared, joined) = {
             let mut map = lock(&inner.inflight);
-            match map.get(key).and_then(|(g, w)| Some((*g, w.upgrade()?))) {
+            let running = map
+                .get(key)
+                .filter(|e| self.may_join(rule, &e.queued_as))
+                .and_then(|e| Some((e.generation, e.run.upgrade()?)));
+            match running {
                 Some((generation, shared)) => (generation, shared, true),
                 None => {
+                    // A new execution; one still running under this key (that this call could
+                    // not join) keeps going, and its slot will not remove this entry.
                     let generation = inner.next_gen.fetch_add(1, Ordering::Relaxed);
+                    let queued_as = Arc::new(AtomicU64::new(0));
                     let owned = Arc::clone(inner);
                     let name = name.to_owned();
                     let args = args.map(|a| a.to_owned());
                     let rule = Arc::clone(rule);
-                    let fut: BoxFuture<'static, Result<RawJson, OpsError>> =
-                        Box::pin(async move { run(&owned, &name, args.as_deref(), &rule).await });
+                    let queued = Arc::clone(&queued_as);
+                    let fut: BoxFuture<'static, Result<RawJson, OpsError>> = Box::pin(async move {
+                        run(&owned, &name, args.as_deref(), &rule, Some(&queued)).await
+                    });
                     let shared = fut.shared();
-                    let weak = shared.downgrade().expect("not yet polled");
-                    map.insert(key.to_owned(), (generation, weak));
+                    let run = shared.downgrade().expect("not yet polled");
+                    let entry = Inflight {
+                        generation,
+                        run,
+                        queued_as,
+                    };
+                    map.insert(key.to_owned(), entry);
                     (generation, shared, false)
                 }
             }
@@ -369,10 +393,27 @@ impl<E: Execute + 'static> Ops<E> {
     }
 }
 
+impl<E> Ops<E> {
+    /// Whether a call under `rule` may share an execution that queued for the rule's lock
+    /// group as `queued_as`: only if nobody has asked for that lock since. A call made after
+    /// a conflicting one (a `stop` after a `cont` still waiting for the run-state lock) must
+    /// take effect after it, so it queues behind it with an execution of its own.
+    fn may_join(&self, rule: &Rule, queued_as: &AtomicU64) -> bool {
+        let Some(group) = &rule.lock else {
+            return true;
+        };
+        match queued_as.load(Ordering::Acquire) {
+            // Not queued yet: it will queue behind everyone waiting now, this call included.
+            0 => true,
+            place => !self.inner.locks.taken_after(group, place - 1),
+        }
+    }
+}
+
 /// One caller's share of a deduplicated execution; removes the in-flight entry when the
 /// execution completed or nobody awaits it any more.
 struct InflightSlot<'a> {
-    inflight: &'a Mutex<HashMap<String, (u64, WeakRun)>>,
+    inflight: &'a Mutex<HashMap<String, Inflight>>,
     key: &'a str,
     generation: u64,
     shared: Option<SharedRun>,
@@ -384,7 +425,7 @@ impl Drop for InflightSlot<'_> {
         drop(self.shared.take());
         let mut map = lock(self.inflight);
         let remove = match map.get(self.key) {
-            Some((g, weak)) if *g == self.generation => self.done || weak.upgrade().is_none(),
+            Some(e) if e.generation == self.generation => self.done || e.run.upgrade().is_none(),
             _ => false,
         };
         if remove {
@@ -400,8 +441,9 @@ async fn run<E: Execute>(
     name: &str,
     args: Option<&RawValue>,
     rule: &Rule,
+    queued_as: Option<&AtomicU64>,
 ) -> Result<RawJson, OpsError> {
-    let fut = run_attempts(inner, name, args, rule);
+    let fut = run_attempts(inner, name, args, rule, queued_as);
     #[cfg(feature = "tracing")]
     let fut = tracing::Instrument::instrument(fut, tracing::info_span!("qmp_ops", command = name));
     fut.await
@@ -412,9 +454,16 @@ async fn run_attempts<E: Execute>(
     name: &str,
     args: Option<&RawValue>,
     rule: &Rule,
+    queued_as: Option<&AtomicU64>,
 ) -> Result<RawJson, OpsError> {
     let _guard = match &rule.lock {
-        Some(group) => Some(inner.locks.lock(group.clone()).await),
+        Some(group) => {
+            let lock = inner.locks.lock(group.clone());
+            if let Some(place) = queued_as {
+                place.store(lock.ticket() + 1, Ordering::Release);
+            }
+            Some(lock.await)
+        }
         None => None,
     };
     let retry = inner.policy.retry_for(rule);
