@@ -253,28 +253,59 @@ async fn reset_after_quit_is_a_normal_close(connect: Connect) {
 type ConnectWait =
     fn(PathBuf, Builder, Duration) -> BoxFut<Result<(Client, BoxFut<Result<(), Error>>), Error>>;
 
+/// What [`starting_monitor`] does with the connection it takes.
+#[derive(Clone, Copy)]
+enum Monitor {
+    /// Closes it at once, as QEMU 10.0 can during its start-up race.
+    CutsOff,
+    /// Holds it without a word until the client closes it.
+    Silent,
+    /// Serves it with the fake until the client closes it.
+    Serves,
+}
+
 /// A listener standing in for a QEMU that is still starting: it binds `path` after `delay`
-/// and takes one connection, which it closes at once (as QEMU 10.0 can during its start-up
-/// race) or, with `silent`, holds without a word until the client closes it. Joining it
-/// gives the number of connections it took.
+/// and takes one connection. Joining it gives the number of connections it took.
 fn starting_monitor(
     path: PathBuf,
     delay: Duration,
-    silent: bool,
+    what: Monitor,
 ) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || {
         std::thread::sleep(delay);
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let (stream, _) = listener.accept().unwrap();
-        if silent {
-            let mut buf = [0u8; 64];
-            while std::io::Read::read(&mut &stream, &mut buf).is_ok_and(|n| n > 0) {}
+        match what {
+            Monitor::CutsOff => drop(stream),
+            Monitor::Silent => {
+                let mut buf = [0u8; 64];
+                while std::io::Read::read(&mut &stream, &mut buf).is_ok_and(|n| n > 0) {}
+            }
+            Monitor::Serves => {
+                let fake = FakeQemu::from_stream(Script::new(), stream).unwrap();
+                assert_eq!(fake.wait_closed(1, Duration::from_secs(10)), 1);
+            }
         }
-        drop(stream);
         // Anyone trying again would be refused from here on.
         listener.set_nonblocking(true).unwrap();
         1 + std::iter::from_fn(|| listener.accept().ok()).count()
     })
+}
+
+/// `connect_unix_wait` with `Duration::MAX`, the obvious "wait for ever", waits for the socket
+/// to appear (it used to panic computing its deadline).
+async fn connect_wait_for_ever(connect_wait: ConnectWait) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qmp.sock");
+    let monitor = starting_monitor(path.clone(), Duration::from_millis(50), Monitor::Serves);
+    let (c, driver) = connect_wait(path, Builder::new(), Duration::MAX)
+        .await
+        .unwrap();
+    let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
+    assert_eq!(v["qemu"]["major"], 10);
+    c.close().await;
+    assert!(driver.await.is_ok());
+    assert_eq!(monitor.join().unwrap(), 1);
 }
 
 /// `connect_unix_wait` waits for the socket to appear, but a monitor that closes the
@@ -283,7 +314,7 @@ fn starting_monitor(
 async fn connect_wait_reports_a_cut_off_at_once(connect_wait: ConnectWait) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("qmp.sock");
-    let monitor = starting_monitor(path.clone(), Duration::from_millis(50), false);
+    let monitor = starting_monitor(path.clone(), Duration::from_millis(50), Monitor::CutsOff);
     let start = Instant::now();
     let e = connect_wait(path, Builder::new(), Duration::from_secs(10))
         .await
@@ -304,7 +335,7 @@ async fn connect_wait_reports_a_cut_off_at_once(connect_wait: ConnectWait) {
 async fn connect_wait_does_not_retry_a_silent_monitor(connect_wait: ConnectWait) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("qmp.sock");
-    let monitor = starting_monitor(path.clone(), Duration::ZERO, true);
+    let monitor = starting_monitor(path.clone(), Duration::ZERO, Monitor::Silent);
     let start = Instant::now();
     let e = connect_wait(
         path,
@@ -326,6 +357,10 @@ async fn connect_wait_does_not_retry_a_silent_monitor(connect_wait: ConnectWait)
 
 macro_rules! faults_on {
     ($connect:expr, $connect_wait:expr, $block_on:path) => {
+        #[test]
+        fn connect_wait_for_ever() {
+            $block_on(super::connect_wait_for_ever($connect_wait));
+        }
         #[test]
         fn connect_wait_reports_a_cut_off_at_once() {
             $block_on(super::connect_wait_reports_a_cut_off_at_once($connect_wait));

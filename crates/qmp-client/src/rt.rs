@@ -76,6 +76,10 @@ pub trait Readiness: Send + Unpin {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>>;
+    /// Called after each write that went through. An implementation that set something up to
+    /// wait for writability (and was not polled again once it fired) can drop it here, so that
+    /// its reactor does not keep watching. The default does nothing.
+    fn wrote(&mut self) {}
 }
 
 /// A unix stream transport with fd passing, driven by a reactor's [`Readiness`]: it implements
@@ -113,7 +117,13 @@ impl<R: Readiness> UnixTransport<R> {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::task::ready!(self.ready.poll_writable(cx))?;
                 }
-                res => return std::task::Poll::Ready(res),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                res => {
+                    if res.is_ok() {
+                        self.ready.wrote();
+                    }
+                    return std::task::Poll::Ready(res);
+                }
             }
         }
     }
@@ -162,6 +172,8 @@ impl<R: Readiness> futures_io::AsyncWrite for UnixTransport<R> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         use std::io::Write;
+        // std writes to a socket with MSG_NOSIGNAL where there is one (Linux): a peer gone
+        // away is an EPIPE error, not a SIGPIPE.
         self.get_mut().poll_send(cx, |mut s| s.write(buf))
     }
 

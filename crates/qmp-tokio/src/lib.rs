@@ -26,8 +26,39 @@ use {
 };
 
 /// The tokio clock and timer. Honours `tokio::time::pause` (virtual time in tests).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TokioTimer;
+///
+/// It keeps a handle on the runtime it was made in and starts its timers there, so that a
+/// [`Client`] used from a thread outside that runtime (a `wait_event` with a timeout under
+/// `futures::executor::block_on`, say) does not panic for want of a tokio context.
+#[derive(Debug, Clone)]
+pub struct TokioTimer {
+    handle: tokio::runtime::Handle,
+}
+
+impl TokioTimer {
+    /// A timer on the current tokio runtime.
+    ///
+    /// # Panics
+    /// When called outside a tokio runtime.
+    pub fn new() -> Self {
+        Self::with_handle(tokio::runtime::Handle::current())
+    }
+
+    /// A timer on `handle`'s runtime.
+    pub fn with_handle(handle: tokio::runtime::Handle) -> Self {
+        Self { handle }
+    }
+}
+
+impl Default for TokioTimer {
+    /// [`TokioTimer::new`].
+    ///
+    /// # Panics
+    /// When called outside a tokio runtime.
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl rt::Timer for TokioTimer {
     fn now(&self) -> Instant {
@@ -35,6 +66,7 @@ impl rt::Timer for TokioTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> rt::Sleep {
+        let _runtime = self.handle.enter();
         Box::pin(tokio::time::sleep_until(deadline.into()))
     }
 }
@@ -85,6 +117,12 @@ impl rt::Readiness for TokioReadiness {
         self.writable = None;
         Poll::Ready(Ok(()))
     }
+
+    fn wrote(&mut self) {
+        // A write went through after a wait that was not polled to the end: stop watching
+        // writability, or the reactor would wake each time the peer reads.
+        self.writable = None;
+    }
 }
 
 /// Performs the handshake over a std unix stream, with fd passing.
@@ -94,7 +132,7 @@ async fn start(stream: UnixStream, builder: Builder) -> Result<(Client, Connecti
     let io = register(stream, Interest::READABLE)?;
     let ready = TokioReadiness { io, writable: None };
     builder
-        .handshake_with_fds(rt::UnixTransport::new(ready), TokioTimer)
+        .handshake_with_fds(rt::UnixTransport::new(ready), TokioTimer::new())
         .await
 }
 
@@ -113,8 +151,8 @@ pub async fn connect_unix(
 /// Like [`connect_unix`], retrying every 10 ms for up to `wait` while the socket does not
 /// exist yet or refuses connections (QEMU still starting). A connection that the server
 /// closes before the session is ready is reported at once: a QEMU 10.0 monitor that does
-/// that does not recover. Start the monitor with `wait=on` when connecting this early: see
-/// [`qmp_client`]'s notes on a QEMU that has just started.
+/// that does not recover. `Duration::MAX` waits for ever. Start the monitor with `wait=on`
+/// when connecting this early: see [`qmp_client`]'s notes on a QEMU that has just started.
 ///
 /// # Errors
 /// As for [`connect_unix`], with the last connect error once `wait` has passed.
@@ -124,11 +162,14 @@ pub async fn connect_unix_wait(
     builder: Builder,
     wait: Duration,
 ) -> Result<(Client, Connection), Error> {
-    let end = tokio::time::Instant::now() + wait;
+    // `None`: a wait too long to represent (`Duration::MAX`), which never runs out.
+    let end = tokio::time::Instant::now().checked_add(wait);
     let stream = loop {
         match tokio::net::UnixStream::connect(path.as_ref()).await {
             Ok(s) => break s,
-            Err(e) if tokio::time::Instant::now() >= end => return Err(e.into()),
+            Err(e) if end.is_some_and(|end| tokio::time::Instant::now() >= end) => {
+                return Err(e.into());
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     };
@@ -184,7 +225,7 @@ pub async fn from_stream<S>(stream: S, builder: Builder) -> Result<(Client, Conn
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    builder.handshake(stream.compat(), TokioTimer).await
+    builder.handshake(stream.compat(), TokioTimer::new()).await
 }
 
 /// Spawns the driver on the current tokio runtime. The session runs until it closes even if

@@ -16,6 +16,68 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// What descriptor `fd` of this process refers to (`socket:[inode]` for a socket).
+fn fd_target(fd: std::os::fd::RawFd) -> std::path::PathBuf {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap()
+}
+
+/// How many descriptors of this process refer to `target`.
+fn descriptors_of(target: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t == target)
+        .count()
+}
+
+/// Runs `f` to completion on this thread, outside any runtime.
+fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+#[test]
+fn a_client_used_outside_the_runtime_can_start_timers() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    let _fake = FakeQemu::from_stream(Script::new(), theirs).unwrap();
+    let c = rt.block_on(async {
+        let (c, conn) = qmp_tokio::from_unix_stream(mine, Builder::new())
+            .await
+            .unwrap();
+        qmp_tokio::spawn_connection(conn);
+        c
+    });
+    // A plain thread with no tokio context: the wait's timeout starts a tokio timer.
+    let e = std::thread::spawn(move || {
+        block_on(c.wait_event("STOP", |_| true, Some(Duration::from_millis(50))))
+    })
+    .join()
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.to_string().as_str()),
+        (ErrorKind::Timeout, "no matching event arrived in time")
+    );
+}
+
 #[tokio::test]
 async fn socketpair_typed_command_and_fd_passing() {
     let (mine, theirs) = UnixStream::pair().unwrap();
@@ -99,6 +161,7 @@ async fn command_timeout_runs_on_the_paused_tokio_clock() {
 async fn a_write_that_blocks_completes_and_fds_still_pass() {
     // 8 MiB of arguments overflow the socket buffer: the transport waits for writability.
     let (mine, theirs) = UnixStream::pair().unwrap();
+    let socket = fd_target(std::os::fd::AsRawFd::as_raw_fd(&mine));
     let script = Script::new()
         .on("big", Response::ok("{}"))
         .on("getfd", Response::ok("{}"));
@@ -113,6 +176,9 @@ async fn a_write_that_blocks_completes_and_fds_still_pass() {
             .execute("big", &serde_json::json!({ "data": data }))
             .await
             .unwrap();
+        // The duplicate descriptor registered for the wait is gone once the write is done,
+        // so the reactor no longer watches writability.
+        assert_eq!(descriptors_of(&socket), 1);
     }
     let _: serde::de::IgnoredAny = c
         .execute_with_fds(
