@@ -488,7 +488,8 @@ async fn follow_events(
 ) -> Result<(), Failure> {
     let mut stream = session.client.subscribe(qmp_tokio::EventFilter::all());
     let filters: Vec<qmp_ops::Pattern> = filters.iter().map(qmp_ops::Pattern::new).collect();
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    // A timeout too long to represent never runs out.
+    let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
     let mut seen = 0u64;
     if count == Some(0) {
         return Ok(());
@@ -514,8 +515,13 @@ async fn follow_events(
                     continue;
                 }
                 let line = event_line(&ev);
+                // Coloured, but still one event per line, whatever the output style.
                 let line = if out.style.colour {
-                    json::format(&line, out.style)
+                    let style = json::Style {
+                        compact: true,
+                        ..out.style
+                    };
+                    json::format(&line, style)
                 } else {
                     line
                 };

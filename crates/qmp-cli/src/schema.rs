@@ -475,6 +475,15 @@ impl Schema {
                 Ok(())
             }
             Some(Entity::Alternate { members }) => {
+                // A branch that takes the value as it was typed wins: `backing=null` is the
+                // null branch, not the string "null" of a string branch listed first.
+                for m in members {
+                    let mut attempt = v.clone();
+                    if self.check(command, m, &mut attempt, path, &[]).is_ok() {
+                        *v = attempt;
+                        return Ok(());
+                    }
+                }
                 let mut first_err = None;
                 for m in members {
                     let mut attempt = v.clone();
@@ -714,6 +723,37 @@ pub(crate) fn suggest<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A command `c` whose one argument `x` is a string-or-null alternate, string first (as
+    /// QEMU's `StrOrNull` and `BlockdevRefOrNull` list theirs).
+    const STR_OR_NULL: &str = r#"[
+        {"name": "c", "meta-type": "command", "arg-type": "A", "ret-type": "R"},
+        {"name": "A", "meta-type": "object",
+         "members": [{"name": "x", "type": "S", "default": null}]},
+        {"name": "S", "meta-type": "alternate",
+         "members": [{"type": "str"}, {"type": "null"}]},
+        {"name": "str", "meta-type": "builtin", "json-type": "string"},
+        {"name": "null", "meta-type": "builtin", "json-type": "null"},
+        {"name": "R", "meta-type": "object", "members": []}
+    ]"#;
+
+    /// The arguments `words` become once parsed and validated against [`STR_OR_NULL`].
+    fn validated(words: &[&str]) -> String {
+        let schema = Schema::from_json(STR_OR_NULL).unwrap();
+        let words: Vec<String> = words.iter().map(|w| (*w).to_owned()).collect();
+        let (mut args, auto) = crate::args::parse(&words).unwrap();
+        schema.validate("c", &mut args, &auto).unwrap();
+        Value::Object(args).to_string()
+    }
+
+    #[test]
+    fn an_alternate_takes_a_typed_value_in_the_branch_of_its_kind() {
+        assert_eq!(validated(&["x=null"]), r#"{"x":null}"#);
+        assert_eq!(validated(&["x=abc"]), r#"{"x":"abc"}"#);
+        // Not a kind any branch takes as typed: the string branch gets the text.
+        assert_eq!(validated(&["x=12"]), r#"{"x":"12"}"#);
+        assert_eq!(validated(&["x=true"]), r#"{"x":"true"}"#);
+    }
 
     #[test]
     fn suggestions() {

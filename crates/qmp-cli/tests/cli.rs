@@ -587,6 +587,38 @@ fn events_follow_filter_count_timeout() {
         "",
         "",
     );
+    // A timeout too long to represent is no timeout (it used to panic).
+    check(
+        &qmp(&["-s", &s, "events", "--count", "0", "--timeout", "1e19"]),
+        0,
+        "",
+        "",
+    );
+    // Coloured events are still one per line.
+    let child = Command::new(QMP)
+        .args(["-s", &s, "--color", "always", "events", "--filter", "STOP"])
+        .args(["--count", "1", "--timeout", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    while !waiter.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "qmp events did not finish"
+        );
+        check(&qmp(&["--tcp", &tcp, "cont"]), 0, "{}\n", "");
+        check(&qmp(&["--tcp", &tcp, "stop"]), 0, "{}\n", "");
+    }
+    let o = waiter.join().unwrap();
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
+    let text = out(&o);
+    assert_eq!(text.lines().count(), 1, "{text:?}");
+    assert!(
+        text.starts_with("{\x1b[1;34m\"event\"\x1b[0m:\x1b[32m\"STOP\"\x1b[0m,"),
+        "{text:?}"
+    );
 }
 
 #[test]
