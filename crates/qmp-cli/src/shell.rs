@@ -49,14 +49,28 @@ struct Completion {
 struct ShellHelper(Arc<Completion>);
 
 /// Splits a line into words, honouring single and double quotes (which group, and are
-/// removed) and backslash escapes outside single quotes.
+/// removed) and backslash escapes outside single quotes. A JSON value is taken as typed, with
+/// its own quotes and spaces: a word that starts with `{` or `[`, or such a value after `=`
+/// or `:=`, and a `"string"` after `:=` (so `{"driver":"null-co"}`, `l=["a", "b"]` and
+/// `s:="12"` reach the argument parser unchanged).
 pub(crate) fn split_words(line: &str) -> Result<Vec<String>, String> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
     let mut quote: Option<char> = None;
-    let mut chars = line.chars();
+    let mut chars = line.chars().peekable();
     while let Some(c) = chars.next() {
+        let json_starts = quote.is_none()
+            && match c {
+                '{' | '[' => cur.is_empty() || cur.ends_with('='),
+                '"' => cur.ends_with(":="),
+                _ => false,
+            };
+        if json_starts {
+            copy_json(c, &mut chars, &mut cur);
+            in_word = true;
+            continue;
+        }
         match (quote, c) {
             (Some(q), c) if c == q => quote = None,
             (Some('"') | None, '\\') => {
@@ -89,6 +103,36 @@ pub(crate) fn split_words(line: &str) -> Result<Vec<String>, String> {
         words.push(cur);
     }
     Ok(words)
+}
+
+/// Copies a JSON value that starts with `first` into `out` as it is, up to its end (the
+/// bracket that closes it, or the quote that ends a string) or the end of the line; an
+/// unfinished value is left for the JSON parser to report.
+fn copy_json(first: char, chars: &mut impl Iterator<Item = char>, out: &mut String) {
+    out.push(first);
+    let (mut depth, mut in_string) = if first == '"' { (0, true) } else { (1, false) };
+    let mut escaped = false;
+    for c in chars.by_ref() {
+        out.push(c);
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else {
+            match c {
+                '"' => in_string = true,
+                '{' | '[' => depth += 1,
+                '}' | ']' => depth -= 1,
+                _ => {}
+            }
+        }
+        if depth == 0 && !in_string {
+            return;
+        }
+    }
 }
 
 impl Completion {
@@ -385,6 +429,11 @@ pub(crate) fn run(
         };
         let line = line.trim();
         if line.is_empty() {
+            // Enter on an empty line is how one checks on a QEMU that may have gone.
+            if client.is_closed() {
+                outln!("(the connection closed)");
+                break;
+            }
             continue;
         }
         let _ = rl.add_history_entry(line);
@@ -585,6 +634,31 @@ mod tests {
         assert_eq!(split_words("  ").unwrap(), Vec::<String>::new());
         assert_eq!(split_words("a \"b").unwrap_err(), "unterminated quote");
         assert_eq!(split_words("x=''").unwrap(), ["x="]);
+    }
+
+    #[test]
+    fn json_values_are_taken_as_typed() {
+        assert_eq!(
+            split_words(r#"blockdev-add {"driver": "null-co", "node-name": "a b"}"#).unwrap(),
+            [
+                "blockdev-add",
+                r#"{"driver": "null-co", "node-name": "a b"}"#
+            ]
+        );
+        assert_eq!(
+            split_words(r#"c s:="12" l=["a", "b\"]"] o:={"k": [1, {"x": "}"}]} n="x y""#).unwrap(),
+            [
+                "c",
+                r#"s:="12""#,
+                r#"l=["a", "b\"]"]"#,
+                r#"o:={"k": [1, {"x": "}"}]}"#,
+                "n=x y"
+            ]
+        );
+        // Unfinished: left for the parser to report.
+        assert_eq!(split_words(r#"c {"a": 1"#).unwrap(), ["c", r#"{"a": 1"#]);
+        let (args, _) = crate::args::parse(&split_words(r#"s:="12" l=["a"]"#).unwrap()).unwrap();
+        assert_eq!(Value::Object(args).to_string(), r#"{"l":["a"],"s":"12"}"#);
     }
 
     fn completions(c: &Completion, line: &str) -> (usize, Vec<String>) {

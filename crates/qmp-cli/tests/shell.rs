@@ -103,7 +103,14 @@ fn completion_history_and_live_events() {
         {"expect": "command query-jobs\r\n  arguments: none\r\n  returns: array of object\r\n"},
         {"send": "hmp\r"},
         {"expect": "error: this program has no HMP (no human-monitor-command)\r\n"},
-        {"send": "\x04"},
+        // A JSON object typed as it is, quotes and spaces included.
+        {"send": "blockdev-add {\"driver\": \"null-co\", \"node-name\": \"j 0\"}\r"},
+        {"expect": "error: GenericError: Invalid node-name: 'j 0'\r\n"},
+        {"expect": "(qmp) "},
+        // QEMU goes away while the shell waits for input: it says so, and Enter leaves.
+        {"run": [QMP, "--tcp", tcp, "quit"]},
+        {"expect": "(the connection closed)"},
+        {"send": "\r"},
     ]);
     let Some(t) = drive(
         &[
@@ -133,7 +140,8 @@ fn completion_history_and_live_events() {
         saved,
         "#V2\nquery-version\nblockdev-add driver=null-co read-zeroes=true node-name=s0 nmae=1\n\
          blockdev-add driver=null-co read-zeroes=true node-name=s0\n\
-         blockdev-add driver=null-co node-name=s0\nhelp\nschema query-jobs\nhmp\n"
+         blockdev-add driver=null-co node-name=s0\nhelp\nschema query-jobs\nhmp\n\
+         blockdev-add {\"driver\": \"null-co\", \"node-name\": \"j 0\"}\n"
     );
 }
 
