@@ -25,6 +25,8 @@ pub(crate) enum Failure {
     Denied(String),
     /// Waited too long for events.
     Timeout(String),
+    /// Stopped by this signal (SIGINT or SIGTERM) after cleaning up.
+    Signal(i32),
 }
 
 impl Failure {
@@ -35,6 +37,8 @@ impl Failure {
             Self::Connection(_) => 3,
             Self::Denied(_) => 4,
             Self::Timeout(_) => 5,
+            // As a shell reports a process the signal ended: 128 + its number.
+            Self::Signal(n) => u8::try_from(128 + n).unwrap_or(u8::MAX),
         }
     }
 
@@ -43,6 +47,8 @@ impl Failure {
             Self::Qmp(e) => format!("error: {}: {}", e.class.as_str(), e.desc),
             Self::Usage(m) | Self::Connection(m) | Self::Timeout(m) => m.clone(),
             Self::Denied(m) => format!("{m}; nothing was sent"),
+            Self::Signal(2) => "interrupted".to_owned(),
+            Self::Signal(n) => format!("stopped by signal {n}"),
         }
     }
 }

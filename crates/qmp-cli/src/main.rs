@@ -68,7 +68,8 @@ use crate::schema::Schema;
         "  2  usage error: bad options or arguments, unknown command or argument (nothing sent)\n",
         "  3  connection or protocol failure: cannot connect, no greeting, disconnected, no reply\n",
         "  4  denied by the policy (--policy/--profile); the rule is named and nothing is sent\n",
-        "  5  `qmp events`: --timeout passed before --count events arrived"
+        "  5  `qmp events`: --timeout passed before --count events arrived\n",
+        "  130, 143  stopped by SIGINT or SIGTERM (a QEMU that --spawn started is killed first)"
     )
 )]
 struct Cli {
@@ -300,13 +301,13 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<(), Failure> {
             let (mut args, auto) = args::parse(rest).map_err(Failure::Usage)?;
             check_policy(policy.as_ref(), name, &args)?;
             let target = cli.target()?;
-            return rt.block_on(async {
+            return rt.block_on(until_signalled(async {
                 let session = conn::open(&target, timeouts).await?;
                 let res =
                     one_shot(&session, name, &mut args, &auto, &cli, policy.as_ref(), out).await;
                 finish(session).await;
                 res
-            });
+            }));
         }
         _ => {}
     }
@@ -318,19 +319,19 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<(), Failure> {
             timeout,
         }) => {
             let timeout = timeout.map(|t| duration(t, "--timeout")).transpose()?;
-            rt.block_on(async {
+            rt.block_on(until_signalled(async {
                 let session = conn::open(&target, timeouts).await?;
                 let res = follow_events(&session, &filter, count, timeout, out).await;
                 finish(session).await;
                 res
-            })
+            }))
         }
-        Some(Sub::Schema { name }) => rt.block_on(async {
+        Some(Sub::Schema { name }) => rt.block_on(until_signalled(async {
             let session = conn::open(&target, timeouts).await?;
             let res = show_schema(&session, name.as_deref()).await;
             finish(session).await;
             res
-        }),
+        })),
         Some(Sub::Shell {
             history,
             no_history_file,
@@ -477,6 +478,25 @@ pub(crate) fn event_line(ev: &qmp_tokio::Event) -> String {
         "{{\"event\":{name}{data},\"timestamp\":{{\"seconds\":{},\"microseconds\":{}}}}}",
         ev.timestamp.seconds, ev.timestamp.microseconds
     )
+}
+
+/// Runs `fut` unless SIGINT or SIGTERM comes first. Then `fut` is dropped, and with it the
+/// session: a QEMU that `--spawn` started is killed and its directory removed, which the
+/// signal's default action (ending the process at once) would skip. The handlers are
+/// installed before `fut` first runs, so before any QEMU is started.
+async fn until_signalled<T>(fut: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return fut.await;
+    };
+    tokio::select! {
+        res = fut => res,
+        _ = interrupt.recv() => Err(Failure::Signal(2)),
+        _ = terminate.recv() => Err(Failure::Signal(15)),
+    }
 }
 
 async fn follow_events(

@@ -1110,3 +1110,73 @@ fn shell_reads_piped_commands() {
     );
     assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
 }
+
+/// The children of process `pid`, from `/proc/*/stat`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            // "pid (comm) state ppid ...": the command name may hold spaces and parentheses.
+            let ppid: u32 = stat[stat.rfind(')')? + 2..]
+                .split(' ')
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == pid).then_some(child)
+        })
+        .collect()
+}
+
+#[test]
+fn a_signal_stops_qmp_and_the_qemu_it_spawned() {
+    if !Launch::storage_daemon().available() {
+        return;
+    }
+    for (signal, code, message) in [
+        ("-TERM", 143, "qmp: stopped by signal 15\n"),
+        ("-INT", 130, "qmp: interrupted\n"),
+    ] {
+        let child = Command::new(QMP)
+            .args(["--spawn", "qsd", "events"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start = Instant::now();
+        let daemon = loop {
+            if let Some(&d) = children_of(pid).first() {
+                break d;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no daemon started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let cmdline = std::fs::read_to_string(format!("/proc/{daemon}/cmdline")).unwrap();
+        let socket = cmdline
+            .split(['\0', ','])
+            .find_map(|a| a.strip_prefix("path="))
+            .unwrap()
+            .to_owned();
+        let dir = std::path::Path::new(&socket).parent().unwrap().to_owned();
+        assert!(dir.exists());
+        // Signalled while it follows events (or still connecting): qmp alone gets it.
+        std::thread::sleep(Duration::from_millis(300));
+        let kill = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let o = child.wait_with_output().unwrap();
+        check(&o, code, "", message);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{daemon}")).exists(),
+            "qemu-storage-daemon {daemon} outlived qmp"
+        );
+        assert!(!dir.exists(), "{} was left behind", dir.display());
+    }
+}
