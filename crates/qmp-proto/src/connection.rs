@@ -52,6 +52,10 @@ pub struct Config {
     pub max_request_size: usize,
     /// Deepest arguments this side will write. Default 512 (QEMU accepts 1024).
     pub max_request_depth: usize,
+    /// Most JSON tokens (brackets, commas, colons, strings, numbers, keywords) in the
+    /// arguments this side will write. Default 1,048,576 (QEMU accepts 2,097,152 in a whole
+    /// request, and past that parses the rest of it as new input).
+    pub max_request_tokens: usize,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             max_depth: 1024,
             max_request_size: 32 << 20,
             max_request_depth: 512,
+            max_request_tokens: 1 << 20,
         }
     }
 }
@@ -294,6 +299,14 @@ pub enum LocalError {
     /// The arguments nest deeper than the configured limit.
     #[error("the arguments nest deeper than {max} levels")]
     RequestTooDeep {
+        /// The limit.
+        max: usize,
+    },
+    /// The arguments hold more JSON tokens than the configured limit.
+    #[error("the arguments hold {tokens} JSON tokens, over the {max}-token limit")]
+    RequestTooManyTokens {
+        /// How many they hold.
+        tokens: usize,
         /// The limit.
         max: usize,
     },
@@ -904,19 +917,30 @@ impl Connection {
                 return Err(LocalError::OobNotNegotiated);
             }
         }
-        if let Some(args) = &cmd.arguments
-            && nesting(args.as_bytes()) > self.config.max_request_depth
-        {
-            return Err(LocalError::RequestTooDeep {
-                max: self.config.max_request_depth,
-            });
+        if let Some(args) = &cmd.arguments {
+            let (depth, tokens) = shape(args.as_bytes());
+            if depth > self.config.max_request_depth {
+                return Err(LocalError::RequestTooDeep {
+                    max: self.config.max_request_depth,
+                });
+            }
+            if tokens > self.config.max_request_tokens {
+                return Err(LocalError::RequestTooManyTokens {
+                    tokens,
+                    max: self.config.max_request_tokens,
+                });
+            }
         }
         let id = self.next_id;
         let ready = self.state == State::Ready && self.syncing.is_none();
-        // As `admit` decides: only a request that takes a slot waits for one.
+        // As `admit` decides: oob goes at once; an in-band request goes in turn, behind any
+        // that wait (a no-reply `guest-shutdown` must not overtake them), and waits for a
+        // slot only if it takes one.
         let takes_slot = !cmd.oob && cmd.expect_reply;
         let direct = ready
-            && (!takes_slot || (self.queued == 0 && self.inband.len() < self.config.max_in_flight));
+            && (cmd.oob
+                || (self.queued == 0
+                    && (!takes_slot || self.inband.len() < self.config.max_in_flight)));
         // A request that can go now is encoded straight into the transmit buffer; one that
         // waits gets its own buffer in the queue.
         let (start, mut queued) = if direct {
@@ -1586,9 +1610,12 @@ impl Connection {
     }
 }
 
-/// The deepest bracket nesting in JSON text (brackets inside strings do not count).
-fn nesting(json: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_str, mut esc) = (0usize, 0usize, false, false);
+/// The deepest bracket nesting in JSON text (brackets inside strings do not count) and its
+/// number of tokens as QEMU's lexer counts them: each bracket, comma and colon, each string,
+/// each number or keyword.
+fn shape(json: &[u8]) -> (usize, usize) {
+    let (mut depth, mut max, mut tokens) = (0usize, 0usize, 0usize);
+    let (mut in_str, mut esc, mut in_scalar) = (false, false, false);
     for &b in json {
         if in_str {
             match (esc, b) {
@@ -1599,15 +1626,34 @@ fn nesting(json: &[u8]) -> usize {
             }
             continue;
         }
+        let scalar = !matches!(
+            b,
+            b'"' | b'{' | b'[' | b'}' | b']' | b',' | b':' | b' ' | b'\t' | b'\n' | b'\r'
+        );
+        if scalar {
+            // A number or keyword is one token however long.
+            tokens += usize::from(!in_scalar);
+            in_scalar = true;
+            continue;
+        }
+        in_scalar = false;
         match b {
-            b'"' => in_str = true,
+            b'"' => {
+                in_str = true;
+                tokens += 1;
+            }
             b'{' | b'[' => {
                 depth += 1;
                 max = max.max(depth);
+                tokens += 1;
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                tokens += 1;
+            }
+            b',' | b':' => tokens += 1,
             _ => {}
         }
     }
-    max
+    (max, tokens)
 }

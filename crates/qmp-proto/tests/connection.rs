@@ -757,6 +757,57 @@ fn file_descriptor_requests_start_their_own_write() {
 }
 
 #[test]
+fn arguments_with_more_tokens_than_qemu_reads_as_one_request_are_refused() {
+    // Past 2,097,152 tokens QEMU drops what it has and parses the rest as new input, so the
+    // tail of one request could run as a command of its own.
+    let (t0, mut c) = ready(Config::default());
+    let smuggle = |zeros: usize| {
+        let list = vec!["0"; zeros].join(",");
+        Command::new("x")
+            .raw_arguments(format!(
+                r#"{{"a":[{list}],"b":{{"execute":"quit","id":5}}}}"#
+            ))
+            .unwrap()
+    };
+    // {"a":[ and ],"b":{"execute":"quit","id":5}} are 18 tokens; each 0 and comma 2 more.
+    assert_eq!(
+        c.send(t0, smuggle(1_050_000)),
+        Err(LocalError::RequestTooManyTokens {
+            tokens: 2_100_017,
+            max: 1 << 20
+        })
+    );
+    assert_eq!(tx(&mut c), "");
+    let mut few = Config::default();
+    few.max_request_tokens = 11;
+    let (t0, mut c) = ready(few);
+    // { "a" : [ 1 , 2 ] , "s" : "x y, [z]" } : 13 tokens; {"a":[12.5e3,true]} : 9.
+    assert_eq!(
+        c.send(
+            t0,
+            Command::new("x")
+                .raw_arguments(r#"{"a": [1, 2], "s": "x y, [z]"}"#)
+                .unwrap()
+        ),
+        Err(LocalError::RequestTooManyTokens {
+            tokens: 13,
+            max: 11
+        })
+    );
+    c.send(
+        t0,
+        Command::new("x")
+            .raw_arguments(r#"{"a":[12.5e3,true]}"#)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        tx(&mut c),
+        r#"{"execute":"x","arguments":{"a":[12.5e3,true]},"id":1}"#
+    );
+}
+
+#[test]
 fn requests_over_the_local_limits_are_refused_before_anything_is_written() {
     let (t0, mut c) = ready(Config::default());
     let deep = format!("{{\"a\":{}1{}}}", "[".repeat(600), "]".repeat(600));
@@ -898,6 +949,42 @@ mod qga {
             }]
         );
         assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_no_reply_command_goes_in_turn_behind_waiting_requests() {
+        let t0 = Instant::now();
+        let mut one = Config::qga(4242);
+        one.max_in_flight = 1;
+        let mut c = Connection::new(t0, one);
+        assert_eq!(tx(&mut c), SYNC);
+        c.handle_input(t0, b"\xff{\"return\": 4242}\n");
+        assert_eq!(outs(&mut c), vec![Output::Ready(ready_caps(&[]))]);
+        let a = c.send(t0, Command::new("guest-fsfreeze-thaw")).unwrap();
+        let b = c.send(t0, Command::new("guest-file-flush")).unwrap();
+        let off = c
+            .send(t0, Command::new("guest-shutdown").no_reply())
+            .unwrap();
+        // Only `a` has a slot; the shutdown waits behind `b` instead of overtaking it.
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-fsfreeze-thaw","id":1}"#);
+        assert!(outs(&mut c).is_empty());
+        c.handle_input(t0, b"{\"return\": 0, \"id\": 1}\n");
+        assert_eq!(
+            tx(&mut c),
+            r#"{"execute":"guest-file-flush","id":2}{"execute":"guest-shutdown","id":3}"#
+        );
+        assert_eq!(
+            outs(&mut c),
+            vec![
+                replied(a, "0"),
+                Output::Completed {
+                    id: off,
+                    outcome: Outcome::Sent
+                }
+            ]
+        );
+        c.handle_input(t0, b"{\"return\": {}, \"id\": 2}\n");
+        assert_eq!(outs(&mut c), vec![replied(b, "{}")]);
     }
 
     #[test]
