@@ -843,8 +843,8 @@ impl Connection {
             match p.purpose {
                 Purpose::User => {}
                 Purpose::Sync => {
-                    // The agent did not answer the sync in time: sync again (below).
-                    self.pending.remove(&id);
+                    // The agent did not answer the sync in time: sync again (below), which
+                    // drops this one (and its bytes, if none went out).
                     resync = true;
                     continue;
                 }
@@ -1421,7 +1421,9 @@ impl Connection {
         self.put_on_wire(key, &bytes);
     }
 
-    /// Forgets every sync request, with its deadline.
+    /// Forgets every sync request, with its deadline; one not written at all leaves the
+    /// transmit buffer too (an agent that does not read would otherwise collect a stale sync
+    /// per timeout).
     fn drop_syncs(&mut self) {
         let keys: Vec<u64> = self
             .pending
@@ -1430,7 +1432,26 @@ impl Connection {
             .map(|(&key, _)| key)
             .collect();
         for key in keys {
-            self.take_pending(key);
+            if self
+                .take_pending(key)
+                .is_some_and(|p| p.written == Written::Nothing)
+            {
+                self.cut_segment(key);
+            }
+        }
+    }
+
+    /// Removes the bytes of request `id`, none of which were written, from the transmit
+    /// buffer.
+    fn cut_segment(&mut self, id: u64) {
+        if let Some(i) = self.segments.iter().position(|s| s.id == id) {
+            let seg = self.segments.remove(i).expect("in range");
+            let len = seg.end - seg.start;
+            self.out.drain(seg.start..seg.end);
+            for later in self.segments.iter_mut().skip(i) {
+                later.start -= len;
+                later.end -= len;
+            }
         }
     }
 
@@ -1548,15 +1569,7 @@ impl Connection {
             return Outcome::NotSent(why);
         }
         if p.written == Written::Nothing {
-            if let Some(i) = self.segments.iter().position(|s| s.id == id) {
-                let seg = self.segments.remove(i).expect("in range");
-                let len = seg.end - seg.start;
-                self.out.drain(seg.start..seg.end);
-                for later in self.segments.iter_mut().skip(i) {
-                    later.start -= len;
-                    later.end -= len;
-                }
-            }
+            self.cut_segment(id);
             self.inband.retain(|&q| q != id);
             return Outcome::NotSent(why);
         }

@@ -1019,6 +1019,33 @@ mod qga {
     }
 
     #[test]
+    fn an_agent_that_never_reads_keeps_one_sync_waiting_not_one_per_timeout() {
+        let (t0, mut c) = synced();
+        let id = c
+            .send(
+                t0,
+                Command::new("guest-info").timeout(Some(Duration::from_secs(1))),
+            )
+            .unwrap();
+        let _ = tx(&mut c);
+        // The agent stops reading: nothing more is written while syncs time out again and
+        // again (the handshake timeout, 10 s by default).
+        let mut now = t0 + Duration::from_secs(1);
+        for _ in 0..5 {
+            c.handle_timeout(now);
+            now = c.poll_timeout().unwrap();
+        }
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id,
+                outcome: Outcome::Unknown(Failure::Timeout)
+            }]
+        );
+        assert_eq!(tx(&mut c), SYNC.replace("4242", "4247"));
+    }
+
+    #[test]
     fn explicit_resync_after_a_reconnect() {
         let (t0, mut c) = synced();
         c.resync(t0);
