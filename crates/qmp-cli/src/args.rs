@@ -98,6 +98,27 @@ fn guess(raw: &str) -> (Value, bool) {
 }
 
 /// Inserts `value` at the dotted `key`, creating objects on the way.
+/// `args` with each auto-typed value back as the text it was typed as (`node-name=007` as
+/// `"007"`, not `7`), which is what validation sends where the schema wants a string.
+pub(crate) fn as_typed_text(args: &Map<String, Value>, auto: &[Typed]) -> Map<String, Value> {
+    let mut out = args.clone();
+    for (key, text) in auto {
+        let mut parts = key.split('.').peekable();
+        let mut cur = &mut out;
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                cur.insert(part.to_owned(), Value::String(text.clone()));
+                break;
+            }
+            match cur.get_mut(part) {
+                Some(Value::Object(m)) => cur = m,
+                _ => break,
+            }
+        }
+    }
+    out
+}
+
 fn insert(map: &mut Map<String, Value>, key: &str, value: Value) -> Result<(), String> {
     let mut parts = key.split('.').peekable();
     let mut cur = map;

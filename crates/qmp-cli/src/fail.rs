@@ -60,7 +60,9 @@ impl From<qmp_tokio::Error> for Failure {
                 Some(s) => Self::Qmp(s.clone()),
                 None => Self::Connection(e.to_string()),
             },
-            ErrorKind::InvalidRequest => Self::Usage(e.to_string()),
+            // Nothing was sent: the request, or what it asks of the session (exec-oob on the
+            // guest agent, say), is at fault.
+            ErrorKind::InvalidRequest | ErrorKind::Unsupported => Self::Usage(e.to_string()),
             _ => Self::Connection(e.to_string()),
         }
     }

@@ -299,7 +299,17 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<(), Failure> {
                 .split_first()
                 .ok_or_else(|| Failure::Usage("no command".to_owned()))?;
             let (mut args, auto) = args::parse(rest).map_err(Failure::Usage)?;
-            check_policy(policy.as_ref(), name, &args)?;
+            // Checked before connecting, so a denied command starts no QEMU. Validation may
+            // yet turn auto-typed values back into the text typed (`007`), and the policy is
+            // checked again on what it sends; so here either form passing will do.
+            let validating = !cli.no_validate && cli.qga.is_none();
+            check_policy(policy.as_ref(), name, &args).or_else(|denied| {
+                let text = args::as_typed_text(&args, &auto);
+                match validating && check_policy(policy.as_ref(), name, &text).is_ok() {
+                    true => Ok(()),
+                    false => Err(denied),
+                }
+            })?;
             let target = cli.target()?;
             return rt.block_on(until_signalled(async {
                 let session = conn::open(&target, timeouts).await?;

@@ -495,6 +495,43 @@ fn policy_denials_exit_4_and_send_nothing() {
         "",
         "qmp: query-named-block-nodes denied by rule commands.\"query-named-*\": the rule denies this command; nothing was sent\n",
     );
+    // A value typed as `007` is sent as the string "007" where the schema wants a string,
+    // and the policy sees it so (it used to see the number 7 first and deny).
+    let only_007 = dir.path().join("007.toml");
+    std::fs::write(
+        &only_007,
+        "[commands.blockdev-add]\nmode = \"allow\"\nargs = [ { path = \"/node-name\", allow = [\"007\"] } ]\n",
+    )
+    .unwrap();
+    let p7 = only_007.display().to_string();
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "--policy",
+            &p7,
+            "blockdev-add",
+            "driver=null-co",
+            "node-name=007",
+        ]),
+        1,
+        "",
+        "qmp: error: GenericError: Invalid node-name: '007'\n",
+    );
+    check(
+        &qmp(&[
+            "-s",
+            &s,
+            "--policy",
+            &p7,
+            "blockdev-add",
+            "driver=null-co",
+            "node-name=7",
+        ]),
+        4,
+        "",
+        "qmp: blockdev-add denied by rule commands.\"blockdev-add\": argument /node-name = \"7\" is not allowed (allowed: 007); nothing was sent\n",
+    );
     // Only p2 was added: the denied commands were never sent.
     let o = qmp(&["-s", &s, "--compact", "query-named-block-nodes"]);
     let nodes: Vec<serde_json::Value> = serde_json::from_str(&out(&o)).unwrap();
@@ -828,6 +865,13 @@ fn guest_agent() {
     let p = sock(&ga);
     check(&qmp(&["--qga", &p, "guest-ping"]), 0, "{}\n", "");
     check(&qmp(&["--qga", &p, "-H", "guest-ping"]), 0, "OK\n", "");
+    // The agent has no out-of-band execution: a usage error, nothing sent.
+    check(
+        &qmp(&["--qga", &p, "--oob", "guest-ping"]),
+        2,
+        "",
+        "qmp: guest-ping: the guest agent protocol has no exec-oob\n",
+    );
     let o = qmp(&["--qga", &p, "--compact", "guest-info"]);
     assert_eq!(o.status.code(), Some(0));
     assert!(out(&o).starts_with("{\"version\":\""), "{}", out(&o));
