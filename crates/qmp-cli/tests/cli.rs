@@ -548,6 +548,23 @@ fn policy_denials_exit_4_and_send_nothing() {
     );
 }
 
+/// Toggles the VM's run state through the monitor at `tcp` (cont, stop) until `follower`, a
+/// `qmp events` on it, has exited; returns what it printed.
+fn toggle_until_exit(tcp: &str, follower: std::process::Child) -> Output {
+    let start = Instant::now();
+    let pid = follower.id();
+    let waiter = std::thread::spawn(move || follower.wait_with_output().unwrap());
+    while !waiter.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "qmp events {pid} did not finish"
+        );
+        check(&qmp(&["--tcp", tcp, "cont"]), 0, "{}\n", "");
+        check(&qmp(&["--tcp", tcp, "stop"]), 0, "{}\n", "");
+    }
+    waiter.join().unwrap()
+}
+
 #[test]
 fn events_follow_filter_count_timeout() {
     let Some(vm) = Launch::system().tcp().spawn() else {
@@ -575,18 +592,7 @@ fn events_follow_filter_count_timeout() {
         .unwrap();
     // Keep toggling the run state through the second monitor until the follower has seen
     // two STOP events (it may subscribe after the first toggles).
-    let start = Instant::now();
-    let pid = child.id();
-    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
-    while !waiter.is_finished() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "qmp events {pid} did not finish"
-        );
-        check(&qmp(&["--tcp", &tcp, "cont"]), 0, "{}\n", "");
-        check(&qmp(&["--tcp", &tcp, "stop"]), 0, "{}\n", "");
-    }
-    let o = waiter.join().unwrap();
+    let o = toggle_until_exit(&tcp, child);
     assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
     let text = out(&o);
     let lines: Vec<&str> = text.lines().collect();
@@ -639,16 +645,7 @@ fn events_follow_filter_count_timeout() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
-    while !waiter.is_finished() {
-        assert!(
-            start.elapsed() < Duration::from_secs(40),
-            "qmp events did not finish"
-        );
-        check(&qmp(&["--tcp", &tcp, "cont"]), 0, "{}\n", "");
-        check(&qmp(&["--tcp", &tcp, "stop"]), 0, "{}\n", "");
-    }
-    let o = waiter.join().unwrap();
+    let o = toggle_until_exit(&tcp, child);
     assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
     let text = out(&o);
     assert_eq!(text.lines().count(), 1, "{text:?}");

@@ -987,8 +987,8 @@ mod qga {
         assert_eq!(outs(&mut c), vec![replied(b, "{}")]);
     }
 
-    #[test]
-    fn a_timeout_triggers_a_resync_and_commands_wait_for_it() {
+    /// A synced agent with a `guest-info` written, which times out after 1 s.
+    fn synced_with_a_request_out() -> (Instant, Connection, RequestId) {
         let (t0, mut c) = synced();
         let id = c
             .send(
@@ -996,7 +996,13 @@ mod qga {
                 Command::new("guest-info").timeout(Some(Duration::from_secs(1))),
             )
             .unwrap();
-        let _ = tx(&mut c);
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-info","id":1}"#);
+        (t0, c, id)
+    }
+
+    #[test]
+    fn a_timeout_triggers_a_resync_and_commands_wait_for_it() {
+        let (t0, mut c, id) = synced_with_a_request_out();
         c.handle_timeout(t0 + Duration::from_secs(1));
         assert_eq!(
             outs(&mut c),
@@ -1020,14 +1026,7 @@ mod qga {
 
     #[test]
     fn an_agent_that_never_reads_keeps_one_sync_waiting_not_one_per_timeout() {
-        let (t0, mut c) = synced();
-        let id = c
-            .send(
-                t0,
-                Command::new("guest-info").timeout(Some(Duration::from_secs(1))),
-            )
-            .unwrap();
-        let _ = tx(&mut c);
+        let (t0, mut c, id) = synced_with_a_request_out();
         // The agent stops reading: nothing more is written while syncs time out again and
         // again (the handshake timeout, 10 s by default).
         let mut now = t0 + Duration::from_secs(1);
