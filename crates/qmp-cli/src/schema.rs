@@ -427,6 +427,21 @@ impl Schema {
                 {
                     *v = Value::String(text.clone());
                 }
+                // `size=1e6` was typed as a decimal number; where an integer is wanted, a whole
+                // one that fits is that integer.
+                if json == "int"
+                    && let Some(f) = v.as_f64().filter(|_| v.is_f64())
+                    && auto.iter().any(|(key, _)| key == path)
+                    && f.fract() == 0.0
+                    && f.abs() < 9.007_199_254_740_992e15
+                {
+                    #[expect(
+                        clippy::cast_possible_truncation,
+                        reason = "a whole number below 2^53 converts exactly"
+                    )]
+                    let i = f as i64;
+                    *v = Value::from(i);
+                }
                 let ok = match json.as_str() {
                     "string" => v.is_string(),
                     "int" => v.is_i64() || v.is_u64(),
@@ -753,6 +768,43 @@ mod tests {
         // Not a kind any branch takes as typed: the string branch gets the text.
         assert_eq!(validated(&["x=12"]), r#"{"x":"12"}"#);
         assert_eq!(validated(&["x=true"]), r#"{"x":"true"}"#);
+    }
+
+    #[test]
+    fn a_whole_number_typed_as_a_decimal_is_an_integer_where_one_is_wanted() {
+        let schema = Schema::from_json(
+            r#"[
+            {"name": "c", "meta-type": "command", "arg-type": "A", "ret-type": "R"},
+            {"name": "A", "meta-type": "object",
+             "members": [{"name": "n", "type": "int"}, {"name": "f", "type": "number",
+                          "default": null}]},
+            {"name": "int", "meta-type": "builtin", "json-type": "int"},
+            {"name": "number", "meta-type": "builtin", "json-type": "number"},
+            {"name": "R", "meta-type": "object", "members": []}
+        ]"#,
+        )
+        .unwrap();
+        let run = |words: &[&str]| {
+            let words: Vec<String> = words.iter().map(|w| (*w).to_owned()).collect();
+            let (mut args, auto) = crate::args::parse(&words).unwrap();
+            schema
+                .validate("c", &mut args, &auto)
+                .map(|()| Value::Object(args).to_string())
+        };
+        assert_eq!(
+            run(&["n=1e6", "f=2e0"]).unwrap(),
+            r#"{"f":2.0,"n":1000000}"#
+        );
+        assert_eq!(run(&["n=1024.0"]).unwrap(), r#"{"n":1024}"#);
+        assert_eq!(
+            run(&["n=1.5"]).unwrap_err(),
+            "argument 'n' of c must be an integer, not a decimal number"
+        );
+        // Given as JSON, the value is taken as it is.
+        assert_eq!(
+            run(&["n:=1e6"]).unwrap_err(),
+            "argument 'n' of c must be an integer, not a decimal number"
+        );
     }
 
     #[test]
