@@ -421,6 +421,12 @@ fn second_client_on_real_qemu_is_told_why() {
     drop(holder);
 }
 
+/// Writes `text` to `path`, a policy file, and returns the path as text.
+fn policy_file(path: &std::path::Path, text: &str) -> String {
+    std::fs::write(path, text).unwrap();
+    path.display().to_string()
+}
+
 #[test]
 fn policy_denials_exit_4_and_send_nothing() {
     let Some(q) = qsd() else { return };
@@ -454,12 +460,10 @@ fn policy_denials_exit_4_and_send_nothing() {
     );
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
-    std::fs::write(
+    let p = policy_file(
         &policy,
         "profile = \"read-only\"\n[commands.blockdev-add]\nmode = \"allow\"\nargs = [ { path = \"/driver\", allow = [\"null-co\"] } ]\n[commands.\"query-named-*\"]\nmode = \"deny\"\n",
-    )
-    .unwrap();
-    let p = policy.display().to_string();
+    );
     check(
         &qmp(&[
             "-s",
@@ -497,13 +501,10 @@ fn policy_denials_exit_4_and_send_nothing() {
     );
     // A value typed as `007` is sent as the string "007" where the schema wants a string,
     // and the policy sees it so (it used to see the number 7 first and deny).
-    let only_007 = dir.path().join("007.toml");
-    std::fs::write(
-        &only_007,
+    let p7 = policy_file(
+        &dir.path().join("007.toml"),
         "[commands.blockdev-add]\nmode = \"allow\"\nargs = [ { path = \"/node-name\", allow = [\"007\"] } ]\n",
-    )
-    .unwrap();
-    let p7 = only_007.display().to_string();
+    );
     check(
         &qmp(&[
             "-s",
