@@ -69,7 +69,8 @@ use crate::schema::Schema;
         "  3  connection or protocol failure: cannot connect, no greeting, disconnected, no reply\n",
         "  4  denied by the policy (--policy/--profile); the rule is named and nothing is sent\n",
         "  5  `qmp events`: --timeout passed before --count events arrived\n",
-        "  130, 143  stopped by SIGINT or SIGTERM (a QEMU that --spawn started is killed first)"
+        "  130, 143  a command, `events` or `schema` stopped by SIGINT or SIGTERM (a QEMU that\n",
+        "            --spawn started is killed first)"
     )
 )]
 struct Cli {
