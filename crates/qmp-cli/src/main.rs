@@ -306,9 +306,10 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<(), Failure> {
             let validating = !cli.no_validate && cli.qga.is_none();
             check_policy(policy.as_ref(), name, &args).or_else(|denied| {
                 let text = args::as_typed_text(&args, &auto);
-                match validating && check_policy(policy.as_ref(), name, &text).is_ok() {
-                    true => Ok(()),
-                    false => Err(denied),
+                if validating && check_policy(policy.as_ref(), name, &text).is_ok() {
+                    Ok(())
+                } else {
+                    Err(denied)
                 }
             })?;
             let target = cli.target()?;

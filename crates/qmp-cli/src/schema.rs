@@ -430,7 +430,8 @@ impl Schema {
                 // `size=1e6` was typed as a decimal number; where an integer is wanted, a whole
                 // one that fits is that integer.
                 if json == "int"
-                    && let Some(f) = v.as_f64().filter(|_| v.is_f64())
+                    && v.is_f64()
+                    && let Some(f) = v.as_f64()
                     && auto.iter().any(|(key, _)| key == path)
                     && f.fract() == 0.0
                     && f.abs() < 9.007_199_254_740_992e15
@@ -752,28 +753,30 @@ mod tests {
         {"name": "R", "meta-type": "object", "members": []}
     ]"#;
 
-    /// The arguments `words` become once parsed and validated against [`STR_OR_NULL`].
-    fn validated(words: &[&str]) -> String {
-        let schema = Schema::from_json(STR_OR_NULL).unwrap();
+    /// The arguments `words` of command `c` become once parsed and validated against
+    /// `schema` (introspection JSON), as compact JSON; or the validation error.
+    fn validated(schema: &str, words: &[&str]) -> Result<String, String> {
+        let schema = Schema::from_json(schema).unwrap();
         let words: Vec<String> = words.iter().map(|w| (*w).to_owned()).collect();
         let (mut args, auto) = crate::args::parse(&words).unwrap();
-        schema.validate("c", &mut args, &auto).unwrap();
-        Value::Object(args).to_string()
+        schema
+            .validate("c", &mut args, &auto)
+            .map(|()| Value::Object(args).to_string())
     }
 
     #[test]
     fn an_alternate_takes_a_typed_value_in_the_branch_of_its_kind() {
-        assert_eq!(validated(&["x=null"]), r#"{"x":null}"#);
-        assert_eq!(validated(&["x=abc"]), r#"{"x":"abc"}"#);
+        let v = |words: &[&str]| validated(STR_OR_NULL, words).unwrap();
+        assert_eq!(v(&["x=null"]), r#"{"x":null}"#);
+        assert_eq!(v(&["x=abc"]), r#"{"x":"abc"}"#);
         // Not a kind any branch takes as typed: the string branch gets the text.
-        assert_eq!(validated(&["x=12"]), r#"{"x":"12"}"#);
-        assert_eq!(validated(&["x=true"]), r#"{"x":"true"}"#);
+        assert_eq!(v(&["x=12"]), r#"{"x":"12"}"#);
+        assert_eq!(v(&["x=true"]), r#"{"x":"true"}"#);
     }
 
     #[test]
     fn a_whole_number_typed_as_a_decimal_is_an_integer_where_one_is_wanted() {
-        let schema = Schema::from_json(
-            r#"[
+        let schema = r#"[
             {"name": "c", "meta-type": "command", "arg-type": "A", "ret-type": "R"},
             {"name": "A", "meta-type": "object",
              "members": [{"name": "n", "type": "int"}, {"name": "f", "type": "number",
@@ -781,16 +784,8 @@ mod tests {
             {"name": "int", "meta-type": "builtin", "json-type": "int"},
             {"name": "number", "meta-type": "builtin", "json-type": "number"},
             {"name": "R", "meta-type": "object", "members": []}
-        ]"#,
-        )
-        .unwrap();
-        let run = |words: &[&str]| {
-            let words: Vec<String> = words.iter().map(|w| (*w).to_owned()).collect();
-            let (mut args, auto) = crate::args::parse(&words).unwrap();
-            schema
-                .validate("c", &mut args, &auto)
-                .map(|()| Value::Object(args).to_string())
-        };
+        ]"#;
+        let run = |words: &[&str]| validated(schema, words);
         assert_eq!(
             run(&["n=1e6", "f=2e0"]).unwrap(),
             r#"{"f":2.0,"n":1000000}"#

@@ -58,7 +58,7 @@ pub(crate) fn split_words(line: &str) -> Result<Vec<String>, String> {
     let mut cur = String::new();
     let mut in_word = false;
     let mut quote: Option<char> = None;
-    let mut chars = line.chars().peekable();
+    let mut chars = line.chars();
     while let Some(c) = chars.next() {
         let json_starts = quote.is_none()
             && match c {

@@ -505,34 +505,30 @@ fn policy_denials_exit_4_and_send_nothing() {
         &dir.path().join("007.toml"),
         "[commands.blockdev-add]\nmode = \"allow\"\nargs = [ { path = \"/node-name\", allow = [\"007\"] } ]\n",
     );
-    check(
-        &qmp(&[
+    for (node, code, stderr) in [
+        (
+            "007",
+            1,
+            "qmp: error: GenericError: Invalid node-name: '007'\n",
+        ),
+        (
+            "7",
+            4,
+            "qmp: blockdev-add denied by rule commands.\"blockdev-add\": argument /node-name = \"7\" is not allowed (allowed: 007); nothing was sent\n",
+        ),
+    ] {
+        let node = format!("node-name={node}");
+        let o = qmp(&[
             "-s",
             &s,
             "--policy",
             &p7,
             "blockdev-add",
             "driver=null-co",
-            "node-name=007",
-        ]),
-        1,
-        "",
-        "qmp: error: GenericError: Invalid node-name: '007'\n",
-    );
-    check(
-        &qmp(&[
-            "-s",
-            &s,
-            "--policy",
-            &p7,
-            "blockdev-add",
-            "driver=null-co",
-            "node-name=7",
-        ]),
-        4,
-        "",
-        "qmp: blockdev-add denied by rule commands.\"blockdev-add\": argument /node-name = \"7\" is not allowed (allowed: 007); nothing was sent\n",
-    );
+            &node,
+        ]);
+        check(&o, code, "", stderr);
+    }
     // Only p2 was added: the denied commands were never sent.
     let o = qmp(&["-s", &s, "--compact", "query-named-block-nodes"]);
     let nodes: Vec<serde_json::Value> = serde_json::from_str(&out(&o)).unwrap();

@@ -30,25 +30,6 @@ fn descriptors_of(target: &std::path::Path) -> usize {
         .count()
 }
 
-/// Runs `f` to completion on this thread, outside any runtime.
-fn block_on<F: Future>(f: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl std::task::Wake for Unpark {
-        fn wake(self: std::sync::Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
-    let mut cx = std::task::Context::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
-    loop {
-        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::park();
-    }
-}
-
 #[test]
 fn a_client_used_outside_the_runtime_can_start_timers() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -67,7 +48,7 @@ fn a_client_used_outside_the_runtime_can_start_timers() {
     });
     // A plain thread with no tokio context: the wait's timeout starts a tokio timer.
     let e = std::thread::spawn(move || {
-        block_on(c.wait_event("STOP", |_| true, Some(Duration::from_millis(50))))
+        futures_executor::block_on(c.wait_event("STOP", |_| true, Some(Duration::from_millis(50))))
     })
     .join()
     .unwrap()
