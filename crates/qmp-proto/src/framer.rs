@@ -224,9 +224,7 @@ impl Framer {
                                 // Only the value's ends are searched for its id, as when it
                                 // is skipped across reads, so read boundaries cannot change
                                 // which id is found.
-                                let value = &self.buf[start..end];
-                                let head = &value[..value.len().min(ID_WINDOW)];
-                                let tail = &value[value.len().saturating_sub(ID_WINDOW)..];
+                                let (head, tail) = id_ends(&self.buf[start..end]);
                                 return Some(Frame::TooDeep {
                                     len: end - start,
                                     id: top_level_id(head, tail),
@@ -305,8 +303,7 @@ impl Framer {
         // before `ID_WINDOW` bytes have arrived, but a leading `"id"` member (the only one
         // `top_level_id` reads in the head) ends before any nesting, so it is all there.
         self.head.clear();
-        self.head
-            .extend_from_slice(&value[..value.len().min(ID_WINDOW)]);
+        self.head.extend_from_slice(id_ends(value).0);
         self.tail.clear();
         keep_last(&mut self.tail, value);
     }
@@ -344,6 +341,14 @@ impl Framer {
             Mode::Skipping { len, .. } => len + (self.buf.len() - self.consumed),
         }
     }
+}
+
+/// The first and last [`ID_WINDOW`] bytes of `value`: where a skipped value's id is looked
+/// for, whether it arrived whole or across reads.
+fn id_ends(value: &[u8]) -> (&[u8], &[u8]) {
+    let head = &value[..value.len().min(ID_WINDOW)];
+    let tail = &value[value.len().saturating_sub(ID_WINDOW)..];
+    (head, tail)
 }
 
 /// Appends `more` to `tail`, keeping only the last [`ID_WINDOW`] bytes.
