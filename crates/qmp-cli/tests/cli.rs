@@ -545,9 +545,16 @@ fn policy_denials_exit_4_and_send_nothing() {
     );
 }
 
-/// Toggles the VM's run state through the monitor at `tcp` (cont, stop) until `follower`, a
-/// `qmp events` on it, has exited; returns what it printed.
-fn toggle_until_exit(tcp: &str, follower: std::process::Child) -> Output {
+/// Runs `qmp` with `args` (an `events` follower) while toggling the VM's run state through the
+/// monitor at `tcp` (cont, stop) until it has exited; checks that it exited 0 with nothing on
+/// standard error and returns what it printed.
+fn follow_while_toggling(tcp: &str, args: &[&str]) -> String {
+    let follower = Command::new(QMP)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let start = Instant::now();
     let pid = follower.id();
     let waiter = std::thread::spawn(move || follower.wait_with_output().unwrap());
@@ -559,7 +566,9 @@ fn toggle_until_exit(tcp: &str, follower: std::process::Child) -> Output {
         check(&qmp(&["--tcp", tcp, "cont"]), 0, "{}\n", "");
         check(&qmp(&["--tcp", tcp, "stop"]), 0, "{}\n", "");
     }
-    waiter.join().unwrap()
+    let o = waiter.join().unwrap();
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
+    out(&o)
 }
 
 #[test]
@@ -569,8 +578,11 @@ fn events_follow_filter_count_timeout() {
     };
     let s = sock(&vm);
     let tcp = vm.tcp_addr().unwrap().to_string();
-    let child = Command::new(QMP)
-        .args([
+    // Keep toggling the run state through the second monitor until the follower has seen
+    // two STOP events (it may subscribe after the first toggles).
+    let text = follow_while_toggling(
+        &tcp,
+        &[
             "-s",
             &s,
             "events",
@@ -582,16 +594,8 @@ fn events_follow_filter_count_timeout() {
             "2",
             "--timeout",
             "20",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Keep toggling the run state through the second monitor until the follower has seen
-    // two STOP events (it may subscribe after the first toggles).
-    let o = toggle_until_exit(&tcp, child);
-    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
-    let text = out(&o);
+        ],
+    );
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     for l in lines {
@@ -635,16 +639,22 @@ fn events_follow_filter_count_timeout() {
         "",
     );
     // Coloured events are still one per line.
-    let child = Command::new(QMP)
-        .args(["-s", &s, "--color", "always", "events", "--filter", "STOP"])
-        .args(["--count", "1", "--timeout", "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let o = toggle_until_exit(&tcp, child);
-    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
-    let text = out(&o);
+    let text = follow_while_toggling(
+        &tcp,
+        &[
+            "-s",
+            &s,
+            "--color",
+            "always",
+            "events",
+            "--filter",
+            "STOP",
+            "--count",
+            "1",
+            "--timeout",
+            "20",
+        ],
+    );
     assert_eq!(text.lines().count(), 1, "{text:?}");
     assert!(
         text.starts_with("{\x1b[1;34m\"event\"\x1b[0m:\x1b[32m\"STOP\"\x1b[0m,"),
