@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use qmp_ops::{BoxFuture, ExecError, Execute};
+use qmp_ops::{BoxFuture, ExecError, Execute, Sleep};
 use qmp_proto::{Command, Failure, RawJson};
 use serde_json::value::RawValue;
 
@@ -23,15 +23,16 @@ impl Execute for Client {
         Box::pin(run(self, name, args, None))
     }
 
-    /// The machine's own per-command deadline: a request that times out before it is written
-    /// fails as [`ExecError::NotSent`].
+    /// The machine's own per-command deadline, on the client's timer (`sleep` is not used): a
+    /// request that times out before it is written fails as [`ExecError::NotSent`].
     fn execute_timeout<'a>(
         &'a self,
         name: &'a str,
         args: Option<&'a RawValue>,
         timeout: Duration,
-    ) -> Option<BoxFuture<'a, Result<RawJson, ExecError>>> {
-        Some(Box::pin(run(self, name, args, Some(timeout))))
+        _sleep: &'a dyn Sleep,
+    ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
+        Box::pin(run(self, name, args, Some(timeout)))
     }
 }
 

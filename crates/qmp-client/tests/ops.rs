@@ -7,10 +7,19 @@ use std::time::Duration;
 use futures_executor::LocalPool;
 use futures_util::task::LocalSpawnExt;
 use qmp_client::{Builder, Client, ErrorClass};
-use qmp_ops::{ExecError, Execute};
+use qmp_ops::{BoxFuture, ExecError, Execute, Sleep};
 use qmp_proto::Failure;
 use serde_json::value::RawValue;
 use support::{ManualTimer, Server, pipe};
+
+/// A sleeper whose sleeps never end.
+struct NeverWakes;
+
+impl Sleep for NeverWakes {
+    fn sleep(&self, _: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(futures_util::future::pending())
+    }
+}
 
 /// A session past its handshake, its driver spawned on the pool.
 fn session(builder: Builder, timer: ManualTimer) -> (LocalPool, Server, Client) {
@@ -92,8 +101,9 @@ fn a_timeout_before_the_request_left_the_queue_is_not_sent() {
     let (tx, mut rx) = futures_channel::oneshot::channel();
     sp.spawn_local(async move {
         // One slot: "a" goes out, "b" waits in the queue behind it.
-        let a = Execute::execute_timeout(&c, "a", None, second).unwrap();
-        let b = Execute::execute_timeout(&c, "b", None, second).unwrap();
+        // The client uses its own timer, not the sleeper (which never wakes).
+        let a = Execute::execute_timeout(&c, "a", None, second, &NeverWakes);
+        let b = Execute::execute_timeout(&c, "b", None, second, &NeverWakes);
         let _ = tx.send(futures_util::future::join(a, b).await);
     })
     .unwrap();

@@ -5,8 +5,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::{self, Either};
 use qmp_proto::{CommandError, ErrorClass, Failure, LocalError, Outcome, RawJson, SendStatus};
 use serde_json::value::RawValue;
+
+use crate::time::Sleep;
 
 /// A boxed, `Send` future, as returned by [`Execute::execute`] and [`crate::Sleep::sleep`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -40,19 +43,28 @@ pub trait Execute: Send + Sync {
         args: Option<&'a RawValue>,
     ) -> BoxFuture<'a, Result<RawJson, ExecError>>;
 
-    /// Like [`execute`](Self::execute), with a timeout the implementation enforces itself, so
-    /// that a request that timed out before any of it was written fails as
-    /// [`ExecError::NotSent`] (and may be retried). `None`, the default, means it has no
-    /// timeouts of its own: the caller then races [`execute`](Self::execute) against its own
-    /// timer, and a timeout counts as [`ExecError::Unknown`].
+    /// Like [`execute`](Self::execute), but fails with [`Failure::Timeout`] when no answer came
+    /// within `timeout`. [`crate::Ops`] calls this for rules with a timeout.
+    ///
+    /// The default races [`execute`](Self::execute) against `sleep`; it cannot know whether
+    /// the request had left by then, so its timeout is [`ExecError::Unknown`]. An
+    /// implementation that knows (a client with its own per-command deadline) SHOULD override
+    /// this, so that a request that timed out before any of it was written fails as
+    /// [`ExecError::NotSent`] and may be retried. It may then ignore `sleep`.
     fn execute_timeout<'a>(
         &'a self,
         name: &'a str,
         args: Option<&'a RawValue>,
         timeout: Duration,
-    ) -> Option<BoxFuture<'a, Result<RawJson, ExecError>>> {
-        let _ = (name, args, timeout);
-        None
+        sleep: &'a dyn Sleep,
+    ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
+        Box::pin(async move {
+            match future::select(self.execute(name, args), sleep.sleep(timeout)).await {
+                Either::Left((result, _)) => result,
+                // The request may have been written already: its outcome is unknown.
+                Either::Right(((), _)) => Err(ExecError::Unknown(Failure::Timeout)),
+            }
+        })
     }
 }
 
@@ -72,8 +84,9 @@ macro_rules! forward_execute {
             name: &'a str,
             args: Option<&'a RawValue>,
             timeout: Duration,
-        ) -> Option<BoxFuture<'a, Result<RawJson, ExecError>>> {
-            (**self).execute_timeout(name, args, timeout)
+            sleep: &'a dyn Sleep,
+        ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
+            (**self).execute_timeout(name, args, timeout, sleep)
         }
     };
 }

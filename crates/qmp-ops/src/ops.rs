@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures_util::future::{self, Either, FutureExt, Shared, WeakShared};
-use qmp_proto::{Failure, RawJson};
+use futures_util::future::{self, FutureExt, Shared, WeakShared};
+use qmp_proto::RawJson;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -520,13 +520,8 @@ async fn attempt_once<E: Execute>(
     let Some(t) = timeout else {
         return inner.exec.execute(name, args).await;
     };
-    if let Some(exec) = inner.exec.execute_timeout(name, args, t) {
-        // The implementation knows whether the request left its queue.
-        return exec.await;
-    }
-    match future::select(inner.exec.execute(name, args), inner.sleep.sleep(t)).await {
-        Either::Left((result, _)) => result,
-        // The request may have been written already: its outcome is unknown.
-        Either::Right(((), _)) => Err(ExecError::Unknown(Failure::Timeout)),
-    }
+    inner
+        .exec
+        .execute_timeout(name, args, t, &*inner.sleep)
+        .await
 }

@@ -266,7 +266,8 @@ pub struct Rule {
     pub retry: Option<RetryPolicy>,
     /// Error classes returned by QEMU after which a retry is allowed.
     pub retry_classes: Vec<ErrorClass>,
-    /// Per-attempt timeout (needs a [`crate::Sleep`]); `None` uses the policy's default.
+    /// Per-attempt timeout, enforced through [`crate::Execute::execute_timeout`]; `None` uses
+    /// the policy's default.
     pub timeout: Option<Duration>,
     /// Lock group: calls whose rules name the same group run one at a time, in FIFO order.
     pub lock: Option<String>,

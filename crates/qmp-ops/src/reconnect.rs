@@ -2,15 +2,19 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use futures_channel::mpsc;
+use futures_util::future::{self, Either};
 use qmp_proto::RawJson;
 use serde_json::value::RawValue;
 
 use crate::exec::{BoxFuture, ExecError, Execute};
 use crate::mutex::KeyedMutex;
+use crate::time::Sleep;
 
 /// Sent to subscribers when a session replaced an earlier one: events emitted between the two
 /// sessions were missed, and state learnt from them SHOULD be refreshed.
@@ -33,6 +37,10 @@ pub struct Reconnected {
 /// Callers that find no session queue (FIFO) behind the connect attempt in progress and use
 /// its session; if it failed, the next one in the queue tries again. A failed connect is
 /// reported as [`ExecError::Connect`] (nothing was sent, so the retry layer may retry it).
+///
+/// A rule's timeout ([`Execute::execute_timeout`]) bounds connecting and then the command, each
+/// on its own; the command runs with the session's own deadline, so the session still tells a
+/// request that timed out unsent from one that timed out after it was written.
 pub struct Reconnecting<E, F> {
     connect: F,
     session: Mutex<Option<(u64, Arc<E>)>>,
@@ -97,17 +105,36 @@ where
         }
     }
 
+    /// The session held now, if any.
+    fn current(&self) -> Option<(u64, Arc<E>)> {
+        lock(&self.session)
+            .as_ref()
+            .map(|(g, s)| (*g, Arc::clone(s)))
+    }
+
+    /// Passes `result` through, dropping session `generation` if it says the session is gone.
+    fn checked(
+        &self,
+        generation: u64,
+        result: Result<RawJson, ExecError>,
+    ) -> Result<RawJson, ExecError> {
+        if result.as_ref().is_err_and(ExecError::is_disconnect) {
+            self.invalidate(generation);
+        }
+        result
+    }
+
     /// The current session, connecting first if there is none.
     ///
     /// # Errors
     /// [`ExecError::Connect`] when `connect` fails.
     pub async fn session(&self) -> Result<(u64, Arc<E>), ExecError> {
-        if let Some((g, s)) = lock(&self.session).as_ref() {
-            return Ok((*g, Arc::clone(s)));
+        if let Some(current) = self.current() {
+            return Ok(current);
         }
         let _guard = self.connecting.lock(()).await;
-        if let Some((g, s)) = lock(&self.session).as_ref() {
-            return Ok((*g, Arc::clone(s)));
+        if let Some(current) = self.current() {
+            return Ok(current);
         }
         let session = Arc::new(
             (self.connect)()
@@ -139,10 +166,37 @@ where
         Box::pin(async move {
             let (generation, session) = self.session().await?;
             let result = session.execute(name, args).await;
-            if result.as_ref().is_err_and(ExecError::is_disconnect) {
-                self.invalidate(generation);
-            }
-            result
+            self.checked(generation, result)
+        })
+    }
+
+    /// Connects first if there is no session, then runs the command with the session's own
+    /// [`Execute::execute_timeout`], so a request that timed out before it was written is
+    /// still reported as [`ExecError::NotSent`].
+    ///
+    /// Connecting and the command each get `timeout`: a connect that takes longer fails as
+    /// [`ExecError::Connect`] (nothing was sent).
+    fn execute_timeout<'a>(
+        &'a self,
+        name: &'a str,
+        args: Option<&'a RawValue>,
+        timeout: Duration,
+        sleep: &'a dyn Sleep,
+    ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
+        Box::pin(async move {
+            let (generation, session) = match self.current() {
+                Some(current) => current,
+                None => match future::select(pin!(self.session()), sleep.sleep(timeout)).await {
+                    Either::Left((session, _)) => session?,
+                    Either::Right(((), _)) => {
+                        return Err(ExecError::Connect(format!(
+                            "no session within the command's timeout ({timeout:?})"
+                        )));
+                    }
+                },
+            };
+            let result = session.execute_timeout(name, args, timeout, sleep).await;
+            self.checked(generation, result)
         })
     }
 }

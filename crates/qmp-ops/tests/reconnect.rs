@@ -6,15 +6,17 @@ mod common;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{FakeExec, ManualClock, RecordingSleep};
 use futures_executor::block_on;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, future};
 use qmp_ops::{
-    ErrorKind, ExecError, Execute, Ops, Policy, Reconnected, Reconnecting, RetryPolicy, Rule,
+    BoxFuture, ErrorKind, ExecError, Execute, Jitter, Ops, Policy, Reconnected, Reconnecting,
+    RetryPolicy, Rule, Sleep,
 };
-use qmp_proto::Failure;
+use qmp_proto::{Failure, RawJson};
+use serde_json::value::RawValue;
 
 /// A connect function handing out prepared sessions in order, counting the attempts; an
 /// exhausted list fails to connect.
@@ -146,4 +148,131 @@ fn a_healthy_session_is_reused_and_command_errors_keep_it() {
     assert_eq!(only.names(), ["a", "b"]);
     assert_eq!(sessions.connects.load(Ordering::SeqCst), 1);
     assert_eq!(exec.generation(), 1);
+}
+
+/// A session whose request queue is stuck: without a deadline a call waits for ever; with one,
+/// the session's own deadline fires while the request is still queued, so it was not sent.
+/// Records the timeouts it was given.
+#[derive(Default)]
+struct StuckQueue {
+    timeouts: Mutex<Vec<Duration>>,
+}
+
+impl Execute for StuckQueue {
+    fn execute<'a>(
+        &'a self,
+        _: &'a str,
+        _: Option<&'a RawValue>,
+    ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
+        Box::pin(future::pending())
+    }
+
+    fn execute_timeout<'a>(
+        &'a self,
+        _: &'a str,
+        _: Option<&'a RawValue>,
+        timeout: Duration,
+        _: &'a dyn Sleep,
+    ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
+        self.timeouts.lock().unwrap().push(timeout);
+        Box::pin(async { Err(ExecError::NotSent(Failure::Timeout)) })
+    }
+}
+
+#[test]
+fn a_rule_timeout_uses_the_sessions_own_deadline_so_an_unsent_request_may_be_retried() {
+    let session = Arc::new(StuckQueue::default());
+    let s = Arc::clone(&session);
+    let exec = Reconnecting::new(move || {
+        let s = Arc::clone(&s);
+        async move { Ok::<_, String>(s) }
+    });
+    let clock = ManualClock::new(Instant::now());
+    let sleep = RecordingSleep::new(clock.clone());
+    let ops = Ops::builder(
+        exec,
+        Policy::deny_all().rule(
+            "system_reset",
+            Rule::allow()
+                .timeout(Duration::from_secs(2))
+                .retry(retry3().jitter(Jitter::None)),
+        ),
+        sleep.clone(),
+    )
+    .clock(clock)
+    .build();
+    let e = block_on(ops.execute("system_reset", None)).unwrap_err();
+    // Not sent each time, so even a non-idempotent command was tried all three times.
+    assert_eq!(
+        (e.kind(), e.attempts(), e.exec_error()),
+        (
+            ErrorKind::NotSent,
+            3,
+            Some(&ExecError::NotSent(Failure::Timeout))
+        )
+    );
+    assert_eq!(
+        *session.timeouts.lock().unwrap(),
+        [Duration::from_secs(2); 3]
+    );
+    // Connecting raced the timeout once; then the two backoff delays.
+    assert_eq!(
+        sleep.slept(),
+        [
+            Duration::from_secs(2),
+            Duration::from_millis(100),
+            Duration::from_millis(200)
+        ]
+    );
+}
+
+#[test]
+fn a_connect_slower_than_the_rule_timeout_is_not_sent_and_the_retry_connects_again() {
+    let sessions = Sessions::default();
+    let only = sessions.add();
+    only.push_ok(r#"{}"#);
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let (s, a) = (sessions.clone(), Arc::clone(&attempts));
+    let exec = Arc::new(Reconnecting::new(move || {
+        // The first connect never finishes; the second gets the prepared session.
+        let first = a.fetch_add(1, Ordering::SeqCst) == 0;
+        let next = (!first).then(|| s.connect());
+        async move {
+            match next {
+                Some(next) => next.await,
+                None => future::pending().await,
+            }
+        }
+    }));
+    let clock = ManualClock::new(Instant::now());
+    let sleep = RecordingSleep::new(clock.clone());
+    let ops = Ops::builder(
+        Arc::clone(&exec),
+        Policy::deny_all().rule(
+            "system_reset",
+            Rule::allow()
+                .timeout(Duration::from_secs(2))
+                .retry(retry3().jitter(Jitter::None)),
+        ),
+        sleep.clone(),
+    )
+    .clock(clock)
+    .build();
+    let v = block_on(ops.execute("system_reset", None)).unwrap();
+    assert_eq!(v.get(), "{}");
+    assert_eq!(only.names(), ["system_reset"]);
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(exec.generation(), 1);
+    // The first attempt's timeout cut its connect short; after the backoff, the second
+    // attempt's connect and then its command (the fake has no deadline of its own) each raced
+    // the timeout.
+    assert_eq!(
+        sleep.slept(),
+        [
+            Duration::from_secs(2),
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+            Duration::from_secs(2)
+        ]
+    );
 }
