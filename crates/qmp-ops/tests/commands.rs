@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use common::{FakeExec, ManualClock, RecordingSleep};
 use futures_executor::block_on;
-use qmp_ops::{ErrorKind, ExecError, Ops, Policy, RunState, StatusInfo};
+use qmp_ops::{ErrorKind, ExecError, Ops, Policy, RetryPolicy, Rule, RunState, StatusInfo};
 use qmp_proto::{Failure, VersionTriple};
 
 fn ops(policy: Policy) -> (std::sync::Arc<FakeExec>, Ops<std::sync::Arc<FakeExec>>) {
@@ -86,6 +86,25 @@ fn quit_counts_the_peer_closing_after_send_as_success() {
     exec.push_err(ExecError::Unknown(Failure::Timeout));
     block_on(ops.quit()).unwrap();
     assert_eq!(block_on(ops.quit()).unwrap_err().kind(), ErrorKind::Unknown);
+}
+
+#[test]
+fn quit_is_not_retried_after_the_peer_closed_even_under_an_idempotent_rule() {
+    let rule = Rule::allow()
+        .idempotent(true)
+        .retry(RetryPolicy::default().max_attempts(3));
+    let (exec, ops) = ops(Policy::deny_all().rule("quit", rule));
+    exec.push_err(ExecError::Unknown(Failure::PeerClosed));
+    exec.push_err(ExecError::Unknown(Failure::PeerClosed));
+    block_on(ops.quit()).unwrap();
+    assert_eq!(exec.names(), ["quit"]);
+    // Through `execute` it is the same single attempt, reported as it ended.
+    let e = block_on(ops.execute("quit", None)).unwrap_err();
+    assert_eq!(
+        (e.attempts(), e.exec_error()),
+        (1, Some(&ExecError::Unknown(Failure::PeerClosed)))
+    );
+    assert_eq!(exec.names(), ["quit", "quit"]);
 }
 
 #[test]
