@@ -63,7 +63,9 @@ pub(crate) fn launch(kind: SpawnKind) -> Result<Qemu, Failure> {
         SpawnKind::Qsd => Launch::storage_daemon(),
         SpawnKind::System => Launch::system(),
     };
-    launch.try_spawn().map_err(|e| match e {
+    // Its own process group: a Ctrl-C at the terminal reaches `qmp` alone, which then stops
+    // a one-shot command (and this QEMU with it) or only the shell's current line.
+    launch.own_process_group().try_spawn().map_err(|e| match e {
         LaunchError::NotInstalled { .. } => Failure::Connection(format!(
             "--spawn {}: {e}",
             match kind {

@@ -70,7 +70,8 @@ use crate::schema::Schema;
         "  4  denied by the policy (--policy/--profile); the rule is named and nothing is sent\n",
         "  5  `qmp events`: --timeout passed before --count events arrived\n",
         "  130, 143  a command, `events` or `schema` stopped by SIGINT or SIGTERM (a QEMU that\n",
-        "            --spawn started is killed first)"
+        "            --spawn started is killed first); the shell: Ctrl-C stops the command\n",
+        "            running, while SIGTERM, SIGHUP (129) or a SIGINT at the prompt end it"
     )
 )]
 struct Cli {
@@ -492,22 +493,57 @@ pub(crate) fn event_line(ev: &qmp_tokio::Event) -> String {
     )
 }
 
+/// Signal numbers `qmp` handles.
+pub(crate) const SIGHUP: i32 = 1;
+pub(crate) const SIGINT: i32 = 2;
+pub(crate) const SIGTERM: i32 = 15;
+
+/// Handlers for some signals, installed at once: from then on these signals no longer end
+/// the process, they are reported by [`Signals::recv`]. Created inside the runtime.
+pub(crate) struct Signals(Vec<(i32, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    /// Installs handlers for `numbers`; one that cannot be installed keeps its default action.
+    pub(crate) fn install(numbers: &[i32]) -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self(
+            numbers
+                .iter()
+                .filter_map(|&n| Some((n, signal(SignalKind::from_raw(n)).ok()?)))
+                .collect(),
+        )
+    }
+
+    /// The number of the next signal received.
+    pub(crate) async fn recv(&mut self) -> i32 {
+        std::future::poll_fn(|cx| {
+            for (n, s) in &mut self.0 {
+                if s.poll_recv(cx).is_ready() {
+                    return std::task::Poll::Ready(*n);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
 /// Runs `fut` unless SIGINT or SIGTERM comes first. Then `fut` is dropped, and with it the
 /// session: a QEMU that `--spawn` started is killed and its directory removed, which the
 /// signal's default action (ending the process at once) would skip. The handlers are
 /// installed before `fut` first runs, so before any QEMU is started.
 async fn until_signalled<T>(fut: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return fut.await;
-    };
+    until_one_of(&mut Signals::install(&[SIGINT, SIGTERM]), fut).await
+}
+
+/// Runs `fut` unless one of `signals` comes first ([`Failure::Signal`]).
+pub(crate) async fn until_one_of<T>(
+    signals: &mut Signals,
+    fut: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
     tokio::select! {
         res = fut => res,
-        _ = interrupt.recv() => Err(Failure::Signal(2)),
-        _ = terminate.recv() => Err(Failure::Signal(15)),
+        n = signals.recv() => Err(Failure::Signal(n)),
     }
 }
 

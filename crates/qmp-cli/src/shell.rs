@@ -4,11 +4,13 @@
 use std::borrow::Cow;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use qmp_ops::Policy;
+use qmp_testkit::launch::Qemu;
+use rustix::termios::{OptionalActions, Termios};
 use rustyline::completion::{Completer, Pair};
 use rustyline::config::{CompletionType, Config};
 use rustyline::error::ReadlineError;
@@ -19,10 +21,10 @@ use rustyline::validate::Validator;
 use rustyline::{Context, Editor, ExternalPrinter, Helper};
 use serde_json::{Map, Value};
 
-use crate::conn::{Target, Timeouts};
+use crate::conn::{Session, Target, Timeouts};
 use crate::fail::Failure;
 use crate::schema::Schema;
-use crate::{Out, json};
+use crate::{Out, SIGHUP, SIGINT, SIGTERM, Signals, json};
 
 /// Words the shell handles itself.
 const BUILTINS: &[&str] = &["exit", "help", "hmp", "schema"];
@@ -277,7 +279,7 @@ impl Helper for ShellHelper {}
 /// Where shell output goes: above the prompt while editing, or straight to stdout.
 #[derive(Clone)]
 struct Printer {
-    external: Option<Arc<std::sync::Mutex<Box<dyn ExternalPrinter + Send>>>>,
+    external: Option<Arc<Mutex<Box<dyn ExternalPrinter + Send>>>>,
 }
 
 impl Printer {
@@ -307,39 +309,21 @@ pub(crate) fn run(
     out: Out,
     no_validate: bool,
 ) -> Result<(), Failure> {
-    let session = rt.block_on(crate::conn::open(target, t))?;
+    // Installed before anything starts, so a signal never skips the clean-up below.
+    let mut signals = rt.block_on(async { Signals::install(&[SIGINT, SIGTERM, SIGHUP]) });
+    let (mut session, (schema, commands, hmp_commands)) =
+        rt.block_on(crate::until_one_of(&mut signals, async {
+            let session = crate::conn::open(target, t).await?;
+            let described = describe(&session).await?;
+            Ok((session, described))
+        }))?;
     let client = session.client.clone();
-    let (schema, commands, hmp_commands) = rt.block_on(async {
-        if session.qga {
-            let info = crate::send(&client, "guest-info", &Map::new()).await?;
-            let v: Value = serde_json::from_str(info.get()).unwrap_or_default();
-            let names = v
-                .get("supported_commands")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter(|c| c.get("enabled").and_then(Value::as_bool) != Some(false))
-                        .filter_map(|c| c.get("name").and_then(Value::as_str))
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default();
-            return Ok::<_, Failure>((None, names, Vec::new()));
-        }
-        let schema = crate::fetch_schema(&client).await?;
-        let names: Vec<String> = schema.commands().iter().map(|s| (*s).to_owned()).collect();
-        let mut hmp = Vec::new();
-        if schema.has_command("human-monitor-command") {
-            let mut args = Map::new();
-            args.insert("command-line".to_owned(), Value::from("help"));
-            if let Ok(raw) = crate::send(&client, "human-monitor-command", &args).await
-                && let Ok(text) = serde_json::from_str::<String>(raw.get())
-            {
-                hmp = hmp_names(&text);
-            }
-        }
-        Ok((Some(schema), names, hmp))
-    })?;
+    let on_signal = Arc::new(OnSignal {
+        qemu: Mutex::new(session.qemu.take()),
+        terminal: saved_terminal(),
+        line: Mutex::new(None),
+    });
+    rt.spawn(watch_signals(signals, Arc::clone(&on_signal)));
     let hmp_mode = Arc::new(AtomicBool::new(false));
     let completion = Arc::new(Completion {
         schema,
@@ -358,11 +342,10 @@ pub(crate) fn run(
         let _ = rl.load_history(h);
     }
     let printer = Printer {
-        external: rl.create_external_printer().ok().map(|p| {
-            Arc::new(std::sync::Mutex::new(
-                Box::new(p) as Box<dyn ExternalPrinter + Send>
-            ))
-        }),
+        external: rl
+            .create_external_printer()
+            .ok()
+            .map(|p| Arc::new(Mutex::new(Box::new(p) as Box<dyn ExternalPrinter + Send>))),
     };
 
     // Events, printed above the prompt as they arrive.
@@ -440,7 +423,20 @@ pub(crate) fn run(
         if line == "exit" {
             break;
         }
-        let ended = rt.block_on(shell.line(line, &hmp_mode));
+        // A SIGINT (Ctrl-C) while the line runs drops it; the session stays.
+        let (cancel, cancelled) = tokio::sync::oneshot::channel();
+        *lock(&on_signal.line) = Some(cancel);
+        let ended = rt.block_on(async {
+            tokio::select! {
+                ended = shell.line(line, &hmp_mode) => Some(ended),
+                _ = cancelled => None,
+            }
+        });
+        lock(&on_signal.line).take();
+        let Some(ended) = ended else {
+            outln!("(interrupted)");
+            continue;
+        };
         if ended || client.is_closed() {
             if !ended {
                 outln!("(the connection closed)");
@@ -456,7 +452,91 @@ pub(crate) fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), client.close()).await;
     });
     drop(session);
+    drop(lock(&on_signal.qemu).take());
     Ok(())
+}
+
+/// The commands (and, with a schema, HMP commands) completion offers, and the schema.
+async fn describe(
+    session: &Session,
+) -> Result<(Option<Schema>, Vec<String>, Vec<String>), Failure> {
+    let client = &session.client;
+    if session.qga {
+        let info = crate::send(client, "guest-info", &Map::new()).await?;
+        let v: Value = serde_json::from_str(info.get()).unwrap_or_default();
+        let names = v
+            .get("supported_commands")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter(|c| c.get("enabled").and_then(Value::as_bool) != Some(false))
+                    .filter_map(|c| c.get("name").and_then(Value::as_str))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Ok((None, names, Vec::new()));
+    }
+    let schema = crate::fetch_schema(client).await?;
+    let names: Vec<String> = schema.commands().iter().map(|s| (*s).to_owned()).collect();
+    let mut hmp = Vec::new();
+    if schema.has_command("human-monitor-command") {
+        let mut args = Map::new();
+        args.insert("command-line".to_owned(), Value::from("help"));
+        if let Ok(raw) = crate::send(client, "human-monitor-command", &args).await
+            && let Ok(text) = serde_json::from_str::<String>(raw.get())
+        {
+            hmp = hmp_names(&text);
+        }
+    }
+    Ok((Some(schema), names, hmp))
+}
+
+/// What the signal watcher of a running shell needs.
+struct OnSignal {
+    /// The QEMU that `--spawn` started, if any.
+    qemu: Mutex<Option<Qemu>>,
+    /// The terminal's settings before the line editor first changed them.
+    terminal: Option<Termios>,
+    /// Cancels the line running now, if any.
+    line: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Standard input's terminal settings, when it is a terminal.
+fn saved_terminal() -> Option<Termios> {
+    let stdin = std::io::stdin();
+    if !rustix::termios::isatty(&stdin) {
+        return None;
+    }
+    rustix::termios::tcgetattr(&stdin).ok()
+}
+
+/// A SIGINT while a line runs cancels that line. Any other handled signal, and a SIGINT at
+/// the prompt (which the line editor's Ctrl-C is not: it only clears the line), ends `qmp`
+/// as the signal would, after what its default action skips: the terminal leaves the line
+/// editor's raw mode, and a `--spawn` QEMU is killed and its directory removed.
+async fn watch_signals(mut signals: Signals, on: Arc<OnSignal>) {
+    loop {
+        let n = signals.recv().await;
+        if n == SIGINT
+            && let Some(cancel) = lock(&on.line).take()
+        {
+            let _ = cancel.send(());
+            continue;
+        }
+        if let Some(t) = &on.terminal {
+            let _ = rustix::termios::tcsetattr(std::io::stdin(), OptionalActions::Now, t);
+        }
+        drop(lock(&on.qemu).take());
+        let failure = Failure::Signal(n);
+        let _ = std::io::stdout().flush();
+        eprintln!("\nqmp: {}", failure.message());
+        std::process::exit(failure.code().into());
+    }
 }
 
 /// The first word of each line of HMP's `help`, without `|alias` parts.

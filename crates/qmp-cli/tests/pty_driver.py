@@ -2,10 +2,16 @@
 
 Steps: {"send": text} types keys one at a time; {"expect": text} waits (up to "timeout" s, default 10)
 until text appears in the output after the last match; {"run": [argv...]} runs a helper
-command to completion; {"sleep": secs}. Prints the whole raw transcript on stdout as JSON
-(a string) on the last line; exits 1 (with the reason on stderr) when an expectation fails.
+command to completion; {"sleep": secs}; {"kill": "TERM"} sends the program that signal;
+{"children": true} notes the program's child processes (pid and command line).
+
+Prints one JSON object on the last line of stdout: "transcript" (the whole raw output),
+"children" (as noted), "exit" (the program's exit status) and "cooked" (whether the terminal
+was back in canonical mode with echo once the program ended). Exits 1 (with the reason on
+stderr) when an expectation fails, 2 when the program's exit status is not the script's
+"exit" (default 0).
 """
-import json, os, pty, select, subprocess, sys, time
+import json, os, pty, select, signal, subprocess, sys, time
 
 script = json.loads(sys.argv[1])
 argv = script["argv"]
@@ -17,6 +23,25 @@ import fcntl, struct, termios
 fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
 buf = b""
 mark = 0
+children = []
+
+def report(status, cooked):
+    print(json.dumps({"transcript": buf.decode("utf-8", "replace"), "children": children,
+                      "exit": status, "cooked": cooked}))
+
+def note_children():
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                cmdline = f.read().decode("utf-8", "replace").split("\0")
+        except OSError:
+            continue
+        if ppid == pid:
+            children.append({"pid": int(entry), "cmdline": cmdline})
 
 def pump(deadline):
     global buf
@@ -37,7 +62,7 @@ def pump(deadline):
 
 def fail(reason):
     sys.stderr.write(reason + "\n")
-    print(json.dumps(buf.decode("utf-8", "replace")))
+    report(None, None)
     try:
         os.kill(pid, 9)
     except OSError:
@@ -57,6 +82,10 @@ for step in script["steps"]:
         end = time.time() + step["sleep"]
         while pump(end) is None:
             pass
+    elif "kill" in step:
+        os.kill(pid, getattr(signal, "SIG" + step["kill"]))
+    elif "children" in step:
+        note_children()
     elif "run" in step:
         subprocess.run(step["run"], check=True, stdout=subprocess.DEVNULL)
     elif "expect" in step:
@@ -82,5 +111,8 @@ for _ in range(100):
     time.sleep(0.05)
 else:
     fail("the program did not exit after the last step")
-print(json.dumps(buf.decode("utf-8", "replace")))
-sys.exit(0 if os.WEXITSTATUS(status) == 0 else 2)
+lflag = termios.tcgetattr(fd)[3]
+cooked = lflag & termios.ICANON != 0 and lflag & termios.ECHO != 0
+code = os.waitstatus_to_exitcode(status)
+report(code, cooked)
+sys.exit(0 if code == script.get("exit", 0) else 2)

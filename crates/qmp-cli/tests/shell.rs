@@ -10,9 +10,26 @@ use serde_json::{Value, json};
 const QMP: &str = env!("CARGO_BIN_EXE_qmp");
 const DRIVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pty_driver.py");
 
-/// Runs the driver; returns the raw terminal transcript. Panics with the transcript when an
-/// expectation fails. `None` (with SKIP printed) without python3.
-fn drive(argv: &[&str], steps: Value) -> Option<String> {
+/// What the driver reports about one run.
+#[derive(serde::Deserialize)]
+struct Run {
+    /// The raw terminal output.
+    transcript: String,
+    /// The program's child processes, where the script noted them.
+    children: Vec<Child>,
+    /// Whether the terminal was in canonical mode with echo after the program ended.
+    cooked: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct Child {
+    pid: u32,
+    cmdline: Vec<String>,
+}
+
+/// Runs the driver, expecting the program to exit with `exit`. Panics with the transcript
+/// when an expectation fails. `None` (with SKIP printed) without python3.
+fn drive_to_exit(argv: &[&str], steps: Value, exit: i32) -> Option<Run> {
     if Command::new("python3")
         .arg("-c")
         .arg("import pty")
@@ -22,7 +39,7 @@ fn drive(argv: &[&str], steps: Value) -> Option<String> {
         println!("SKIP: python3 is not available to drive a pseudo-terminal");
         return None;
     }
-    let script = json!({ "argv": argv, "steps": steps });
+    let script = json!({ "argv": argv, "steps": steps, "exit": exit });
     let o = Command::new("python3")
         .arg(DRIVER)
         .arg(script.to_string())
@@ -30,17 +47,22 @@ fn drive(argv: &[&str], steps: Value) -> Option<String> {
         .output()
         .expect("run python3");
     let stdout = String::from_utf8_lossy(&o.stdout);
-    let transcript: String = stdout
+    let report: Value = stdout
         .lines()
         .last()
         .and_then(|l| serde_json::from_str(l).ok())
         .unwrap_or_default();
     assert!(
         o.status.success(),
-        "{}\ntranscript: {transcript:?}",
+        "{}\nreport: {report}",
         String::from_utf8_lossy(&o.stderr)
     );
-    Some(transcript)
+    Some(serde_json::from_value(report).expect("the driver's report"))
+}
+
+/// [`drive_to_exit`] for a program that exits with 0; returns the transcript.
+fn drive(argv: &[&str], steps: Value) -> Option<String> {
+    drive_to_exit(argv, steps, 0).map(|r| r.transcript)
 }
 
 #[test]
@@ -206,4 +228,80 @@ fn hmp_policy_and_quit_on_a_vm() {
     };
     assert!(t.starts_with("Connected to QEMU 10."), "{t:?}");
     assert!(vm.wait_exit(std::time::Duration::from_secs(5)));
+}
+
+#[test]
+fn ctrl_c_cancels_the_running_line_and_sigterm_cleans_up_a_spawned_qemu() {
+    if !Launch::system().available() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let fifo = scratch.path().join("dump.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let fifo_s = fifo.display().to_string();
+    let steps = json!([
+        {"expect": "(qmp) "},
+        {"children": true},
+        // QEMU blocks in dump-guest-memory until someone reads the FIFO, so the line runs
+        // until Ctrl-C, which reaches `qmp` alone (QEMU has its own process group).
+        {"send": format!("dump-guest-memory paging=false protocol=file:{fifo_s}\r")},
+        {"sleep": 0.5},
+        {"send": "\x03"},
+        {"expect": "(interrupted)\r\n"},
+        {"expect": "(qmp) "},
+        // Reading the FIFO lets QEMU finish the dump; its late reply is dropped, and the next
+        // command gets its own.
+        {"run": ["cat", fifo_s]},
+        {"send": "query-status\r"},
+        {"expect": "# VM is paused (prelaunch)\r\n"},
+        {"expect": "(qmp) "},
+        {"kill": "TERM"},
+        {"expect": "qmp: stopped by signal 15\r\n"},
+    ]);
+    let Some(run) = drive_to_exit(
+        &[
+            QMP,
+            "--color",
+            "never",
+            "--spawn",
+            "system",
+            "shell",
+            "--no-history-file",
+        ],
+        steps,
+        143,
+    ) else {
+        return;
+    };
+    let t = &run.transcript;
+    assert!(t.contains("^C(interrupted)\r\n"), "{t:?}");
+    // Between the interruption and the status, only QEMU's event about the dump: its reply
+    // (`{}`) was dropped.
+    let after = &t[t.find("(interrupted)").unwrap()..t.find("prelaunch").unwrap()];
+    assert!(after.contains("event DUMP_COMPLETED "), "{after:?}");
+    assert!(!after.contains("{}\r\n"), "{after:?}");
+    assert!(run.cooked, "the terminal was left in raw mode");
+    let [qemu] = &run.children[..] else {
+        panic!("one child expected: {:?}", run.children.len())
+    };
+    assert!(qemu.cmdline[0].ends_with("qemu-system-x86_64"));
+    let socket = qemu
+        .cmdline
+        .iter()
+        .flat_map(|a| a.split(','))
+        .find_map(|a| a.strip_prefix("path="))
+        .unwrap();
+    let dir = std::path::Path::new(socket).parent().unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", qemu.pid)).exists(),
+        "qemu-system-x86_64 {} outlived qmp",
+        qemu.pid
+    );
+    assert!(!dir.exists(), "{} was left behind", dir.display());
 }

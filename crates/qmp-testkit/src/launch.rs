@@ -62,6 +62,7 @@ pub struct Launch {
     kind: Kind,
     pretty: bool,
     tcp: bool,
+    own_process_group: bool,
     ready_timeout: Duration,
     args: Vec<OsString>,
 }
@@ -88,6 +89,7 @@ impl Launch {
             kind,
             pretty: false,
             tcp: false,
+            own_process_group: false,
             ready_timeout: READY_TIMEOUT,
             args: Vec::new(),
         }
@@ -103,6 +105,15 @@ impl Launch {
     /// the guest agent.
     pub fn tcp(mut self) -> Self {
         self.tcp = true;
+        self
+    }
+
+    /// Starts the program in a process group of its own, so that a Ctrl-C at the terminal
+    /// (SIGINT to the foreground process group) reaches only the caller, which decides what to
+    /// stop. The form for tools that outlive an interrupted command; tests leave it off, so a
+    /// Ctrl-C on the test run stops their QEMU programs too.
+    pub fn own_process_group(mut self) -> Self {
+        self.own_process_group = true;
         self
     }
 
@@ -232,6 +243,9 @@ impl Launch {
             }
         }
         cmd.args(&self.args);
+        if self.own_process_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         let stderr_path = dir.path().join("stderr.log");
         let stderr = File::create(&stderr_path)
             .map_err(|e| LaunchError::Io("cannot create stderr.log", e))?;
