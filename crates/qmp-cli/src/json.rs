@@ -147,8 +147,21 @@ mod tests {
         assert_eq!(format("-1.5e3", PLAIN), "-1.5e3");
     }
 
+    /// `text` without its colour escapes (`ESC [ ... m`).
+    fn strip_colour(text: &str) -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(i) = rest.find('\x1b') {
+            out.push_str(&rest[..i]);
+            let end = rest[i..].find('m').expect("an escape ends with m");
+            rest = &rest[i + end + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
     #[test]
-    fn any_prefix_of_any_text_formats_without_panicking() {
+    fn any_prefix_of_any_text_formats_the_same_with_and_without_colour() {
         let samples = [
             r#"{"a": "é\\\"x", "b": [1, -2.5e3, true, null, {"c": {}}], "d": "\u00e9"}"#,
             "[[[[]]]] }}} ,,, ::: \"\\",
@@ -157,9 +170,21 @@ mod tests {
         for text in samples {
             for (i, _) in text.char_indices() {
                 for compact in [false, true] {
-                    for colour in [false, true] {
-                        let _ = format(&text[..i], Style { compact, colour });
-                    }
+                    let plain = format(
+                        &text[..i],
+                        Style {
+                            compact,
+                            colour: false,
+                        },
+                    );
+                    let coloured = format(
+                        &text[..i],
+                        Style {
+                            compact,
+                            colour: true,
+                        },
+                    );
+                    assert_eq!(strip_colour(&coloured), plain, "{:?}", &text[..i]);
                 }
             }
         }

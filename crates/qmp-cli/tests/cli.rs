@@ -537,11 +537,14 @@ fn policy_denials_exit_4_and_send_nothing() {
     // A policy file that does not parse is a usage error.
     std::fs::write(&policy, "profile = \"bogus\"\n").unwrap();
     let o = qmp(&["-s", &s, "--policy", &p, "query-jobs"]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(
-        err(&o).starts_with(&format!("qmp: policy {p}: line 1")),
-        "{}",
-        err(&o)
+    check(
+        &o,
+        2,
+        "",
+        &format!(
+            "qmp: policy {p}: line 1, column 11: key `profile`: unknown variant `bogus`, \
+             expected one of `none`, `read-only`, `vm-control`, `unrestricted`\n"
+        ),
     );
 }
 
@@ -677,7 +680,7 @@ fn events_stream_a_job_with_data() {
             "--filter",
             "JOB_*",
             "--count",
-            "5",
+            "10",
             "--timeout",
             "20",
         ])
@@ -687,8 +690,10 @@ fn events_stream_a_job_with_data() {
     let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
     let mut n = 0;
     let start = Instant::now();
-    // One job per round, each with its own id, until the follower has five events; the
-    // lines it printed must be one job's whole life cycle.
+    // One job per round, each with its own id, until the follower has ten events. It may
+    // have subscribed while a job was under way, so its first lines can be the end of one job
+    // (at most four of its five events); the five lines from the first `created` on must be
+    // one later job's whole life cycle.
     let mut jobs = Vec::new();
     while !waiter.is_finished() {
         assert!(start.elapsed() < Duration::from_secs(20));
@@ -710,22 +715,25 @@ fn events_stream_a_job_with_data() {
     }
     let o = waiter.join().unwrap();
     assert_eq!(o.status.code(), Some(0));
-    let text = out(&o);
-    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    let id = first["data"]["id"].as_str().unwrap().to_owned();
-    let statuses: Vec<String> = text
+    let events: Vec<(String, String)> = out(&o)
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             assert_eq!(v["event"], "JOB_STATUS_CHANGE");
-            assert_eq!(v["data"]["id"], id.as_str());
-            v["data"]["status"].as_str().unwrap().to_owned()
+            let field = |k: &str| v["data"][k].as_str().unwrap().to_owned();
+            (field("id"), field("status"))
         })
         .collect();
-    assert_eq!(
-        statuses,
-        ["created", "running", "waiting", "pending", "concluded"]
-    );
+    assert_eq!(events.len(), 10);
+    let start = events.iter().position(|(_, s)| s == "created").unwrap();
+    assert!(start <= 4, "{events:?}");
+    let id = &events[start].0;
+    assert!(jobs.contains(id), "{id} is not one of {jobs:?}");
+    let life: Vec<(String, String)> = ["created", "running", "waiting", "pending", "concluded"]
+        .iter()
+        .map(|s| (id.clone(), (*s).to_owned()))
+        .collect();
+    assert_eq!(events[start..start + 5], life[..], "{events:?}");
 }
 
 const QUERY_VERSION_SCHEMA: &str = "\
@@ -1045,6 +1053,8 @@ fn demo_on_real_qemu_under_ten_seconds() {
     );
     assert_eq!(normalise_demo(&out(&o)), expected);
     assert!(!out(&o).contains("FAKE"));
+    // The issue asks for a tour in under 10 s; the time is printed, and a hang fails.
+    println!("the demo took {took:?}");
     assert!(took < Duration::from_secs(10), "the demo took {took:?}");
 }
 
@@ -1086,17 +1096,20 @@ fn faults_from_the_fake_are_reported_not_hung() {
         "0.3",
         "query-status",
     ]);
-    assert_eq!((o.status.code(), out(&o).as_str()), (Some(3), ""));
-    assert!(err(&o).starts_with("qmp: "), "{}", err(&o));
-    assert!(err(&o).contains("sent, but no reply came"), "{}", err(&o));
+    check(
+        &o,
+        3,
+        "",
+        "qmp: query-status: timed out (sent, but no reply came)\n",
+    );
     assert!(start.elapsed() < Duration::from_secs(5));
     // The peer closes instead of answering: exit 3.
     let o = qmp(&["-s", &f, "--no-validate", "stop"]);
-    assert_eq!(
-        (o.status.code(), out(&o).as_str()),
-        (Some(3), ""),
-        "{}",
-        err(&o)
+    check(
+        &o,
+        3,
+        "",
+        "qmp: stop: the peer closed the connection (sent, but no reply came)\n",
     );
     // Following events when the connection closes before --count: exit 3. The fake answers
     // the negotiation, waits (the follower subscribes meanwhile), sends one event, hangs up.

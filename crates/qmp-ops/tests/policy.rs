@@ -436,28 +436,35 @@ fn the_example_policy_file_loads_and_means_what_it_says() {
             .as_deref(),
         Some("hotplug")
     );
-    assert!(
-        p.check(
-            "device_add",
-            Some(&args(r#"{"driver":"usb-tablet","id":"sys0"}"#))
-        )
-        .is_err()
+    let denied = |name: &str, a: Option<&str>| {
+        let a = a.map(args);
+        p.check(name, a.as_deref()).unwrap_err().to_string()
+    };
+    assert_eq!(
+        denied("device_add", Some(r#"{"driver":"usb-tablet","id":"sys0"}"#)),
+        r#"device_add denied by rule commands."device_add": argument /id = "sys0" matches denied pattern "sys*""#
     );
-    assert!(
-        p.check("device_add", Some(&args(r#"{"driver":"e1000"}"#)))
-            .is_err()
+    assert_eq!(
+        denied("device_add", Some(r#"{"driver":"e1000"}"#)),
+        r#"device_add denied by rule commands."device_add": argument /driver = "e1000" is not allowed (allowed: usb-tablet)"#
     );
     let info = args(r#"{"command-line":"info status"}"#);
     assert!(p.check("human-monitor-command", Some(&info)).is_ok());
-    let bad = args(r#"{"command-line":"system_reset"}"#);
-    assert!(p.check("human-monitor-command", Some(&bad)).is_err());
-    assert!(p.check("quit", None).is_err());
+    assert_eq!(
+        denied(
+            "human-monitor-command",
+            Some(r#"{"command-line":"system_reset"}"#)
+        ),
+        r#"human-monitor-command denied by rule commands."human-monitor-command": argument /command-line = "system_reset" is not allowed (allowed: info *)"#
+    );
+    // Denied by its own rule in the file, not only by the profile's default.
+    assert_eq!(
+        denied("quit", None),
+        r#"quit denied by rule commands."quit": the rule denies this command"#
+    );
     assert!(p.check("stop", None).is_ok());
-    assert!(
-        p.check("query-status", None)
-            .unwrap()
-            .rule
-            .cache_ttl
-            .is_some()
+    assert_eq!(
+        p.check("query-status", None).unwrap().rule.cache_ttl,
+        Some(Duration::from_secs(1))
     );
 }

@@ -11,9 +11,29 @@ fn devnull() -> std::os::fd::OwnedFd {
     std::fs::File::open("/dev/null").unwrap().into()
 }
 
-/// Descriptors open in this process.
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+/// A file of this test's own, so that counting the descriptors open on it is not disturbed
+/// by the tests running beside it.
+struct Marker {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl Marker {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("marker");
+        std::fs::File::create(&path).unwrap();
+        Self { _dir: dir, path }
+    }
+
+    fn open(&self) -> std::os::fd::OwnedFd {
+        std::fs::File::open(&self.path).unwrap().into()
+    }
+
+    /// How many descriptors of this process are open on the file.
+    fn open_count(&self) -> usize {
+        descriptors_of(&self.path)
+    }
 }
 
 /// What descriptor `fd` of this process refers to (`socket:[inode]` for a socket).
@@ -70,17 +90,17 @@ async fn socketpair_typed_command_and_fd_passing() {
     let driver = qmp_tokio::spawn_connection(conn);
     let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
     assert_eq!(v["qemu"]["major"], 10);
-    let open_before = open_fds();
+    let marker = Marker::new();
     let _: serde::de::IgnoredAny = c
         .execute_with_fds(
             "getfd",
             &serde_json::json!({"fdname": "a"}),
-            vec![devnull(), devnull()],
+            vec![marker.open(), marker.open()],
         )
         .await
         .unwrap();
     // Ours are closed once sent (the fake closes the copies it received).
-    assert_eq!(open_fds(), open_before);
+    assert_eq!(marker.open_count(), 0);
     let reqs = fake.requests();
     let getfd = reqs
         .iter()
@@ -94,7 +114,7 @@ async fn socketpair_typed_command_and_fd_passing() {
         .execute_with_fds::<serde::de::IgnoredAny, _>(
             "getfd",
             &serde_json::json!({"fdname": "b"}),
-            (0..254).map(|_| devnull()).collect(),
+            (0..254).map(|_| marker.open()).collect(),
         )
         .await
         .unwrap_err();
@@ -106,11 +126,7 @@ async fn socketpair_typed_command_and_fd_passing() {
             "getfd: 254 file descriptors in one message; the kernel passes at most 253"
         )
     );
-    assert_eq!(
-        open_fds(),
-        open_before,
-        "the refused descriptors are closed"
-    );
+    assert_eq!(marker.open_count(), 0, "the refused descriptors are closed");
     let v: serde_json::Value = c.execute("query-version", &()).await.unwrap();
     assert_eq!(v["qemu"]["major"], 10);
     assert_eq!(fake.requests().len(), reqs.len() + 1);
