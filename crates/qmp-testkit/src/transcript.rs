@@ -22,7 +22,7 @@
 //! the recorded client bytes, in the recorded order.
 
 use std::fmt::Write as _;
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -136,6 +136,24 @@ pub enum TranscriptError {
         got: usize,
         /// EOF or timeout.
         why: String,
+    },
+    /// During replay the client passed another number of file descriptors than recorded.
+    #[error(
+        "client chunk {chunk}: {expected} file descriptors recorded up to here, {got} received"
+    )]
+    Fds {
+        /// Index of the client chunk in the transcript.
+        chunk: usize,
+        /// Descriptors the recorded client chunks carried, up to this one.
+        expected: usize,
+        /// Descriptors received by then.
+        got: usize,
+    },
+    /// During replay the client sent bytes after its last recorded chunk.
+    #[error("the client sent more than the transcript: {extra:?}")]
+    Extra {
+        /// The bytes beyond the transcript (lossy UTF-8).
+        extra: String,
     },
 }
 
@@ -462,21 +480,26 @@ impl Replay {
 fn replay(t: &Transcript, mut stream: UnixStream) -> Result<(), TranscriptError> {
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 65536];
+    // Descriptors received, and those the client chunks so far were recorded with.
+    let (mut fds_got, mut fds_expected) = (0, 0);
+    let mut gone = false;
     for (index, chunk) in t.chunks.iter().enumerate() {
         match chunk.from {
             Direction::Server => {
-                if stream.write_all(&chunk.bytes).is_err() {
-                    // The client went away; what it sent decides the outcome below.
-                    break;
-                }
+                // Once the client went away, its next recorded chunk (if any) comes up short.
+                gone = gone || stream.write_all(&chunk.bytes).is_err();
             }
             Direction::Client => {
+                fds_expected += chunk.fds;
                 while pending.len() < chunk.bytes.len() {
-                    match stream.read(&mut buf) {
-                        Ok(0) => {
+                    match recv(stream.as_fd(), &mut buf) {
+                        Ok((0, _)) => {
                             return Err(short(index, chunk, &pending, "EOF"));
                         }
-                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        Ok((n, fds)) => {
+                            pending.extend_from_slice(&buf[..n]);
+                            fds_got += fds.len();
+                        }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(short(index, chunk, &pending, &e.to_string())),
                     }
@@ -489,9 +512,23 @@ fn replay(t: &Transcript, mut stream: UnixStream) -> Result<(), TranscriptError>
                         got: String::from_utf8_lossy(&pending).into_owned(),
                     });
                 }
+                // Descriptors come with the first byte they were sent with: once no byte of a
+                // later chunk has been read, exactly this chunk's and earlier ones' are here.
+                if fds_got < fds_expected || (rest.is_empty() && fds_got != fds_expected) {
+                    return Err(TranscriptError::Fds {
+                        chunk: index,
+                        expected: fds_expected,
+                        got: fds_got,
+                    });
+                }
                 pending = rest;
             }
         }
+    }
+    if !pending.is_empty() {
+        return Err(TranscriptError::Extra {
+            extra: String::from_utf8_lossy(&pending).into_owned(),
+        });
     }
     Ok(())
 }
@@ -507,6 +544,8 @@ fn short(index: usize, chunk: &Chunk, pending: &[u8], why: &str) -> TranscriptEr
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+
     use super::*;
 
     #[test]
@@ -595,6 +634,63 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "client chunk 1: expected \"abc\", got \"abd\""
+        );
+    }
+
+    /// A client chunk `bytes` recorded with `fds` descriptors, answered with `ok\n`.
+    fn one_exchange(bytes: &[u8], fds: usize) -> Transcript {
+        Transcript {
+            header: Header::new("test", "0", "fds"),
+            chunks: vec![
+                Chunk {
+                    from: Direction::Client,
+                    bytes: bytes.to_vec(),
+                    fds,
+                },
+                Chunk {
+                    from: Direction::Server,
+                    bytes: b"ok\n".to_vec(),
+                    fds: 0,
+                },
+            ],
+        }
+    }
+
+    fn dev_null() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    #[test]
+    fn replay_checks_the_descriptors_the_client_passes() {
+        let (replay, s) = Replay::start(one_exchange(b"ab", 1), Duration::from_secs(10)).unwrap();
+        send_all(s.as_fd(), b"ab", &[dev_null()]).unwrap();
+        drop(s);
+        replay.finish().unwrap();
+
+        let (replay, mut s) =
+            Replay::start(one_exchange(b"ab", 1), Duration::from_secs(10)).unwrap();
+        s.write_all(b"ab").unwrap();
+        assert_eq!(
+            replay.finish().unwrap_err().to_string(),
+            "client chunk 0: 1 file descriptors recorded up to here, 0 received"
+        );
+
+        let (replay, s) = Replay::start(one_exchange(b"ab", 0), Duration::from_secs(10)).unwrap();
+        send_all(s.as_fd(), b"ab", &[dev_null(), dev_null()]).unwrap();
+        assert_eq!(
+            replay.finish().unwrap_err().to_string(),
+            "client chunk 0: 0 file descriptors recorded up to here, 2 received"
+        );
+    }
+
+    #[test]
+    fn replay_reports_bytes_beyond_the_transcript() {
+        let (replay, mut s) =
+            Replay::start(one_exchange(b"ab", 0), Duration::from_secs(10)).unwrap();
+        s.write_all(b"abc").unwrap();
+        assert_eq!(
+            replay.finish().unwrap_err().to_string(),
+            "the client sent more than the transcript: \"c\""
         );
     }
 }
