@@ -184,6 +184,10 @@ impl Launch {
     /// # Errors
     /// See [`LaunchError`].
     pub fn try_spawn(self) -> Result<Qemu, LaunchError> {
+        retry_taken_port(self.tcp, || self.spawn_once())
+    }
+
+    fn spawn_once(&self) -> Result<Qemu, LaunchError> {
         let program = self.program();
         let binary = find_binary(program).ok_or(LaunchError::NotInstalled { program })?;
         let dir = tempfile::Builder::new()
@@ -273,6 +277,24 @@ impl Launch {
         };
         qemu.wait_ready(&wait, self.kind)?;
         Ok(qemu)
+    }
+}
+
+/// Runs `spawn` up to three times while it fails because its TCP port was taken: the port
+/// was free when picked, but another program may bind it before QEMU does, and then QEMU
+/// exits at once. A fresh port is picked on each try.
+fn retry_taken_port<T>(
+    tcp: bool,
+    mut spawn: impl FnMut() -> Result<T, LaunchError>,
+) -> Result<T, LaunchError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match spawn() {
+            Err(LaunchError::Exited { stderr, .. })
+                if tcp && tries < 3 && stderr.contains("Address already in use") => {}
+            other => return other,
+        }
     }
 }
 
@@ -544,5 +566,43 @@ impl Qemu {
 impl Drop for Qemu {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    use super::*;
+
+    fn exited(stderr: &str) -> LaunchError {
+        LaunchError::Exited {
+            program: "qemu-storage-daemon",
+            status: ExitStatus::from_raw(256),
+            stderr: stderr.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_taken_tcp_port_is_tried_three_times_and_nothing_else_is_retried() {
+        // What QEMU 10.0 prints when the port is taken.
+        let in_use = "qemu-storage-daemon: --chardev socket,id=m1,host=127.0.0.1,port=50605,\
+                      server=on,wait=on: Failed to find an available port: Address already in use\n";
+        for (tcp, stderr, tries) in [(true, in_use, 3), (false, in_use, 1), (true, "bad", 1)] {
+            let mut n = 0;
+            let r: Result<(), _> = retry_taken_port(tcp, || {
+                n += 1;
+                Err(exited(stderr))
+            });
+            assert_eq!(r.unwrap_err().to_string(), exited(stderr).to_string());
+            assert_eq!(n, tries, "{tcp} {stderr}");
+        }
+        let mut n = 0;
+        let r = retry_taken_port(true, || {
+            n += 1;
+            if n < 2 { Err(exited(in_use)) } else { Ok(n) }
+        });
+        assert_eq!(r.unwrap(), 2);
     }
 }
