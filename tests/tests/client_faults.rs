@@ -144,22 +144,33 @@ async fn stalled_server_times_out_then_recovers(connect: Connect) {
 async fn a_server_that_stops_reading_does_not_stall_the_client(connect: Connect) {
     // Like QEMU with oob: 8 in-band commands queued and the fake stops reading the socket.
     // With 32 allowed in flight and requests of 64 KiB, the client's writes block too; every
-    // command still completes, in order, once the first one is let go.
+    // command still completes, in order, once the first one is let go. Each `big` command
+    // carries its number `n` and the fake answers it with that number, so a reply given to the
+    // wrong command, or a command written out of order, shows.
     let script = Script::new()
         .on_once(
             "slow",
             Response::actions(vec![Action::Stall, Action::Return("0".into())]),
         )
-        .on("big", Response::ok("1"));
+        .handler(|req| {
+            let args: serde_json::Value = serde_json::from_str(req.arguments.as_deref()?).ok()?;
+            (req.name == "big").then(|| Response::ok(args["n"].to_string()))
+        });
     let fake = FakeQemu::unix(script).unwrap();
     let (c, _driver) = connect(Addr::of(&fake), Builder::new().max_in_flight(32))
         .await
         .unwrap();
-    let pad = serde_json::json!({ "pad": "x".repeat(64 << 10) });
+    let pad = "x".repeat(64 << 10);
+    let args: Vec<_> = (1..32u32)
+        .map(|n| serde_json::json!({ "pad": pad, "n": n }))
+        .collect();
     type Call<'a> = Pin<Box<dyn Future<Output = Result<u32, Error>> + 'a>>;
     let slow: Call<'_> = Box::pin(c.execute("slow", &()));
     let calls = std::iter::once(slow)
-        .chain((0..31).map(|_| -> Call<'_> { Box::pin(c.execute("big", &pad)) }))
+        .chain(
+            args.iter()
+                .map(|a| -> Call<'_> { Box::pin(c.execute("big", a)) }),
+        )
         .collect::<Vec<_>>();
     let release = async {
         let seen = fake.wait_requests(10, Duration::from_secs(5)).len();
@@ -173,12 +184,22 @@ async fn a_server_that_stops_reading_does_not_stall_the_client(connect: Connect)
         "negotiation, the stalled command and 8 queued behind it"
     );
     let answers: Vec<u32> = answers.into_iter().map(Result::unwrap).collect();
-    assert_eq!(answers[0], 0);
-    assert!(answers[1..].iter().all(|&n| n == 1));
-    let names: Vec<_> = fake.requests().into_iter().filter_map(|r| r.name).collect();
-    assert_eq!(names.len(), 33);
-    assert_eq!(names[1], "slow");
-    assert!(names[2..].iter().all(|n| n == "big"));
+    assert_eq!(answers, (0..32).collect::<Vec<u32>>());
+    let requests = fake.requests();
+    let names: Vec<_> = requests.iter().filter_map(|r| r.name.as_deref()).collect();
+    assert_eq!((requests.len(), names.len()), (33, 33));
+    assert_eq!(names[..2], ["qmp_capabilities", "slow"]);
+    assert!(names[2..].iter().all(|&n| n == "big"), "{names:?}");
+    // The server read the `big` commands in the order they were made.
+    let order: Vec<u64> = requests[2..]
+        .iter()
+        .map(|r| {
+            let args: serde_json::Value =
+                serde_json::from_str(r.arguments.as_deref().unwrap()).unwrap();
+            args["n"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(order, (1..32).collect::<Vec<u64>>());
     assert_eq!(c.pending(), 0);
 }
 

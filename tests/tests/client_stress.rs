@@ -5,7 +5,8 @@
 //!   routed to the wrong task would show up as a mismatch.
 //! - A cancellation storm: thousands of calls dropped at random points (before being written,
 //!   while queued, while in flight), after which the session still answers correctly and no
-//!   request is left pending.
+//!   request is left pending. The client's counters show that some dropped calls were never
+//!   written and some were dropped in flight (their replies counted as late).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,6 +170,14 @@ fn cancellation_storm_leaves_a_correct_session() {
         assert!(dropped > 1000, "the storm dropped too few calls: {dropped}");
         assert!(finished > 100, "too few calls finished: {finished}");
         assert_eq!(c.pending(), 0);
+        let storm = c.stats();
+        // The negotiation, then the storm calls that were written: the others were dropped
+        // before being written (still queued behind the in-flight cap, or not yet flushed).
+        let written = storm.requests_sent - 1;
+        assert!(
+            written < (TASKS * 80) as u64,
+            "every storm call was written: {storm:?}"
+        );
 
         // The session still answers correctly, reply for reply.
         for t in 0..TASKS {
@@ -184,8 +193,24 @@ fn cancellation_storm_leaves_a_correct_session() {
         assert_eq!(c.in_flight(), 0);
         let st = c.stats();
         assert_eq!(st.unknown_replies, 0, "{st:?}");
+        // After the storm, exactly the 64 `chardev-add` and 64 * 20 * 2 ringbuf commands were
+        // written: no dropped storm call was written late.
+        let after = (TASKS + TASKS * 20 * 2) as u64;
+        assert_eq!(st.requests_sent, storm.requests_sent + after, "{st:?}");
         // Every reply is either delivered or counted as late; none is lost or misrouted.
         assert_eq!(st.replies + st.late_replies, st.requests_sent - 1, "{st:?}");
+        // Calls dropped in flight: written, then abandoned, their replies arriving late.
+        assert!(st.late_replies > 0, "no call was dropped in flight: {st:?}");
+        // Storm replies delivered: every finished call, plus any whose reply was delivered just
+        // as the call was dropped.
+        let storm_replies = st.replies - after;
+        assert!(storm_replies >= finished, "{st:?} {finished}");
+        assert!(st.late_replies <= dropped, "{st:?} {dropped}");
+        println!(
+            "storm: {} never written, {} dropped in flight",
+            (TASKS * 80) as u64 - written,
+            st.late_replies
+        );
         tokio::time::timeout(Duration::from_secs(5), c.close())
             .await
             .unwrap();

@@ -139,6 +139,9 @@ async fn vm_control_serialises_stop_and_cont(rt: &Rt) {
         );
     }
     assert_eq!((exec.count("cont"), exec.count("stop")), (10, 10));
+    // They reached the client in the order they queued for the lock, round after round.
+    let rounds: Vec<_> = (0..10).flat_map(|_| ["cont", "stop"]).collect();
+    assert_eq!(*exec.sent.lock().unwrap(), rounds);
     assert_eq!(
         exec.run_state_max.load(Ordering::SeqCst),
         1,

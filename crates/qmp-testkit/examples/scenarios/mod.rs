@@ -22,6 +22,8 @@ pub(crate) struct Driver {
     /// The program version, when a scenario learns it from a reply (QGA).
     pub(crate) version: Option<String>,
     pub(crate) conn: Connection,
+    /// Every command's outcome, in completion order (for the replay's checks).
+    pub(crate) completed: Vec<(RequestId, Outcome)>,
     stream: UnixStream,
     done: HashMap<RequestId, Outcome>,
     events: Vec<Event>,
@@ -36,6 +38,7 @@ impl Driver {
             .unwrap();
         Self {
             conn: Connection::new(Instant::now(), config),
+            completed: Vec::new(),
             stream,
             done: HashMap::new(),
             events: Vec::new(),
@@ -77,6 +80,7 @@ impl Driver {
         while let Some(out) = self.conn.poll_output() {
             match out {
                 Output::Completed { id, outcome } => {
+                    self.completed.push((id, outcome.clone()));
                     self.done.insert(id, outcome);
                 }
                 Output::Event(e) => self.events.push(e),
