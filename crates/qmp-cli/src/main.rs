@@ -145,6 +145,9 @@ enum ColorArg {
 #[derive(Debug, Subcommand)]
 enum Sub {
     /// Follow events as JSON lines.
+    ///
+    /// Without --count, it ends (exit 0) when --timeout passes or QEMU closes the connection;
+    /// with --count, those are failures (exit 5 and 3).
     Events {
         /// Only events whose name matches (repeatable; `*` and `?` wildcards).
         #[arg(long, short = 'f', value_name = "NAME")]
