@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::future::{self, FutureExt, Shared, WeakShared};
-use qmp_proto::{Failure, RawJson};
+use qmp_proto::{RawJson, SendStatus};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -44,8 +44,9 @@ struct Inflight {
 /// 4. the rule's lock group, if any, is taken (FIFO, in the order the calls first reach
 ///    this step, i.e. the order their futures are first polled);
 /// 5. attempts run, with retries only when safe ([`crate::is_retry_safe`]) and allowed by the
-///    rule's [`crate::RetryPolicy`], sleeping through the injected [`Sleep`]. A `quit` after
-///    which QEMU closed the connection is never retried (that is how it succeeds).
+///    rule's [`crate::RetryPolicy`], sleeping through the injected [`Sleep`]. A `quit` that
+///    may have reached QEMU is never retried (QEMU often closes the connection instead of
+///    answering it).
 ///
 /// It does no I/O of its own and never spawns: all work happens inside the futures it returns.
 /// Time comes from the injected [`Clock`] (latency, deadline, cache expiry) and randomness
@@ -480,7 +481,7 @@ async fn run_attempts<E: Execute>(
             Ok(value) => return Ok(value),
             Err(e) => e,
         };
-        if ended_as_asked(name, &error)
+        if maybe_quit(name, &error)
             || !is_retry_safe(&error, rule.idempotent, &rule.retry_classes)
         {
             return Err(OpsError::Exec {
@@ -514,11 +515,12 @@ async fn run_attempts<E: Execute>(
     }
 }
 
-/// Whether `error` is how a successful `name` ends: QEMU closes the monitor once `quit` is
-/// under way, often before replying. Such a `quit` is never retried, even under a rule that
-/// calls it idempotent: the retry could reach a newly started QEMU and end that one too.
-fn ended_as_asked(name: &str, error: &ExecError) -> bool {
-    name == "quit" && *error == ExecError::Unknown(Failure::PeerClosed)
+/// Whether `name` must not be tried again after `error`: a `quit` that may have reached QEMU.
+/// QEMU closes the monitor once `quit` is under way, often before replying, so such a `quit`
+/// may well have worked; it is never repeated, even under a rule that calls it idempotent,
+/// because the next attempt could reach a newly started QEMU and end that one too.
+fn maybe_quit(name: &str, error: &ExecError) -> bool {
+    name == "quit" && error.send_status() != SendStatus::NotSent
 }
 
 async fn attempt_once<E: Execute>(

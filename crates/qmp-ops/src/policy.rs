@@ -266,8 +266,9 @@ pub struct Rule {
     pub retry: Option<RetryPolicy>,
     /// Error classes returned by QEMU after which a retry is allowed.
     pub retry_classes: Vec<ErrorClass>,
-    /// Per-attempt timeout, enforced through [`crate::Execute::execute_timeout`]; `None` uses
-    /// the policy's default.
+    /// Per-attempt timeout: how long one attempt waits for its reply, enforced through
+    /// [`crate::Execute::execute_timeout`] (over [`crate::Reconnecting`], an attempt that must
+    /// first connect also waits this long for its session). `None` uses the policy's default.
     pub timeout: Option<Duration>,
     /// Lock group: calls whose rules name the same group run one at a time, in FIFO order.
     pub lock: Option<String>,

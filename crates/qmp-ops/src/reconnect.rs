@@ -39,8 +39,12 @@ pub struct Reconnected {
 /// reported as [`ExecError::Connect`] (nothing was sent, so the retry layer may retry it).
 ///
 /// A rule's timeout ([`Execute::execute_timeout`]) bounds connecting and then the command, each
-/// on its own; the command runs with the session's own deadline, so the session still tells a
-/// request that timed out unsent from one that timed out after it was written.
+/// on its own, so one attempt may take up to twice the timeout. The command runs with the
+/// session's own deadline, so the session still tells a request that timed out unsent from one
+/// that timed out after it was written. A connect cut short by a caller's timeout is given up
+/// (nothing was sent); the next caller in the queue, or the retry, starts a new one. So make
+/// `connect` bound its own phases (as `qmp-client`'s connect and greeting timeouts do) well
+/// within the rule's timeout.
 pub struct Reconnecting<E, F> {
     connect: F,
     session: Mutex<Option<(u64, Arc<E>)>>,

@@ -7,8 +7,9 @@ use crate::exec::BoxFuture;
 
 /// Waits for a duration, on whatever runtime the caller uses.
 ///
-/// `qmp-ops` never sleeps by itself: the retry loop and the optional per-command timeout go
-/// through this trait. Adapters implement it with their runtime's timer; tests implement it
+/// `qmp-ops` never sleeps by itself: the retry loop's delays go through this trait, and so
+/// does a rule's timeout wherever the executor has no timer of its own (the default
+/// [`crate::Execute::execute_timeout`], and [`crate::Reconnecting`] while it connects). Adapters implement it with their runtime's timer; tests implement it
 /// with a recorder that returns at once.
 pub trait Sleep: Send + Sync {
     /// A future that completes after `duration`.

@@ -105,6 +105,18 @@ fn quit_is_not_retried_after_the_peer_closed_even_under_an_idempotent_rule() {
         (1, Some(&ExecError::Unknown(Failure::PeerClosed)))
     );
     assert_eq!(exec.names(), ["quit", "quit"]);
+    // A quit that timed out may be under way: not repeated either (a retry could find the
+    // connection closed, reconnect, and end a new QEMU).
+    exec.push_err(ExecError::Unknown(Failure::Timeout));
+    let e = block_on(ops.quit()).unwrap_err();
+    assert_eq!(
+        (e.attempts(), e.exec_error()),
+        (1, Some(&ExecError::Unknown(Failure::Timeout)))
+    );
+    // Not sent at all: retried as the rule allows.
+    exec.push_err(ExecError::NotSent(Failure::LocalClose));
+    block_on(ops.quit()).unwrap();
+    assert_eq!(exec.names(), ["quit"; 5]);
 }
 
 #[test]
