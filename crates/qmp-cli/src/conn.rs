@@ -63,9 +63,10 @@ pub(crate) fn launch(kind: SpawnKind) -> Result<Qemu, Failure> {
         SpawnKind::Qsd => Launch::storage_daemon(),
         SpawnKind::System => Launch::system(),
     };
-    // Its own process group: a Ctrl-C at the terminal reaches `qmp` alone, which then stops
-    // a one-shot command (and this QEMU with it) or only the shell's current line.
-    launch.own_process_group().try_spawn().map_err(|e| match e {
+    // A Ctrl-C at the terminal reaches `qmp` alone, which then stops a one-shot command (and
+    // this QEMU with it) or only the shell's current line; and if `qmp` is killed outright,
+    // the kernel kills this QEMU too. Started from the main thread (inside `block_on`).
+    launch.tied_to_caller().try_spawn().map_err(|e| match e {
         LaunchError::NotInstalled { .. } => Failure::Connection(format!(
             "--spawn {}: {e}",
             match kind {

@@ -70,8 +70,9 @@ use crate::schema::Schema;
         "  4  denied by the policy (--policy/--profile); the rule is named and nothing is sent\n",
         "  5  `qmp events`: --timeout passed before --count events arrived\n",
         "  130, 143  a command, `events` or `schema` stopped by SIGINT or SIGTERM (a QEMU that\n",
-        "            --spawn started is killed first); the shell: Ctrl-C stops the command\n",
-        "            running, while SIGTERM, SIGHUP (129) or a SIGINT at the prompt end it"
+        "            --spawn started is killed first); in the shell at a terminal, Ctrl-C\n",
+        "            stops waiting for the command running (QEMU may still carry it out), and\n",
+        "            SIGTERM or SIGHUP (129) end the shell; with piped input SIGINT ends it"
     )
 )]
 struct Cli {

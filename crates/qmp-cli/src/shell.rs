@@ -318,9 +318,13 @@ pub(crate) fn run(
             Ok((session, described))
         }))?;
     let client = session.client.clone();
+    let interactive = rustix::termios::isatty(std::io::stdin());
     let on_signal = Arc::new(OnSignal {
         qemu: Mutex::new(session.qemu.take()),
-        terminal: saved_terminal(),
+        interactive,
+        terminal: interactive
+            .then(|| rustix::termios::tcgetattr(std::io::stdin()).ok())
+            .flatten(),
         line: Mutex::new(None),
     });
     rt.spawn(watch_signals(signals, Arc::clone(&on_signal)));
@@ -423,7 +427,8 @@ pub(crate) fn run(
         if line == "exit" {
             break;
         }
-        // A SIGINT (Ctrl-C) while the line runs drops it; the session stays.
+        // At a terminal, a SIGINT (Ctrl-C) while the line runs stops waiting for it (QEMU may
+        // still carry out what was sent; the reply is dropped); the session stays.
         let (cancel, cancelled) = tokio::sync::oneshot::channel();
         *lock(&on_signal.line) = Some(cancel);
         let ended = rt.block_on(async {
@@ -496,6 +501,8 @@ async fn describe(
 struct OnSignal {
     /// The QEMU that `--spawn` started, if any.
     qemu: Mutex<Option<Qemu>>,
+    /// Whether standard input is a terminal.
+    interactive: bool,
     /// The terminal's settings before the line editor first changed them.
     terminal: Option<Termios>,
     /// Cancels the line running now, if any.
@@ -506,35 +513,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Standard input's terminal settings, when it is a terminal.
-fn saved_terminal() -> Option<Termios> {
-    let stdin = std::io::stdin();
-    if !rustix::termios::isatty(&stdin) {
-        return None;
-    }
-    rustix::termios::tcgetattr(&stdin).ok()
-}
 
-/// A SIGINT while a line runs cancels that line. Any other handled signal, and a SIGINT at
-/// the prompt (which the line editor's Ctrl-C is not: it only clears the line), ends `qmp`
-/// as the signal would, after what its default action skips: the terminal leaves the line
-/// editor's raw mode, and a `--spawn` QEMU is killed and its directory removed.
+
+/// What a signal does to a running shell. At a terminal, a SIGINT (Ctrl-C) stops waiting for
+/// the line running, if any, and never ends the shell: at the prompt the line editor reads
+/// Ctrl-C itself, so a SIGINT there is a late one for a line that just ended. With piped input
+/// a SIGINT ends the shell, as it does a one-shot command, so a script never goes on past an
+/// interrupted line. SIGTERM and SIGHUP end it. Ending does what the signal's default action
+/// would skip: a `--spawn` QEMU is killed and its directory removed, and then, last, the
+/// terminal leaves the line editor's raw mode (which the main thread may enter meanwhile).
 async fn watch_signals(mut signals: Signals, on: Arc<OnSignal>) {
     loop {
         let n = signals.recv().await;
-        if n == SIGINT
-            && let Some(cancel) = lock(&on.line).take()
-        {
-            let _ = cancel.send(());
+        if n == SIGINT && on.interactive {
+            if let Some(cancel) = lock(&on.line).take() {
+                let _ = cancel.send(());
+            }
             continue;
         }
+        drop(lock(&on.qemu).take());
         if let Some(t) = &on.terminal {
             let _ = rustix::termios::tcsetattr(std::io::stdin(), OptionalActions::Now, t);
         }
-        drop(lock(&on.qemu).take());
         let failure = Failure::Signal(n);
-        let _ = std::io::stdout().flush();
-        eprintln!("\nqmp: {}", failure.message());
+        // Never waits for stdout's lock, and a hung-up terminal (SIGHUP) is no reason to panic.
+        let _ = writeln!(std::io::stderr(), "\nqmp: {}", failure.message());
         std::process::exit(failure.code().into());
     }
 }

@@ -2,8 +2,10 @@
 
 Steps: {"send": text} types keys one at a time; {"expect": text} waits (up to "timeout" s, default 10)
 until text appears in the output after the last match; {"run": [argv...]} runs a helper
-command to completion; {"sleep": secs}; {"kill": "TERM"} sends the program that signal;
-{"children": true} notes the program's child processes (pid and command line).
+command to completion (within "timeout" s, default 30); {"sleep": secs}; {"kill": "TERM"}
+sends the program that signal; {"children": true} notes the program's child processes (pid
+and command line); {"wchan": name} waits (up to "timeout" s) until a thread of a noted child
+sleeps in the kernel function `name` (/proc/PID/task/TID/wchan).
 
 Prints one JSON object on the last line of stdout: "transcript" (the whole raw output),
 "children" (as noted), "exit" (the program's exit status) and "cooked" (whether the terminal
@@ -63,11 +65,23 @@ def pump(deadline):
 def fail(reason):
     sys.stderr.write(reason + "\n")
     report(None, None)
-    try:
-        os.kill(pid, 9)
-    except OSError:
-        pass
+    for p in [pid] + [c["pid"] for c in children]:
+        try:
+            os.kill(p, 9)
+        except OSError:
+            pass
     sys.exit(1)
+
+def sleeping_in(name):
+    for c in children:
+        try:
+            for tid in os.listdir("/proc/%d/task" % c["pid"]):
+                with open("/proc/%d/task/%s/wchan" % (c["pid"], tid)) as f:
+                    if f.read() == name:
+                        return True
+        except OSError:
+            pass
+    return False
 
 for step in script["steps"]:
     if "send" in step:
@@ -86,8 +100,17 @@ for step in script["steps"]:
         os.kill(pid, getattr(signal, "SIG" + step["kill"]))
     elif "children" in step:
         note_children()
+    elif "wchan" in step:
+        end = time.time() + step.get("timeout", 10)
+        while not sleeping_in(step["wchan"]):
+            if pump(min(end, time.time() + 0.02)) is False and time.time() >= end:
+                fail("no child came to sleep in %r" % step["wchan"])
     elif "run" in step:
-        subprocess.run(step["run"], check=True, stdout=subprocess.DEVNULL)
+        try:
+            subprocess.run(step["run"], check=True, stdout=subprocess.DEVNULL,
+                           timeout=step.get("timeout", 30))
+        except (subprocess.SubprocessError, OSError) as e:
+            fail("%r failed: %s" % (step["run"], e))
     elif "expect" in step:
         want = step["expect"].encode()
         end = time.time() + step.get("timeout", 10)

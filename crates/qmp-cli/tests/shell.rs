@@ -253,10 +253,10 @@ fn ctrl_c_cancels_the_running_line_and_sigterm_cleans_up_a_spawned_qemu() {
     let steps = json!([
         {"expect": "(qmp) "},
         {"children": true},
-        // QEMU blocks in dump-guest-memory until someone reads the FIFO, so the line runs
-        // until Ctrl-C, which reaches `qmp` alone (QEMU has its own process group).
+        // QEMU blocks opening the FIFO for dump-guest-memory until someone reads it, so the
+        // line runs until Ctrl-C, which reaches `qmp` alone (QEMU has its own process group).
         {"send": format!("dump-guest-memory paging=false protocol=file:{fifo_s}\r")},
-        {"sleep": 0.5},
+        {"wchan": "wait_for_partner"},
         {"send": "\x03"},
         {"expect": "(interrupted)\r\n"},
         {"expect": "(qmp) "},
@@ -265,6 +265,12 @@ fn ctrl_c_cancels_the_running_line_and_sigterm_cleans_up_a_spawned_qemu() {
         {"run": ["cat", fifo_s]},
         {"send": "query-status\r"},
         {"expect": "# VM is paused (prelaunch)\r\n"},
+        {"expect": "(qmp) "},
+        // A SIGINT at the prompt (a late Ctrl-C, or from outside) leaves the shell alone.
+        {"kill": "INT"},
+        {"sleep": 0.2},
+        {"send": "query-name\r"},
+        {"expect": "{}\r\n"},
         {"expect": "(qmp) "},
         {"kill": "TERM"},
         {"expect": "qmp: stopped by signal 15\r\n"},

@@ -62,7 +62,7 @@ pub struct Launch {
     kind: Kind,
     pretty: bool,
     tcp: bool,
-    own_process_group: bool,
+    tied_to_caller: bool,
     ready_timeout: Duration,
     args: Vec<OsString>,
 }
@@ -89,7 +89,7 @@ impl Launch {
             kind,
             pretty: false,
             tcp: false,
-            own_process_group: false,
+            tied_to_caller: false,
             ready_timeout: READY_TIMEOUT,
             args: Vec::new(),
         }
@@ -108,12 +108,15 @@ impl Launch {
         self
     }
 
-    /// Starts the program in a process group of its own, so that a Ctrl-C at the terminal
-    /// (SIGINT to the foreground process group) reaches only the caller, which decides what to
-    /// stop. The form for tools that outlive an interrupted command; tests leave it off, so a
-    /// Ctrl-C on the test run stops their QEMU programs too.
-    pub fn own_process_group(mut self) -> Self {
-        self.own_process_group = true;
+    /// Ties the program to the caller, the form for tools: it runs in a process group of its
+    /// own, so a Ctrl-C at the terminal (SIGINT to the foreground process group) reaches only
+    /// the caller, which decides what to stop; and the kernel kills it (`PR_SET_PDEATHSIG`)
+    /// when the thread that started it ends, so it never outlives a caller that was killed
+    /// outright. Start it from a thread that lives as long as the caller, such as the main
+    /// thread. Tests leave this off: their QEMU programs share the test run's process group,
+    /// and may outlive the thread that started them.
+    pub fn tied_to_caller(mut self) -> Self {
+        self.tied_to_caller = true;
         self
     }
 
@@ -247,8 +250,8 @@ impl Launch {
             }
         }
         cmd.args(&self.args);
-        if self.own_process_group {
-            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        if self.tied_to_caller {
+            tie_to_caller(&mut cmd);
         }
         let stderr_path = dir.path().join("stderr.log");
         let stderr = File::create(&stderr_path)
@@ -278,6 +281,26 @@ impl Launch {
         qemu.wait_ready(&wait, self.kind)?;
         Ok(qemu)
     }
+}
+
+/// See [`Launch::tied_to_caller`].
+fn tie_to_caller(cmd: &mut Command) {
+    use rustix::process::{Signal, getpid, getppid, set_parent_process_death_signal};
+    use std::os::unix::process::CommandExt;
+    let caller = getpid();
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: it makes two system calls (prctl, getppid) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            set_parent_process_death_signal(Some(Signal::KILL))?;
+            // The caller may have died before the death signal was armed.
+            if getppid() != Some(caller) {
+                return Err(rustix::io::Errno::SRCH.into());
+            }
+            Ok(())
+        });
+    }
+    cmd.process_group(0);
 }
 
 /// Runs `spawn` up to three times while it fails because its TCP port was taken: the port
