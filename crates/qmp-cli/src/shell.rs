@@ -513,8 +513,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-
-
 /// What a signal does to a running shell. At a terminal, a SIGINT (Ctrl-C) stops waiting for
 /// the line running, if any, and never ends the shell: at the prompt the line editor reads
 /// Ctrl-C itself, so a SIGINT there is a late one for a line that just ended. With piped input
