@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, Shutdown, recvmsg, sendmsg, shutdown,
 };
 use serde::{Deserialize, Serialize};
@@ -293,6 +293,11 @@ fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)>
             fds.extend(rights);
         }
     }
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
+        return Err(io::Error::other(
+            "more file descriptors in one message than the 16 this recorder takes",
+        ));
+    }
     Ok((msg.bytes, fds))
 }
 
@@ -436,8 +441,10 @@ fn proxy(client: &UnixStream, server: &UnixStream, stop: &UnixStream, log: &Mute
 /// Serves a transcript to one client over a socketpair and checks what the client sends.
 ///
 /// Server chunks are written in order; before each one, every client chunk recorded before it
-/// must have been received (byte for byte; chunk boundaries may differ). After the last chunk
-/// the replay closes the connection.
+/// must have been received (byte for byte, with as many file descriptors; chunk boundaries may
+/// differ). After the last chunk the replay shuts down its side for writing and reads until
+/// the client closes: any further byte is an error. Close the client's stream before
+/// [`Replay::finish`], which otherwise waits for the read timeout.
 #[derive(Debug)]
 pub struct Replay {
     thread: Option<JoinHandle<Result<(), TranscriptError>>>,
@@ -525,9 +532,30 @@ fn replay(t: &Transcript, mut stream: UnixStream) -> Result<(), TranscriptError>
             }
         }
     }
+    // Past the transcript's end: the client must send nothing more before it closes.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    loop {
+        match recv(stream.as_fd(), &mut buf) {
+            Ok((0, _)) => break,
+            Ok((n, fds)) => {
+                pending.extend_from_slice(&buf[..n]);
+                fds_got += fds.len();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A client that stays connected without sending more is fine; so is a reset.
+            Err(_) => break,
+        }
+    }
     if !pending.is_empty() {
         return Err(TranscriptError::Extra {
             extra: String::from_utf8_lossy(&pending).into_owned(),
+        });
+    }
+    if fds_got != fds_expected {
+        return Err(TranscriptError::Fds {
+            chunk: t.chunks.len(),
+            expected: fds_expected,
+            got: fds_got,
         });
     }
     Ok(())
@@ -626,6 +654,7 @@ mod tests {
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).unwrap();
         assert_eq!(rest, b"bye\n");
+        drop(s);
         replay.finish().unwrap();
 
         let (replay, mut s) = Replay::start(t, Duration::from_secs(10)).unwrap();
@@ -688,9 +717,23 @@ mod tests {
         let (replay, mut s) =
             Replay::start(one_exchange(b"ab", 0), Duration::from_secs(10)).unwrap();
         s.write_all(b"abc").unwrap();
+        drop(s);
         assert_eq!(
             replay.finish().unwrap_err().to_string(),
             "the client sent more than the transcript: \"c\""
+        );
+        // Sent after the last reply came: still read, and still an error.
+        let (replay, mut s) =
+            Replay::start(one_exchange(b"ab", 0), Duration::from_secs(10)).unwrap();
+        s.write_all(b"ab").unwrap();
+        let mut reply = [0u8; 3];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"ok\n");
+        s.write_all(b"more").unwrap();
+        drop(s);
+        assert_eq!(
+            replay.finish().unwrap_err().to_string(),
+            "the client sent more than the transcript: \"more\""
         );
     }
 }
