@@ -481,8 +481,7 @@ async fn run_attempts<E: Execute>(
             Ok(value) => return Ok(value),
             Err(e) => e,
         };
-        if maybe_quit(name, &error)
-            || !is_retry_safe(&error, rule.idempotent, &rule.retry_classes)
+        if maybe_quit(name, &error) || !is_retry_safe(&error, rule.idempotent, &rule.retry_classes)
         {
             return Err(OpsError::Exec {
                 command: name.to_owned(),
