@@ -19,6 +19,8 @@
 # this machine kind is, an idle vCPU halts at once and waking it goes through the
 # hypervisor; that alone moves one-at-a-time results by 5-30% (see README). The setting in
 # force is printed with each mode's header.
+# Any failed run (qmp-load exits non-zero or prints no figures) stops the script with a
+# non-zero exit; compare also fails when a client has no figure for a round.
 set -eu
 what=${1:-fake}
 n=${2:-50000}
@@ -26,15 +28,36 @@ repeat=${3:-5}
 load=${QMP_LOAD:-${CARGO_TARGET_DIR:-target}/release/qmp-load}
 halt_poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
 halt_poll_ns() { cat "$halt_poll" 2>/dev/null || echo none; }
-cleanup=:
-trap 'eval "$cleanup"' EXIT
-# On Ctrl-C or kill, exit so that the EXIT trap still cleans up (dash runs it only on exit).
-trap 'exit 130' INT TERM
+# What the EXIT trap undoes (empty: nothing).
+daemon_pid=
+daemon_dir=
+runs_file=
+old_halt_poll=
+cleanup() {
+    # Every step, whatever failed before (a daemon that already exited, say).
+    set +e
+    [ -z "$daemon_pid" ] || kill "$daemon_pid" 2>/dev/null || true
+    [ -z "$daemon_dir" ] || rm -rf "$daemon_dir"
+    [ -z "$runs_file" ] || rm -f "$runs_file"
+    # Last, and unconditionally: the machine's idle policy.
+    if [ -n "$old_halt_poll" ]; then
+        echo "$old_halt_poll" >"$halt_poll" ||
+            echo "bench.sh: could not put $old_halt_poll back into $halt_poll" >&2
+    fi
+}
+trap cleanup EXIT
+# On Ctrl-C, kill, hang-up or a closed output, exit so that the EXIT trap still cleans up
+# (dash runs it only on exit).
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 141' PIPE
+trap 'exit 143' TERM
 if [ -n "${HALT_POLL_NS:-}" ]; then
     old=$(halt_poll_ns)
     [ "$old" != none ] || { echo "bench.sh: no $halt_poll here" >&2; exit 1; }
+    # Set before the write: restoring the old value is harmless if the write fails.
+    old_halt_poll=$old
     echo "$HALT_POLL_NS" >"$halt_poll" || { echo "bench.sh: cannot write $halt_poll" >&2; exit 1; }
-    cleanup="echo $old >$halt_poll; $cleanup"
 fi
 clients="raw tokio1 tokio2 smol smol-join smol-spawn async-std async-std-join async-std-spawn"
 compared=${COMPARED:-raw raw-poll raw-reuse tokio1 tokio2 smol smol-spawn async-std async-std-spawn}
@@ -53,21 +76,26 @@ one() { # client, then qmp-load arguments
         *-spawn) set -- --runtime "${c%-spawn}" --driver spawn "$@" ;;
         *) set -- --runtime "$c" "$@" ;;
     esac
-    out=$(${PIN:-} "$load" --n "$n" --repeat "$repeat" "$@")
+    # Explicit checks: set -e does not apply where `one` is a condition (`x=$(one ..) || ..`).
+    out=$(${PIN:-} "$load" --n "$n" --repeat "$repeat" "$@") ||
+        { echo "bench.sh: qmp-load failed: $c $*" >&2; return 1; }
     sw=$(echo "$out" | sed -n 's/^switches_per_op=//p')
     cpu=$(echo "$out" | sed -n 's/^cpu_us_per_op=//p')
     ops=$(echo "$out" | sed -n 's/^ops_per_sec=//p')
+    [ -n "$ops" ] && [ -n "$cpu" ] ||
+        { echo "bench.sh: no figures from qmp-load: $c $*" >&2; return 1; }
     echo "client=$c $* load=$(cut -d' ' -f1 /proc/loadavg) guest_halt_poll_ns=$(halt_poll_ns) switches_per_op=$sw cpu_us_per_op=$cpu ops_per_sec=$ops"
 }
 
 start_daemon() {
     dir=$(mktemp -d)
+    daemon_dir=$dir
     # wait=on: QEMU takes the first connection before it sets the monitor up, which avoids
     # its start-up race (see the qmp-testkit launch docs).
     qemu-storage-daemon --chardev "socket,id=m,path=$dir/qmp.sock,server=on,wait=on" \
         --monitor chardev=m &
     pid=$!
-    cleanup="kill $pid; rm -rf '$dir'; $cleanup"
+    daemon_pid=$pid
     # The socket file appears at bind(), a moment before QEMU listens: wait until one short
     # raw session gets through (up to 10 s; give up at once if the daemon has gone).
     [ -x "$load" ] || { echo "bench.sh: no $load (cargo build --release -p qmp-bench)" >&2; exit 1; }
@@ -82,7 +110,8 @@ start_daemon() {
 
 # Reads the lines of `one` for rounds of all $compared clients and prints, per client, the
 # median ops/s, the median (min..max) of its ratios to the same round's raw run, and the
-# median of its ratios to the same round's raw-poll run.
+# median of its ratios to the same round's raw-poll run. Fails (printing no ratios) when a
+# client, raw and raw-poll included, has no ops/s or CPU figure, or a zero one, for a round.
 ratios() {
     awk -v rounds="$1" -v clients="$compared" '
     function med(s, k,   a, m, i, j, t) {
@@ -97,6 +126,19 @@ ratios() {
         ops[c, r] = f["ops_per_sec"]; cpu[c, r] = f["cpu_us_per_op"]
     }
     END {
+        m = split(clients " raw raw-poll", need, " ")
+        bad = 0
+        for (k = 1; k <= m; k++) {
+            c = need[k]
+            if (c in checked) continue
+            checked[c] = 1
+            for (r = 1; r <= rounds; r++)
+                if (!((c, r) in ops) || ops[c, r] + 0 <= 0 || cpu[c, r] + 0 <= 0) {
+                    printf "bench.sh: no figures for client %s in round %d\n", c, r | "cat 1>&2"
+                    bad = 1
+                }
+        }
+        if (bad) exit 1
         nc = split(clients, order, " ")
         for (k = 1; k <= nc; k++) {
             c = order[k]; o = ""; ro = ""; rp = ""; rc = ""
@@ -112,6 +154,8 @@ ratios() {
     }'
 }
 
+# Prints one line of `one` per client and round, after round=R, to standard output and
+# standard error; fails at the first failed run.
 compare() { # rounds, then qmp-load arguments
     rounds=$1; shift
     k=$(echo $compared | wc -w)
@@ -121,7 +165,10 @@ compare() { # rounds, then qmp-load arguments
         list="$compared $compared"
         start=$((r % k))
         for c in $(echo $list | cut -d' ' -f$((start + 1))-$((start + k))); do
-            one "$c" "$@" | sed "s/^/round=$r /"
+            run=$(one "$c" "$@") || { echo "bench.sh: round $r failed" >&2; return 1; }
+            # Each run also to standard error, to follow the rounds.
+            printf 'round=%s %s\n' "$r" "$run" >&2
+            printf 'round=%s %s\n' "$r" "$run"
         done
         r=$((r + 1))
     done
@@ -154,11 +201,13 @@ compare)
     esac
     for m in $modes; do
         echo "mode=$m n=$n where=$where load_before=$(cut -d' ' -f1 /proc/loadavg) guest_halt_poll_ns=$(halt_poll_ns)"
-        # Each run also to standard error (not `tee /dev/stderr`: reopening a redirected file
-        # truncates it).
-        compare "$rounds" $target --mode "$m" --concurrency 8 |
-            while IFS= read -r run; do printf '%s\n' "$run" >&2; printf '%s\n' "$run"; done |
-            ratios "$rounds"
+        # Into a file first, not a pipeline: a failed run must stop the script (in a pipeline
+        # only the last command's status counts).
+        [ -n "$runs_file" ] || runs_file=$(mktemp)
+        compare "$rounds" $target --mode "$m" --concurrency 8 >"$runs_file" ||
+            { echo "bench.sh: compare $where --mode $m failed" >&2; exit 1; }
+        ratios "$rounds" <"$runs_file" ||
+            { echo "bench.sh: compare $where --mode $m: figures missing" >&2; exit 1; }
     done ;;
 *) echo "usage: bench.sh fake|daemon|compare ..." >&2; exit 2 ;;
 esac

@@ -35,7 +35,8 @@
 //! | pretty output / QGA framing | [`Script::pretty`] / [`Script::qga`] |
 //!
 //! Everything received is recorded: raw bytes per connection and each request as classified
-//! (see [`FakeQemu::requests`] and [`FakeQemu::wait_requests`]).
+//! (see [`FakeQemu::requests`] and [`FakeQemu::wait_requests`]), unless
+//! [`Script::record`]`(false)` turns that off for load tests.
 //!
 //! # Example
 //! ```
@@ -244,7 +245,8 @@ struct Rule {
 
 /// What the fake says and how it answers. Build it, then start a [`FakeQemu`] with it.
 ///
-/// Defaults: QMP, version 10.0.2, offers `oob`, compact output, queue limit 8.
+/// Defaults: QMP, version 10.0.2, offers `oob`, compact output, queue limit 8, records
+/// everything received.
 #[must_use]
 pub struct Script {
     greeting: Greeting,
@@ -257,6 +259,7 @@ pub struct Script {
     max_depth: usize,
     greet: bool,
     oob_commands: Vec<String>,
+    record: bool,
 }
 
 impl fmt::Debug for Script {
@@ -293,6 +296,7 @@ impl Script {
             oob_commands: ["migrate-pause", "migrate-recover", "yank", "query-yank"]
                 .map(str::to_owned)
                 .to_vec(),
+            record: true,
         }
     }
 
@@ -334,6 +338,18 @@ impl Script {
     /// Stops reading after this many queued in-band commands when `oob` is enabled (QEMU: 8).
     pub fn queue_limit(mut self, n: usize) -> Self {
         self.queue_limit = n.max(1);
+        self
+    }
+
+    /// Whether to record what the fake receives (default `true`): each connection's raw bytes
+    /// ([`FakeQemu::received_bytes`]) and every request ([`FakeQemu::requests`],
+    /// [`FakeQemu::wait_requests`]). The log grows with every command and is kept under a
+    /// lock the test thread shares, so a load test serving many commands turns it off: then
+    /// those stay empty (`wait_requests` returns after its timeout) and the fake's memory
+    /// stays flat. Connections are still counted ([`FakeQemu::connections`],
+    /// [`FakeQemu::wait_closed`]).
+    pub fn record(mut self, on: bool) -> Self {
+        self.record = on;
         self
     }
 
@@ -719,12 +735,13 @@ impl FakeQemu {
         self.send(Control::Disconnect);
     }
 
-    /// Every request read so far, in order.
+    /// Every request read so far, in order (none with [`Script::record`]`(false)`).
     pub fn requests(&self) -> Vec<Request> {
         lock(&self.shared).requests.clone()
     }
 
     /// Waits until at least `n` requests were read (or `timeout` passes) and returns them all.
+    /// With [`Script::record`]`(false)` nothing is recorded: it waits for `timeout`.
     pub fn wait_requests(&self, n: usize, timeout: Duration) -> Vec<Request> {
         self.wait_until(timeout, |log| log.requests.len() >= n)
             .requests
@@ -745,7 +762,8 @@ impl FakeQemu {
             .0
     }
 
-    /// The raw bytes received on each connection so far (index = connection).
+    /// The raw bytes received on each connection so far (index = connection; empty with
+    /// [`Script::record`]`(false)`).
     pub fn received_bytes(&self) -> Vec<Vec<u8>> {
         lock(&self.shared).connections.clone()
     }
@@ -955,7 +973,9 @@ impl Worker {
                     Ok((0, _)) => eof = true,
                     Ok((n, fds)) => {
                         session.fds += fds;
-                        lock(&self.shared).connections[index].extend_from_slice(&buf[..n]);
+                        if self.script.record {
+                            lock(&self.shared).connections[index].extend_from_slice(&buf[..n]);
+                        }
                         server.handle_input(&buf[..n]);
                         while let Some(r) = server.poll_received() {
                             session.pending.push_back(r);
@@ -1008,28 +1028,28 @@ impl Worker {
                 }
                 other => other,
             };
-            let (record, job) = match received {
+            let recording = self.script.record;
+            let (record, job, oob) = match received {
                 Received::Command(req) => {
                     let response = self.script.respond(&req);
-                    (
-                        Request {
-                            connection: index,
-                            name: Some(req.name.clone()),
-                            arguments: req.arguments.clone(),
-                            id: req.id.clone(),
-                            oob: req.oob,
-                            rejected: None,
-                            fds,
-                        },
-                        Job {
-                            id: req.id,
-                            actions: response.actions.into(),
-                            until: None,
-                        },
-                    )
+                    let record = recording.then(|| Request {
+                        connection: index,
+                        name: Some(req.name.clone()),
+                        arguments: req.arguments.clone(),
+                        id: req.id.clone(),
+                        oob: req.oob,
+                        rejected: None,
+                        fds,
+                    });
+                    let job = Job {
+                        id: req.id,
+                        actions: response.actions.into(),
+                        until: None,
+                    };
+                    (record, job, req.oob)
                 }
-                Received::Rejected { id, error, name } => (
-                    Request {
+                Received::Rejected { id, error, name } => {
+                    let record = recording.then(|| Request {
                         connection: index,
                         name,
                         arguments: None,
@@ -1037,17 +1057,17 @@ impl Worker {
                         oob: false,
                         rejected: Some(error.clone()),
                         fds,
-                    },
-                    Job {
+                    });
+                    let job = Job {
                         id,
                         actions: VecDeque::from([Action::Error(error)]),
                         until: None,
-                    },
-                ),
+                    };
+                    (record, job, false)
+                }
                 _ => continue,
             };
-            let oob = record.oob;
-            {
+            if let Some(record) = record {
                 let mut log = lock(&self.shared);
                 log.requests.push(record);
                 self.shared.1.notify_all();
@@ -1156,5 +1176,45 @@ fn now_stamp() -> Timestamp {
     Timestamp {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         microseconds: i64::from(d.subsec_micros()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    /// One session: the negotiation and a command, each reply read.
+    fn session(fake: &FakeQemu) {
+        let stream = UnixStream::connect(fake.socket_path().unwrap()).unwrap();
+        let mut lines = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        lines.read_line(&mut line).unwrap();
+        (&stream)
+            .write_all(br#"{"execute":"qmp_capabilities"}{"execute":"query-version","id":1}"#)
+            .unwrap();
+        for _ in 0..2 {
+            line.clear();
+            lines.read_line(&mut line).unwrap();
+            assert!(line.starts_with("{\"return\""), "{line}");
+        }
+    }
+
+    #[test]
+    fn record_false_keeps_no_log_but_counts_connections() {
+        let fake = FakeQemu::unix(Script::new().record(false)).unwrap();
+        session(&fake);
+        session(&fake);
+        assert_eq!(fake.wait_closed(1, Duration::from_secs(5)), 1);
+        assert!(fake.requests().is_empty());
+        assert!(fake.wait_requests(1, Duration::from_millis(10)).is_empty());
+        assert_eq!(fake.received_bytes(), vec![Vec::<u8>::new(); 2]);
+        assert_eq!(fake.connections(), 2);
+
+        let fake = FakeQemu::unix(Script::new()).unwrap();
+        session(&fake);
+        let requests = fake.wait_requests(2, Duration::from_secs(5));
+        assert_eq!(requests[1].id.as_deref(), Some("1"));
+        assert!(fake.received_bytes()[0].ends_with(br#""id":1}"#));
     }
 }

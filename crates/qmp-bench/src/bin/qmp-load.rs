@@ -2,11 +2,12 @@
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::Duration;
 
-use qmp_bench::{RawIds, RawWait, Sample, fake_server, median, raw, workload};
+use qmp_bench::{COMMAND, RawIds, RawWait, Sample, fake_server, median, raw, workload};
 
 /// Where the commands go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +29,7 @@ struct Args {
     max_in_flight: Option<usize>,
     raw: bool,
     /// Every command's timeout (`--command-timeout SECS`; none by default).
-    command_timeout: Option<std::time::Duration>,
+    command_timeout: Option<Duration>,
     /// How the raw baseline waits for replies.
     raw_wait: RawWait,
     /// Which ids the raw baseline writes.
@@ -48,13 +49,52 @@ struct Args {
     driver: String,
 }
 
+impl Args {
+    /// `--max-in-flight`, or its default: `min(C, 8)` on a socket (the library's default of
+    /// 8), `C` against the fake.
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight.unwrap_or(match self.server {
+            Server::Socket => self.concurrency.min(8),
+            _ => self.concurrency,
+        })
+    }
+
+    /// Requests on the wire at most, for every client: 1 in `seq`, else `min(C, M)`.
+    fn in_flight(&self) -> usize {
+        match self.mode.as_str() {
+            "conc" => self.concurrency.min(self.max_in_flight()),
+            _ => 1,
+        }
+    }
+}
+
 const USAGE: &str = "usage: qmp-load (--socket PATH | --fake | --fake-in-process) \
                      [--runtime tokio|smol|async-std] [--raw] [--mode seq|conc] [--n N] \
                      [--concurrency C] [--max-in-flight M] [--threads T] [--repeat R] \
-                     [--driver local|join|spawn] [--raw-wait block|poll|tick:US] [--raw-ids seq|reuse|none] [--command-timeout SECS]\n       \
+                     [--driver local|join|spawn] [--raw-wait block|poll|tick:US] [--raw-ids seq|reuse|none] [--command-timeout SECS] [--queue-limit Q]\n       \
                      qmp-load --serve-fake [--queue-limit Q]";
 
+/// Most tokio worker threads.
+const MAX_THREADS: usize = 1024;
+
+/// Most requests on the wire (`--max-in-flight`): the library's default local queue.
+fn max_queued() -> usize {
+    qmp_client::Config::default().max_queued
+}
+
+/// How long the raw baseline waits for data (or for the server to read): the library's
+/// handshake timeout.
+fn raw_timeout() -> Duration {
+    qmp_client::Config::default()
+        .handshake_timeout
+        .unwrap_or(Duration::from_secs(10))
+}
+
 fn parse() -> Result<Args, String> {
+    parse_from(std::env::args().skip(1))
+}
+
+fn parse_from(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     let mut a = Args {
         socket: PathBuf::new(),
         runtime: "tokio".into(),
@@ -73,30 +113,44 @@ fn parse() -> Result<Args, String> {
         queue_limit: 64,
         driver: "local".into(),
     };
-    let mut it = std::env::args().skip(1);
+    // The flags given, to refuse those that would be ignored.
+    let mut seen: Vec<String> = Vec::new();
+    let mut it = args.into_iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        let num = |v: String| v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
+        let num = |v: String| {
+            v.parse::<usize>()
+                .map_err(|e| format!("{flag}: {v:?}: {e}"))
+        };
+        // A count of at least 1 (and at most `max`).
+        let count = |v: String, max: usize| match num(v)? {
+            0 => Err(format!("{flag}: at least 1")),
+            k if k > max => Err(format!("{flag}: at most {max}")),
+            k => Ok(k),
+        };
         match flag.as_str() {
             "--socket" => a.socket = value()?.into(),
-            "--runtime" => a.runtime = value()?,
+            "--runtime" => {
+                a.runtime = value()?;
+                if !matches!(a.runtime.as_str(), "tokio" | "smol" | "async-std") {
+                    return Err(format!(
+                        "--runtime: {:?} is not tokio, smol or async-std",
+                        a.runtime
+                    ));
+                }
+            }
             "--mode" => {
                 a.mode = value()?;
                 if !matches!(a.mode.as_str(), "seq" | "conc") {
                     return Err(format!("--mode: {:?} is not seq or conc", a.mode));
                 }
             }
-            "--n" => {
-                a.n = num(value()?)?;
-                if a.n == 0 {
-                    return Err("--n: at least 1 command".into());
-                }
-            }
-            "--concurrency" => a.concurrency = num(value()?)?.max(1),
-            "--max-in-flight" => a.max_in_flight = Some(num(value()?)?),
-            "--threads" => a.threads = num(value()?)?,
-            "--repeat" => a.repeat = num(value()?)?.max(1),
-            "--queue-limit" => a.queue_limit = num(value()?)?,
+            "--n" => a.n = count(value()?, usize::MAX)?,
+            "--concurrency" => a.concurrency = count(value()?, usize::MAX)?,
+            "--max-in-flight" => a.max_in_flight = Some(count(value()?, max_queued())?),
+            "--threads" => a.threads = count(value()?, MAX_THREADS)?,
+            "--repeat" => a.repeat = count(value()?, usize::MAX)?,
+            "--queue-limit" => a.queue_limit = count(value()?, usize::MAX)?,
             "--driver" => {
                 a.driver = value()?;
                 if !matches!(a.driver.as_str(), "local" | "join" | "spawn") {
@@ -108,8 +162,14 @@ fn parse() -> Result<Args, String> {
             }
             "--raw" => a.raw = true,
             "--command-timeout" => {
-                let secs = num(value()?)?;
-                a.command_timeout = Some(std::time::Duration::from_secs(secs as u64));
+                let v = value()?;
+                let secs = v
+                    .parse::<u64>()
+                    .map_err(|e| format!("{flag}: {v:?}: {e}"))?;
+                if secs == 0 {
+                    return Err("--command-timeout: at least 1 second".into());
+                }
+                a.command_timeout = Some(Duration::from_secs(secs));
             }
             "--raw-wait" => {
                 a.raw_wait = match value()?.as_str() {
@@ -140,9 +200,53 @@ fn parse() -> Result<Args, String> {
             "--serve-fake" => a.serve_fake = true,
             _ => return Err(format!("unknown argument {flag}")),
         }
+        seen.push(flag);
     }
-    if a.socket.as_os_str().is_empty() && a.server == Server::Socket && !a.serve_fake {
-        return Err("--socket, --fake or --fake-in-process is required".into());
+    let given = |f: &str| seen.iter().any(|s| s == f);
+    if a.serve_fake {
+        return Ok(a);
+    }
+    let servers = ["--socket", "--fake", "--fake-in-process"];
+    match servers.iter().filter(|f| given(f)).count() {
+        0 => return Err("--socket, --fake or --fake-in-process is required".into()),
+        1 => {}
+        _ => return Err("--socket, --fake and --fake-in-process exclude each other".into()),
+    }
+    // Flags that would be ignored.
+    let only = |flag: &str, applies: bool, to: &str| {
+        if given(flag) && !applies {
+            Err(format!("{flag} applies to {to} only"))
+        } else {
+            Ok(())
+        }
+    };
+    let library = "the library clients (not --raw)";
+    only("--runtime", !a.raw, library)?;
+    only("--command-timeout", !a.raw, library)?;
+    only(
+        "--threads",
+        !a.raw && a.runtime == "tokio",
+        "--runtime tokio",
+    )?;
+    only(
+        "--driver",
+        !a.raw && a.runtime != "tokio",
+        "--runtime smol and async-std",
+    )?;
+    only("--raw-wait", a.raw, "--raw")?;
+    only("--raw-ids", a.raw, "--raw")?;
+    only(
+        "--queue-limit",
+        a.server != Server::Socket,
+        "--fake and --fake-in-process",
+    )?;
+    // The library queues at most max_queued callers beyond those in flight.
+    let most = a.max_in_flight().saturating_add(max_queued());
+    if a.concurrency > most {
+        return Err(format!(
+            "--concurrency: at most {most} (--max-in-flight plus the client's queue of {})",
+            max_queued()
+        ));
     }
     Ok(a)
 }
@@ -150,12 +254,12 @@ fn parse() -> Result<Args, String> {
 /// `--serve-fake`: prints `socket=PATH` and serves until stdin reaches EOF.
 fn serve_fake(queue_limit: usize) -> Result<(), String> {
     let fake = fake_server(queue_limit).map_err(|e| format!("cannot start the fake: {e}"))?;
-    let path = fake.socket_path().expect("a unix fake has a path");
+    let path = fake.socket_path().ok_or("the fake has no socket path")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "socket={}", path.display()).map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
+    // Until EOF (or an error), without keeping what comes.
+    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
     Ok(())
 }
 
@@ -169,22 +273,29 @@ fn spawn_fake(queue_limit: usize) -> Result<(Child, PathBuf), String> {
         .spawn()
         .map_err(|e| format!("cannot start the fake process: {e}"))?;
     let mut line = String::new();
-    let stdout = child.stdout.take().expect("piped");
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    match line.trim_end().strip_prefix("socket=") {
-        Some(p) => Ok((child, p.into())),
-        None => Err(format!("the fake process said {line:?}")),
+    let read = match child.stdout.take() {
+        Some(stdout) => BufReader::new(stdout)
+            .take(4096)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string()),
+        None => Err("no pipe from the fake process".into()),
+    };
+    match read.map(|_| line.trim_end().strip_prefix("socket=")) {
+        Ok(Some(p)) => Ok((child, p.into())),
+        // Dropping its stdin ends it.
+        Ok(None) => Err(format!("the fake process said {line:?}")),
+        Err(e) => Err(format!("the fake process: {e}")),
     }
+}
+
+/// A failed command, as the tool reports it.
+fn failed(e: qmp_client::Error) -> String {
+    format!("{COMMAND} failed: {e}")
 }
 
 /// Runs the measured repeats with the chosen client.
 fn run(a: &Args) -> Result<Vec<Sample>, String> {
-    let max_in_flight = a.max_in_flight.unwrap_or(match a.server {
-        Server::Socket => a.concurrency.min(8),
-        _ => a.concurrency,
-    });
+    let max_in_flight = a.max_in_flight();
     let builder = || {
         let b = qmp_client::Builder::new().max_in_flight(max_in_flight);
         match a.command_timeout {
@@ -193,18 +304,20 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
         }
     };
     let (mode, n, conc, path) = (a.mode.as_str(), a.n, a.concurrency, &a.socket);
-    let mut samples = Vec::with_capacity(a.repeat);
+    let connect_failed =
+        |e: qmp_client::Error| format!("cannot connect to {}: {e}", path.display());
+    let mut samples = Vec::with_capacity(a.repeat.min(1024));
     if a.raw {
-        let conc = if mode == "seq" { 1 } else { conc };
         for _ in 0..a.repeat {
-            samples.push(raw(path, n, conc, a.raw_wait, a.raw_ids).map_err(|e| e.to_string())?);
+            let s = raw(path, n, a.in_flight(), a.raw_wait, a.raw_ids, raw_timeout());
+            samples.push(s.map_err(|e| e.to_string())?);
         }
         return Ok(samples);
     }
     match a.runtime.as_str() {
         "tokio" => {
             let rt = match a.threads {
-                0 | 1 => tokio::runtime::Builder::new_current_thread(),
+                1 => tokio::runtime::Builder::new_current_thread(),
                 t => {
                     let mut b = tokio::runtime::Builder::new_multi_thread();
                     b.worker_threads(t);
@@ -213,49 +326,56 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
             }
             .enable_all()
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
             rt.block_on(async {
                 for _ in 0..a.repeat {
-                    let (c, conn) = qmp_tokio::connect_unix(path, builder()).await?;
+                    let (c, conn) = qmp_tokio::connect_unix(path, builder())
+                        .await
+                        .map_err(connect_failed)?;
                     qmp_tokio::spawn_connection(conn);
                     // The workload runs as a task too, as in a real service.
                     let mode = mode.to_owned();
                     let s = tokio::spawn(async move { workload(c, &mode, n, conc).await });
-                    samples.push(s.await.expect("the workload panicked"));
+                    let s = s.await.map_err(|e| format!("the workload failed: {e}"))?;
+                    samples.push(s.map_err(failed)?);
                 }
-                Ok::<_, qmp_client::Error>(())
+                Ok(())
             })
         }
         // As the adapter's example does: the driver and the workload are tasks of async-std's
         // thread pool (`spawn_connection`, `task::spawn`).
         "async-std" if a.driver == "spawn" => async_std::task::block_on(async {
             for _ in 0..a.repeat {
-                let (c, conn) = qmp_async_std::connect_unix(path, builder()).await?;
+                let (c, conn) = qmp_async_std::connect_unix(path, builder())
+                    .await
+                    .map_err(connect_failed)?;
                 let driver = qmp_async_std::spawn_connection(conn);
                 let mode = mode.to_owned();
-                samples.push(
-                    async_std::task::spawn(async move { workload(c, &mode, n, conc).await }).await,
-                );
-                driver.await?;
+                let s = async_std::task::spawn(async move { workload(c, &mode, n, conc).await });
+                samples.push(s.await.map_err(failed)?);
+                driver.await.map_err(|e| e.to_string())?;
             }
             Ok(())
         }),
         // The same for smol's global executor.
         "smol" if a.driver == "spawn" => smol::block_on(async {
             for _ in 0..a.repeat {
-                let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
+                let (c, conn) = qmp_smol::connect_unix(path, builder())
+                    .await
+                    .map_err(connect_failed)?;
                 let driver = qmp_smol::spawn_connection(conn);
                 let mode = mode.to_owned();
-                samples.push(smol::spawn(async move { workload(c, &mode, n, conc).await }).await);
-                driver.await?;
+                let s = smol::spawn(async move { workload(c, &mode, n, conc).await });
+                samples.push(s.await.map_err(failed)?);
+                driver.await.map_err(|e| e.to_string())?;
             }
             Ok(())
         }),
         // Both run on async-io, and qmp-async-std's sockets are qmp-smol's: with the driver
         // on this thread only `block_on` differs.
-        "smol" | "async-std" => {
-            type Run<'a> = Pin<Box<dyn Future<Output = Result<(), qmp_client::Error>> + 'a>>;
-            let block_on: fn(Run<'_>) -> Result<(), qmp_client::Error> = match a.runtime.as_str() {
+        _ => {
+            type Run<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + 'a>>;
+            let block_on: fn(Run<'_>) -> Result<(), String> = match a.runtime.as_str() {
                 "smol" => |f| smol::block_on(f),
                 _ => |f| async_std::task::block_on(f),
             };
@@ -264,11 +384,13 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
                 // The driver runs in the same task as the workload.
                 Box::pin(async {
                     for _ in 0..a.repeat {
-                        let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
+                        let (c, conn) = qmp_smol::connect_unix(path, builder())
+                            .await
+                            .map_err(connect_failed)?;
                         let (driven, s) =
                             futures_util::future::join(conn, workload(c, mode, n, conc)).await;
-                        driven?;
-                        samples.push(s);
+                        samples.push(s.map_err(failed)?);
+                        driven.map_err(|e| e.to_string())?;
                     }
                     Ok(())
                 })
@@ -278,23 +400,21 @@ fn run(a: &Args) -> Result<Vec<Sample>, String> {
                 // runs the same executor type).
                 Box::pin(ex.run(async {
                     for _ in 0..a.repeat {
-                        let (c, conn) = qmp_smol::connect_unix(path, builder()).await?;
+                        let (c, conn) = qmp_smol::connect_unix(path, builder())
+                            .await
+                            .map_err(connect_failed)?;
                         let driver = ex.spawn(conn);
                         let mode = mode.to_owned();
-                        samples.push(
-                            ex.spawn(async move { workload(c, &mode, n, conc).await })
-                                .await,
-                        );
-                        driver.await?;
+                        let s = ex.spawn(async move { workload(c, &mode, n, conc).await });
+                        samples.push(s.await.map_err(failed)?);
+                        driver.await.map_err(|e| e.to_string())?;
                     }
                     Ok(())
                 }))
             };
             block_on(run)
         }
-        other => return Err(format!("unknown runtime {other}")),
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     Ok(samples)
 }
 
@@ -302,7 +422,7 @@ fn main() -> ExitCode {
     let mut a = match parse() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("{e}\n{USAGE}");
+            eprintln!("qmp-load: {e}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -332,7 +452,7 @@ fn main() -> ExitCode {
         },
         Server::FakeInProcess => match fake_server(a.queue_limit) {
             Ok(f) => {
-                a.socket = f.socket_path().expect("a unix fake has a path").to_owned();
+                a.socket = f.socket_path().map(Path::to_owned).unwrap_or_default();
                 _in_process = Some(f);
             }
             Err(e) => {
@@ -372,11 +492,15 @@ fn main() -> ExitCode {
     let threads = if a.raw || a.runtime != "tokio" {
         1
     } else {
-        a.threads.max(1)
+        a.threads
     };
     println!(
-        "client={label} mode={} n={} concurrency={} threads={threads} server={server} repeat={}",
-        a.mode, a.n, a.concurrency, a.repeat
+        "client={label} mode={} n={} concurrency={} in_flight={} threads={threads} server={server} repeat={}",
+        a.mode,
+        a.n,
+        a.concurrency,
+        a.in_flight(),
+        a.repeat
     );
     for (i, s) in samples.iter().enumerate() {
         println!(
@@ -399,6 +523,7 @@ fn main() -> ExitCode {
     );
     println!("switches_per_op={:.2}", median(&mut sw));
     println!("cpu_us_per_op={:.2}", median(&mut cpu));
+    // Last, as the issue asks.
     println!("ops_per_sec={:.1}", median(&mut ops));
     ExitCode::SUCCESS
 }
