@@ -34,6 +34,10 @@
 //! | stop reading after 8 queued commands | an [`Action::Stall`] in one command, then [`FakeQemu::release`] |
 //! | pretty output / QGA framing | [`Script::pretty`] / [`Script::qga`] |
 //!
+//! When the client goes away (EOF, even a half-close, or a hang-up noticed while the fake is
+//! not reading), the fake does what QEMU does: it drops the queued requests, sends nothing
+//! more and ends the session; then it serves the next client.
+//!
 //! Everything received is recorded: raw bytes per connection and each request as classified
 //! (see [`FakeQemu::requests`] and [`FakeQemu::wait_requests`]), unless
 //! [`Script::record`]`(false)` turns that off for load tests.
@@ -852,7 +856,7 @@ impl Worker {
     /// Waits for `fd` to be readable or a control message; handles controls that need no
     /// session. Returns `Some(End::Shutdown)` on shutdown, `None` when `fd` is readable.
     fn wait(&mut self, fd: Option<BorrowedFd<'_>>) -> Option<End> {
-        self.poll(fd, None);
+        self.poll(fd, true, None);
         while let Ok(c) = self.rx.try_recv() {
             match c {
                 Control::Shutdown => return Some(End::Shutdown),
@@ -865,10 +869,22 @@ impl Worker {
 
     /// Waits until `fd` is readable, a control message comes or `timeout` passes; returns
     /// whether `fd` is readable. Control messages are left for the caller.
-    fn poll(&mut self, fd: Option<BorrowedFd<'_>>, timeout: Option<Duration>) -> bool {
+    /// Waits for the wake pipe, `fd` (readable when `read`, else only a hang-up) or the
+    /// timeout; returns what `fd` reported.
+    fn poll(
+        &mut self,
+        fd: Option<BorrowedFd<'_>>,
+        read: bool,
+        timeout: Option<Duration>,
+    ) -> PollFlags {
+        let interest = if read {
+            PollFlags::IN
+        } else {
+            PollFlags::empty()
+        };
         let mut fds = vec![PollFd::new(&self.wake, PollFlags::IN)];
         if let Some(fd) = fd {
-            fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+            fds.push(PollFd::from_borrowed_fd(fd, interest));
         }
         let ts = timeout.map(|t| {
             Timespec::try_from(t).unwrap_or(Timespec {
@@ -877,10 +893,10 @@ impl Worker {
             })
         });
         let _ = poll(&mut fds, ts.as_ref());
-        let readable = fds.get(1).is_some_and(|f| !f.revents().is_empty());
+        let revents = fds.get(1).map_or(PollFlags::empty(), PollFd::revents);
         drop(fds);
         self.drain_wake();
-        readable
+        revents
     }
 
     fn drain_wake(&mut self) {
@@ -933,22 +949,24 @@ impl Worker {
                     return End::Client;
                 }
             }
-            // After EOF, QEMU drops what was not read yet; a stalled command never ends.
-            let stuck = session
-                .running
-                .as_ref()
-                .is_some_and(|j| matches!(j.actions.front(), Some(Action::Stall)));
-            if eof && (stuck || session.running.is_none()) {
+            // Once the client has gone, QEMU drops the requests it queued and ends the session
+            // (a command already running finishes, but its reply goes nowhere).
+            if eof {
                 return End::Client;
             }
-            // Wait for input (unless suspended), a control message or a deadline.
-            let suspended = eof || session.is_full(&server, self.script.queue_limit);
+            // Wait for input (unless suspended: then only for a hang-up, which QEMU notices
+            // even while it does not read), a control message or a deadline.
+            let suspended = session.is_full(&server, self.script.queue_limit);
             let timeout = session
                 .running
                 .as_ref()
                 .and_then(|j| j.until)
                 .map(|t| t.saturating_duration_since(Instant::now()));
-            let readable = self.poll((!suspended).then(|| stream.fd()), timeout);
+            let revents = self.poll(Some(stream.fd()), !suspended, timeout);
+            let readable = !suspended && !revents.is_empty();
+            if suspended && revents.intersects(PollFlags::HUP | PollFlags::ERR) {
+                eof = true;
+            }
             while let Ok(c) = self.rx.try_recv() {
                 match c {
                     Control::Shutdown => return End::Shutdown,

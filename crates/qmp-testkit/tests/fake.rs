@@ -542,3 +542,52 @@ fn dropping_the_fake_while_the_client_does_not_read() {
     assert_eq!(fake.wait_requests(2, T).len(), 2);
     drop(fake); // must not hang
 }
+
+#[test]
+fn a_client_that_hangs_up_gets_no_more_replies_and_its_queue_is_dropped() {
+    let fake = FakeQemu::unix(
+        Script::new()
+            .on(
+                "slow",
+                Response::actions(vec![
+                    Action::Delay(Duration::from_millis(300)),
+                    Action::Return("0".into()),
+                ]),
+            )
+            .on("n", Response::ok("1")),
+    )
+    .unwrap();
+    let mut c = ready(&fake);
+    // `slow` runs, `n` queues behind it; then the client shuts down its sending side.
+    c.send(br#"{"execute":"slow","id":1}{"execute":"n","id":2}"#);
+    assert_eq!(fake.wait_requests(3, T).len(), 3);
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    // As QEMU: the queued request is dropped, the running one's reply goes nowhere, and the
+    // connection ends.
+    let mut rest = Vec::new();
+    c.s.read_to_end(&mut rest).unwrap();
+    assert_eq!(String::from_utf8_lossy(&rest), "");
+    assert_eq!(fake.wait_closed(1, T), 1);
+}
+
+#[test]
+fn a_hang_up_is_noticed_while_the_fake_does_not_read() {
+    let fake = FakeQemu::unix(Script::new().on(
+        "hold",
+        Response::actions(vec![Action::Stall, Action::Return("0".into())]),
+    ))
+    .unwrap();
+    let mut c = ready(&fake);
+    let mut input = Vec::new();
+    for i in 0..9 {
+        input.extend_from_slice(format!(r#"{{"execute":"hold","id":{i}}}"#).as_bytes());
+    }
+    c.send(&input);
+    // One stalled, eight queued: the fake has stopped reading (as QEMU does).
+    assert_eq!(fake.wait_requests(10, T).len(), 10);
+    drop(c);
+    // QEMU still watches for the hang-up, ends the session and can greet the next client.
+    assert_eq!(fake.wait_closed(1, T), 1);
+    let mut next = unix(&fake);
+    assert_eq!(next.line(), GREETING);
+}
