@@ -179,6 +179,21 @@ impl Execute for StuckQueue {
     }
 }
 
+/// `Ops` over `exec` allowing only `system_reset`, with a 2 s timeout and three attempts
+/// (backoff 100 ms, then 200 ms); and the sleeper that records its waits.
+fn timed_reset<E: Execute + 'static>(exec: E) -> (Ops<E>, RecordingSleep) {
+    let clock = ManualClock::new(Instant::now());
+    let sleep = RecordingSleep::new(clock.clone());
+    let rule = Rule::allow()
+        .timeout(Duration::from_secs(2))
+        .retry(retry3().jitter(Jitter::None));
+    let policy = Policy::deny_all().rule("system_reset", rule);
+    let ops = Ops::builder(exec, policy, sleep.clone())
+        .clock(clock)
+        .build();
+    (ops, sleep)
+}
+
 #[test]
 fn a_rule_timeout_uses_the_sessions_own_deadline_so_an_unsent_request_may_be_retried() {
     let session = Arc::new(StuckQueue::default());
@@ -187,20 +202,7 @@ fn a_rule_timeout_uses_the_sessions_own_deadline_so_an_unsent_request_may_be_ret
         let s = Arc::clone(&s);
         async move { Ok::<_, String>(s) }
     });
-    let clock = ManualClock::new(Instant::now());
-    let sleep = RecordingSleep::new(clock.clone());
-    let ops = Ops::builder(
-        exec,
-        Policy::deny_all().rule(
-            "system_reset",
-            Rule::allow()
-                .timeout(Duration::from_secs(2))
-                .retry(retry3().jitter(Jitter::None)),
-        ),
-        sleep.clone(),
-    )
-    .clock(clock)
-    .build();
+    let (ops, sleep) = timed_reset(exec);
     let e = block_on(ops.execute("system_reset", None)).unwrap_err();
     // Not sent each time, so even a non-idempotent command was tried all three times.
     assert_eq!(
@@ -244,20 +246,7 @@ fn a_connect_slower_than_the_rule_timeout_is_not_sent_and_the_retry_connects_aga
             }
         }
     }));
-    let clock = ManualClock::new(Instant::now());
-    let sleep = RecordingSleep::new(clock.clone());
-    let ops = Ops::builder(
-        Arc::clone(&exec),
-        Policy::deny_all().rule(
-            "system_reset",
-            Rule::allow()
-                .timeout(Duration::from_secs(2))
-                .retry(retry3().jitter(Jitter::None)),
-        ),
-        sleep.clone(),
-    )
-    .clock(clock)
-    .build();
+    let (ops, sleep) = timed_reset(Arc::clone(&exec));
     let v = block_on(ops.execute("system_reset", None)).unwrap();
     assert_eq!(v.get(), "{}");
     assert_eq!(only.names(), ["system_reset"]);
