@@ -108,6 +108,13 @@ start_daemon() {
     done
 }
 
+# Stops the script unless $1 (called $2 in the usage) is a whole number above zero.
+positive() {
+    case $1 in
+    '' | *[!0-9]* | 0 | 0*) echo "bench.sh: $2 must be a whole number above zero, not '$1'" >&2; exit 2 ;;
+    esac
+}
+
 # Reads the lines of `one` for rounds of all $compared clients and prints, per client, the
 # median ops/s, the median (min..max) of its ratios to the same round's raw run, and the
 # median of its ratios to the same round's raw-poll run. Fails (printing no ratios) when a
@@ -121,6 +128,7 @@ ratios() {
         return m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
     }
     {
+        split("", f)
         for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
         c = f["client"]; r = f["round"]
         ops[c, r] = f["ops_per_sec"]; cpu[c, r] = f["cpu_us_per_op"]
@@ -194,6 +202,8 @@ compare)
     repeat=1
     shift $(( $# < 4 ? $# : 4 ))
     modes=${*:-seq conc}
+    positive "$n" N
+    positive "$rounds" ROUNDS
     case $where in
     daemon) start_daemon; target="--socket $dir/qmp.sock" ;;
     fake) target="--fake" ;;

@@ -198,6 +198,12 @@ pub fn raw(
     let greeting = rx
         .next_line()
         .map_err(|e| context(e, "waiting for the greeting"))?;
+    if greeting == b"{" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the server pretty-prints (pretty=on); --raw reads one message per line",
+        ));
+    }
     if !greeting.starts_with(b"{\"QMP\"") {
         return Err(unexpected("expected the QMP greeting", greeting));
     }
@@ -246,6 +252,7 @@ pub fn raw(
                 ));
             }
             received += 1;
+            rx.watchdog.progress();
         }
         if received == n {
             break;
@@ -334,6 +341,22 @@ fn context(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{e} ({what})"))
 }
 
+/// The server closed the connection.
+fn closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the server closed the connection",
+    )
+}
+
+/// A write or read error; the ways a closed connection shows up say so.
+fn peer_gone(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => closed(),
+        _ => e,
+    }
+}
+
 /// An [`io::ErrorKind::InvalidData`] error quoting `line` (cut at 200 bytes).
 fn unexpected(what: &str, line: &[u8]) -> io::Error {
     const SHOWN: usize = 200;
@@ -377,22 +400,29 @@ impl Lines {
         })
     }
 
-    /// Writes all of `bytes`.
-    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self.stream.write_all(bytes) {
-            Ok(()) => {
-                self.watchdog.progress();
-                Ok(())
+    /// Writes all of `bytes`; each write that gets some through counts as progress.
+    fn send(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            match self.stream.write(bytes) {
+                Ok(k) if k > 0 && !self.watchdog.fired() => {
+                    bytes = &bytes[k..];
+                    self.watchdog.progress();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                _ if self.watchdog.fired() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the server stopped reading our requests for {:?}",
+                            self.watchdog.timeout
+                        ),
+                    ));
+                }
+                Ok(_) => return Err(closed()),
+                Err(e) => return Err(peer_gone(e)),
             }
-            Err(_) if self.watchdog.fired() => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "the server read none of our requests for {:?}",
-                    self.watchdog.timeout
-                ),
-            )),
-            Err(e) => Err(e),
         }
+        Ok(())
     }
 
     /// The next whole line already read (its range in `buf`, without CR LF), if any.
@@ -420,6 +450,7 @@ impl Lines {
     fn next_line(&mut self) -> io::Result<&[u8]> {
         loop {
             if let Some(range) = self.buffered_line() {
+                self.watchdog.progress();
                 return Ok(&self.buf[range]);
             }
             self.fill()?;
@@ -453,21 +484,19 @@ impl Lines {
             }
         });
         match read {
+            // Bytes are not progress yet: a server that only sends events would keep the run
+            // alive for ever. What counts is a reply (or a handshake line), and a write.
             Ok(k) if k > 0 && !self.watchdog.fired() => {
                 self.end += k;
-                self.watchdog.progress();
                 Ok(())
             }
             // The watchdog shut the socket down.
             _ if self.watchdog.fired() => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("nothing from the server for {:?}", self.watchdog.timeout),
+                format!("no reply from the server for {:?}", self.watchdog.timeout),
             )),
-            Ok(_) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the server closed the connection",
-            )),
-            Err(e) => Err(e),
+            Ok(_) => Err(closed()),
+            Err(e) => Err(peer_gone(e)),
         }
     }
 
@@ -665,7 +694,7 @@ mod tests {
             let t0 = Instant::now();
             let e = rx.next_line().unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
-            assert_eq!(e.to_string(), "nothing from the server for 50ms");
+            assert_eq!(e.to_string(), "no reply from the server for 50ms");
             assert!(t0.elapsed() >= Duration::from_millis(50));
             let e = rx.send(b"x").unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
@@ -692,7 +721,7 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         assert_eq!(
             e.to_string(),
-            "the server read none of our requests for 50ms"
+            "the server stopped reading our requests for 50ms"
         );
     }
 
@@ -842,23 +871,49 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert_eq!(
             e.to_string(),
-            "nothing from the server for 100ms (waiting for the greeting)"
+            "no reply from the server for 100ms (waiting for the greeting)"
         );
         let e = raw_error(Script::new().on(COMMAND, Response::none()), short);
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert_eq!(
             e.to_string(),
-            "nothing from the server for 100ms (after 0 of 20 replies)"
+            "no reply from the server for 100ms (after 0 of 20 replies)"
         );
 
         let e = raw_error(
             Script::new().on_once(COMMAND, Response::ok("{}").then(Action::Close)),
             SECS,
         );
-        // EOF, or a reset as the fake closed with requests unread.
-        let eof = [io::ErrorKind::UnexpectedEof, io::ErrorKind::ConnectionReset];
-        assert!(eof.contains(&e.kind()), "{e}");
-        assert!(e.to_string().ends_with(" (after 1 of 20 replies)"), "{e}");
+        // EOF, a reset (the fake closed with requests unread) or a broken pipe (it closed
+        // before the next write): all the same to the user.
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection (after 1 of 20 replies)"
+            )
+        );
+        // A server that sends an event every 20 ms for 10 s but never answers is stuck all
+        // the same: the watchdog fires after 100 ms without a reply, not after the events.
+        let chatty = (0..500).flat_map(|_| {
+            [
+                Action::Delay(Duration::from_millis(20)),
+                Action::Event {
+                    name: "TICK".into(),
+                    data: None,
+                },
+            ]
+        });
+        let start = std::time::Instant::now();
+        let e = raw_error(
+            Script::new().on(COMMAND, Response::actions(chatty.collect())),
+            short,
+        );
+        assert_eq!(
+            e.to_string(),
+            "no reply from the server for 100ms (after 0 of 20 replies)"
+        );
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
 
         let e = raw(
             Path::new("/nonexistent/qmp.sock"),

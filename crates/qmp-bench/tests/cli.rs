@@ -97,6 +97,10 @@ fn values_that_would_be_changed_or_ignored_are_usage_errors() {
             "--concurrency: at most 65537",
         ),
         (&["--fake", "--n"], "--n needs a value"),
+        (
+            &["--fake", "--raw", "--mode", "conc", "--concurrency", "1025"],
+            "--raw: at most 1024 in flight (it writes them all before reading)",
+        ),
     ];
     for (args, expect) in cases {
         let out = qmp_load(args);

@@ -68,6 +68,10 @@ impl Args {
     }
 }
 
+/// Most requests the raw client keeps in flight (about 40 KB of requests and 30 KB of
+/// replies, well within a Unix socket's buffers).
+const MAX_RAW_IN_FLIGHT: usize = 1024;
+
 const USAGE: &str = "usage: qmp-load (--socket PATH | --fake | --fake-in-process) \
                      [--runtime tokio|smol|async-std] [--raw] [--mode seq|conc] [--n N] \
                      [--concurrency C] [--max-in-flight M] [--threads T] [--repeat R] \
@@ -235,6 +239,13 @@ fn parse_from(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     )?;
     only("--raw-wait", a.raw, "--raw")?;
     only("--raw-ids", a.raw, "--raw")?;
+    // The raw client writes its whole window before it reads a reply; more than a socket
+    // buffer holds would leave it and a server that does the same (the fake) both writing.
+    if a.raw && a.in_flight() > MAX_RAW_IN_FLIGHT {
+        return Err(format!(
+            "--raw: at most {MAX_RAW_IN_FLIGHT} in flight (it writes them all before reading)"
+        ));
+    }
     only(
         "--queue-limit",
         a.server != Server::Socket,
