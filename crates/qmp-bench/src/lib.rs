@@ -913,7 +913,11 @@ mod tests {
             e.to_string(),
             "no reply from the server for 100ms (after 0 of 20 replies)"
         );
-        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
 
         let e = raw(
             Path::new("/nonexistent/qmp.sock"),
