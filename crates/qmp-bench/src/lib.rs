@@ -904,7 +904,7 @@ mod tests {
                 },
             ]
         });
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         let e = raw_error(
             Script::new().on(COMMAND, Response::actions(chatty.collect())),
             short,
