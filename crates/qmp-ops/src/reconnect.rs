@@ -8,12 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_channel::mpsc;
-use futures_util::future::{self, Either};
+use futures_util::future::{self, Either, FutureExt, WeakShared};
 use qmp_proto::RawJson;
 use serde_json::value::RawValue;
 
 use crate::exec::{BoxFuture, ExecError, Execute};
-use crate::mutex::KeyedMutex;
 use crate::time::Sleep;
 
 /// Sent to subscribers when a session replaced an earlier one: events emitted between the two
@@ -34,29 +33,39 @@ pub struct Reconnected {
 /// [`crate::Ops`], runs on a new session. The failure itself is returned unchanged, so the
 /// retry layer still decides by send status whether a retry is safe.
 ///
-/// Callers that find no session queue (FIFO) behind the connect attempt in progress and use
-/// its session; if it failed, the next one in the queue tries again. A failed connect is
-/// reported as [`ExecError::Connect`] (nothing was sent, so the retry layer may retry it).
+/// Callers that find no session share one connect attempt: the first starts it, the others
+/// join it, and all get its session, or its failure as [`ExecError::Connect`] (nothing was
+/// sent, so the retry layer may retry it; the next call starts a new attempt). A caller that
+/// gives up (its timeout, or its future dropped) leaves the attempt to the others; once all
+/// have given up, it is dropped, so a connect that hangs does not hold later calls.
 ///
 /// A rule's timeout ([`Execute::execute_timeout`]) bounds connecting and then the command, each
 /// on its own, so one attempt may take up to twice the timeout. The command runs with the
 /// session's own deadline, so the session still tells a request that timed out unsent from one
-/// that timed out after it was written. A connect cut short by a caller's timeout is given up
-/// (nothing was sent); the next caller in the queue, or the retry, starts a new one. So make
-/// `connect` bound its own phases (as `qmp-client`'s connect and greeting timeouts do) well
-/// within the rule's timeout.
+/// that timed out after it was written. So make `connect` bound its own phases (as
+/// `qmp-client`'s connect and greeting timeouts do) well within the rule's timeout: a connect
+/// that always takes longer than the timeout never completes for a lone caller.
 pub struct Reconnecting<E, F> {
     connect: F,
+    state: Arc<State<E>>,
+    /// The connect attempt under way, while some caller still waits for it.
+    connecting: Mutex<Option<WeakShared<Attempt<E>>>>,
+}
+
+/// What a connect attempt updates once it has a session.
+struct State<E> {
     session: Mutex<Option<(u64, Arc<E>)>>,
     generation: AtomicU64,
-    connecting: KeyedMutex<()>,
     subscribers: Mutex<Vec<mpsc::UnboundedSender<Reconnected>>>,
 }
+
+/// One connect attempt, shared by the callers waiting for it.
+type Attempt<E> = BoxFuture<'static, Result<(u64, Arc<E>), ExecError>>;
 
 impl<E, F> fmt::Debug for Reconnecting<E, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reconnecting")
-            .field("generation", &self.generation.load(Ordering::Relaxed))
+            .field("generation", &self.state.generation.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -68,42 +77,44 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl<E, F, Fut, Err> Reconnecting<E, F>
 where
-    E: Execute,
+    E: Execute + 'static,
     F: Fn() -> Fut + Send + Sync,
-    Fut: Future<Output = Result<E, Err>> + Send,
+    Fut: Future<Output = Result<E, Err>> + Send + 'static,
     Err: fmt::Display,
 {
     /// An executor that calls `connect` for its first session and after each disconnect.
     pub fn new(connect: F) -> Self {
         Self {
             connect,
-            session: Mutex::new(None),
-            generation: AtomicU64::new(0),
-            connecting: KeyedMutex::new(),
-            subscribers: Mutex::new(Vec::new()),
+            state: Arc::new(State {
+                session: Mutex::new(None),
+                generation: AtomicU64::new(0),
+                subscribers: Mutex::new(Vec::new()),
+            }),
+            connecting: Mutex::new(None),
         }
     }
 
     /// The current session's generation: 0 before the first connect, then 1, 2, ...
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.state.generation.load(Ordering::Acquire)
     }
 
     /// Whether a session is currently held.
     pub fn is_connected(&self) -> bool {
-        lock(&self.session).is_some()
+        lock(&self.state.session).is_some()
     }
 
     /// A channel told about every reconnection from now on.
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Reconnected> {
         let (tx, rx) = mpsc::unbounded();
-        lock(&self.subscribers).push(tx);
+        lock(&self.state.subscribers).push(tx);
         rx
     }
 
     /// Drops the current session (if it is still generation `generation`).
     pub fn invalidate(&self, generation: u64) {
-        let mut s = lock(&self.session);
+        let mut s = lock(&self.state.session);
         if s.as_ref().is_some_and(|(g, _)| *g == generation) {
             *s = None;
         }
@@ -111,7 +122,7 @@ where
 
     /// The session held now, if any.
     fn current(&self) -> Option<(u64, Arc<E>)> {
-        lock(&self.session)
+        lock(&self.state.session)
             .as_ref()
             .map(|(g, s)| (*g, Arc::clone(s)))
     }
@@ -128,7 +139,8 @@ where
         result
     }
 
-    /// The current session, connecting first if there is none.
+    /// The current session, connecting first if there is none (joining the connect attempt
+    /// under way, if any).
     ///
     /// # Errors
     /// [`ExecError::Connect`] when `connect` fails.
@@ -136,30 +148,54 @@ where
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        let _guard = self.connecting.lock(()).await;
-        if let Some(current) = self.current() {
-            return Ok(current);
-        }
-        let session = Arc::new(
-            (self.connect)()
-                .await
-                .map_err(|e| ExecError::Connect(e.to_string()))?,
-        );
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        *lock(&self.session) = Some((generation, Arc::clone(&session)));
-        if generation > 1 {
-            lock(&self.subscribers)
-                .retain(|tx| tx.unbounded_send(Reconnected { generation }).is_ok());
-        }
-        Ok((generation, session))
+        let attempt = {
+            let mut slot = lock(&self.connecting);
+            // A session may have come since the check above.
+            if let Some(current) = self.current() {
+                return Ok(current);
+            }
+            let running = slot
+                .as_ref()
+                .and_then(WeakShared::upgrade)
+                .filter(|a| a.peek().is_none());
+            match running {
+                Some(attempt) => attempt,
+                None => {
+                    let attempt = self.attempt().shared();
+                    *slot = attempt.downgrade();
+                    attempt
+                }
+            }
+        };
+        attempt.await
+    }
+
+    /// A new connect attempt: on success it installs the session and tells subscribers.
+    fn attempt(&self) -> Attempt<E> {
+        let connecting = (self.connect)();
+        let state = Arc::clone(&self.state);
+        Box::pin(async move {
+            let session = Arc::new(
+                connecting
+                    .await
+                    .map_err(|e| ExecError::Connect(e.to_string()))?,
+            );
+            let generation = state.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            *lock(&state.session) = Some((generation, Arc::clone(&session)));
+            if generation > 1 {
+                lock(&state.subscribers)
+                    .retain(|tx| tx.unbounded_send(Reconnected { generation }).is_ok());
+            }
+            Ok((generation, session))
+        })
     }
 }
 
 impl<E, F, Fut, Err> Execute for Reconnecting<E, F>
 where
-    E: Execute,
+    E: Execute + 'static,
     F: Fn() -> Fut + Send + Sync,
-    Fut: Future<Output = Result<E, Err>> + Send,
+    Fut: Future<Output = Result<E, Err>> + Send + 'static,
     Err: fmt::Display,
 {
     fn execute<'a>(

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{FakeExec, ManualClock, RecordingSleep};
-use futures_executor::block_on;
+use futures_channel::oneshot;
+use futures_executor::{LocalPool, block_on};
+use futures_util::task::LocalSpawnExt;
 use futures_util::{StreamExt, future};
 use qmp_ops::{
     BoxFuture, ErrorKind, ExecError, Execute, Jitter, Ops, Policy, Reconnected, Reconnecting,
@@ -264,4 +266,101 @@ fn a_connect_slower_than_the_rule_timeout_is_not_sent_and_the_retry_connects_aga
             Duration::from_secs(2)
         ]
     );
+}
+
+/// A sleeper whose one sleep ends when the test says.
+struct Alarm(Mutex<Option<oneshot::Receiver<()>>>);
+
+impl Sleep for Alarm {
+    fn sleep(&self, _: Duration) -> BoxFuture<'static, ()> {
+        let rx = self.0.lock().unwrap().take().expect("one sleep");
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+#[test]
+fn a_caller_that_times_out_leaves_the_connect_to_the_callers_still_waiting() {
+    let sessions = Sessions::default();
+    let only = sessions.add();
+    only.push_ok(r#"{"b":1}"#);
+    // The first connect waits for the gate; a second one would find no session left.
+    let (open, gate) = oneshot::channel::<()>();
+    let gate = Arc::new(Mutex::new(Some(gate)));
+    let s = sessions.clone();
+    let exec = Arc::new(Reconnecting::new(move || {
+        let gate = gate.lock().unwrap().take();
+        let next = s.connect();
+        async move {
+            if let Some(gate) = gate {
+                let _ = gate.await;
+            }
+            next.await
+        }
+    }));
+    let (ring, alarm) = oneshot::channel();
+    let alarm = Alarm(Mutex::new(Some(alarm)));
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (a_tx, mut a_rx) = oneshot::channel();
+    let (b_tx, mut b_rx) = oneshot::channel();
+    let (ea, eb) = (Arc::clone(&exec), Arc::clone(&exec));
+    sp.spawn_local(async move {
+        let alarm = alarm;
+        let _ = a_tx.send(
+            ea.execute_timeout("a", None, Duration::from_secs(1), &alarm)
+                .await,
+        );
+    })
+    .unwrap();
+    sp.spawn_local(async move {
+        let _ = b_tx.send(eb.execute("b", None).await);
+    })
+    .unwrap();
+    pool.run_until_stalled();
+    // A's timeout fires while both wait for the connect.
+    ring.send(()).unwrap();
+    pool.run_until_stalled();
+    assert_eq!(
+        a_rx.try_recv().unwrap().unwrap(),
+        Err(ExecError::Connect(
+            "no session within the command's timeout (1s)".into()
+        ))
+    );
+    assert!(b_rx.try_recv().unwrap().is_none(), "B still waits");
+    // The connect A started goes on for B, which gets its session.
+    open.send(()).unwrap();
+    pool.run_until_stalled();
+    assert_eq!(
+        b_rx.try_recv().unwrap().unwrap().unwrap().get(),
+        r#"{"b":1}"#
+    );
+    assert_eq!(sessions.connects.load(Ordering::SeqCst), 1);
+    assert_eq!(only.names(), ["b"]);
+}
+
+#[test]
+fn a_connect_that_nobody_waits_for_any_more_is_dropped() {
+    let sessions = Sessions::default();
+    let only = sessions.add();
+    // The first connect never finishes; the second gets the session.
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let (s, a) = (sessions.clone(), Arc::clone(&attempts));
+    let exec = Reconnecting::new(move || {
+        let first = a.fetch_add(1, Ordering::SeqCst) == 0;
+        let next = (!first).then(|| s.connect());
+        async move {
+            match next {
+                Some(next) => next.await,
+                None => future::pending().await,
+            }
+        }
+    });
+    let mut first = Box::pin(exec.execute("x", None));
+    assert!(common::poll_once(&mut first).is_pending());
+    drop(first);
+    block_on(exec.execute("y", None)).unwrap();
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(only.names(), ["y"]);
 }
