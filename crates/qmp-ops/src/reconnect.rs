@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -158,13 +159,15 @@ where
                 .as_ref()
                 .and_then(WeakShared::upgrade)
                 .filter(|a| a.peek().is_none());
-            match running {
-                Some(attempt) => attempt,
-                None => {
-                    let attempt = self.attempt().shared();
-                    *slot = attempt.downgrade();
-                    attempt
-                }
+            if let Some(attempt) = running {
+                attempt
+            } else if let Some(current) = self.current() {
+                // The attempt seen installed its session and completed meanwhile.
+                return Ok(current);
+            } else {
+                let attempt = self.attempt().shared();
+                *slot = attempt.downgrade();
+                attempt
             }
         };
         attempt.await
@@ -175,11 +178,13 @@ where
         let connecting = (self.connect)();
         let state = Arc::clone(&self.state);
         Box::pin(async move {
-            let session = Arc::new(
-                connecting
-                    .await
-                    .map_err(|e| ExecError::Connect(e.to_string()))?,
-            );
+            // A panic would poison the shared attempt for every caller waiting on it (and
+            // wake none of them): it fails the attempt instead.
+            let connected = AssertUnwindSafe(connecting)
+                .catch_unwind()
+                .await
+                .map_err(|_| ExecError::Connect("the connect function panicked".to_owned()))?;
+            let session = Arc::new(connected.map_err(|e| ExecError::Connect(e.to_string()))?);
             let generation = state.generation.fetch_add(1, Ordering::AcqRel) + 1;
             *lock(&state.session) = Some((generation, Arc::clone(&session)));
             if generation > 1 {

@@ -364,3 +364,28 @@ fn a_connect_that_nobody_waits_for_any_more_is_dropped() {
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
     assert_eq!(only.names(), ["y"]);
 }
+
+#[test]
+fn a_connect_that_panics_fails_that_attempt_only() {
+    let sessions = Sessions::default();
+    let only = sessions.add();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let (s, a) = (sessions.clone(), Arc::clone(&attempts));
+    let exec = Reconnecting::new(move || {
+        let first = a.fetch_add(1, Ordering::SeqCst) == 0;
+        let next = (!first).then(|| s.connect());
+        async move {
+            match next {
+                Some(next) => next.await,
+                None => panic!("a bug in the connect function"),
+            }
+        }
+    });
+    assert_eq!(
+        block_on(exec.execute("x", None)),
+        Err(ExecError::Connect("the connect function panicked".into()))
+    );
+    block_on(exec.execute("y", None)).unwrap();
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(only.names(), ["y"]);
+}
