@@ -326,6 +326,7 @@ pub(crate) fn run(
             .then(|| rustix::termios::tcgetattr(std::io::stdin()).ok())
             .flatten(),
         line: Mutex::new(None),
+        ending: AtomicBool::new(false),
     });
     rt.spawn(watch_signals(signals, Arc::clone(&on_signal)));
     let hmp_mode = Arc::new(AtomicBool::new(false));
@@ -405,7 +406,9 @@ pub(crate) fn run(
         } else {
             "(qmp) "
         };
-        let line = match rl.readline(prompt) {
+        let read = rl.readline(prompt);
+        on_signal.yield_if_ending();
+        let line = match read {
             Ok(l) => l,
             Err(ReadlineError::Interrupted) => continue,
             Err(ReadlineError::Eof) => break,
@@ -438,6 +441,7 @@ pub(crate) fn run(
             }
         });
         lock(&on_signal.line).take();
+        on_signal.yield_if_ending();
         let Some(ended) = ended else {
             outln!("(interrupted)");
             continue;
@@ -507,6 +511,18 @@ struct OnSignal {
     terminal: Option<Termios>,
     /// Cancels the line running now, if any.
     line: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Set once a signal is ending the shell: the watcher exits the process.
+    ending: AtomicBool,
+}
+
+impl OnSignal {
+    /// Once a signal is ending the shell, leaves the exit (and its status) to the watcher
+    /// instead of going on, or ending the normal way, as the session breaks under it.
+    fn yield_if_ending(&self) {
+        while self.ending.load(Ordering::Acquire) {
+            std::thread::park();
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -529,6 +545,7 @@ async fn watch_signals(mut signals: Signals, on: Arc<OnSignal>) {
             }
             continue;
         }
+        on.ending.store(true, Ordering::Release);
         drop(lock(&on.qemu).take());
         if let Some(t) = &on.terminal {
             let _ = rustix::termios::tcsetattr(std::io::stdin(), OptionalActions::Now, t);

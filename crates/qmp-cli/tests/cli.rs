@@ -1234,9 +1234,19 @@ fn a_signal_stops_qmp_and_the_qemu_it_spawned() {
         let stdin = child.stdin.take();
         let pid = child.id();
         let start = Instant::now();
-        let daemon = loop {
-            if let Some(&d) = children_of(pid).first() {
-                break d;
+        // The daemon, once it runs its own program (before exec the child still shows qmp's
+        // command line).
+        let (daemon, socket) = loop {
+            let found = children_of(pid).into_iter().find_map(|d| {
+                let cmdline = std::fs::read_to_string(format!("/proc/{d}/cmdline")).ok()?;
+                let socket = cmdline
+                    .split(['\0', ','])
+                    .find_map(|a| a.strip_prefix("path="))?
+                    .to_owned();
+                Some((d, socket))
+            });
+            if let Some(found) = found {
+                break found;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(10),
@@ -1244,12 +1254,6 @@ fn a_signal_stops_qmp_and_the_qemu_it_spawned() {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        let cmdline = std::fs::read_to_string(format!("/proc/{daemon}/cmdline")).unwrap();
-        let socket = cmdline
-            .split(['\0', ','])
-            .find_map(|a| a.strip_prefix("path="))
-            .unwrap()
-            .to_owned();
         let dir = std::path::Path::new(&socket).parent().unwrap().to_owned();
         assert!(dir.exists());
         // Signalled while it follows events (or still connecting): qmp alone gets it.

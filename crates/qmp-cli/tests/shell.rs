@@ -235,11 +235,8 @@ fn hmp_policy_and_quit_on_a_vm() {
     assert!(vm.wait_exit(std::time::Duration::from_secs(5)));
 }
 
-#[test]
-fn ctrl_c_cancels_the_running_line_and_sigterm_cleans_up_a_spawned_qemu() {
-    if !Launch::system().available() {
-        return;
-    }
+/// A FIFO in a new temp dir (kept while the dir lives), and its path.
+fn fifo() -> (tempfile::TempDir, String) {
     let scratch = tempfile::tempdir().unwrap();
     let fifo = scratch.path().join("dump.fifo");
     assert!(
@@ -249,7 +246,54 @@ fn ctrl_c_cancels_the_running_line_and_sigterm_cleans_up_a_spawned_qemu() {
             .unwrap()
             .success()
     );
-    let fifo_s = fifo.display().to_string();
+    let path = fifo.display().to_string();
+    (scratch, path)
+}
+
+#[test]
+fn sigterm_while_a_line_runs_ends_the_shell_with_143() {
+    if !Launch::system().available() {
+        return;
+    }
+    let (_scratch, fifo_s) = fifo();
+    let steps = json!([
+        {"expect": "(qmp) "},
+        {"send": format!("dump-guest-memory paging=false protocol=file:{fifo_s}\r")},
+        {"children": true},
+        {"wchan": "wait_for_partner"},
+        // Killing QEMU breaks the running line too; the signal still decides how qmp ends.
+        {"kill": "TERM"},
+        {"expect": "qmp: stopped by signal 15\r\n"},
+    ]);
+    let argv = [
+        QMP,
+        "--color",
+        "never",
+        "--spawn",
+        "system",
+        "shell",
+        "--no-history-file",
+    ];
+    let Some(run) = drive_to_exit(&argv, steps, 143) else {
+        return;
+    };
+    assert!(
+        !run.transcript.contains("(the connection closed)"),
+        "{:?}",
+        run.transcript
+    );
+    let [qemu] = &run.children[..] else {
+        panic!("one child expected: {:?}", run.children.len())
+    };
+    assert!(!std::path::Path::new(&format!("/proc/{}", qemu.pid)).exists());
+}
+
+#[test]
+fn ctrl_c_cancels_the_running_line_and_sigterm_cleans_up_a_spawned_qemu() {
+    if !Launch::system().available() {
+        return;
+    }
+    let (_scratch, fifo_s) = fifo();
     let steps = json!([
         {"expect": "(qmp) "},
         {"children": true},
