@@ -873,11 +873,13 @@ mod tests {
             e.to_string(),
             "no reply from the server for 100ms (waiting for the greeting)"
         );
-        let e = raw_error(Script::new().on(COMMAND, Response::none()), short);
+        // Long enough for the handshake on a loaded machine; the stall comes after it.
+        let second = Duration::from_secs(1);
+        let e = raw_error(Script::new().on(COMMAND, Response::none()), second);
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert_eq!(
             e.to_string(),
-            "no reply from the server for 100ms (after 0 of 20 replies)"
+            "no reply from the server for 1s (after 0 of 20 replies)"
         );
 
         let e = raw_error(
@@ -894,7 +896,7 @@ mod tests {
             )
         );
         // A server that sends an event every 20 ms for 10 s but never answers is stuck all
-        // the same: the watchdog fires after 100 ms without a reply, not after the events.
+        // the same: the watchdog fires after 1 s without a reply, not after the events.
         let chatty = (0..500).flat_map(|_| {
             [
                 Action::Delay(Duration::from_millis(20)),
@@ -907,11 +909,11 @@ mod tests {
         let start = Instant::now();
         let e = raw_error(
             Script::new().on(COMMAND, Response::actions(chatty.collect())),
-            short,
+            second,
         );
         assert_eq!(
             e.to_string(),
-            "no reply from the server for 100ms (after 0 of 20 replies)"
+            "no reply from the server for 1s (after 0 of 20 replies)"
         );
         assert!(
             start.elapsed() < Duration::from_secs(5),

@@ -550,7 +550,7 @@ fn a_client_that_hangs_up_gets_no_more_replies_and_its_queue_is_dropped() {
             .on(
                 "slow",
                 Response::actions(vec![
-                    Action::Delay(Duration::from_millis(300)),
+                    Action::Delay(Duration::from_secs(5)),
                     Action::Return("0".into()),
                 ]),
             )
@@ -558,7 +558,7 @@ fn a_client_that_hangs_up_gets_no_more_replies_and_its_queue_is_dropped() {
     )
     .unwrap();
     let mut c = ready(&fake);
-    // `slow` runs, `n` queues behind it; then the client shuts down its sending side.
+    // `slow` runs (for 5 s, unless the session ends), `n` queues behind it; then the client shuts down its sending side.
     c.send(br#"{"execute":"slow","id":1}{"execute":"n","id":2}"#);
     assert_eq!(fake.wait_requests(3, T).len(), 3);
     c.s.shutdown(std::net::Shutdown::Write).unwrap();
