@@ -235,6 +235,17 @@ fn hmp_policy_and_quit_on_a_vm() {
     assert!(vm.wait_exit(std::time::Duration::from_secs(5)));
 }
 
+/// The shell on a throwaway qemu-system-x86_64.
+const SPAWNED_SHELL: [&str; 7] = [
+    QMP,
+    "--color",
+    "never",
+    "--spawn",
+    "system",
+    "shell",
+    "--no-history-file",
+];
+
 /// A FIFO in a new temp dir (kept while the dir lives), and its path.
 fn fifo() -> (tempfile::TempDir, String) {
     let scratch = tempfile::tempdir().unwrap();
@@ -265,16 +276,7 @@ fn sigterm_while_a_line_runs_ends_the_shell_with_143() {
         {"kill": "TERM"},
         {"expect": "qmp: stopped by signal 15\r\n"},
     ]);
-    let argv = [
-        QMP,
-        "--color",
-        "never",
-        "--spawn",
-        "system",
-        "shell",
-        "--no-history-file",
-    ];
-    let Some(run) = drive_to_exit(&argv, steps, 143) else {
+    let Some(run) = drive_to_exit(&SPAWNED_SHELL, steps, 143) else {
         return;
     };
     assert!(
@@ -319,19 +321,7 @@ fn ctrl_c_cancels_the_running_line_and_sigterm_cleans_up_a_spawned_qemu() {
         {"kill": "TERM"},
         {"expect": "qmp: stopped by signal 15\r\n"},
     ]);
-    let Some(run) = drive_to_exit(
-        &[
-            QMP,
-            "--color",
-            "never",
-            "--spawn",
-            "system",
-            "shell",
-            "--no-history-file",
-        ],
-        steps,
-        143,
-    ) else {
+    let Some(run) = drive_to_exit(&SPAWNED_SHELL, steps, 143) else {
         return;
     };
     let t = &run.transcript;

@@ -45,6 +45,30 @@ impl Sessions {
     }
 }
 
+/// What a connect function returns here.
+type Connected = BoxFuture<'static, Result<Arc<FakeExec>, String>>;
+
+/// A connect function whose first call returns `first()` instead of connecting (later ones
+/// take the next of `sessions`), and the count of its calls.
+fn first_connect_is(
+    sessions: &Sessions,
+    first: fn() -> Connected,
+) -> (
+    impl Fn() -> Connected + Send + Sync + 'static,
+    Arc<AtomicUsize>,
+) {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let (s, a) = (sessions.clone(), Arc::clone(&attempts));
+    let connect = move || -> Connected {
+        if a.fetch_add(1, Ordering::SeqCst) == 0 {
+            first()
+        } else {
+            Box::pin(s.connect())
+        }
+    };
+    (connect, attempts)
+}
+
 fn retry3() -> RetryPolicy {
     RetryPolicy::default().max_attempts(3)
 }
@@ -235,19 +259,9 @@ fn a_connect_slower_than_the_rule_timeout_is_not_sent_and_the_retry_connects_aga
     let sessions = Sessions::default();
     let only = sessions.add();
     only.push_ok(r#"{}"#);
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let (s, a) = (sessions.clone(), Arc::clone(&attempts));
-    let exec = Arc::new(Reconnecting::new(move || {
-        // The first connect never finishes; the second gets the prepared session.
-        let first = a.fetch_add(1, Ordering::SeqCst) == 0;
-        let next = (!first).then(|| s.connect());
-        async move {
-            match next {
-                Some(next) => next.await,
-                None => future::pending().await,
-            }
-        }
-    }));
+    // The first connect never finishes; the second gets the prepared session.
+    let (connect, attempts) = first_connect_is(&sessions, || Box::pin(future::pending()));
+    let exec = Arc::new(Reconnecting::new(connect));
     let (ops, sleep) = timed_reset(Arc::clone(&exec));
     let v = block_on(ops.execute("system_reset", None)).unwrap();
     assert_eq!(v.get(), "{}");
@@ -345,18 +359,8 @@ fn a_connect_that_nobody_waits_for_any_more_is_dropped() {
     let sessions = Sessions::default();
     let only = sessions.add();
     // The first connect never finishes; the second gets the session.
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let (s, a) = (sessions.clone(), Arc::clone(&attempts));
-    let exec = Reconnecting::new(move || {
-        let first = a.fetch_add(1, Ordering::SeqCst) == 0;
-        let next = (!first).then(|| s.connect());
-        async move {
-            match next {
-                Some(next) => next.await,
-                None => future::pending().await,
-            }
-        }
-    });
+    let (connect, attempts) = first_connect_is(&sessions, || Box::pin(future::pending()));
+    let exec = Reconnecting::new(connect);
     let mut first = Box::pin(exec.execute("x", None));
     assert!(common::poll_once(&mut first).is_pending());
     drop(first);
@@ -369,18 +373,10 @@ fn a_connect_that_nobody_waits_for_any_more_is_dropped() {
 fn a_connect_that_panics_fails_that_attempt_only() {
     let sessions = Sessions::default();
     let only = sessions.add();
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let (s, a) = (sessions.clone(), Arc::clone(&attempts));
-    let exec = Reconnecting::new(move || {
-        let first = a.fetch_add(1, Ordering::SeqCst) == 0;
-        let next = (!first).then(|| s.connect());
-        async move {
-            match next {
-                Some(next) => next.await,
-                None => panic!("a bug in the connect function"),
-            }
-        }
+    let (connect, attempts) = first_connect_is(&sessions, || {
+        Box::pin(async { panic!("a bug in the connect function") })
     });
+    let exec = Reconnecting::new(connect);
     assert_eq!(
         block_on(exec.execute("x", None)),
         Err(ExecError::Connect("the connect function panicked".into()))
