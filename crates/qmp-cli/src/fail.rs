@@ -25,7 +25,7 @@ pub(crate) enum Failure {
     Denied(String),
     /// Waited too long for events.
     Timeout(String),
-    /// Stopped by this signal (SIGINT, SIGTERM, or SIGHUP in the shell) after cleaning up.
+    /// Stopped by this signal (SIGHUP, SIGINT or SIGTERM) after cleaning up.
     Signal(i32),
 }
 

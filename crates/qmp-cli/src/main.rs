@@ -69,10 +69,11 @@ use crate::schema::Schema;
         "  3  connection or protocol failure: cannot connect, no greeting, disconnected, no reply\n",
         "  4  denied by the policy (--policy/--profile); the rule is named and nothing is sent\n",
         "  5  `qmp events`: --timeout passed before --count events arrived\n",
-        "  130, 143  a command, `events` or `schema` stopped by SIGINT or SIGTERM (a QEMU that\n",
-        "            --spawn started is killed first); in the shell at a terminal, Ctrl-C\n",
-        "            stops waiting for the command running (QEMU may still carry it out), and\n",
-        "            SIGTERM or SIGHUP (129) end the shell; with piped input SIGINT ends it"
+        "  129, 130, 143  a command, `events` or `schema` stopped by SIGHUP, SIGINT or SIGTERM\n",
+        "            (a QEMU that --spawn started is killed first; under nohup SIGHUP stays\n",
+        "            ignored); in the shell at a terminal, Ctrl-C stops waiting for the command\n",
+        "            running (QEMU may still carry it out), and SIGTERM or SIGHUP end the shell;\n",
+        "            with piped input SIGINT ends it"
     )
 )]
 struct Cli {
@@ -507,12 +508,16 @@ pub(crate) const SIGTERM: i32 = 15;
 pub(crate) struct Signals(Vec<(i32, tokio::signal::unix::Signal)>);
 
 impl Signals {
-    /// Installs handlers for `numbers`; one that cannot be installed keeps its default action.
+    /// Installs handlers for `numbers`, except SIGHUP when `qmp` was started with it ignored
+    /// (`nohup`): a handler would undo that. One that cannot be installed keeps its default
+    /// action.
     pub(crate) fn install(numbers: &[i32]) -> Self {
         use tokio::signal::unix::{SignalKind, signal};
+        let nohup = ignored_signals() & (1 << (SIGHUP - 1)) != 0;
         Self(
             numbers
                 .iter()
+                .filter(|&&n| !(n == SIGHUP && nohup))
                 .filter_map(|&n| Some((n, signal(SignalKind::from_raw(n)).ok()?)))
                 .collect(),
         )
@@ -532,12 +537,24 @@ impl Signals {
     }
 }
 
-/// Runs `fut` unless SIGINT or SIGTERM comes first. Then `fut` is dropped, and with it the
-/// session: a QEMU that `--spawn` started is killed and its directory removed, which the
-/// signal's default action (ending the process at once) would skip. The handlers are
+/// The set of signals this process ignores (bit n-1 for signal n), from `/proc/self/status`;
+/// none where that cannot be read.
+fn ignored_signals() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let mask = status.lines().find_map(|l| l.strip_prefix("SigIgn:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Runs `fut` unless SIGINT, SIGTERM or SIGHUP comes first. Then `fut` is dropped, and with
+/// it the session: a QEMU that `--spawn` started is killed and its directory removed, which
+/// the signal's default action (ending the process at once) would skip. The handlers are
 /// installed before `fut` first runs, so before any QEMU is started.
 async fn until_signalled<T>(fut: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
-    until_one_of(&mut Signals::install(&[SIGINT, SIGTERM]), fut).await
+    until_one_of(&mut Signals::install(&[SIGINT, SIGTERM, SIGHUP]), fut).await
 }
 
 /// Runs `fut` unless one of `signals` comes first ([`Failure::Signal`]).

@@ -1215,16 +1215,57 @@ fn a_signal_stops_qmp_and_the_qemu_it_spawned() {
     let events = ["--spawn", "qsd", "events"].as_slice();
     // The shell reading a pipe (kept open): SIGINT ends it, as it does a one-shot command.
     let shell = ["--spawn", "qsd", "shell", "--no-history-file"].as_slice();
+    // How qmp is started: directly; with SIGHUP at its default action whatever this test
+    // inherited (python3 resets it, then execs qmp); or under nohup, which ignores it.
+    const HUP_DEFAULT: &str = "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])";
+    let direct: &[&str] = &[];
+    let hup_default: &[&str] = &["python3", "-c", HUP_DEFAULT];
+    let nohup: &[&str] = &["nohup"];
     // SIGKILL leaves qmp no chance to clean up: the kernel still kills the daemon (its
-    // parent-death signal), but its directory stays behind.
-    for (args, signal, code, message) in [
-        (events, "-TERM", Some(143), "qmp: stopped by signal 15\n"),
-        (events, "-INT", Some(130), "qmp: interrupted\n"),
-        (events, "-KILL", None, ""),
-        (shell, "-INT", Some(130), "qmp: interrupted\n"),
-        (shell, "-HUP", Some(129), "qmp: stopped by signal 1\n"),
+    // parent-death signal), but its directory stays behind. Under nohup, SIGHUP changes
+    // nothing and the SIGTERM after it ends qmp.
+    for (launcher, args, signals, code, message) in [
+        (
+            direct,
+            events,
+            &["-TERM"][..],
+            Some(143),
+            "qmp: stopped by signal 15\n",
+        ),
+        (direct, events, &["-INT"], Some(130), "qmp: interrupted\n"),
+        (direct, events, &["-KILL"], None, ""),
+        (
+            hup_default,
+            events,
+            &["-HUP"],
+            Some(129),
+            "qmp: stopped by signal 1\n",
+        ),
+        (
+            nohup,
+            events,
+            &["-HUP", "-TERM"],
+            Some(143),
+            "qmp: stopped by signal 15\n",
+        ),
+        (direct, shell, &["-INT"], Some(130), "qmp: interrupted\n"),
+        (
+            hup_default,
+            shell,
+            &["-HUP"],
+            Some(129),
+            "qmp: stopped by signal 1\n",
+        ),
     ] {
-        let mut child = Command::new(QMP)
+        let (program, first) = match launcher {
+            [] => (QMP, &[][..]),
+            [program, rest @ ..] => (*program, rest),
+        };
+        let mut command = Command::new(program);
+        if !launcher.is_empty() {
+            command.args(first).arg(QMP);
+        }
+        let mut child = command
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1257,12 +1298,18 @@ fn a_signal_stops_qmp_and_the_qemu_it_spawned() {
         let dir = std::path::Path::new(&socket).parent().unwrap().to_owned();
         assert!(dir.exists());
         // Signalled while it follows events (or still connecting): qmp alone gets it.
-        std::thread::sleep(Duration::from_millis(300));
-        let kill = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(kill.success());
+        for signal in signals {
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(
+                !is_gone(pid),
+                "{launcher:?} {args:?}: qmp ended before {signal}"
+            );
+            let kill = Command::new("kill")
+                .args([*signal, &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(kill.success());
+        }
         let o = child.wait_with_output().unwrap();
         drop(stdin);
         // The shell may have greeted by then, and starts its message on a new line.
@@ -1273,7 +1320,7 @@ fn a_signal_stops_qmp_and_the_qemu_it_spawned() {
         assert_eq!(
             (o.status.code(), stdout, err(&o).trim_start_matches('\n')),
             (code, "", message),
-            "{args:?} {signal}"
+            "{launcher:?} {args:?} {signals:?}"
         );
         let start = Instant::now();
         while !is_gone(daemon) {
