@@ -1,7 +1,7 @@
 //! The [`Execute`] trait every layer of this crate runs commands through.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,12 +59,23 @@ pub trait Execute: Send + Sync {
         sleep: &'a dyn Sleep,
     ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
         Box::pin(async move {
-            match future::select(self.execute(name, args), sleep.sleep(timeout)).await {
-                Either::Left((result, _)) => result,
+            within(timeout, sleep, self.execute(name, args))
+                .await
                 // The request may have been written already: its outcome is unknown.
-                Either::Right(((), _)) => Err(ExecError::Unknown(Failure::Timeout)),
-            }
+                .unwrap_or(Err(ExecError::Unknown(Failure::Timeout)))
         })
+    }
+}
+
+/// `fut`'s output, or `None` when `sleep` has waited `timeout` first.
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    sleep: &dyn Sleep,
+    fut: impl Future<Output = T>,
+) -> Option<T> {
+    match future::select(pin!(fut), sleep.sleep(timeout)).await {
+        Either::Left((output, _)) => Some(output),
+        Either::Right(((), _)) => None,
     }
 }
 

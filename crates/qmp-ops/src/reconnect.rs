@@ -3,17 +3,16 @@
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_channel::mpsc;
-use futures_util::future::{self, Either, FutureExt, WeakShared};
+use futures_util::future::{FutureExt, WeakShared};
 use qmp_proto::RawJson;
 use serde_json::value::RawValue;
 
-use crate::exec::{BoxFuture, ExecError, Execute};
+use crate::exec::{BoxFuture, ExecError, Execute, within};
 use crate::time::Sleep;
 
 /// Sent to subscribers when a session replaced an earlier one: events emitted between the two
@@ -231,14 +230,13 @@ where
         Box::pin(async move {
             let (generation, session) = match self.current() {
                 Some(current) => current,
-                None => match future::select(pin!(self.session()), sleep.sleep(timeout)).await {
-                    Either::Left((session, _)) => session?,
-                    Either::Right(((), _)) => {
-                        return Err(ExecError::Connect(format!(
+                None => within(timeout, sleep, self.session())
+                    .await
+                    .ok_or_else(|| {
+                        ExecError::Connect(format!(
                             "no session within the command's timeout ({timeout:?})"
-                        )));
-                    }
-                },
+                        ))
+                    })??,
             };
             let result = session.execute_timeout(name, args, timeout, sleep).await;
             self.checked(generation, result)
