@@ -318,12 +318,11 @@ pub(crate) fn run(
             Ok((session, described))
         }))?;
     let client = session.client.clone();
-    let interactive = rustix::termios::isatty(std::io::stdin());
+    let stdin = std::io::stdin();
     let on_signal = Arc::new(OnSignal {
         qemu: Mutex::new(session.qemu.take()),
-        interactive,
-        terminal: interactive
-            .then(|| rustix::termios::tcgetattr(std::io::stdin()).ok())
+        terminal: rustix::termios::isatty(&stdin)
+            .then(|| rustix::termios::tcgetattr(&stdin).ok())
             .flatten(),
         line: Mutex::new(None),
         ending: AtomicBool::new(false),
@@ -505,9 +504,8 @@ async fn describe(
 struct OnSignal {
     /// The QEMU that `--spawn` started, if any.
     qemu: Mutex<Option<Qemu>>,
-    /// Whether standard input is a terminal.
-    interactive: bool,
-    /// The terminal's settings before the line editor first changed them.
+    /// The terminal's settings before the line editor first changed them, when standard
+    /// input is a terminal (then the shell is interactive).
     terminal: Option<Termios>,
     /// Cancels the line running now, if any.
     line: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
@@ -539,7 +537,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 async fn watch_signals(mut signals: Signals, on: Arc<OnSignal>) {
     loop {
         let n = signals.recv().await;
-        if n == SIGINT && on.interactive {
+        if n == SIGINT && on.terminal.is_some() {
             if let Some(cancel) = lock(&on.line).take() {
                 let _ = cancel.send(());
             }
