@@ -585,8 +585,8 @@ impl Stream {
         }
     }
 
-    /// Writes everything, waiting for room; gives up when `stop` is set (the fake is dropped
-    /// while a client does not read).
+    /// Writes everything, waiting for room, as a session ends; gives up when `stop` is set
+    /// (the fake is dropped while a client does not read).
     fn write_all(&mut self, mut data: &[u8], stop: &AtomicBool) -> io::Result<()> {
         while !data.is_empty() {
             let r = match self {
@@ -610,9 +610,57 @@ impl Stream {
         Ok(())
     }
 
+    /// Writes what `out` holds until the socket is full, without waiting.
+    fn write_some(&mut self, out: &mut Outbox) -> io::Result<()> {
+        while !out.pending().is_empty() {
+            let r = match self {
+                Self::Unix(s) => s.write(out.pending()),
+                Self::Tcp(s) => s.write(out.pending()),
+            };
+            match r {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => out.sent(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     fn reset(self) {
         let _ = rustix::net::sockopt::set_socket_linger(self.fd(), Some(Duration::ZERO));
         drop(self);
+    }
+}
+
+/// Output the client has not taken yet. Like QEMU's monitor, the fake keeps it in memory and
+/// goes on reading requests and running commands while the client does not read.
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+    /// How much of `buf` is written.
+    done: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, bytes: &[u8]) {
+        if self.done == self.buf.len() {
+            self.buf.clear();
+            self.done = 0;
+        } else if self.done > self.buf.len() / 2 {
+            self.buf.drain(..self.done);
+            self.done = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.done..]
+    }
+
+    fn sent(&mut self, n: usize) {
+        self.done += n;
     }
 }
 
@@ -856,7 +904,7 @@ impl Worker {
     /// Waits for `fd` to be readable or a control message; handles controls that need no
     /// session. Returns `Some(End::Shutdown)` on shutdown, `None` when `fd` is readable.
     fn wait(&mut self, fd: Option<BorrowedFd<'_>>) -> Option<End> {
-        self.poll(fd, true, None);
+        self.poll(fd, PollFlags::IN, None);
         while let Ok(c) = self.rx.try_recv() {
             match c {
                 Control::Shutdown => return Some(End::Shutdown),
@@ -867,21 +915,15 @@ impl Worker {
         None
     }
 
-    /// Waits until `fd` is readable, a control message comes or `timeout` passes; returns
-    /// whether `fd` is readable. Control messages are left for the caller.
-    /// Waits for the wake pipe, `fd` (readable when `read`, else only a hang-up) or the
-    /// timeout; returns what `fd` reported.
+    /// Waits for the wake pipe, for `interest` on `fd` (a hang-up or error is reported even
+    /// with no interest) or for `timeout`; returns what `fd` reported. Control messages are
+    /// left for the caller.
     fn poll(
         &mut self,
         fd: Option<BorrowedFd<'_>>,
-        read: bool,
+        interest: PollFlags,
         timeout: Option<Duration>,
     ) -> PollFlags {
-        let interest = if read {
-            PollFlags::IN
-        } else {
-            PollFlags::empty()
-        };
         let mut fds = vec![PollFd::new(&self.wake, PollFlags::IN)];
         if let Some(fd) = fd {
             fds.push(PollFd::from_borrowed_fd(fd, interest));
@@ -934,17 +976,19 @@ impl Worker {
         };
         let mut releases_used = self.released;
         let mut eof = false;
+        let mut out = Outbox::default();
         loop {
             // Run what can run now.
             let outcome = self.step(&mut server, &mut session, &mut releases_used, index);
-            let bytes = server.take_transmit();
-            if !bytes.is_empty() && stream.write_all(&bytes, &self.stop).is_err() {
-                return End::Client;
-            }
+            out.push(&server.take_transmit());
             match outcome {
                 Step::Continue => {}
-                Step::Close => return End::Client,
+                Step::Close => {
+                    let _ = stream.write_all(out.pending(), &self.stop);
+                    return End::Client;
+                }
                 Step::Reset => {
+                    let _ = stream.write_all(out.pending(), &self.stop);
                     stream.reset();
                     return End::Client;
                 }
@@ -952,19 +996,32 @@ impl Worker {
             // Once the client has gone, QEMU drops the requests it queued and ends the session
             // (a command already running finishes, but its reply goes nowhere).
             if eof {
+                let _ = stream.write_all(out.pending(), &self.stop);
+                return End::Client;
+            }
+            if stream.write_some(&mut out).is_err() {
                 return End::Client;
             }
             // Wait for input (unless suspended: then only for a hang-up, which QEMU notices
-            // even while it does not read), a control message or a deadline.
+            // even while it does not read), room for output not yet written, a control message
+            // or a deadline.
             let suspended = session.is_full(&server, self.script.queue_limit);
             let timeout = session
                 .running
                 .as_ref()
                 .and_then(|j| j.until)
                 .map(|t| t.saturating_duration_since(Instant::now()));
-            let revents = self.poll(Some(stream.fd()), !suspended, timeout);
-            let readable = !suspended && !revents.is_empty();
-            if suspended && revents.intersects(PollFlags::HUP | PollFlags::ERR) {
+            let mut interest = PollFlags::empty();
+            if !suspended {
+                interest |= PollFlags::IN;
+            }
+            if !out.pending().is_empty() {
+                interest |= PollFlags::OUT;
+            }
+            let revents = self.poll(Some(stream.fd()), interest, timeout);
+            let gone = revents.intersects(PollFlags::HUP | PollFlags::ERR);
+            let readable = !suspended && (gone || revents.contains(PollFlags::IN));
+            if suspended && gone {
                 eof = true;
             }
             while let Ok(c) = self.rx.try_recv() {
@@ -974,7 +1031,8 @@ impl Worker {
                     Control::Disconnect => {
                         // Controls act in order: what earlier ones queued (an event pushed
                         // just before) goes out before the connection closes.
-                        let _ = stream.write_all(&server.take_transmit(), &self.stop);
+                        out.push(&server.take_transmit());
+                        let _ = stream.write_all(out.pending(), &self.stop);
                         return End::Client;
                     }
                     Control::Event { name, data } => {

@@ -1,6 +1,6 @@
 //! The fake's scripted behaviour and faults, seen from a raw socket client.
 
-use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::io::{BufRead, ErrorKind, IoSlice, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::TcpStream;
 use std::os::fd::AsFd;
@@ -535,12 +535,41 @@ fn dropping_the_fake_while_the_client_does_not_read() {
     let big = "x".repeat(1 << 20);
     let fake = FakeQemu::unix(Script::new().on("big", Response::ok(format!("\"{big}\"")))).unwrap();
     let mut c = ready(&fake);
-    // 8 MiB of replies that the client never reads: the fake blocks writing.
+    // 8 MiB of replies that the client never reads: the fake holds them, as QEMU does.
     for i in 0..8 {
         c.send(format!(r#"{{"execute":"big","id":{i}}}"#).as_bytes());
     }
-    assert_eq!(fake.wait_requests(2, T).len(), 2);
+    assert_eq!(fake.wait_requests(9, T).len(), 9);
     drop(fake); // must not hang
+}
+
+#[test]
+fn keeps_reading_while_the_client_does_not_read_its_replies() {
+    // QEMU's monitor keeps output the client has not taken in memory and goes on reading and
+    // running commands. A client that writes all its requests before reading any reply (2 MB
+    // of replies here, far more than the socket buffers) must not be left blocked writing.
+    const N: usize = 20_000;
+    let reply = format!("\"{}\"", "y".repeat(80));
+    let fake = FakeQemu::unix(
+        Script::new()
+            .on("n", Response::ok(reply.clone()))
+            .record(false),
+    )
+    .unwrap();
+    let mut c = ready(&fake);
+    c.s.set_write_timeout(Some(T)).unwrap();
+    let mut input = Vec::new();
+    for i in 0..N {
+        input.extend_from_slice(format!(r#"{{"execute":"n","id":{i}}}"#).as_bytes());
+    }
+    c.send(&input);
+    let mut replies = std::io::BufReader::new(&c.s);
+    let mut line = String::new();
+    for i in 0..N {
+        line.clear();
+        replies.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("{{\"return\": {reply}, \"id\": {i}}}\r\n"));
+    }
 }
 
 #[test]
