@@ -418,6 +418,34 @@ async fn second_client_never_greeted(rt: &Rt) {
     assert!(start.elapsed() < Duration::from_secs(3));
 }
 
+/// Dropping the last client ends the session: the driver completes, the connection closes,
+/// and QEMU greets the next client at once (a monitor serves one client at a time).
+async fn dropping_the_client_frees_the_monitor(rt: &Rt) {
+    let Some(q) = qsd() else { return };
+    let mut previous = None;
+    for round in 0..3 {
+        // Greeted only if the previous session (if any) has let the monitor go.
+        let builder = Builder::new().handshake_timeout(Some(Duration::from_secs(5)));
+        let (c, connection) = (rt.connect)(q.socket_path().into(), builder)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        if let Some(driver) = previous.take() {
+            let result: Result<(), Error> = driver.await;
+            result.unwrap();
+        }
+        let driver = (rt.driver_result)(connection);
+        let jobs = c.execute_raw("query-block-jobs", &()).await.unwrap();
+        assert_eq!(jobs.get(), "[]");
+        let clone = c.clone();
+        drop(c);
+        let jobs = clone.execute_raw("query-block-jobs", &()).await.unwrap();
+        assert_eq!(jobs.get(), "[]", "a clone keeps the session");
+        drop(clone);
+        previous = Some(driver);
+    }
+    previous.unwrap().await.unwrap();
+}
+
 fn system() -> Option<Qemu> {
     Launch::system().spawn()
 }
@@ -824,6 +852,10 @@ macro_rules! scenarios {
         #[test]
         fn peer_killed() {
             $block_on(super::peer_killed(&$rt));
+        }
+        #[test]
+        fn dropping_the_client_frees_the_monitor() {
+            $block_on(super::dropping_the_client_frees_the_monitor(&$rt));
         }
         #[test]
         fn second_client_never_greeted() {

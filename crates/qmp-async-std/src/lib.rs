@@ -42,8 +42,9 @@ where
     builder.handshake(stream, AsyncStdTimer).await
 }
 
-/// Spawns the driver on async-std's executor. The session runs until it closes even if the
-/// handle is dropped.
+/// Spawns the driver on async-std's executor. Dropping the returned `JoinHandle` detaches the
+/// task; the session runs until it closes, which at the latest is when the last `Client` and
+/// `EventStream` are dropped.
 ///
 /// The executor's threads are not the caller's, so each command crosses threads twice: 1.6-2.2x
 /// the CPU per command of the alternatives below, measured against qemu-storage-daemon

@@ -16,7 +16,7 @@ use crate::driver::{Connection, Plain, Transport};
 use crate::error::{Error, ErrorKind};
 use crate::events::{EventFilter, EventItem, EventStream, Subscriber};
 use crate::rt::Timer;
-use crate::shared::Shared;
+use crate::shared::{Handle, Shared};
 use qmp_proto::SendStatus;
 
 /// Default capacity of each subscriber's event queue.
@@ -198,7 +198,12 @@ impl Builder {
             Poll::Pending
         })
         .await?;
-        Ok((Client { shared }, conn))
+        Ok((
+            Client {
+                shared: Handle::new(&shared),
+            },
+            conn,
+        ))
     }
 }
 
@@ -220,12 +225,18 @@ where
 /// with an [`Error`] whose [`send_status`](Error::send_status) says whether it was sent. It
 /// does no I/O itself; the [`Connection`] future does, and MUST be running.
 ///
+/// # Drop behavior
+/// The session stays open while any clone of the client, or any [`EventStream`] taken from
+/// it, is alive. Dropping the last of them closes it as [`close`](Self::close) does: the
+/// driver shuts the transport down and completes with `Ok(())`, so the monitor (which QEMU
+/// serves to one client at a time) is free for the next connection.
+///
 /// # Cancel safety
 /// Dropping a command's future abandons it: if it was not written it never will be, and if it
 /// was, its late reply is discarded, never given to another command.
 #[derive(Clone)]
 pub struct Client {
-    shared: Arc<Shared>,
+    shared: Handle,
 }
 
 impl std::fmt::Debug for Client {
@@ -501,7 +512,7 @@ impl Client {
                 inner.subscribers.push(Arc::downgrade(&sub));
             }
         }
-        EventStream::new(sub)
+        EventStream::new(sub, self.shared.clone())
     }
 
     /// Waits for the first event passing `filter` and `predicate`, up to `timeout`. Only events
@@ -773,7 +784,7 @@ mod tests {
     fn waits_dropped_unfinished_leave_nothing_behind() {
         let shared = Shared::new(Config::default(), Arc::new(NoTimer), 8, false);
         let client = Client {
-            shared: Arc::clone(&shared),
+            shared: Handle::new(&shared),
         };
         // Many short-lived tasks each wait a moment for the close, then give up.
         for _ in 0..1000 {

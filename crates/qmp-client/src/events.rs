@@ -7,6 +7,8 @@ use std::task::{Context, Poll, Waker};
 
 use qmp_proto::{CloseReason, Event};
 
+use crate::shared::Handle;
+
 /// Which events a subscription receives, by name. Defaults to all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventFilter {
@@ -159,16 +161,22 @@ impl Subscriber {
 /// remaining events are yielded, then [`EventItem::Closed`], then the stream ends.
 ///
 /// # Drop behavior
-/// Dropping the stream unsubscribes it.
+/// Dropping the stream unsubscribes it. While it lives it keeps the session open, as a
+/// [`Client`](crate::Client) does; dropping the last client and stream closes the session.
 #[derive(Debug)]
 #[must_use = "streams do nothing unless polled"]
 pub struct EventStream {
     sub: Arc<Subscriber>,
+    /// Keeps the session open while the stream lives.
+    _session: Handle,
 }
 
 impl EventStream {
-    pub(crate) fn new(sub: Arc<Subscriber>) -> Self {
-        Self { sub }
+    pub(crate) fn new(sub: Arc<Subscriber>, session: Handle) -> Self {
+        Self {
+            sub,
+            _session: session,
+        }
     }
 
     /// The next item, or `None` once the stream has ended.

@@ -1,6 +1,8 @@
 //! State shared by the client handles and the driver.
 
 use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Waker;
 use std::time::Instant;
@@ -16,6 +18,48 @@ pub(crate) struct Shared {
     pub(crate) timer: Arc<dyn Timer>,
     pub(crate) event_queue: usize,
     pub(crate) supports_fds: bool,
+    /// How many [`Handle`]s there are.
+    handles: AtomicUsize,
+}
+
+/// A counted reference to the session, held by every `Client` and `EventStream`. When the
+/// last one goes, nothing can use the session any more: it is closed, and the driver shuts
+/// the transport down and finishes.
+pub(crate) struct Handle(Arc<Shared>);
+
+impl Handle {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        shared.handles.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(shared))
+    }
+}
+
+impl Clone for Handle {
+    fn clone(&self) -> Self {
+        Self::new(&self.0)
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.0.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.lock().close_now(&*self.0.timer);
+        }
+    }
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handle")
+    }
+}
+
+impl Deref for Handle {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 pub(crate) struct Inner {
@@ -63,6 +107,7 @@ impl Shared {
             timer,
             event_queue,
             supports_fds,
+            handles: AtomicUsize::new(0),
         })
     }
 

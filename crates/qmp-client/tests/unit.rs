@@ -1201,3 +1201,49 @@ fn a_wait_for_an_event_ended_by_the_peer_has_no_send_status() {
     );
     assert!(!e.is_not_sent());
 }
+
+#[test]
+fn dropping_the_last_client_and_stream_closes_the_session() {
+    let (s, conn) = unspawned(Builder::new());
+    let Session {
+        mut pool,
+        sp,
+        client,
+        srv,
+        ..
+    } = s;
+    let mut driver = spawn(&sp, conn);
+    let clone = client.clone();
+    let mut events = client.subscribe("STOP");
+    drop(client);
+    assert!(done(&mut pool, &mut driver).is_none(), "a clone holds it");
+    // The clone still works.
+    let c = clone.clone();
+    let mut call = spawn(&sp, async move { c.execute_raw("query-status", &()).await });
+    pool.run_until_stalled();
+    assert_eq!(srv.take(), r#"{"execute":"query-status","id":1}"#);
+    srv.send("{\"return\": {}, \"id\": 1}\r\n");
+    assert_eq!(done(&mut pool, &mut call).unwrap().unwrap().get(), "{}");
+    drop(clone);
+    assert!(
+        done(&mut pool, &mut driver).is_none(),
+        "the stream holds it"
+    );
+    assert!(!srv.client_closed());
+    srv.send(&event("STOP", 1));
+    pool.run_until_stalled();
+    let ev = events
+        .next_event()
+        .now_or_never()
+        .flatten()
+        .expect("an event");
+    assert_eq!(
+        (ev.name.as_str(), ev.data.unwrap().get()),
+        ("STOP", "{\"n\": 1}")
+    );
+    drop(events);
+    // Nothing can use the session any more: it closes, and the monitor is let go.
+    assert!(matches!(done(&mut pool, &mut driver), Some(Ok(()))));
+    assert!(srv.client_closed());
+    assert_eq!(srv.take(), "");
+}

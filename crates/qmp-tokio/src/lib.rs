@@ -228,8 +228,9 @@ where
     builder.handshake(stream.compat(), TokioTimer::new()).await
 }
 
-/// Spawns the driver on the current tokio runtime. The session runs until it closes even if
-/// the handle is dropped.
+/// Spawns the driver on the current tokio runtime. Dropping the returned `JoinHandle` detaches
+/// the task; the session runs until it closes, which at the latest is when the last `Client`
+/// and `EventStream` are dropped.
 pub fn spawn_connection(connection: Connection) -> tokio::task::JoinHandle<Result<(), Error>> {
     tokio::spawn(connection)
 }
