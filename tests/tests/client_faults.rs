@@ -240,6 +240,83 @@ async fn bad_output_does_not_end_the_session(connect: Connect) {
     assert_eq!(st.anomalies, 7, "{st:?}");
 }
 
+/// A reply too large or nested too deep to read fails its own command only, as one that ran
+/// with an unknown result; a command answered after it, and the session, go on.
+async fn an_unreadable_reply_fails_only_its_command(connect: Connect) {
+    let script = Script::new()
+        .on("big", Response::ok(format!("\"{}\"", "a".repeat(2000))))
+        .on(
+            "deep",
+            Response::ok(format!("{}0{}", "[".repeat(40), "]".repeat(40))),
+        )
+        .on("n", Response::ok("7"));
+    let fake = FakeQemu::unix(script).unwrap();
+    let config = qmp_client::Config::default()
+        .max_message_size(1000)
+        .max_depth(16);
+    let (c, _driver) = connect(Addr::of(&fake), Builder::with_config(config))
+        .await
+        .unwrap();
+    for name in ["big", "deep"] {
+        let (lost, next) = futures_util::join!(
+            c.execute::<IgnoredAny, _>(name, &()),
+            c.execute::<u32, _>("n", &())
+        );
+        let e = lost.unwrap_err();
+        assert_eq!(
+            (e.kind(), e.send_status(), e.command(), e.to_string()),
+            (
+                ErrorKind::ReplyLost,
+                Some(SendStatus::Unanswered),
+                Some(name),
+                format!("{name}: its reply could not be read (it ran, with an unknown result)")
+            )
+        );
+        assert_eq!(next.unwrap(), 7);
+    }
+    assert_eq!(c.stats().anomalies, 2);
+}
+
+/// QEMU can emit the event a command causes before or after the command's reply (block jobs
+/// do both). `execute_then_wait` subscribes before sending, so it gets the event either way,
+/// and skips events its predicate rejects.
+async fn the_event_a_command_causes_before_or_after_its_reply(connect: Connect) {
+    let change = |job: &str| format!(r#"{{"status": "created", "id": "{job}"}}"#);
+    let script = Script::new()
+        .on(
+            "before",
+            Response::ok("{}")
+                .event_before("JOB_STATUS_CHANGE", Some(&change("other")))
+                .event_before("JOB_STATUS_CHANGE", Some(&change("j1"))),
+        )
+        .on(
+            "after",
+            Response::ok("{}")
+                .event_after("JOB_STATUS_CHANGE", Some(&change("other")))
+                .event_after("JOB_STATUS_CHANGE", Some(&change("j2"))),
+        );
+    let fake = FakeQemu::unix(script).unwrap();
+    let (c, _driver) = connect(Addr::of(&fake), Builder::new()).await.unwrap();
+    for (command, job) in [("before", "j1"), ("after", "j2")] {
+        let wanted = change(job);
+        let (_, ev): (IgnoredAny, _) = c
+            .execute_then_wait(
+                command,
+                &(),
+                "JOB_STATUS_CHANGE",
+                |e| e.data.as_ref().is_some_and(|d| d.get() == wanted),
+                Some(Duration::from_secs(10)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (ev.name.as_str(), ev.data.unwrap().get()),
+            ("JOB_STATUS_CHANGE", wanted.as_str())
+        );
+    }
+    assert_eq!(c.stats().events, 4);
+}
+
 /// A monitor connected during QEMU's start-up race greets twice: the second greeting arrives
 /// after the client has sent `qmp_capabilities` (seen with qemu-storage-daemon 10.0.2; see
 /// `qmp_testkit::launch`). The session goes on with the first greeting.
@@ -419,6 +496,16 @@ macro_rules! faults_on {
         #[test]
         fn reset_after_quit_is_a_normal_close() {
             $block_on(super::reset_after_quit_is_a_normal_close($connect));
+        }
+        #[test]
+        fn an_unreadable_reply_fails_only_its_command() {
+            $block_on(super::an_unreadable_reply_fails_only_its_command($connect));
+        }
+        #[test]
+        fn the_event_a_command_causes_before_or_after_its_reply() {
+            $block_on(super::the_event_a_command_causes_before_or_after_its_reply(
+                $connect,
+            ));
         }
         #[test]
         fn greeted_twice_at_start_up() {
