@@ -820,6 +820,31 @@ mod tests {
         assert_eq!(requests[0].arguments, None);
     }
 
+    #[test]
+    fn raw_baseline_fills_its_window_and_no_more() {
+        // The first command stalls, so nothing is answered until it is released: what the
+        // fake has read by then is exactly the window.
+        let script = Script::new().queue_limit(64).on_once(
+            COMMAND,
+            Response::actions(vec![Action::Stall, Action::Return("{}".into())]),
+        );
+        let fake = FakeQemu::unix(script).unwrap();
+        let path = fake.socket_path().unwrap().to_owned();
+        let run = std::thread::spawn(move || {
+            raw(&path, 40, 5, RawWait::Block, RawIds::Sequential, SECS).map(|s| s.n)
+        });
+        // The negotiation, then five commands on the wire.
+        assert_eq!(fake.wait_requests(6, SECS).len(), 6);
+        assert_eq!(fake.wait_requests(7, Duration::from_millis(300)).len(), 6);
+        fake.release();
+        assert_eq!(run.join().unwrap().unwrap(), 40);
+        let ids: Vec<_> = fake.requests()[1..]
+            .iter()
+            .map(|r| r.id.clone().unwrap())
+            .collect();
+        assert_eq!(ids, (0..40).map(|i| i.to_string()).collect::<Vec<_>>());
+    }
+
     /// The error `raw` ends with against a fake following `script`.
     fn raw_error(script: Script, timeout: Duration) -> io::Error {
         let fake = FakeQemu::unix(script).unwrap();

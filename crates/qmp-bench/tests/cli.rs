@@ -201,3 +201,94 @@ fn every_client_prints_the_effective_in_flight_and_ops_per_sec_last() {
         assert!(last.parse::<f64>().unwrap() > 0.0);
     }
 }
+
+/// `key=value` pairs of one output line, in order.
+fn fields(line: &str) -> Vec<(&str, &str)> {
+    line.split(' ')
+        .map(|kv| kv.split_once('=').unwrap_or_else(|| panic!("{line}")))
+        .collect()
+}
+
+/// The keys of `line` and its values parsed as numbers.
+fn numbers(line: &str) -> (Vec<&str>, Vec<f64>) {
+    fields(line)
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                v.parse::<f64>().unwrap_or_else(|e| panic!("{line}: {e}")),
+            )
+        })
+        .unzip()
+}
+
+#[test]
+fn every_client_measures_a_real_qemu_storage_daemon() {
+    let Some(qsd) = qmp_testkit::launch::Launch::storage_daemon().spawn() else {
+        return;
+    };
+    let socket = qsd.socket_path().to_str().unwrap().to_owned();
+    let runs: &[(&[&str], &str)] = &[
+        (
+            &["--raw", "--mode", "seq"],
+            "client=raw mode=seq n=300 concurrency=8 in_flight=1 threads=1",
+        ),
+        (
+            &["--raw", "--raw-wait", "poll", "--mode", "conc"],
+            "client=raw-poll mode=conc n=300 concurrency=8 in_flight=8 threads=1",
+        ),
+        (
+            &["--runtime", "tokio", "--mode", "seq"],
+            "client=tokio mode=seq n=300 concurrency=8 in_flight=1 threads=2",
+        ),
+        (
+            &["--runtime", "smol", "--mode", "conc", "--concurrency", "4"],
+            "client=smol mode=conc n=300 concurrency=4 in_flight=4 threads=1",
+        ),
+        (
+            &[
+                "--runtime",
+                "async-std",
+                "--driver",
+                "spawn",
+                "--mode",
+                "conc",
+            ],
+            "client=async-std mode=conc n=300 concurrency=8 in_flight=8 threads=1",
+        ),
+    ];
+    for (extra, header) in runs {
+        let mut args = vec!["--socket", &socket, "--n", "300"];
+        args.extend_from_slice(extra);
+        let out = qmp_load(&args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        assert_eq!(
+            lines[0],
+            format!("{header} server=socket repeat=1"),
+            "{args:?}"
+        );
+        let (keys, run) = numbers(lines[1]);
+        assert_eq!(
+            keys,
+            [
+                "run",
+                "secs",
+                "switches_per_op",
+                "cpu_us_per_op",
+                "ops_per_sec"
+            ]
+        );
+        assert_eq!(run[0], 1.0);
+        assert!(run[1] > 0.0 && run[3] > 0.0 && run[4] > 0.0, "{text}");
+        // One run: the best and the medians are that run's figures.
+        let (keys, best) = numbers(lines[2]);
+        assert_eq!(keys, ["cpu_us_per_op_min", "ops_per_sec_max"]);
+        assert_eq!(best, [run[3], run[4]]);
+        assert_eq!(numbers(lines[3]), (vec!["switches_per_op"], vec![run[2]]));
+        assert_eq!(numbers(lines[4]), (vec!["cpu_us_per_op"], vec![run[3]]));
+        assert_eq!(numbers(lines[5]), (vec!["ops_per_sec"], vec![run[4]]));
+    }
+}
