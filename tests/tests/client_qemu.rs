@@ -34,6 +34,8 @@ struct Rt {
     connect_wait: fn(PathBuf, Builder) -> BoxFut<'static, Result<Session, Error>>,
     /// Accept one connection on the listener and handshake.
     accept: fn(UnixListener, Builder) -> BoxFut<'static, Result<Session, Error>>,
+    /// Accept one TCP connection on the listener and handshake.
+    accept_tcp: fn(std::net::TcpListener, Builder) -> BoxFut<'static, Result<Session, Error>>,
     /// Spawns the driver, detached.
     spawn: fn(qmp_client::Connection),
     /// Spawns the driver and hands back its result.
@@ -753,6 +755,8 @@ async fn socketpair_and_accept(rt: &Rt) {
     std::fs::create_dir_all(&dir).unwrap();
     let ours = dir.join("ours.sock");
     let listener = UnixListener::bind(&ours).unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
     let (mine, theirs) = UnixStream::pair().unwrap();
     // The child must inherit its end.
     rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty()).unwrap();
@@ -766,6 +770,12 @@ async fn socketpair_and_accept(rt: &Rt) {
         .arg(format!("socket,path={},server=off,id=md", ours.display()))
         .arg("--monitor")
         .arg("chardev=md")
+        .arg("--chardev")
+        .arg(format!(
+            "socket,host=127.0.0.1,port={port},server=off,id=mt"
+        ))
+        .arg("--monitor")
+        .arg("chardev=mt")
         .spawn()
     else {
         return;
@@ -773,7 +783,8 @@ async fn socketpair_and_accept(rt: &Rt) {
     drop(theirs);
     let pair = rt.up((rt.from_pair)(mine, Builder::new())).await.unwrap();
     let dialed = rt.up((rt.accept)(listener, Builder::new())).await.unwrap();
-    for c in [&pair, &dialed] {
+    let dialed_tcp = rt.up((rt.accept_tcp)(tcp, Builder::new())).await.unwrap();
+    for c in [&pair, &dialed, &dialed_tcp] {
         let v: Version = c.execute("query-version", &()).await.unwrap();
         assert_eq!(v.qemu.major, 10);
         let e = c
@@ -916,6 +927,13 @@ mod tokio_rt {
                 qmp_tokio::accept(&l, b).await
             })
         },
+        accept_tcp: |l, b| {
+            Box::pin(async move {
+                l.set_nonblocking(true)?;
+                let l = tokio::net::TcpListener::from_std(l)?;
+                qmp_tokio::accept_tcp(&l, b).await
+            })
+        },
         spawn: |conn| drop(qmp_tokio::spawn_connection(conn)),
         driver_result: |conn| {
             let h = qmp_tokio::spawn_connection(conn);
@@ -937,6 +955,7 @@ mod smol_rt {
         accept: |l, b| {
             Box::pin(async move { qmp_smol::accept(&async_io::Async::new(l)?, b).await })
         },
+        accept_tcp: |l, b| Box::pin(async move { qmp_smol::accept_tcp(&l.try_into()?, b).await }),
         spawn: |conn| qmp_smol::spawn_connection(conn).detach(),
         driver_result: |conn| Box::pin(qmp_smol::spawn_connection(conn)),
     };
@@ -958,9 +977,8 @@ mod async_std_rt {
                 Duration::from_secs(20),
             ))
         },
-        accept: |l, b| {
-            Box::pin(async move { qmp_async_std::accept(&async_io::Async::new(l)?, b).await })
-        },
+        accept: |l, b| Box::pin(async move { qmp_async_std::accept(&l.into(), b).await }),
+        accept_tcp: |l, b| Box::pin(async move { qmp_async_std::accept_tcp(&l.into(), b).await }),
         spawn: |conn| drop(qmp_async_std::spawn_connection(conn)),
         driver_result: |conn| Box::pin(qmp_async_std::spawn_connection(conn)),
     };

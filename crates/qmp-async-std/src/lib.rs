@@ -16,7 +16,38 @@
 pub use qmp_client::*;
 pub use qmp_smol::SmolTimer as AsyncStdTimer;
 #[cfg(unix)]
-pub use qmp_smol::{accept, connect_unix, connect_unix_wait, from_unix_stream};
+pub use qmp_smol::{connect_unix, connect_unix_wait, from_unix_stream};
+
+/// Accepts one connection on async-std's unix listener (QEMU started with `server=off` dials
+/// us) and performs the handshake; fd passing is enabled.
+///
+/// # Errors
+/// As for [`connect_unix`].
+#[cfg(unix)]
+pub async fn accept(
+    listener: &async_std::os::unix::net::UnixListener,
+    builder: Builder,
+) -> Result<(Client, Connection), Error> {
+    let (stream, _) = listener.accept().await?;
+    // Taken off async-std's reactor registration (the only reference, just accepted) and
+    // registered again by the fd-passing transport.
+    let stream = std::os::unix::net::UnixStream::try_from(stream)?;
+    from_unix_stream(stream, builder).await
+}
+
+/// Accepts one TCP connection on async-std's listener (QEMU started with
+/// `-qmp tcp:HOST:PORT,server=off` dials us) and performs the handshake.
+///
+/// # Errors
+/// As for [`connect_tcp`].
+pub async fn accept_tcp(
+    listener: &async_std::net::TcpListener,
+    builder: Builder,
+) -> Result<(Client, Connection), Error> {
+    let (stream, _) = listener.accept().await?;
+    stream.set_nodelay(true)?;
+    from_stream(stream, builder).await
+}
 
 /// Connects to a QMP TCP socket with async-std's `TcpStream` and performs the handshake.
 ///

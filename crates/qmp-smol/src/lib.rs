@@ -130,6 +130,20 @@ pub async fn accept(
     start(stream, builder).await
 }
 
+/// Accepts one TCP connection (QEMU started with `-qmp tcp:HOST:PORT,server=off` dials us)
+/// and performs the handshake.
+///
+/// # Errors
+/// As for [`connect_unix`].
+pub async fn accept_tcp(
+    listener: &smol::net::TcpListener,
+    builder: Builder,
+) -> Result<(Client, Connection), Error> {
+    let (stream, _) = listener.accept().await?;
+    stream.set_nodelay(true)?;
+    from_stream(stream, builder).await
+}
+
 /// Connects to a QMP TCP socket and performs the handshake.
 ///
 /// # Errors

@@ -204,6 +204,20 @@ pub async fn accept(
     start(stream.into_std()?, builder).await
 }
 
+/// Accepts one TCP connection (QEMU started with `-qmp tcp:HOST:PORT,server=off` dials us)
+/// and performs the handshake.
+///
+/// # Errors
+/// As for [`connect_unix`].
+pub async fn accept_tcp(
+    listener: &tokio::net::TcpListener,
+    builder: Builder,
+) -> Result<(Client, Connection), Error> {
+    let (stream, _) = listener.accept().await?;
+    stream.set_nodelay(true)?;
+    from_stream(stream, builder).await
+}
+
 /// Connects to a QMP TCP socket and performs the handshake.
 ///
 /// # Errors
