@@ -170,6 +170,9 @@ fn cancellation_storm_leaves_a_correct_session() {
         assert!(dropped > 1000, "the storm dropped too few calls: {dropped}");
         assert!(finished > 100, "too few calls finished: {finished}");
         assert_eq!(c.pending(), 0);
+        // Nor does the client keep a channel or descriptors for any of them.
+        let state = format!("{c:?}");
+        assert!(state.contains(", waiters: 0, fd_sets: 0, "), "{state}");
         let storm = c.stats();
         // The negotiation, then the storm calls that were written: the others were dropped
         // before being written (still queued behind the in-flight cap, or not yet flushed).

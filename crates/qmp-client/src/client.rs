@@ -242,10 +242,12 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let inner = self.shared.lock();
-        f.debug_struct("Client")
-            .field("proto", &inner.proto)
-            .field("waiters", &inner.waiters.len())
-            .field("subscriber_slots", &inner.subscribers.len())
+        let mut d = f.debug_struct("Client");
+        d.field("proto", &inner.proto)
+            .field("waiters", &inner.waiters.len());
+        #[cfg(unix)]
+        d.field("fd_sets", &inner.fds.len());
+        d.field("subscriber_slots", &inner.subscribers.len())
             .finish()
     }
 }

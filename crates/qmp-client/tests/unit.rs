@@ -129,9 +129,62 @@ struct Status {
 fn client_is_send_sync_and_connection_is_send() {
     fn check<T: Send + Sync + Clone>() {}
     fn send<T: Send + 'static>() {}
+    fn error<T: std::error::Error + Send + Sync + 'static>() {}
     check::<Client>();
     send::<qmp_client::Connection>();
     send::<qmp_client::EventStream>();
+    error::<Error>();
+}
+
+#[test]
+fn arguments_and_returns_of_the_callers_own_types() {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "kebab-case")]
+    struct AddFd {
+        fdset_id: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        opaque: Option<String>,
+    }
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    struct Added {
+        fd: i32,
+        fdset_id: u32,
+    }
+    let mut s = session(Builder::new());
+    for (id, opaque, wire) in [
+        (
+            1,
+            None,
+            r#"{"execute":"add-fd","arguments":{"fdset-id":3},"id":1}"#,
+        ),
+        (
+            2,
+            Some("a \"b\"".to_owned()),
+            r#"{"execute":"add-fd","arguments":{"fdset-id":3,"opaque":"a \"b\""},"id":2}"#,
+        ),
+    ] {
+        let c = s.client.clone();
+        let args = AddFd {
+            fdset_id: 3,
+            opaque,
+        };
+        let mut call = spawn(&s.sp, async move {
+            c.execute::<Added, _>("add-fd", &args).await
+        });
+        assert!(done(&mut s.pool, &mut call).is_none());
+        assert_eq!(s.srv.take(), wire);
+        s.srv.send(&format!(
+            "{{\"return\": {{\"fd\": 25, \"fdset-id\": 3}}, \"id\": {id}}}\r\n"
+        ));
+        assert_eq!(
+            done(&mut s.pool, &mut call).unwrap().unwrap(),
+            Added {
+                fd: 25,
+                fdset_id: 3
+            }
+        );
+    }
 }
 
 #[test]
