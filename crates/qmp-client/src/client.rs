@@ -198,6 +198,9 @@ impl Builder {
             Poll::Pending
         })
         .await?;
+        // From here a subscriber may exist: the driver's next turn hands it the events read
+        // during the handshake.
+        shared.lock().handshaking = false;
         Ok((
             Client {
                 shared: Handle::new(&shared),
@@ -490,7 +493,10 @@ impl Client {
     }
 
     /// Subscribes to the events that pass `filter`, with the builder's queue capacity. Only
-    /// events that arrive after this call are seen.
+    /// events that arrive after this call are seen, with one exception: the events read
+    /// during the handshake (QEMU may send some before or with the negotiation reply) are
+    /// kept, up to the queue capacity, until the [`Connection`] first runs. Subscribe before
+    /// spawning it to see every event since the greeting.
     pub fn subscribe(&self, filter: impl Into<EventFilter>) -> EventStream {
         self.subscribe_with_capacity(filter, self.shared.event_queue)
     }

@@ -79,6 +79,12 @@ pub(crate) struct Inner {
     pub(crate) draining: usize,
     /// Notified when the last pending command finishes.
     pub(crate) idle: event_listener::Event,
+    /// Until the handshake has returned its `Client`, nobody can have subscribed: events read
+    /// meanwhile (QEMU may send some before or with the negotiation reply) wait here, up to
+    /// `event_queue` of them, for the driver's first turn after the handshake.
+    pub(crate) handshaking: bool,
+    early: std::collections::VecDeque<qmp_proto::Event>,
+    early_cap: usize,
 }
 
 impl Shared {
@@ -103,6 +109,9 @@ impl Shared {
                 done: event_listener::Event::new(),
                 draining: 0,
                 idle: event_listener::Event::new(),
+                handshaking: true,
+                early: std::collections::VecDeque::new(),
+                early_cap: event_queue.max(1),
             }),
             timer,
             event_queue,
@@ -171,6 +180,11 @@ impl Inner {
     /// Routes every output of the machine: completions to their callers, events to the
     /// subscribers, and the close to everyone.
     pub(crate) fn dispatch(&mut self) {
+        if !self.handshaking {
+            while let Some(ev) = self.early.pop_front() {
+                self.route(&ev);
+            }
+        }
         while let Some(out) = self.proto.poll_output() {
             match out {
                 Output::Completed { id, outcome } => {
@@ -179,15 +193,13 @@ impl Inner {
                         let _ = tx.send(outcome);
                     }
                 }
-                Output::Event(ev) => {
-                    self.subscribers.retain(|w| match w.upgrade() {
-                        Some(sub) => {
-                            sub.offer(&ev);
-                            true
-                        }
-                        None => false,
-                    });
+                Output::Event(ev) if self.handshaking => {
+                    if self.early.len() == self.early_cap {
+                        self.early.pop_front();
+                    }
+                    self.early.push_back(ev);
                 }
+                Output::Event(ev) => self.route(&ev),
                 Output::Closed(reason) => {
                     #[cfg(feature = "tracing")]
                     tracing::debug!(?reason, "qmp connection closed");
@@ -208,6 +220,17 @@ impl Inner {
                 _ => {}
             }
         }
+    }
+
+    /// Offers `ev` to every live subscriber, forgetting those gone.
+    fn route(&mut self, ev: &qmp_proto::Event) {
+        self.subscribers.retain(|w| match w.upgrade() {
+            Some(sub) => {
+                sub.offer(ev);
+                true
+            }
+            None => false,
+        });
     }
 
     /// Wakes whoever waits for the last pending command to finish.

@@ -1300,3 +1300,51 @@ fn dropping_the_last_client_and_stream_closes_the_session() {
     assert!(srv.client_closed());
     assert_eq!(srv.take(), "");
 }
+
+#[test]
+fn events_read_during_the_handshake_reach_streams_subscribed_before_the_driver_runs() {
+    let Handshaking {
+        mut pool,
+        sp,
+        srv,
+        timer: _timer,
+        mut hs,
+    } = handshaking(Builder::new().event_queue(3));
+    srv.greet();
+    assert!(done(&mut pool, &mut hs).is_none());
+    assert_eq!(srv.take(), NEGOTIATE);
+    // QEMU may emit events before the negotiation reply; more come in the same read. Four
+    // are kept at most three (the queue size): the oldest goes.
+    srv.send(&format!(
+        "{}{}{{\"return\": {{}}, \"id\": 0}}\r\n{}{}",
+        event("A", 0),
+        event("A", 1),
+        event("B", 2),
+        event("B", 3)
+    ));
+    let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
+    let mut first = client.subscribe(qmp_client::EventFilter::all());
+    let mut only_b = client.subscribe("B");
+    let mut driver = spawn(&sp, conn);
+    pool.run_until_stalled();
+    let mut late = client.subscribe(qmp_client::EventFilter::all());
+    let names = |s: &mut qmp_client::EventStream| {
+        std::iter::from_fn(|| s.next_event().now_or_never().flatten())
+            .map(|e| format!("{} {}", e.name, e.data.unwrap().get()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(&mut first),
+        ["A {\"n\": 1}", "B {\"n\": 2}", "B {\"n\": 3}"]
+    );
+    assert_eq!(names(&mut only_b), ["B {\"n\": 2}", "B {\"n\": 3}"]);
+    assert_eq!(late.len(), 0);
+    // From then on, events go to the streams there are when they arrive.
+    srv.send(&event("C", 4));
+    pool.run_until_stalled();
+    assert_eq!(names(&mut late), ["C {\"n\": 4}"]);
+    assert_eq!(names(&mut first), ["C {\"n\": 4}"]);
+    assert_eq!(client.stats().events, 5);
+    drop((client, first, only_b, late));
+    assert!(matches!(done(&mut pool, &mut driver), Some(Ok(()))));
+}
