@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qmp_testkit::launch::{Launch, LaunchError, Qemu};
-use qmp_tokio::{Builder, Client, RemoteError};
+use qmp_tokio::{Builder, Client, EventFilter, EventStream, RemoteError};
 
 use crate::fail::Failure;
 
@@ -52,9 +52,25 @@ pub(crate) struct Timeouts {
 pub(crate) struct Session {
     pub(crate) client: Client,
     pub(crate) qga: bool,
+    /// Every event since the greeting, subscribed before the driver ran (see
+    /// [`events`](Self::events)).
+    events: std::sync::Mutex<Option<EventStream>>,
     /// A program started with `--spawn`, kept alive for the session.
     #[allow(dead_code)] // held for its drop (kill and reap)
     pub(crate) qemu: Option<Qemu>,
+}
+
+impl Session {
+    /// The stream of every event, from the first one QEMU sent (the first call; later calls
+    /// subscribe anew).
+    pub(crate) fn events(&self) -> EventStream {
+        let early = self
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        early.unwrap_or_else(|| self.client.subscribe(EventFilter::all()))
+    }
 }
 
 /// Starts a throwaway QEMU program (in its own temp dir) with the testkit launcher.
@@ -152,14 +168,19 @@ pub(crate) async fn open(target: &Target, t: Timeouts) -> Result<Session, Failur
             greet(qmp_tokio::from_stream(stream, builder), t).await
         }
     };
-    let client = handshake?;
-    Ok(Session { client, qga, qemu })
+    let (client, events) = handshake?;
+    Ok(Session {
+        client,
+        qga,
+        events: std::sync::Mutex::new(Some(events)),
+        qemu,
+    })
 }
 
 async fn greet(
     fut: impl Future<Output = Result<(Client, qmp_tokio::Connection), qmp_tokio::Error>>,
     t: Timeouts,
-) -> Result<Client, Failure> {
+) -> Result<(Client, EventStream), Failure> {
     match fut.await {
         Err(e) => Err(Failure::Connection(match e.remote_error() {
             Some(RemoteError::GreetingTimeout) => format!(
@@ -180,8 +201,11 @@ async fn greet(
             _ => format!("handshake failed: {e}"),
         })),
         Ok((client, connection)) => {
+            // Subscribed before the driver runs: events read with the negotiation reply are
+            // not lost.
+            let events = client.subscribe(EventFilter::all());
             qmp_tokio::spawn_connection(connection);
-            Ok(client)
+            Ok((client, events))
         }
     }
 }

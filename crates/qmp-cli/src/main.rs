@@ -575,7 +575,7 @@ async fn follow_events(
     timeout: Option<Duration>,
     out: Out,
 ) -> Result<(), Failure> {
-    let mut stream = session.client.subscribe(qmp_tokio::EventFilter::all());
+    let mut stream = session.events();
     let filters: Vec<qmp_ops::Pattern> = filters.iter().map(qmp_ops::Pattern::new).collect();
     // A timeout too long to represent never runs out.
     let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));

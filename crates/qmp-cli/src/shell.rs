@@ -353,7 +353,7 @@ pub(crate) fn run(
     };
 
     // Events, printed above the prompt as they arrive.
-    let mut events = client.subscribe(qmp_tokio::EventFilter::all());
+    let mut events = session.events();
     let ev_printer = printer.clone();
     let colour = out.style.colour;
     let event_task = rt.spawn(async move {

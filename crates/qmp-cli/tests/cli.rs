@@ -1337,3 +1337,33 @@ fn a_signal_stops_qmp_and_the_qemu_it_spawned() {
         }
     }
 }
+
+#[test]
+fn events_sent_with_the_negotiation_reply_are_followed_too() {
+    use qmp_testkit::fake::Response;
+    // QEMU may send events before its qmp_capabilities reply and in the same read.
+    let script = Script::new().on(
+        "qmp_capabilities",
+        Response::ok("{}")
+            .event_before("BEFORE", Some(r#"{"n": 1}"#))
+            .event_after("AFTER", None),
+    );
+    let fake = FakeQemu::unix(script).unwrap();
+    let f = fake.socket_path().unwrap().display().to_string();
+    let o = qmp(&["-s", &f, "events", "--count", "2", "--timeout", "5"]);
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
+    let events: Vec<(String, String)> = out(&o)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["event"].to_string(), v["data"].to_string())
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (r#""BEFORE""#.to_owned(), r#"{"n":1}"#.to_owned()),
+            (r#""AFTER""#.to_owned(), "null".to_owned())
+        ]
+    );
+}
