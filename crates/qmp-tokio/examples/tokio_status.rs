@@ -9,12 +9,12 @@ async fn main() -> Result<(), qmp_tokio::Error> {
         .nth(1)
         .unwrap_or_else(|| "/tmp/qmp.sock".to_owned());
     let (client, connection) = qmp_tokio::connect_unix(&path, Builder::new()).await?;
+    // Subscribed before the driver runs, so that no event since the greeting is missed.
+    let mut events = client.subscribe(EventFilter::all());
     let driver = qmp_tokio::spawn_connection(connection);
     if let Some(g) = client.greeting() {
         println!("connected to QEMU {}", g.version);
     }
-    // Subscribed first, so that no event between the status and the loop is missed.
-    let mut events = client.subscribe(EventFilter::all());
     let status: serde_json::Value = client.execute("query-status", &()).await?;
     println!("status: {status}");
     while let Some(item) = events.recv().await {
