@@ -83,37 +83,43 @@ impl Builder {
         self
     }
 
-    /// Default timeout of every command, counted from when it is submitted.
+    /// Default timeout of every command, counted from when it is submitted. Default: none, so
+    /// a command QEMU never answers waits until the session ends; services usually set one (a
+    /// call can override it with [`Client::execute_timeout`]).
     pub fn command_timeout(mut self, t: Duration) -> Self {
         self.config.command_timeout = Some(t);
         self
     }
 
     /// Budget for the greeting plus negotiation (or the QGA sync). `None`: wait forever.
+    /// Default: 10 s.
     pub fn handshake_timeout(mut self, t: Option<Duration>) -> Self {
         self.config.handshake_timeout = t;
         self
     }
 
-    /// Capacity of each subscriber's queue (at least 1).
+    /// Capacity of each subscriber's queue (at least 1). Default: 1,024.
     pub fn event_queue(mut self, n: usize) -> Self {
         self.event_queue = n.max(1);
         self
     }
 
     /// In-band commands on the wire without a reply (at least 1); more wait locally.
+    /// Default: 8, the most QEMU queues before it stops reading.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.config.max_in_flight = n.max(1);
         self
     }
 
-    /// Commands allowed to wait locally for a free slot.
+    /// Commands allowed to wait locally for a free slot; more are refused, not sent.
+    /// Default: 65,536.
     pub fn max_queued(mut self, n: usize) -> Self {
         self.config.max_queued = n;
         self
     }
 
-    /// Largest message accepted from the server, in bytes.
+    /// Largest message accepted from the server, in bytes; a larger reply fails its command
+    /// alone ([`ErrorKind::ReplyLost`]). Default: 16 MiB.
     pub fn max_message_size(mut self, n: usize) -> Self {
         self.config.max_message_size = n;
         self
