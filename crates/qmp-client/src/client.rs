@@ -235,10 +235,11 @@ where
 /// does no I/O itself; the [`Connection`] future does, and MUST be running.
 ///
 /// # Drop behavior
-/// The session stays open while any clone of the client, or any [`EventStream`] taken from
-/// it, is alive. Dropping the last of them closes it as [`close`](Self::close) does: the
-/// driver shuts the transport down and completes with `Ok(())`, so the monitor (which QEMU
-/// serves to one client at a time) is free for the next connection.
+/// The session stays open while any clone of the client is alive. Dropping the last one
+/// closes it as [`close`](Self::close) does, without waiting for the driver: event streams
+/// end with [`EventItem::Closed`], and the driver shuts the transport down and completes with
+/// `Ok(())`, so the monitor (which QEMU serves to one client at a time) is free for the next
+/// connection.
 ///
 /// # Cancel safety
 /// Dropping a command's future abandons it: if it was not written it never will be, and if it
@@ -513,7 +514,17 @@ impl Client {
         filter: impl Into<EventFilter>,
         capacity: usize,
     ) -> EventStream {
-        let sub = Subscriber::new(filter.into(), capacity);
+        self.add_subscriber(filter.into(), capacity, true)
+    }
+
+    /// A subscription for a wait: it sees only events read after this call, never those kept
+    /// from the handshake.
+    fn subscribe_for_wait(&self, filter: impl Into<EventFilter>) -> EventStream {
+        self.add_subscriber(filter.into(), self.shared.event_queue, false)
+    }
+
+    fn add_subscriber(&self, filter: EventFilter, capacity: usize, backlog: bool) -> EventStream {
+        let sub = Subscriber::new(filter, capacity, backlog);
         let mut inner = self.shared.lock();
         match &inner.closed {
             Some(reason) => sub.close(reason),
@@ -526,7 +537,7 @@ impl Client {
                 inner.subscribers.push(Arc::downgrade(&sub));
             }
         }
-        EventStream::new(sub, self.shared.clone())
+        EventStream::new(sub)
     }
 
     /// Waits for the first event passing `filter` and `predicate`, up to `timeout`. Only events
@@ -546,7 +557,7 @@ impl Client {
         predicate: impl FnMut(&Event) -> bool,
         timeout: Option<Duration>,
     ) -> impl Future<Output = Result<Event, Error>> {
-        let stream = self.subscribe(filter);
+        let stream = self.subscribe_for_wait(filter);
         self.wait_on(stream, predicate, self.deadline(timeout))
     }
 
@@ -574,7 +585,7 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<(T, Event), Error> {
         let deadline = self.deadline(timeout);
-        let stream = self.subscribe(filter);
+        let stream = self.subscribe_for_wait(filter);
         let cmd = command(name, args)?;
         let cmd = match timeout {
             Some(t) => cmd.timeout(Some(t)),

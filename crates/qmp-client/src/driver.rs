@@ -107,8 +107,7 @@ const BUDGET: usize = 64;
 /// alongside its other work) for any command to make progress.
 ///
 /// It completes when the session closes: `Ok(())` after a local close (including the one made
-/// when the last [`Client`](crate::Client) and [`EventStream`](crate::EventStream) are
-/// dropped) or when the peer went away (EOF or reset, as after `quit`); an error when the peer
+/// when the last [`Client`](crate::Client) is dropped) or when the peer went away (EOF or reset, as after `quit`); an error when the peer
 /// broke the protocol or the transport failed.
 ///
 /// # Drop behavior

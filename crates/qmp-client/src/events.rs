@@ -7,8 +7,6 @@ use std::task::{Context, Poll, Waker};
 
 use qmp_proto::{CloseReason, Event};
 
-use crate::shared::Handle;
-
 /// Which events a subscription receives, by name. Defaults to all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventFilter {
@@ -98,14 +96,18 @@ struct State {
 pub(crate) struct Subscriber {
     filter: EventFilter,
     capacity: usize,
+    /// Whether the events read during the handshake are for it too: true for the caller's own
+    /// subscriptions, false for those of a wait for an event that comes after the call.
+    pub(crate) backlog: bool,
     state: Mutex<State>,
 }
 
 impl Subscriber {
-    pub(crate) fn new(filter: EventFilter, capacity: usize) -> Arc<Self> {
+    pub(crate) fn new(filter: EventFilter, capacity: usize, backlog: bool) -> Arc<Self> {
         Arc::new(Self {
             filter,
             capacity: capacity.max(1),
+            backlog,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 lagged: 0,
@@ -141,6 +143,24 @@ impl Subscriber {
         }
     }
 
+    /// Whether an event named `name` would pass the filter.
+    pub(crate) fn wants(&self, name: &str) -> bool {
+        self.filter.matches(name)
+    }
+
+    /// Counts `n` events dropped before reaching this subscriber (reported as
+    /// [`EventItem::Lagged`] before the next event).
+    pub(crate) fn lag(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut st = self.lock();
+        st.lagged += n;
+        if let Some(w) = st.waker.take() {
+            w.wake();
+        }
+    }
+
     pub(crate) fn close(&self, reason: &CloseReason) {
         let mut st = self.lock();
         if st.closed.is_none() {
@@ -161,22 +181,18 @@ impl Subscriber {
 /// remaining events are yielded, then [`EventItem::Closed`], then the stream ends.
 ///
 /// # Drop behavior
-/// Dropping the stream unsubscribes it. While it lives it keeps the session open, as a
-/// [`Client`](crate::Client) does; dropping the last client and stream closes the session.
+/// Dropping the stream unsubscribes it. A stream does not keep the session open: when the
+/// last [`Client`](crate::Client) is dropped, it yields what it holds, then
+/// [`EventItem::Closed`].
 #[derive(Debug)]
 #[must_use = "streams do nothing unless polled"]
 pub struct EventStream {
     sub: Arc<Subscriber>,
-    /// Keeps the session open while the stream lives.
-    _session: Handle,
 }
 
 impl EventStream {
-    pub(crate) fn new(sub: Arc<Subscriber>, session: Handle) -> Self {
-        Self {
-            sub,
-            _session: session,
-        }
+    pub(crate) fn new(sub: Arc<Subscriber>) -> Self {
+        Self { sub }
     }
 
     /// The next item, or `None` once the stream has ended.

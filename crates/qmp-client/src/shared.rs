@@ -22,9 +22,9 @@ pub(crate) struct Shared {
     handles: AtomicUsize,
 }
 
-/// A counted reference to the session, held by every `Client` and `EventStream`. When the
-/// last one goes, nothing can use the session any more: it is closed, and the driver shuts
-/// the transport down and finishes.
+/// A counted reference to the session, held by every `Client`. When the last one goes,
+/// nothing can send on the session any more: it is closed (event streams end), and the driver
+/// shuts the transport down and finishes.
 pub(crate) struct Handle(Arc<Shared>);
 
 impl Handle {
@@ -85,7 +85,15 @@ pub(crate) struct Inner {
     pub(crate) handshaking: bool,
     early: std::collections::VecDeque<qmp_proto::Event>,
     early_cap: usize,
+    /// Names of the early events dropped for want of room, with how many of each (at most
+    /// `MAX_DROPPED_NAMES` names), and how many more beyond those names.
+    early_dropped: Vec<(String, u64)>,
+    early_dropped_other: u64,
 }
+
+/// How many distinct names of dropped early events are remembered; drops beyond count as lag
+/// for every subscriber.
+const MAX_DROPPED_NAMES: usize = 64;
 
 impl Shared {
     pub(crate) fn new(
@@ -112,6 +120,8 @@ impl Shared {
                 handshaking: true,
                 early: std::collections::VecDeque::new(),
                 early_cap: event_queue.max(1),
+                early_dropped: Vec::new(),
+                early_dropped_other: 0,
             }),
             timer,
             event_queue,
@@ -180,10 +190,8 @@ impl Inner {
     /// Routes every output of the machine: completions to their callers, events to the
     /// subscribers, and the close to everyone.
     pub(crate) fn dispatch(&mut self) {
-        if !self.handshaking {
-            while let Some(ev) = self.early.pop_front() {
-                self.route(&ev);
-            }
+        if !self.handshaking && (!self.early.is_empty() || self.early_dropped_other > 0) {
+            self.flush_early();
         }
         while let Some(out) = self.proto.poll_output() {
             match out {
@@ -194,8 +202,10 @@ impl Inner {
                     }
                 }
                 Output::Event(ev) if self.handshaking => {
-                    if self.early.len() == self.early_cap {
-                        self.early.pop_front();
+                    if self.early.len() == self.early_cap
+                        && let Some(old) = self.early.pop_front()
+                    {
+                        self.count_dropped(old.name);
                     }
                     self.early.push_back(ev);
                 }
@@ -218,6 +228,39 @@ impl Inner {
                 }
                 Output::Greeting(_) | Output::Ready(_) => {}
                 _ => {}
+            }
+        }
+    }
+
+    fn count_dropped(&mut self, name: String) {
+        if let Some((_, n)) = self.early_dropped.iter_mut().find(|(n, _)| *n == name) {
+            *n += 1;
+        } else if self.early_dropped.len() < MAX_DROPPED_NAMES {
+            self.early_dropped.push((name, 1));
+        } else {
+            self.early_dropped_other += 1;
+        }
+    }
+
+    /// Hands the events kept from the handshake to the caller's own subscriptions, each told
+    /// first how many it lost to the full buffer.
+    fn flush_early(&mut self) {
+        let early = std::mem::take(&mut self.early);
+        let dropped = std::mem::take(&mut self.early_dropped);
+        let other = std::mem::take(&mut self.early_dropped_other);
+        self.subscribers.retain(|w| w.strong_count() > 0);
+        for sub in self.subscribers.iter().filter_map(Weak::upgrade) {
+            if !sub.backlog {
+                continue;
+            }
+            let lost: u64 = dropped
+                .iter()
+                .filter(|(name, _)| sub.wants(name))
+                .map(|(_, n)| n)
+                .sum();
+            sub.lag(lost + other);
+            for ev in &early {
+                sub.offer(ev);
             }
         }
     }
