@@ -420,21 +420,22 @@ async fn second_client_never_greeted(rt: &Rt) {
     assert!(start.elapsed() < Duration::from_secs(3));
 }
 
-/// Dropping the last client ends the session: the driver completes, the connection closes,
-/// and QEMU greets the next client at once (a monitor serves one client at a time).
+/// Dropping the last client ends the session, even with an event stream left: the driver
+/// completes, the connection closes, and QEMU greets the next client at once (a monitor serves
+/// one client at a time).
 async fn dropping_the_client_frees_the_monitor(rt: &Rt) {
     let Some(q) = qsd() else { return };
     let mut previous = None;
     for round in 0..3 {
         // Greeted only if the previous session (if any) has let the monitor go.
-        let builder = Builder::new().handshake_timeout(Some(Duration::from_secs(5)));
-        let (c, connection) = (rt.connect)(q.socket_path().into(), builder)
+        let (c, connection) = (rt.connect)(q.socket_path().into(), Builder::new())
             .await
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         if let Some(driver) = previous.take() {
             let result: Result<(), Error> = driver.await;
             result.unwrap();
         }
+        let mut events = c.subscribe(qmp_client::EventFilter::all());
         let driver = (rt.driver_result)(connection);
         let jobs = c.execute_raw("query-block-jobs", &()).await.unwrap();
         assert_eq!(jobs.get(), "[]");
@@ -443,6 +444,12 @@ async fn dropping_the_client_frees_the_monitor(rt: &Rt) {
         let jobs = clone.execute_raw("query-block-jobs", &()).await.unwrap();
         assert_eq!(jobs.get(), "[]", "a clone keeps the session");
         drop(clone);
+        // A stream does not hold the session: it ends.
+        assert_eq!(
+            events.recv().await,
+            Some(EventItem::Closed(qmp_client::CloseReason::Local))
+        );
+        assert_eq!(events.recv().await, None);
         previous = Some(driver);
     }
     previous.unwrap().await.unwrap();

@@ -1,6 +1,8 @@
-//! async-std adapter for [`qmp_client`]. async-std runs on the async-io reactor, so the
+//! async-std adapter for [`qmp_client`]. async-std runs on the async-io reactor, so the unix
 //! sockets, fd passing and timer are `qmp-smol`'s (async-io based, no smol executor involved);
-//! this crate adds [`spawn_connection`] on async-std's executor. It holds no protocol logic.
+//! this crate adds [`accept`] and [`accept_tcp`] on async-std's own listeners,
+//! [`connect_tcp`] and [`from_stream`] on its streams, and [`spawn_connection`] on its
+//! executor. It holds no protocol logic.
 //!
 //! # Example
 //! ```no_run
@@ -74,8 +76,8 @@ where
 }
 
 /// Spawns the driver on async-std's executor. Dropping the returned `JoinHandle` detaches the
-/// task; the session runs until it closes, which at the latest is when the last `Client` and
-/// `EventStream` are dropped.
+/// task; the session runs until it closes, which at the latest is when the last `Client` is
+/// dropped.
 ///
 /// The executor's threads are not the caller's, so each command crosses threads twice: 1.6-2.2x
 /// the CPU per command of the alternatives below, measured against qemu-storage-daemon

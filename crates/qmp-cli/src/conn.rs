@@ -209,3 +209,37 @@ async fn greet(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qmp_testkit::fake::{FakeQemu, Response, Script};
+    use qmp_tokio::EventItem;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_session_keeps_the_events_sent_with_the_negotiation_reply() {
+        let script = Script::new().on(
+            "qmp_capabilities",
+            Response::ok("{}").event_before("EARLY", None),
+        );
+        let fake = FakeQemu::unix(script).unwrap();
+        let t = Timeouts {
+            connect: Duration::from_secs(10),
+            greeting: Duration::from_secs(10),
+            command: None,
+        };
+        let session = open(&Target::Unix(fake.socket_path().unwrap().into()), t)
+            .await
+            .unwrap();
+        // Long after the driver's first turn: only the stream subscribed as the session
+        // opened can have the event.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut events = session.events();
+        match events.recv().await {
+            Some(EventItem::Event(ev)) => assert_eq!(ev.name, "EARLY"),
+            other => panic!("expected the EARLY event, got {other:?}"),
+        }
+        // A second call subscribes anew.
+        assert_eq!(session.events().len(), 0);
+    }
+}

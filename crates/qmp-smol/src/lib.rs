@@ -134,7 +134,7 @@ pub async fn accept(
 /// and performs the handshake.
 ///
 /// # Errors
-/// As for [`connect_unix`].
+/// As for [`connect_tcp`].
 pub async fn accept_tcp(
     listener: &smol::net::TcpListener,
     builder: Builder,
@@ -170,8 +170,8 @@ where
 }
 
 /// Spawns the driver on smol's global executor. Call `.detach()` on the task to let the
-/// session run until it closes (at the latest when the last `Client` and `EventStream` are
-/// dropped); dropping the task cancels the driver (which closes the session).
+/// session run until it closes (at the latest when the last `Client` is dropped); dropping
+/// the task cancels the driver (which closes the session).
 ///
 /// The global executor runs on its own threads, so each command crosses threads twice. For
 /// the least CPU per command, run the driver on the callers' thread instead: spawn the

@@ -648,6 +648,8 @@ impl Outbox {
         if self.done == self.buf.len() {
             self.buf.clear();
             self.done = 0;
+            // A backlog the client has since read need not stay allocated.
+            self.buf.shrink_to(64 * 1024);
         } else if self.done > self.buf.len() / 2 {
             self.buf.drain(..self.done);
             self.done = 0;

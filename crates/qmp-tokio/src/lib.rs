@@ -208,7 +208,7 @@ pub async fn accept(
 /// and performs the handshake.
 ///
 /// # Errors
-/// As for [`connect_unix`].
+/// As for [`connect_tcp`].
 pub async fn accept_tcp(
     listener: &tokio::net::TcpListener,
     builder: Builder,
@@ -244,7 +244,7 @@ where
 
 /// Spawns the driver on the current tokio runtime. Dropping the returned `JoinHandle` detaches
 /// the task; the session runs until it closes, which at the latest is when the last `Client`
-/// and `EventStream` are dropped.
+/// is dropped.
 pub fn spawn_connection(connection: Connection) -> tokio::task::JoinHandle<Result<(), Error>> {
     tokio::spawn(connection)
 }

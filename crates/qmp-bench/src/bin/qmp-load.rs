@@ -240,7 +240,8 @@ fn parse_from(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     only("--raw-wait", a.raw, "--raw")?;
     only("--raw-ids", a.raw, "--raw")?;
     // The raw client writes its whole window before it reads a reply; more than a socket
-    // buffer holds would leave it and a server that does the same (the fake) both writing.
+    // buffer holds would leave it and a server that stops reading while its replies are not
+    // read (as a proxy may; QEMU and the fake keep reading) both blocked.
     if a.raw && a.in_flight() > MAX_RAW_IN_FLIGHT {
         return Err(format!(
             "--raw: at most {MAX_RAW_IN_FLIGHT} in flight (it writes them all before reading)"
