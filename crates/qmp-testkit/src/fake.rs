@@ -98,8 +98,9 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg}
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Action {
-    /// `{"return": JSON, "id": <the request's id>}`. JSON MUST be valid (use [`Action::Raw`]
-    /// for broken output); invalid JSON is replaced by `{}`.
+    /// `{"return": JSON, "id": <the request's id>}`, formatted as QEMU does. JSON the fake
+    /// cannot parse (invalid, or nested deeper than 128 levels) is written as given, on one
+    /// line; [`Action::Raw`] is the plainer way to send broken output.
     Return(String),
     /// `{"id": <the request's id>, "error": {...}}`.
     Error(CommandError),
@@ -1219,7 +1220,11 @@ fn run_actions(job: &mut Job, server: &mut Server, released: usize, used: &mut u
             }
             Action::Return(v) => {
                 if server.send_return(job.id.as_deref(), v).is_err() {
-                    let _ = server.send_return(job.id.as_deref(), "{}");
+                    // Text the formatter cannot parse is written as scripted, not reformatted.
+                    let id = job.id.as_ref().map(|id| format!(", \"id\": {id}"));
+                    let end = if server.config().qga { "\n" } else { "\r\n" };
+                    let line = format!("{{\"return\": {v}{}}}{end}", id.unwrap_or_default());
+                    server.send_raw(line.as_bytes());
                 }
             }
             Action::Error(e) => {

@@ -620,3 +620,18 @@ fn a_hang_up_is_noticed_while_the_fake_does_not_read() {
     let mut next = unix(&fake);
     assert_eq!(next.line(), GREETING);
 }
+
+#[test]
+fn a_return_value_the_fake_cannot_parse_is_sent_as_scripted() {
+    let deep = format!("{}0{}", "[".repeat(200), "]".repeat(200));
+    let fake = FakeQemu::unix(
+        Script::new()
+            .on("deep", Response::ok(deep.clone()))
+            .on("broken", Response::ok("{nope")),
+    )
+    .unwrap();
+    let mut c = ready(&fake);
+    c.send(br#"{"execute":"deep","id":1}{"execute":"broken","id":"b"}"#);
+    assert_eq!(c.line(), format!("{{\"return\": {deep}, \"id\": 1}}\r\n"));
+    assert_eq!(c.line(), "{\"return\": {nope, \"id\": \"b\"}\r\n");
+}
