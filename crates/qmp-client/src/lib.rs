@@ -5,7 +5,9 @@
 //! [`Connection`]. The connection is the driver future: spawn it on your runtime (the
 //! `qmp-tokio`, `qmp-smol` and `qmp-async-std` adapters do this for you). The client is a cheap
 //! clonable handle usable from many tasks: typed and raw commands, exec-oob, fd passing,
-//! per-call timeouts, and event subscriptions with bounded, drop-oldest queues.
+//! per-call timeouts, and event subscriptions with bounded, drop-oldest queues. Subscribe
+//! before spawning the connection to see every event since the greeting; dropping the last
+//! client closes the session.
 //!
 //! This crate does no I/O of its own, spawns nothing, and depends on no runtime. The protocol
 //! logic lives in the sans-IO [`qmp_proto`] machine.
