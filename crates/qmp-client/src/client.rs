@@ -98,7 +98,8 @@ impl Builder {
         self
     }
 
-    /// Capacity of each subscriber's queue (at least 1). Default: 1,024.
+    /// Capacity of each subscriber's queue (at least 1), and the most events kept from the
+    /// handshake for the first subscribers. Default: 1,024.
     pub fn event_queue(mut self, n: usize) -> Self {
         self.event_queue = n.max(1);
         self
@@ -502,8 +503,9 @@ impl Client {
     /// Subscribes to the events that pass `filter`, with the builder's queue capacity. Only
     /// events that arrive after this call are seen, with one exception: the events read
     /// during the handshake (QEMU may send some before or with the negotiation reply) are
-    /// kept, up to the queue capacity, until the [`Connection`] first runs. Subscribe before
-    /// spawning it to see every event since the greeting.
+    /// kept, up to the builder's queue size, until the [`Connection`] first runs. A stream
+    /// subscribed before it is spawned gets them, preceded by [`EventItem::Lagged`] if some
+    /// did not fit.
     pub fn subscribe(&self, filter: impl Into<EventFilter>) -> EventStream {
         self.subscribe_with_capacity(filter, self.shared.event_queue)
     }

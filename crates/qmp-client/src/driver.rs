@@ -106,9 +106,10 @@ const BUDGET: usize = 64;
 /// clock only through the [`Timer`](crate::rt::Timer). The caller MUST spawn it (or await it
 /// alongside its other work) for any command to make progress.
 ///
-/// It completes when the session closes: `Ok(())` after a local close (including the one made
-/// when the last [`Client`](crate::Client) is dropped) or when the peer went away (EOF or reset, as after `quit`); an error when the peer
-/// broke the protocol or the transport failed.
+/// It completes when the session closes: `Ok(())` after a local close (including the one
+/// made when the last [`Client`](crate::Client) is dropped) or when the peer went away (EOF
+/// or reset, as after `quit`); an error when the peer broke the protocol or the transport
+/// failed.
 ///
 /// # Drop behavior
 /// Dropping it closes the session: every pending command resolves at once (as not sent, or

@@ -76,7 +76,10 @@ impl From<Vec<String>> for EventFilter {
 pub enum EventItem {
     /// An event that passed the filter.
     Event(Event),
-    /// The subscriber fell behind: this many of its oldest events were dropped here.
+    /// This many events were dropped before reaching the subscriber: its oldest, when it fell
+    /// behind; or, for a stream subscribed before the connection first ran, events read
+    /// during the handshake that did not fit the queue size (counted by the stream's filter,
+    /// except past 64 distinct event names, when every such stream counts them).
     Lagged(u64),
     /// The connection closed; this is the last item, the stream ends after it.
     Closed(CloseReason),

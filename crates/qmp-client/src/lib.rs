@@ -5,8 +5,9 @@
 //! [`Connection`]. The connection is the driver future: spawn it on your runtime (the
 //! `qmp-tokio`, `qmp-smol` and `qmp-async-std` adapters do this for you). The client is a cheap
 //! clonable handle usable from many tasks: typed and raw commands, exec-oob, fd passing,
-//! per-call timeouts, and event subscriptions with bounded, drop-oldest queues. Subscribe
-//! before spawning the connection to see every event since the greeting; dropping the last
+//! per-call timeouts, and event subscriptions with bounded, drop-oldest queues. A stream
+//! subscribed before the connection is spawned also gets the events read during the
+//! handshake (as many as the event queue holds; `Lagged` counts the rest). Dropping the last
 //! client closes the session.
 //!
 //! This crate does no I/O of its own, spawns nothing, and depends on no runtime. The protocol

@@ -91,9 +91,10 @@ pub(crate) struct Inner {
     early_dropped_other: u64,
 }
 
-/// How many distinct names of dropped early events are remembered; drops beyond count as lag
-/// for every subscriber.
+/// How many distinct names of dropped early events are remembered, and how long a name may
+/// be (QEMU's are under 32 bytes); other drops count as lag for every subscriber.
 const MAX_DROPPED_NAMES: usize = 64;
+const MAX_NAME_LEN: usize = 128;
 
 impl Shared {
     pub(crate) fn new(
@@ -190,7 +191,8 @@ impl Inner {
     /// Routes every output of the machine: completions to their callers, events to the
     /// subscribers, and the close to everyone.
     pub(crate) fn dispatch(&mut self) {
-        if !self.handshaking && (!self.early.is_empty() || self.early_dropped_other > 0) {
+        // Any drop leaves the buffer full, so an empty one has nothing to report either.
+        if !self.handshaking && !self.early.is_empty() {
             self.flush_early();
         }
         while let Some(out) = self.proto.poll_output() {
@@ -235,7 +237,7 @@ impl Inner {
     fn count_dropped(&mut self, name: String) {
         if let Some((_, n)) = self.early_dropped.iter_mut().find(|(n, _)| *n == name) {
             *n += 1;
-        } else if self.early_dropped.len() < MAX_DROPPED_NAMES {
+        } else if self.early_dropped.len() < MAX_DROPPED_NAMES && name.len() <= MAX_NAME_LEN {
             self.early_dropped.push((name, 1));
         } else {
             self.early_dropped_other += 1;

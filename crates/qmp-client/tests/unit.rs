@@ -1321,13 +1321,15 @@ fn events_read_during_the_handshake_reach_streams_subscribed_before_the_driver_r
     srv.send(&event("B", 4));
     let mut all = client.subscribe_with_capacity(qmp_client::EventFilter::all(), 8);
     let mut only_b = client.subscribe("B");
-    // A wait counts only events that come after it is made, not the kept ones.
+    // A wait counts only events that come after it is made, not the kept ones. It subscribes
+    // when first polled: before the driver runs.
     let c = client.clone();
     let mut wait = spawn(&sp, async move {
         c.wait_event("B", |_| true, None)
             .await
             .map(|e| e.data.unwrap().get().to_owned())
     });
+    pool.run_until_stalled();
     let mut driver = spawn(&sp, conn);
     pool.run_until_stalled();
     let mut late = client.subscribe(qmp_client::EventFilter::all());
@@ -1364,4 +1366,80 @@ fn events_read_during_the_handshake_reach_streams_subscribed_before_the_driver_r
     assert_eq!(client.stats().events, 6);
     drop(client);
     assert!(matches!(done(&mut pool, &mut driver), Some(Ok(()))));
+}
+
+/// The handshake of [`handshaking`] with `events` sent before the negotiation reply; returns
+/// the client and its driver, not yet spawned.
+fn handshake_with_events(
+    builder: Builder,
+    events: &str,
+) -> (
+    LocalPool,
+    LocalSpawner,
+    Server,
+    Client,
+    qmp_client::Connection,
+) {
+    let Handshaking {
+        mut pool,
+        sp,
+        srv,
+        timer: _timer,
+        mut hs,
+    } = handshaking(builder);
+    srv.greet();
+    assert!(done(&mut pool, &mut hs).is_none());
+    assert_eq!(srv.take(), NEGOTIATE);
+    srv.send(&format!("{events}{{\"return\": {{}}, \"id\": 0}}\r\n"));
+    let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
+    (pool, sp, srv, client, conn)
+}
+
+fn items(s: &mut qmp_client::EventStream) -> Vec<String> {
+    std::iter::from_fn(|| s.recv().now_or_never().flatten())
+        .map(|item| match item {
+            EventItem::Event(ev) => ev.name,
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_stream_waiting_for_kept_events_is_woken_by_their_loss() {
+    // One event kept (B), one dropped (A): the A stream gets only the loss, and must wake.
+    let (mut pool, sp, _srv, client, conn) = handshake_with_events(
+        Builder::new().event_queue(1),
+        &format!("{}{}", event("A", 0), event("B", 1)),
+    );
+    let mut a = client.subscribe("A");
+    let mut first = spawn(&sp, async move { a.recv().await });
+    assert!(done(&mut pool, &mut first).is_none(), "parked");
+    let _driver = spawn(&sp, conn);
+    assert_eq!(
+        done(&mut pool, &mut first),
+        Some(Some(EventItem::Lagged(1)))
+    );
+}
+
+#[test]
+fn kept_events_lost_under_many_names_and_a_close_before_the_driver_runs() {
+    // Queue size 1: of 66 events with distinct names, the last is kept; 64 names are counted
+    // one by one, the 65th only as "some other event".
+    let sent: String = (0..66).map(|i| event(&format!("N{i}"), i)).collect();
+    let (mut pool, sp, srv, client, conn) =
+        handshake_with_events(Builder::new().event_queue(1), &sent);
+    let mut all = client.subscribe(qmp_client::EventFilter::all());
+    let mut first = client.subscribe("N0");
+    let mut kept = client.subscribe("N65");
+    let mut beyond = client.subscribe("N64");
+    // The last client goes before the driver ever ran: the kept events are still handed out,
+    // then the streams end.
+    drop(client);
+    assert_eq!(items(&mut all), ["Lagged(65)", "N65", "Closed(Local)"]);
+    assert_eq!(items(&mut first), ["Lagged(2)", "Closed(Local)"]);
+    assert_eq!(items(&mut kept), ["Lagged(1)", "N65", "Closed(Local)"]);
+    assert_eq!(items(&mut beyond), ["Lagged(1)", "Closed(Local)"]);
+    let mut driver = spawn(&sp, conn);
+    assert!(matches!(done(&mut pool, &mut driver), Some(Ok(()))));
+    assert!(srv.client_closed());
 }
