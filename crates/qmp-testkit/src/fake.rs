@@ -98,20 +98,23 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg}
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Action {
-    /// `{"return": JSON, "id": <the request's id>}`, formatted as QEMU does. JSON the fake
-    /// cannot parse (invalid, or nested deeper than 128 levels) is written as given, on one
-    /// line; [`Action::Raw`] is the plainer way to send broken output.
+    /// `{"return": JSON, "id": <the request's id>}`, formatted as QEMU does. If the fake cannot
+    /// parse the value (invalid, or nested deeper than 128 levels) or the id, the message is
+    /// written with them as given, not reformatted; [`Action::Raw`] is the plainer way to
+    /// send broken output.
     Return(String),
     /// `{"id": <the request's id>, "error": {...}}`.
     Error(CommandError),
-    /// A reply carrying another id (raw JSON text), such as one the client never used.
+    /// A reply carrying another id (raw JSON text), such as one the client never used. Text the
+    /// fake cannot parse is written as given, as for [`Action::Return`].
     ReturnWithId {
         /// The id as raw JSON text.
         id: String,
         /// The return value as raw JSON text.
         value: String,
     },
-    /// An event, timestamped with the host clock; `data` is raw JSON text.
+    /// An event, timestamped with the host clock; `data` is raw JSON text, written as given
+    /// if the fake cannot parse it.
     Event {
         /// The event name.
         name: String,
@@ -1040,7 +1043,7 @@ impl Worker {
                     }
                     Control::Event { name, data } => {
                         if server.is_negotiated() && !self.script.qga {
-                            let _ = server.send_event(&name, data.as_deref(), now_stamp());
+                            send_event(&mut server, &name, data.as_deref());
                         }
                     }
                     Control::Raw(b) => server.send_raw(&b),
@@ -1220,22 +1223,22 @@ fn run_actions(job: &mut Job, server: &mut Server, released: usize, used: &mut u
             }
             Action::Return(v) => {
                 if server.send_return(job.id.as_deref(), v).is_err() {
-                    // Text the formatter cannot parse is written as scripted, not reformatted.
                     let id = job.id.as_ref().map(|id| format!(", \"id\": {id}"));
-                    let end = if server.config().qga { "\n" } else { "\r\n" };
-                    let line = format!("{{\"return\": {v}{}}}{end}", id.unwrap_or_default());
-                    server.send_raw(line.as_bytes());
+                    send_as_given(
+                        server,
+                        &format!("\"return\": {v}{}", id.unwrap_or_default()),
+                    );
                 }
             }
             Action::Error(e) => {
                 let _ = server.send_error(job.id.as_deref(), e);
             }
             Action::ReturnWithId { id, value } => {
-                let _ = server.send_return(Some(id), value);
+                if server.send_return(Some(id), value).is_err() {
+                    send_as_given(server, &format!("\"return\": {value}, \"id\": {id}"));
+                }
             }
-            Action::Event { name, data } => {
-                let _ = server.send_event(name, data.as_deref(), now_stamp());
-            }
+            Action::Event { name, data } => send_event(server, name, data.as_deref()),
             Action::Delimiter => server.send_delimiter(),
             Action::Raw(b) => server.send_raw(b),
             Action::Close => {
@@ -1250,6 +1253,31 @@ fn run_actions(job: &mut Job, server: &mut Server, released: usize, used: &mut u
         job.actions.pop_front();
     }
     Run::Done
+}
+
+/// Writes `{MEMBERS}` and the line ending, the members exactly as given: for scripted JSON
+/// the fake's formatter cannot parse.
+fn send_as_given(server: &mut Server, members: &str) {
+    let end = if server.config().qga { "\n" } else { "\r\n" };
+    server.send_raw(format!("{{{members}}}{end}").as_bytes());
+}
+
+/// Sends an event, its `data` as given if the formatter cannot parse it.
+fn send_event(server: &mut Server, name: &str, data: Option<&str>) {
+    let stamp = now_stamp();
+    if server.send_event(name, data, stamp).is_err() {
+        let name = serde_json::Value::from(name);
+        let data = data.map(|d| format!(", \"data\": {d}"));
+        send_as_given(
+            server,
+            &format!(
+                "\"timestamp\": {{\"seconds\": {}, \"microseconds\": {}}}, \"event\": {name}{}",
+                stamp.seconds,
+                stamp.microseconds,
+                data.unwrap_or_default()
+            ),
+        );
+    }
 }
 
 fn now_stamp() -> Timestamp {

@@ -622,16 +622,47 @@ fn a_hang_up_is_noticed_while_the_fake_does_not_read() {
 }
 
 #[test]
-fn a_return_value_the_fake_cannot_parse_is_sent_as_scripted() {
+fn json_the_fake_cannot_parse_is_sent_as_scripted() {
     let deep = format!("{}0{}", "[".repeat(200), "]".repeat(200));
     let fake = FakeQemu::unix(
         Script::new()
             .on("deep", Response::ok(deep.clone()))
-            .on("broken", Response::ok("{nope")),
+            .on("broken", Response::ok("{nope"))
+            .on(
+                "other",
+                Response::actions(vec![
+                    Action::ReturnWithId {
+                        id: "7".into(),
+                        value: "[1,".into(),
+                    },
+                    Action::Event {
+                        name: "E\"1".into(),
+                        data: Some("{x}".into()),
+                    },
+                ]),
+            ),
     )
     .unwrap();
     let mut c = ready(&fake);
-    c.send(br#"{"execute":"deep","id":1}{"execute":"broken","id":"b"}"#);
+    c.send(br#"{"execute":"deep","id":1}{"execute":"broken","id":"b"}{"execute":"other"}"#);
     assert_eq!(c.line(), format!("{{\"return\": {deep}, \"id\": 1}}\r\n"));
     assert_eq!(c.line(), "{\"return\": {nope, \"id\": \"b\"}\r\n");
+    assert_eq!(c.line(), "{\"return\": [1,, \"id\": 7}\r\n");
+    let ev = c.line();
+    assert!(ev.starts_with("{\"timestamp\": {\"seconds\": "), "{ev}");
+    assert!(
+        ev.ends_with("}, \"event\": \"E\\\"1\", \"data\": {x}}\r\n"),
+        "{ev}"
+    );
+    // Events pushed from the test too.
+    fake.push_event("PUSHED", Some("[oops"));
+    assert!(
+        c.line()
+            .ends_with("\"event\": \"PUSHED\", \"data\": [oops}\r\n")
+    );
+    // The guest agent's line ending, and no id.
+    let fake = FakeQemu::unix(Script::qga().on("broken", Response::ok("{nope"))).unwrap();
+    let mut c = unix(&fake);
+    c.send(br#"{"execute":"broken"}"#);
+    assert_eq!(c.line(), "{\"return\": {nope}\n");
 }
