@@ -1286,37 +1286,58 @@ fn dropping_the_last_client_closes_the_session() {
     assert!(matches!(done(&mut pool, &mut driver), Some(Ok(()))));
     assert!(srv.client_closed());
     assert_eq!(srv.take(), "");
-    let items: Vec<String> = std::iter::from_fn(|| events.recv().now_or_never().flatten())
+    assert_eq!(items(&mut events), ["STOP {\"n\": 1}", "Closed(Local)"]);
+}
+
+/// What a stream holds now: events as `NAME DATA`, other items as their `Debug`.
+fn items(s: &mut qmp_client::EventStream) -> Vec<String> {
+    std::iter::from_fn(|| s.recv().now_or_never().flatten())
         .map(|item| match item {
             EventItem::Event(ev) => format!("{} {}", ev.name, ev.data.unwrap().get()),
             other => format!("{other:?}"),
         })
-        .collect();
-    assert_eq!(items, ["STOP {\"n\": 1}", "Closed(Local)"]);
+        .collect()
 }
 
-#[test]
-fn events_read_during_the_handshake_reach_streams_subscribed_before_the_driver_runs() {
+/// A handshake in which the server sends `before`, the negotiation reply and `after` in one
+/// read; returns the client and its driver, not yet spawned.
+fn handshake_with_events(
+    builder: Builder,
+    before: &str,
+    after: &str,
+) -> (
+    LocalPool,
+    LocalSpawner,
+    Server,
+    Client,
+    qmp_client::Connection,
+) {
     let Handshaking {
         mut pool,
         sp,
         srv,
         timer: _timer,
         mut hs,
-    } = handshaking(Builder::new().event_queue(3));
+    } = handshaking(builder);
     srv.greet();
     assert!(done(&mut pool, &mut hs).is_none());
     assert_eq!(srv.take(), NEGOTIATE);
-    // QEMU may emit events before the negotiation reply; more come in the same read. Of
-    // these four, three are kept (the queue size): the oldest goes, and is reported.
     srv.send(&format!(
-        "{}{}{{\"return\": {{}}, \"id\": 0}}\r\n{}{}",
-        event("A", 0),
-        event("A", 1),
-        event("B", 2),
-        event("B", 3)
+        "{before}{{\"return\": {{}}, \"id\": 0}}\r\n{after}"
     ));
     let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
+    (pool, sp, srv, client, conn)
+}
+
+#[test]
+fn events_read_during_the_handshake_reach_streams_subscribed_before_the_driver_runs() {
+    // QEMU may emit events before the negotiation reply; more come in the same read. Of
+    // these four, three are kept (the queue size): the oldest goes, and is reported.
+    let (mut pool, sp, srv, client, conn) = handshake_with_events(
+        Builder::new().event_queue(3),
+        &format!("{}{}", event("A", 0), event("A", 1)),
+        &format!("{}{}", event("B", 2), event("B", 3)),
+    );
     // Read in the driver's first turn, after the kept ones.
     srv.send(&event("B", 4));
     let mut all = client.subscribe_with_capacity(qmp_client::EventFilter::all(), 8);
@@ -1333,14 +1354,6 @@ fn events_read_during_the_handshake_reach_streams_subscribed_before_the_driver_r
     let mut driver = spawn(&sp, conn);
     pool.run_until_stalled();
     let mut late = client.subscribe(qmp_client::EventFilter::all());
-    let items = |s: &mut qmp_client::EventStream| {
-        std::iter::from_fn(|| s.recv().now_or_never().flatten())
-            .map(|item| match item {
-                EventItem::Event(ev) => format!("{} {}", ev.name, ev.data.unwrap().get()),
-                other => format!("{other:?}"),
-            })
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
         items(&mut all),
         [
@@ -1368,48 +1381,13 @@ fn events_read_during_the_handshake_reach_streams_subscribed_before_the_driver_r
     assert!(matches!(done(&mut pool, &mut driver), Some(Ok(()))));
 }
 
-/// The handshake of [`handshaking`] with `events` sent before the negotiation reply; returns
-/// the client and its driver, not yet spawned.
-fn handshake_with_events(
-    builder: Builder,
-    events: &str,
-) -> (
-    LocalPool,
-    LocalSpawner,
-    Server,
-    Client,
-    qmp_client::Connection,
-) {
-    let Handshaking {
-        mut pool,
-        sp,
-        srv,
-        timer: _timer,
-        mut hs,
-    } = handshaking(builder);
-    srv.greet();
-    assert!(done(&mut pool, &mut hs).is_none());
-    assert_eq!(srv.take(), NEGOTIATE);
-    srv.send(&format!("{events}{{\"return\": {{}}, \"id\": 0}}\r\n"));
-    let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
-    (pool, sp, srv, client, conn)
-}
-
-fn items(s: &mut qmp_client::EventStream) -> Vec<String> {
-    std::iter::from_fn(|| s.recv().now_or_never().flatten())
-        .map(|item| match item {
-            EventItem::Event(ev) => ev.name,
-            other => format!("{other:?}"),
-        })
-        .collect()
-}
-
 #[test]
 fn a_stream_waiting_for_kept_events_is_woken_by_their_loss() {
     // One event kept (B), one dropped (A): the A stream gets only the loss, and must wake.
     let (mut pool, sp, _srv, client, conn) = handshake_with_events(
         Builder::new().event_queue(1),
         &format!("{}{}", event("A", 0), event("B", 1)),
+        "",
     );
     let mut a = client.subscribe("A");
     let mut first = spawn(&sp, async move { a.recv().await });
@@ -1427,7 +1405,7 @@ fn kept_events_lost_under_many_names_and_a_close_before_the_driver_runs() {
     // one by one, the 65th only as "some other event".
     let sent: String = (0..66).map(|i| event(&format!("N{i}"), i)).collect();
     let (mut pool, sp, srv, client, conn) =
-        handshake_with_events(Builder::new().event_queue(1), &sent);
+        handshake_with_events(Builder::new().event_queue(1), &sent, "");
     let mut all = client.subscribe(qmp_client::EventFilter::all());
     let mut first = client.subscribe("N0");
     let mut kept = client.subscribe("N65");
@@ -1435,9 +1413,10 @@ fn kept_events_lost_under_many_names_and_a_close_before_the_driver_runs() {
     // The last client goes before the driver ever ran: the kept events are still handed out,
     // then the streams end.
     drop(client);
-    assert_eq!(items(&mut all), ["Lagged(65)", "N65", "Closed(Local)"]);
+    let last = "N65 {\"n\": 65}";
+    assert_eq!(items(&mut all), ["Lagged(65)", last, "Closed(Local)"]);
     assert_eq!(items(&mut first), ["Lagged(2)", "Closed(Local)"]);
-    assert_eq!(items(&mut kept), ["Lagged(1)", "N65", "Closed(Local)"]);
+    assert_eq!(items(&mut kept), ["Lagged(1)", last, "Closed(Local)"]);
     assert_eq!(items(&mut beyond), ["Lagged(1)", "Closed(Local)"]);
     let mut driver = spawn(&sp, conn);
     assert!(matches!(done(&mut pool, &mut driver), Some(Ok(()))));
