@@ -507,7 +507,7 @@ impl Client {
     /// subscribed before it is spawned gets them, preceded by [`EventItem::Lagged`] if some
     /// did not fit.
     pub fn subscribe(&self, filter: impl Into<EventFilter>) -> EventStream {
-        self.subscribe_with_capacity(filter, self.shared.event_queue)
+        self.add_subscriber(filter.into(), None, true)
     }
 
     /// Subscribes with a queue of `capacity` events (at least 1).
@@ -516,18 +516,24 @@ impl Client {
         filter: impl Into<EventFilter>,
         capacity: usize,
     ) -> EventStream {
-        self.add_subscriber(filter.into(), capacity, true)
+        self.add_subscriber(filter.into(), Some(capacity), true)
     }
 
     /// A subscription for a wait: it sees only events read after this call, never those kept
     /// from the handshake.
     fn subscribe_for_wait(&self, filter: impl Into<EventFilter>) -> EventStream {
-        self.add_subscriber(filter.into(), self.shared.event_queue, false)
+        self.add_subscriber(filter.into(), None, false)
     }
 
-    fn add_subscriber(&self, filter: EventFilter, capacity: usize, backlog: bool) -> EventStream {
-        let sub = Subscriber::new(filter, capacity, backlog);
+    /// Adds a subscriber with `capacity` (default: the builder's queue size).
+    fn add_subscriber(
+        &self,
+        filter: EventFilter,
+        capacity: Option<usize>,
+        backlog: bool,
+    ) -> EventStream {
         let mut inner = self.shared.lock();
+        let sub = Subscriber::new(filter, capacity.unwrap_or(inner.event_queue), backlog);
         match &inner.closed {
             Some(reason) => sub.close(reason),
             None => {

@@ -16,7 +16,6 @@ use crate::rt::Timer;
 pub(crate) struct Shared {
     pub(crate) inner: Mutex<Inner>,
     pub(crate) timer: Arc<dyn Timer>,
-    pub(crate) event_queue: usize,
     pub(crate) supports_fds: bool,
     /// How many [`Handle`]s there are.
     handles: AtomicUsize,
@@ -84,7 +83,8 @@ pub(crate) struct Inner {
     /// `event_queue` of them, for the driver's first turn after the handshake.
     pub(crate) handshaking: bool,
     early: std::collections::VecDeque<qmp_proto::Event>,
-    early_cap: usize,
+    /// The builder's queue size: of each subscriber's queue, and of `early`.
+    pub(crate) event_queue: usize,
     /// Names of the early events dropped for want of room, with how many of each (at most
     /// `MAX_DROPPED_NAMES` names), and how many more beyond those names.
     early_dropped: Vec<(String, u64)>,
@@ -120,12 +120,11 @@ impl Shared {
                 idle: event_listener::Event::new(),
                 handshaking: true,
                 early: std::collections::VecDeque::new(),
-                early_cap: event_queue.max(1),
+                event_queue: event_queue.max(1),
                 early_dropped: Vec::new(),
                 early_dropped_other: 0,
             }),
             timer,
-            event_queue,
             supports_fds,
             handles: AtomicUsize::new(0),
         })
@@ -204,7 +203,7 @@ impl Inner {
                     }
                 }
                 Output::Event(ev) if self.handshaking => {
-                    if self.early.len() == self.early_cap
+                    if self.early.len() == self.event_queue
                         && let Some(old) = self.early.pop_front()
                     {
                         self.count_dropped(old.name);
