@@ -535,7 +535,8 @@ impl Client {
         let mut inner = self.shared.lock();
         let sub = Subscriber::new(filter, capacity.unwrap_or(inner.event_queue), backlog);
         match &inner.closed {
-            Some(reason) => sub.close(reason),
+            // Nobody polls the new stream yet: there is no waker.
+            Some(reason) => drop(sub.close(reason)),
             None => {
                 // Drop the entries of streams already gone before growing (amortised O(1)), so
                 // subscribing and dropping in a loop without events stays bounded.
@@ -689,12 +690,12 @@ impl Client {
             .map(|at| self.shared.timer.sleep_until(at));
         loop {
             let mut idle = {
-                let inner = self.shared.lock();
+                let mut inner = self.shared.lock();
                 if inner.waiters.is_empty() || inner.closed.is_some() {
                     break;
                 }
-                // Listening under the lock: the notification cannot slip in between.
-                inner.idle.listen()
+                // Waiting under the lock: the notification cannot slip in between.
+                inner.wait_idle()
             };
             let timed_out = futures_util::future::poll_fn(|cx| {
                 if Pin::new(&mut idle).poll(cx).is_ready() {
@@ -719,14 +720,15 @@ impl Client {
     pub async fn closed(&self) {
         loop {
             let done = {
-                let inner = self.shared.lock();
+                let mut inner = self.shared.lock();
                 if inner.driver_done {
                     return;
                 }
-                // Listening under the lock: the notification cannot slip in between.
-                inner.done.listen()
+                // Waiting under the lock: the notification cannot slip in between.
+                inner.wait_done()
             };
-            done.await;
+            // Either told, or the session went: both are checked above.
+            let _ = done.await;
         }
     }
 
@@ -823,10 +825,11 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(client.closed().now_or_never(), None);
         }
-        assert_eq!(shared.lock().done.total_listeners(), 0);
+        // Each wait drops those given up before it; the last one given up stays until the next.
+        assert_eq!(shared.lock().done_waiters(), 1);
         let mut waiting = Box::pin(client.closed());
         assert_eq!(waiting.as_mut().now_or_never(), None);
-        assert_eq!(shared.lock().done.total_listeners(), 1);
+        assert_eq!(shared.lock().done_waiters(), 1);
         shared.lock().finish_driver();
         assert_eq!(waiting.now_or_never(), Some(()));
         assert_eq!(client.closed().now_or_never(), Some(()));

@@ -128,22 +128,22 @@ impl Subscriber {
     }
 
     /// Queues `ev` if it passes the filter, dropping the oldest when full. Never blocks.
-    pub(crate) fn offer(&self, ev: &Event) {
+    /// Returns the stream's waker to wake (after the caller's locks are released).
+    #[must_use = "the stream's waker is to be woken"]
+    pub(crate) fn offer(&self, ev: &Event) -> Option<Waker> {
         if !self.filter.matches(&ev.name) {
-            return;
+            return None;
         }
         let mut st = self.lock();
         if st.closed.is_some() {
-            return;
+            return None;
         }
         if st.queue.len() >= self.capacity {
             st.queue.pop_front();
             st.lagged += 1;
         }
         st.queue.push_back(ev.clone());
-        if let Some(w) = st.waker.take() {
-            w.wake();
-        }
+        st.waker.take()
     }
 
     /// Whether an event named `name` would pass the filter.
@@ -152,26 +152,27 @@ impl Subscriber {
     }
 
     /// Counts `n` events dropped before reaching this subscriber (reported as
-    /// [`EventItem::Lagged`] before the next event).
-    pub(crate) fn lag(&self, n: u64) {
+    /// [`EventItem::Lagged`] before the next event). Returns the waker to wake, as
+    /// [`offer`](Self::offer) does.
+    #[must_use = "the stream's waker is to be woken"]
+    pub(crate) fn lag(&self, n: u64) -> Option<Waker> {
         if n == 0 {
-            return;
+            return None;
         }
         let mut st = self.lock();
         st.lagged += n;
-        if let Some(w) = st.waker.take() {
-            w.wake();
-        }
+        st.waker.take()
     }
 
-    pub(crate) fn close(&self, reason: &CloseReason) {
+    /// Ends the stream with `reason`. Returns the waker to wake, as [`offer`](Self::offer)
+    /// does.
+    #[must_use = "the stream's waker is to be woken"]
+    pub(crate) fn close(&self, reason: &CloseReason) -> Option<Waker> {
         let mut st = self.lock();
         if st.closed.is_none() {
             st.closed = Some(reason.clone());
         }
-        if let Some(w) = st.waker.take() {
-            w.wake();
-        }
+        st.waker.take()
     }
 }
 

@@ -1,7 +1,7 @@
 //! State shared by the client handles and the driver.
 
 use std::collections::BTreeMap;
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Waker;
@@ -72,12 +72,14 @@ pub(crate) struct Inner {
     pub(crate) closed: Option<CloseReason>,
     pub(crate) driver_waker: Option<Waker>,
     pub(crate) driver_done: bool,
-    /// Notified when the driver has finished. A listener dropped unnotified leaves nothing.
-    pub(crate) done: event_listener::Event,
     /// How many graceful closes are under way; while any is, new commands are refused.
     pub(crate) draining: usize,
-    /// Notified when the last pending command finishes.
-    pub(crate) idle: event_listener::Event,
+    /// Told when the driver has finished.
+    done_waiters: Vec<oneshot::Sender<()>>,
+    /// Told when no command is pending any more.
+    idle_waiters: Vec<oneshot::Sender<()>>,
+    /// The wake-ups due, made when the lock is released (see [`Locked`]).
+    wakes: Vec<Wake>,
     /// Until the handshake has returned its `Client`, nobody can have subscribed: events read
     /// meanwhile (QEMU may send some before or with the negotiation reply) wait here, up to
     /// `event_queue` of them, for the driver's first turn after the handshake.
@@ -89,6 +91,15 @@ pub(crate) struct Inner {
     /// `MAX_DROPPED_NAMES` names), and how many more beyond those names.
     early_dropped: Vec<(String, u64)>,
     early_dropped_other: u64,
+}
+
+/// Adds a waiter to `list`, first dropping those given up, so the list holds only live ones
+/// (and the last one given up, until the next wait).
+fn wait_on(list: &mut Vec<oneshot::Sender<()>>) -> oneshot::Receiver<()> {
+    list.retain(|tx| !tx.is_canceled());
+    let (tx, rx) = oneshot::channel();
+    list.push(tx);
+    rx
 }
 
 /// How many distinct names of dropped early events are remembered, and how long a name may
@@ -115,9 +126,10 @@ impl Shared {
                 closed: None,
                 driver_waker: None,
                 driver_done: false,
-                done: event_listener::Event::new(),
                 draining: 0,
-                idle: event_listener::Event::new(),
+                done_waiters: Vec::new(),
+                idle_waiters: Vec::new(),
+                wakes: Vec::new(),
                 handshaking: true,
                 early: std::collections::VecDeque::new(),
                 event_queue: event_queue.max(1),
@@ -135,12 +147,63 @@ impl Shared {
     /// If a panic poisoned the lock, the machine may have been left half-updated, and writing
     /// from it could put corrupt bytes on the wire. The session is then closed instead: pending
     /// calls resolve, new ones fail, and the driver stops.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| {
+    pub(crate) fn lock(&self) -> Locked<'_> {
+        let guard = self.inner.lock().unwrap_or_else(|poisoned| {
             let mut guard = PoisonError::into_inner(poisoned);
             guard.close_now(&*self.timer);
             guard
-        })
+        });
+        Locked { guard: Some(guard) }
+    }
+}
+
+/// A wake-up decided under the lock and made after it, so that no waker (nor a reply's
+/// channel, which wakes its receiver) runs while the session is locked: an executor that polls
+/// a task inside `wake` could otherwise re-enter the lock and deadlock.
+enum Wake {
+    Task(Waker),
+    Reply(oneshot::Sender<Outcome>, Outcome),
+    /// One waiting for the driver's end or for no pending command.
+    Signal(oneshot::Sender<()>),
+}
+
+/// The locked shared state. Dropping it unlocks, then makes the wake-ups decided meanwhile.
+pub(crate) struct Locked<'a> {
+    guard: Option<MutexGuard<'a, Inner>>,
+}
+
+impl Deref for Locked<'_> {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        self.guard.as_deref().expect("held until dropped")
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        self.guard.as_deref_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else {
+            return;
+        };
+        if guard.wakes.is_empty() {
+            return;
+        }
+        let wakes = std::mem::take(&mut guard.wakes);
+        drop(guard);
+        for wake in wakes {
+            match wake {
+                Wake::Task(w) => w.wake(),
+                // The caller may have gone; then nobody wants the outcome.
+                Wake::Reply(tx, outcome) => drop(tx.send(outcome)),
+                Wake::Signal(tx) => drop(tx.send(())),
+            }
+        }
     }
 }
 
@@ -161,9 +224,16 @@ impl Inner {
         self.wake_driver();
     }
 
+    /// Wakes the driver (once the lock is released).
     pub(crate) fn wake_driver(&mut self) {
-        if let Some(w) = self.driver_waker.take() {
-            w.wake();
+        let w = self.driver_waker.take();
+        self.wake_later(w);
+    }
+
+    /// Wakes `waker`, if any, once the lock is released.
+    fn wake_later(&mut self, waker: Option<Waker>) {
+        if let Some(w) = waker {
+            self.wakes.push(Wake::Task(w));
         }
     }
 
@@ -198,8 +268,7 @@ impl Inner {
             match out {
                 Output::Completed { id, outcome } => {
                     if let Some(tx) = self.release(id) {
-                        // The caller may have gone; then nobody wants the outcome.
-                        let _ = tx.send(outcome);
+                        self.wakes.push(Wake::Reply(tx, outcome));
                     }
                 }
                 Output::Event(ev) if self.handshaking => {
@@ -214,8 +283,11 @@ impl Inner {
                 Output::Closed(reason) => {
                     #[cfg(feature = "tracing")]
                     tracing::debug!(?reason, "qmp connection closed");
-                    for sub in self.subscribers.drain(..).filter_map(|w| w.upgrade()) {
-                        sub.close(&reason);
+                    for sub in std::mem::take(&mut self.subscribers) {
+                        if let Some(sub) = sub.upgrade() {
+                            let w = sub.close(&reason);
+                            self.wake_later(w);
+                        }
                     }
                     self.closed = Some(reason);
                     // Every request has been completed before the close output; any waiter
@@ -250,6 +322,7 @@ impl Inner {
         let dropped = std::mem::take(&mut self.early_dropped);
         let other = std::mem::take(&mut self.early_dropped_other);
         self.subscribers.retain(|w| w.strong_count() > 0);
+        let wakes = &mut self.wakes;
         for sub in self.subscribers.iter().filter_map(Weak::upgrade) {
             if !sub.backlog {
                 continue;
@@ -259,18 +332,20 @@ impl Inner {
                 .filter(|(name, _)| sub.wants(name))
                 .map(|(_, n)| n)
                 .sum();
-            sub.lag(lost + other);
+            let mut woken = sub.lag(lost + other);
             for ev in &early {
-                sub.offer(ev);
+                woken = woken.or(sub.offer(ev));
             }
+            wakes.extend(woken.map(Wake::Task));
         }
     }
 
     /// Offers `ev` to every live subscriber, forgetting those gone.
     fn route(&mut self, ev: &qmp_proto::Event) {
+        let wakes = &mut self.wakes;
         self.subscribers.retain(|w| match w.upgrade() {
             Some(sub) => {
-                sub.offer(ev);
+                wakes.extend(sub.offer(ev).map(Wake::Task));
                 true
             }
             None => false,
@@ -279,18 +354,33 @@ impl Inner {
 
     /// Wakes whoever waits for the last pending command to finish.
     pub(crate) fn wake_idle(&mut self) {
-        // Only a graceful close listens, and it counts itself in `draining` first.
-        if self.draining > 0 {
-            self.idle.notify(usize::MAX);
-        }
+        self.wakes
+            .extend(self.idle_waiters.drain(..).map(Wake::Signal));
     }
 
     /// Marks the driver finished and wakes whoever waits for it.
     pub(crate) fn finish_driver(&mut self) {
         self.driver_done = true;
         self.driver_waker = None;
-        self.done.notify(usize::MAX);
+        self.wakes
+            .extend(self.done_waiters.drain(..).map(Wake::Signal));
         self.wake_idle();
+    }
+
+    /// A receiver told when the driver has finished (or when the session is dropped).
+    pub(crate) fn wait_done(&mut self) -> oneshot::Receiver<()> {
+        wait_on(&mut self.done_waiters)
+    }
+
+    /// A receiver told when no command is pending any more (or when the driver finishes).
+    pub(crate) fn wait_idle(&mut self) -> oneshot::Receiver<()> {
+        wait_on(&mut self.idle_waiters)
+    }
+
+    /// How many wait on the driver's end: the live ones, and at most one given up since.
+    #[cfg(test)]
+    pub(crate) fn done_waiters(&self) -> usize {
+        self.done_waiters.len()
     }
 }
 

@@ -1422,3 +1422,125 @@ fn kept_events_lost_under_many_names_and_a_close_before_the_driver_runs() {
     assert!(matches!(done(&mut pool, &mut driver), Some(Ok(()))));
     assert!(srv.client_closed());
 }
+
+/// A task that its waker polls at once, inside `wake`, on the waking thread (as some executors
+/// do). A wake that comes while it is being polled makes it poll again after.
+struct Inline {
+    fut: std::sync::Mutex<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>>,
+    again: std::sync::atomic::AtomicBool,
+}
+
+impl std::task::Wake for Inline {
+    fn wake(self: std::sync::Arc<Self>) {
+        Self::run(&self);
+    }
+}
+
+impl Inline {
+    fn start(fut: impl Future<Output = ()> + Send + 'static) -> std::sync::Arc<Self> {
+        let task = std::sync::Arc::new(Self {
+            fut: std::sync::Mutex::new(Some(Box::pin(fut))),
+            again: std::sync::atomic::AtomicBool::new(false),
+        });
+        Self::run(&task);
+        task
+    }
+
+    fn run(this: &std::sync::Arc<Self>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        this.again.store(true, SeqCst);
+        let Ok(mut slot) = this.fut.try_lock() else {
+            return;
+        };
+        let waker = std::task::Waker::from(std::sync::Arc::clone(this));
+        while this.again.swap(false, SeqCst) {
+            if let Some(fut) = slot.as_mut()
+                && fut
+                    .as_mut()
+                    .poll(&mut std::task::Context::from_waker(&waker))
+                    .is_ready()
+            {
+                *slot = None;
+            }
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.fut.lock().unwrap().is_none()
+    }
+}
+
+#[test]
+fn an_executor_polling_inside_wake_finds_the_session_unlocked() {
+    // Each task locks the session (a `Client` method, or dropping the last `Client`) as soon
+    // as it is woken. Were any wake made under the session's lock, the thread would deadlock.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+        let log = Log::default();
+        let note = |log: &Log, s: String| log.lock().unwrap().push(s);
+
+        // A reply and an event; the stream's task holds the last `Client` and drops it.
+        let mut s = session(Builder::new());
+        let (c, l) = (s.client.clone(), log.clone());
+        let call = Inline::start(async move {
+            let r = c.execute_raw("query-status", &()).await.unwrap();
+            note(&l, format!("reply {} pending={}", r.get(), c.pending()));
+        });
+        let mut events = s.client.subscribe("STOP");
+        let (c, l) = (s.client, log.clone());
+        let stream = Inline::start(async move {
+            let Some(EventItem::Event(ev)) = events.recv().await else {
+                panic!("the event comes first");
+            };
+            let data = ev.data.unwrap();
+            note(
+                &l,
+                format!("{} {} pending={}", ev.name, data.get(), c.pending()),
+            );
+            drop(c);
+            note(&l, format!("then {:?}", events.recv().await));
+        });
+        s.pool.run_until_stalled();
+        assert_eq!(s.srv.take(), r#"{"execute":"query-status","id":1}"#);
+        s.srv.send("{\"return\": {}, \"id\": 1}\r\n");
+        s.pool.run_until_stalled();
+        assert!(call.finished());
+        s.srv.send(&event("STOP", 1));
+        s.pool.run_until_stalled();
+        assert!(stream.finished());
+        assert!(matches!(s.driver.try_recv(), Ok(Some(Ok(())))));
+        assert!(s.srv.client_closed());
+
+        // A graceful close woken by the last reply, then by the driver's end.
+        let mut s = session(Builder::new());
+        let mut a = s.call("a");
+        s.pool.run_until_stalled();
+        let (c, l) = (s.client.clone(), log.clone());
+        let closing = Inline::start(async move {
+            c.close_gracefully(Duration::from_secs(10)).await;
+            note(
+                &l,
+                format!("closed={} pending={}", c.is_closed(), c.pending()),
+            );
+        });
+        assert!(!closing.finished());
+        s.srv.send(r#"{"return": 1, "id": 1}"#);
+        assert_eq!(done(&mut s.pool, &mut a).unwrap().unwrap().get(), "1");
+        assert!(closing.finished());
+        assert!(s.srv.client_closed());
+        let _ = tx.send(std::mem::take(&mut *log.lock().unwrap()));
+    });
+    let log = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the thread finished (no deadlock, no panic)");
+    assert_eq!(
+        log,
+        [
+            "reply {} pending=0",
+            r#"STOP {"n": 1} pending=0"#,
+            "then Some(Closed(Local))",
+            "closed=true pending=0",
+        ]
+    );
+}
