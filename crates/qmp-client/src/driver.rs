@@ -284,11 +284,13 @@ impl Connection {
                     (None, Some(reason @ CloseReason::Remote(_))) => Err(Error::closed(reason)),
                     _ => Ok(()),
                 };
-                inner.finish_driver();
                 drop(inner);
-                self.finished = true;
                 // Best effort: the session is over whatever the transport says.
                 let _ = self.io.as_mut().poll_close(cx);
+                // Only now, so that `closed()` means the transport is shut. (Should the close
+                // panic, dropping the driver finishes it.)
+                shared.lock().finish_driver();
+                self.finished = true;
                 return Poll::Ready(result);
             }
             if !progress {
@@ -297,7 +299,7 @@ impl Connection {
                     .as_ref()
                     .is_some_and(|w| w.will_wake(cx.waker()))
                 {
-                    inner.driver_waker = Some(cx.waker().clone());
+                    inner.set_driver_waker(cx.waker().clone());
                 }
                 return Poll::Pending;
             }

@@ -245,9 +245,21 @@ impl EventStream {
             return Poll::Ready(Some(EventItem::Closed(reason)));
         }
         if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            st.waker = Some(cx.waker().clone());
+            let old = st.waker.replace(cx.waker().clone());
+            // Dropped after the unlock: dropping a waker may run the executor's code.
+            drop(st);
+            drop(old);
         }
         Poll::Pending
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        // The session may hold the subscriber a moment longer, and drop it under its lock: take
+        // the waker out now, so nothing of the caller's executor is dropped there.
+        let waker = self.sub.lock().waker.take();
+        drop(waker);
     }
 }
 

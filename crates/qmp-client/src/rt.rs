@@ -3,6 +3,11 @@
 //!
 //! The transport itself is any futures-io `AsyncRead + AsyncWrite` value; nothing else is
 //! needed unless you want to pass file descriptors.
+//!
+//! The driver writes to the transport and calls the [`Timer`] while it holds the session's
+//! lock, so neither may call the [`Client`](crate::Client) nor poll a task inside a wake-up
+//! they cause. A runtime's sockets and timers never do; an in-memory transport written for
+//! tests must wake its peer only after releasing its own locks.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -93,10 +93,12 @@ pub(crate) struct Inner {
     early_dropped_other: u64,
 }
 
-/// Adds a waiter to `list`, first dropping those given up, so the list holds only live ones
-/// (and the last one given up, until the next wait).
+/// Adds a waiter to `list`. Those given up are dropped whenever the list is full, so it holds
+/// at most twice the live ones (or a handful), at amortised O(1) per wait.
 fn wait_on(list: &mut Vec<oneshot::Sender<()>>) -> oneshot::Receiver<()> {
-    list.retain(|tx| !tx.is_canceled());
+    if list.len() == list.capacity() {
+        list.retain(|tx| !tx.is_canceled());
+    }
     let (tx, rx) = oneshot::channel();
     list.push(tx);
     rx
@@ -157,17 +159,34 @@ impl Shared {
     }
 }
 
-/// A wake-up decided under the lock and made after it, so that no waker (nor a reply's
-/// channel, which wakes its receiver) runs while the session is locked: an executor that polls
-/// a task inside `wake` could otherwise re-enter the lock and deadlock.
+/// A wake-up decided under the lock and made after it, so that no waker of the caller's tasks
+/// runs (nor is dropped) while the session is locked: an executor that polls a task inside
+/// `wake` (or drops its future with its last waker) could otherwise re-enter the lock and
+/// deadlock. Replies and signals go through channels that wake their receivers, so they are
+/// sent after the unlock too.
 enum Wake {
     Task(Waker),
+    /// A waker replaced or no longer needed, dropped after the unlock.
+    Discard(Waker),
     Reply(oneshot::Sender<Outcome>, Outcome),
     /// One waiting for the driver's end or for no pending command.
     Signal(oneshot::Sender<()>),
 }
 
-/// The locked shared state. Dropping it unlocks, then makes the wake-ups decided meanwhile.
+impl Wake {
+    fn fire(self) {
+        match self {
+            Self::Task(w) => w.wake(),
+            Self::Discard(w) => drop(w),
+            // The caller may have gone; then nobody wants the outcome.
+            Self::Reply(tx, outcome) => drop(tx.send(outcome)),
+            Self::Signal(tx) => drop(tx.send(())),
+        }
+    }
+}
+
+/// The locked shared state. Dropping it unlocks, then makes the wake-ups decided meanwhile
+/// (all of them, even if one panics).
 pub(crate) struct Locked<'a> {
     guard: Option<MutexGuard<'a, Inner>>,
 }
@@ -196,13 +215,20 @@ impl Drop for Locked<'_> {
         }
         let wakes = std::mem::take(&mut guard.wakes);
         drop(guard);
+        // A waker that panics must not cost the others their wake-up (a lost reply, a driver
+        // never woken): the first panic goes on once all are made.
+        let mut panic = None;
         for wake in wakes {
-            match wake {
-                Wake::Task(w) => w.wake(),
-                // The caller may have gone; then nobody wants the outcome.
-                Wake::Reply(tx, outcome) => drop(tx.send(outcome)),
-                Wake::Signal(tx) => drop(tx.send(())),
+            let fired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wake.fire()));
+            if let Err(p) = fired {
+                panic.get_or_insert(p);
             }
+        }
+        // Already unwinding (the lock was dropped by a panic): a second one would abort.
+        if let Some(p) = panic
+            && !std::thread::panicking()
+        {
+            std::panic::resume_unwind(p);
         }
     }
 }
@@ -237,24 +263,38 @@ impl Inner {
         }
     }
 
+    /// Sets the driver's waker, dropping the one it replaces once the lock is released.
+    pub(crate) fn set_driver_waker(&mut self, waker: Waker) {
+        if let Some(old) = self.driver_waker.replace(waker) {
+            self.wakes.push(Wake::Discard(old));
+        }
+    }
+
+    /// Wakes whoever waits for no command to be pending, if none is.
+    fn check_idle(&mut self) {
+        if self.waiters.is_empty() {
+            self.wake_idle();
+        }
+    }
+
     /// Drops what is kept for request `id` (its caller's channel and its descriptors) and
     /// returns the channel.
     fn release(&mut self, id: RequestId) -> Option<oneshot::Sender<Outcome>> {
         #[cfg(unix)]
         self.fds.remove(&id);
-        let tx = self.waiters.remove(&id);
-        if self.waiters.is_empty() {
-            self.wake_idle();
-        }
-        tx
+        self.waiters.remove(&id)
     }
 
-    /// Forgets a request whose caller went away.
-    pub(crate) fn abandon(&mut self, id: RequestId) {
-        self.release(id);
+    /// Forgets a request whose caller went away. Returns its channel, to be dropped after the
+    /// lock is released (dropping it wakes the receiver's task).
+    #[must_use = "the channel is to be dropped after the unlock"]
+    pub(crate) fn abandon(&mut self, id: RequestId) -> Option<oneshot::Sender<Outcome>> {
+        let tx = self.release(id);
+        self.check_idle();
         if self.proto.abandon(id) {
             self.wake_driver();
         }
+        tx
     }
 
     /// Routes every output of the machine: completions to their callers, events to the
@@ -270,6 +310,8 @@ impl Inner {
                     if let Some(tx) = self.release(id) {
                         self.wakes.push(Wake::Reply(tx, outcome));
                     }
+                    // After the reply: a graceful close waiting for it ends the session.
+                    self.check_idle();
                 }
                 Output::Event(ev) if self.handshaking => {
                     if self.early.len() == self.event_queue
@@ -290,9 +332,12 @@ impl Inner {
                         }
                     }
                     self.closed = Some(reason);
-                    // Every request has been completed before the close output; any waiter
-                    // left belongs to nothing.
-                    self.waiters.clear();
+                    // Every request has been completed before the close output; a waiter left
+                    // would belong to nothing, and gets what a dropped channel means.
+                    let lost = Outcome::Unknown(qmp_proto::Failure::LocalClose);
+                    for tx in std::mem::take(&mut self.waiters).into_values() {
+                        self.wakes.push(Wake::Reply(tx, lost.clone()));
+                    }
                     self.wake_idle();
                 }
                 Output::Anomaly(_a) => {
@@ -332,11 +377,10 @@ impl Inner {
                 .filter(|(name, _)| sub.wants(name))
                 .map(|(_, n)| n)
                 .sum();
-            let mut woken = sub.lag(lost + other);
+            wakes.extend(sub.lag(lost + other).map(Wake::Task));
             for ev in &early {
-                woken = woken.or(sub.offer(ev));
+                wakes.extend(sub.offer(ev).map(Wake::Task));
             }
-            wakes.extend(woken.map(Wake::Task));
         }
     }
 
@@ -361,7 +405,9 @@ impl Inner {
     /// Marks the driver finished and wakes whoever waits for it.
     pub(crate) fn finish_driver(&mut self) {
         self.driver_done = true;
-        self.driver_waker = None;
+        if let Some(old) = self.driver_waker.take() {
+            self.wakes.push(Wake::Discard(old));
+        }
         self.wakes
             .extend(self.done_waiters.drain(..).map(Wake::Signal));
         self.wake_idle();
@@ -372,15 +418,16 @@ impl Inner {
         wait_on(&mut self.done_waiters)
     }
 
-    /// A receiver told when no command is pending any more (or when the driver finishes).
+    /// A receiver told when no command is pending any more, when the session closes, or when
+    /// the driver finishes.
     pub(crate) fn wait_idle(&mut self) -> oneshot::Receiver<()> {
         wait_on(&mut self.idle_waiters)
     }
 
-    /// How many wait on the driver's end: the live ones, and at most one given up since.
+    /// How many wait on the driver's end (live or given up), and the list's capacity.
     #[cfg(test)]
-    pub(crate) fn done_waiters(&self) -> usize {
-        self.done_waiters.len()
+    pub(crate) fn done_waiters(&self) -> (usize, usize) {
+        (self.done_waiters.len(), self.done_waiters.capacity())
     }
 }
 

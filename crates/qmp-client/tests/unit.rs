@@ -1470,22 +1470,140 @@ impl Inline {
     }
 }
 
+type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+fn note(log: &Log, line: String) {
+    log.lock().unwrap().push(line);
+}
+
+/// Runs `f` on a thread of its own and returns what it logged. A deadlock fails the test after
+/// a while instead of hanging it (the thread is left blocked); a panic is passed on.
+fn logged_on_a_thread(f: impl FnOnce(&Log) + Send + 'static) -> Vec<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let log = Log::default();
+        f(&log);
+        let _ = tx.send(std::mem::take(&mut *log.lock().unwrap()));
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(log) => log,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(thread.join().expect_err("it sent nothing: it panicked"))
+        }
+        Err(timeout) => panic!("the thread is stuck (a deadlock): {timeout}"),
+    }
+}
+
+/// An event stream's items as `NAME DATA`, or `Debug`, with `pending()` read when each came.
+fn log_stream(
+    log: &Log,
+    client: &Client,
+    mut events: qmp_client::EventStream,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (c, l) = (client.clone(), log.clone());
+    async move {
+        while let Some(item) = events.recv().await {
+            let item = match item {
+                EventItem::Event(ev) => format!("{} {}", ev.name, ev.data.unwrap().get()),
+                other => format!("{other:?}"),
+            };
+            note(&l, format!("{item} pending={}", c.pending()));
+        }
+        note(&l, "stream ended".into());
+    }
+}
+
 #[test]
 fn an_executor_polling_inside_wake_finds_the_session_unlocked() {
-    // Each task locks the session (a `Client` method, or dropping the last `Client`) as soon
-    // as it is woken. Were any wake made under the session's lock, the thread would deadlock.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
-        let log = Log::default();
-        let note = |log: &Log, s: String| log.lock().unwrap().push(s);
+    // Every task here, the driver included, is polled inside the `wake` that concerns it, and
+    // locks the session (a `Client` method) as soon as it runs. Had anything woken a task
+    // under the session's lock, the thread would deadlock.
+    let log = logged_on_a_thread(|log| {
+        let two = format!("{}{}", event("A", 1), event("A", 2));
+        let (_pool, _sp, srv, client, conn) =
+            handshake_with_events(Builder::new().event_queue(1), &two, "");
+        // Waits for the events kept from the handshake: the driver's first turn wakes it.
+        let stream = Inline::start(log_stream(log, &client, client.subscribe("A")));
+        let (c, l, peer) = (client.clone(), log.clone(), srv.clone());
+        let closed = Inline::start(async move {
+            c.closed().await;
+            let shut = peer.client_closed();
+            note(
+                &l,
+                format!("closed() is_closed={} shut={shut}", c.is_closed()),
+            );
+        });
+        let l = log.clone();
+        let driver = Inline::start(async move {
+            let end = conn.await;
+            note(&l, format!("driver {end:?}"));
+        });
+        assert!(!stream.finished());
 
-        // A reply and an event; the stream's task holds the last `Client` and drops it.
-        let mut s = session(Builder::new());
-        let (c, l) = (s.client.clone(), log.clone());
+        // A reply, and a command that wakes the driver.
+        let (c, l) = (client.clone(), log.clone());
         let call = Inline::start(async move {
             let r = c.execute_raw("query-status", &()).await.unwrap();
             note(&l, format!("reply {} pending={}", r.get(), c.pending()));
+        });
+        assert_eq!(srv.take(), r#"{"execute":"query-status","id":1}"#);
+        srv.send("{\"return\": {}, \"id\": 1}\r\n");
+        assert!(call.finished());
+
+        // A call dropped from outside the task that polls it: its channel wakes that task.
+        type Pending =
+            std::pin::Pin<Box<dyn Future<Output = Result<qmp_client::RawJson, Error>> + Send>>;
+        let c = client.clone();
+        let slow: Pending = Box::pin(async move { c.execute_raw("slow", &()).await });
+        let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(slow)));
+        let (s, c, l) = (slot.clone(), client.clone(), log.clone());
+        let poller = Inline::start(async move {
+            let polled = futures_util::future::poll_fn(|cx| match s.lock().unwrap().as_mut() {
+                Some(call) => call.as_mut().poll(cx).map(|r| r.is_ok()),
+                None => std::task::Poll::Ready(false),
+            });
+            let answered = polled.await;
+            let (pending, wire) = (c.pending(), c.in_flight());
+            note(
+                &l,
+                format!("slow answered={answered} pending={pending} in_flight={wire}"),
+            );
+        });
+        assert_eq!(srv.take(), r#"{"execute":"slow","id":2}"#);
+        let call = slot.lock().unwrap().take();
+        drop(call);
+        assert!(poller.finished());
+
+        // The peer goes: the stream ends, the driver finishes.
+        srv.hang_up();
+        assert!(stream.finished() && closed.finished() && driver.finished());
+        assert!(srv.client_closed());
+    });
+    assert_eq!(
+        log,
+        [
+            "Lagged(1) pending=0",
+            r#"A {"n": 2} pending=0"#,
+            "reply {} pending=0",
+            // Abandoned, yet on the wire until its reply comes (to be discarded).
+            "slow answered=false pending=0 in_flight=1",
+            "Closed(PeerClosed) pending=0",
+            "stream ended",
+            "closed() is_closed=true shut=true",
+            "driver Ok(())",
+        ]
+    );
+}
+
+#[test]
+fn the_last_client_dropped_or_a_graceful_close_inside_wake_finds_the_session_unlocked() {
+    let log = logged_on_a_thread(|log| {
+        // The stream's task holds the last `Client`, and drops it once woken by an event.
+        let (s, conn) = unspawned(Builder::new());
+        let l = log.clone();
+        let driver = Inline::start(async move {
+            let end = conn.await;
+            note(&l, format!("driver {end:?}"));
         });
         let mut events = s.client.subscribe("STOP");
         let (c, l) = (s.client, log.clone());
@@ -1493,29 +1611,24 @@ fn an_executor_polling_inside_wake_finds_the_session_unlocked() {
             let Some(EventItem::Event(ev)) = events.recv().await else {
                 panic!("the event comes first");
             };
-            let data = ev.data.unwrap();
-            note(
-                &l,
-                format!("{} {} pending={}", ev.name, data.get(), c.pending()),
-            );
+            note(&l, format!("{} pending={}", ev.name, c.pending()));
             drop(c);
             note(&l, format!("then {:?}", events.recv().await));
         });
-        s.pool.run_until_stalled();
-        assert_eq!(s.srv.take(), r#"{"execute":"query-status","id":1}"#);
-        s.srv.send("{\"return\": {}, \"id\": 1}\r\n");
-        s.pool.run_until_stalled();
-        assert!(call.finished());
         s.srv.send(&event("STOP", 1));
-        s.pool.run_until_stalled();
-        assert!(stream.finished());
-        assert!(matches!(s.driver.try_recv(), Ok(Some(Ok(())))));
+        assert!(stream.finished() && driver.finished());
         assert!(s.srv.client_closed());
 
         // A graceful close woken by the last reply, then by the driver's end.
-        let mut s = session(Builder::new());
+        let (mut s, conn) = unspawned(Builder::new());
+        let l = log.clone();
+        let driver = Inline::start(async move {
+            let end = conn.await;
+            note(&l, format!("driver {end:?}"));
+        });
         let mut a = s.call("a");
         s.pool.run_until_stalled();
+        assert_eq!(s.srv.take(), r#"{"execute":"a","id":1}"#);
         let (c, l) = (s.client.clone(), log.clone());
         let closing = Inline::start(async move {
             c.close_gracefully(Duration::from_secs(10)).await;
@@ -1526,21 +1639,18 @@ fn an_executor_polling_inside_wake_finds_the_session_unlocked() {
         });
         assert!(!closing.finished());
         s.srv.send(r#"{"return": 1, "id": 1}"#);
+        assert!(closing.finished() && driver.finished());
         assert_eq!(done(&mut s.pool, &mut a).unwrap().unwrap().get(), "1");
-        assert!(closing.finished());
         assert!(s.srv.client_closed());
-        let _ = tx.send(std::mem::take(&mut *log.lock().unwrap()));
     });
-    let log = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the thread finished (no deadlock, no panic)");
     assert_eq!(
         log,
         [
-            "reply {} pending=0",
-            r#"STOP {"n": 1} pending=0"#,
+            "STOP pending=0",
             "then Some(Closed(Local))",
+            "driver Ok(())",
             "closed=true pending=0",
+            "driver Ok(())",
         ]
     );
 }

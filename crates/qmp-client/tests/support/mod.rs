@@ -60,7 +60,10 @@ impl Server {
     pub fn send(&self, text: &str) {
         let mut h = self.to_client.lock().unwrap();
         h.data.extend(text.as_bytes());
-        if let Some(w) = h.reader.take() {
+        let reader = h.reader.take();
+        drop(h);
+        // After the unlock: a reader polled inside `wake` reads at once.
+        if let Some(w) = reader {
             w.wake();
         }
     }
@@ -69,7 +72,10 @@ impl Server {
     pub fn hang_up(&self) {
         let mut h = self.to_client.lock().unwrap();
         h.closed = true;
-        if let Some(w) = h.reader.take() {
+        let reader = h.reader.take();
+        drop(h);
+        // After the unlock: a reader polled inside `wake` reads at once.
+        if let Some(w) = reader {
             w.wake();
         }
     }
@@ -78,7 +84,10 @@ impl Server {
     pub fn fail_reads(&self, e: io::Error) {
         let mut h = self.to_client.lock().unwrap();
         h.error = Some(e);
-        if let Some(w) = h.reader.take() {
+        let reader = h.reader.take();
+        drop(h);
+        // After the unlock: a reader polled inside `wake` reads at once.
+        if let Some(w) = reader {
             w.wake();
         }
     }
