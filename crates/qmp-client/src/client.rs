@@ -544,6 +544,8 @@ impl Client {
                 // subscribing and dropping in a loop without events stays bounded.
                 if inner.subscribers.len() == inner.subscribers.capacity() {
                     inner.subscribers.retain(|w| w.strong_count() > 0);
+                    let live = inner.subscribers.len();
+                    inner.subscribers.reserve(live);
                 }
                 inner.subscribers.push(Arc::downgrade(&sub));
             }
@@ -718,7 +720,8 @@ impl Client {
         self.close().await;
     }
 
-    /// Completes once the driver has finished (the session is closed and the transport shut).
+    /// Completes once the driver has finished: the session is closed, and the driver has asked
+    /// the transport to close (or was dropped, and with it the transport).
     pub async fn closed(&self) {
         loop {
             let done = {
@@ -819,7 +822,7 @@ mod tests {
     }
 
     #[test]
-    fn waits_dropped_unfinished_leave_nothing_behind() {
+    fn waits_dropped_unfinished_stay_bounded() {
         let shared = Shared::new(Config::default(), Arc::new(NoTimer), 8, false);
         let client = Client {
             shared: Handle::new(&shared),

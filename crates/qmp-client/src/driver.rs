@@ -255,8 +255,13 @@ impl Connection {
             if let Some(at) = inner.proto.poll_timeout()
                 && self.sleep.as_ref().is_none_or(|(armed, _)| at < *armed)
             {
-                self.sleep = Some((at, timer.sleep_until(at)));
-                self.sleep_waker = None;
+                // The replaced sleep and its waker go after the unlock, like every waker.
+                if let Some((_, old)) = self.sleep.replace((at, timer.sleep_until(at))) {
+                    inner.discard_sleep(old);
+                }
+                if let Some(old) = self.sleep_waker.take() {
+                    inner.discard_waker(old);
+                }
             }
             if let Some((at, sleep)) = &mut self.sleep {
                 let new_waker = self
@@ -265,12 +270,16 @@ impl Connection {
                     .is_none_or(|w| !w.will_wake(cx.waker()));
                 if new_waker || timer.now() >= *at {
                     if sleep.as_mut().poll(cx).is_ready() {
-                        self.sleep = None;
+                        if let Some((_, done)) = self.sleep.take() {
+                            inner.discard_sleep(done);
+                        }
                         let now = inner.now(timer);
                         inner.proto.handle_timeout(now);
                         progress = true;
-                    } else if new_waker {
-                        self.sleep_waker = Some(cx.waker().clone());
+                    } else if new_waker
+                        && let Some(old) = self.sleep_waker.replace(cx.waker().clone())
+                    {
+                        inner.discard_waker(old);
                     }
                 }
             }
@@ -285,22 +294,17 @@ impl Connection {
                     _ => Ok(()),
                 };
                 drop(inner);
-                // Best effort: the session is over whatever the transport says.
+                // Best effort: the session is over whatever the transport says (a close still
+                // pending, as a TLS one may be, is not waited for).
                 let _ = self.io.as_mut().poll_close(cx);
-                // Only now, so that `closed()` means the transport is shut. (Should the close
-                // panic, dropping the driver finishes it.)
-                shared.lock().finish_driver();
+                // Only now, so that `closed()` comes after the transport was asked to close.
+                // (Should the close panic, dropping the driver finishes it.)
                 self.finished = true;
+                shared.lock().finish_driver();
                 return Poll::Ready(result);
             }
             if !progress {
-                if !inner
-                    .driver_waker
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    inner.set_driver_waker(cx.waker().clone());
-                }
+                inner.set_driver_waker(cx.waker());
                 return Poll::Pending;
             }
         }

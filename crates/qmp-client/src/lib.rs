@@ -11,7 +11,9 @@
 //! client closes the session.
 //!
 //! This crate does no I/O of its own, spawns nothing, and depends on no runtime. The protocol
-//! logic lives in the sans-IO [`qmp_proto`] machine.
+//! logic lives in the sans-IO [`qmp_proto`] machine. It wakes (and drops) your tasks' wakers
+//! only after releasing its locks, so it also works on an executor that polls a task inside
+//! `wake`.
 //!
 //! # Example
 //! ```no_run

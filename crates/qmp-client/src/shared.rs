@@ -70,7 +70,7 @@ pub(crate) struct Inner {
     #[cfg(unix)]
     pub(crate) fds: BTreeMap<RequestId, Vec<std::os::fd::OwnedFd>>,
     pub(crate) closed: Option<CloseReason>,
-    pub(crate) driver_waker: Option<Waker>,
+    driver_waker: Option<Waker>,
     pub(crate) driver_done: bool,
     /// How many graceful closes are under way; while any is, new commands are refused.
     pub(crate) draining: usize,
@@ -93,11 +93,13 @@ pub(crate) struct Inner {
     early_dropped_other: u64,
 }
 
-/// Adds a waiter to `list`. Those given up are dropped whenever the list is full, so it holds
-/// at most twice the live ones (or a handful), at amortised O(1) per wait.
+/// Adds a waiter to `list`. Those given up are dropped whenever the list is full, and the
+/// list then keeps as much room again as it holds live ones: it stays within about twice the
+/// most waiting at once, at amortised O(1) per wait.
 fn wait_on(list: &mut Vec<oneshot::Sender<()>>) -> oneshot::Receiver<()> {
     if list.len() == list.capacity() {
         list.retain(|tx| !tx.is_canceled());
+        list.reserve(list.len());
     }
     let (tx, rx) = oneshot::channel();
     list.push(tx);
@@ -168,6 +170,8 @@ enum Wake {
     Task(Waker),
     /// A waker replaced or no longer needed, dropped after the unlock.
     Discard(Waker),
+    /// The driver's timer future, replaced or done (it may hold a waker), dropped likewise.
+    DiscardSleep(crate::rt::Sleep),
     Reply(oneshot::Sender<Outcome>, Outcome),
     /// One waiting for the driver's end or for no pending command.
     Signal(oneshot::Sender<()>),
@@ -178,6 +182,7 @@ impl Wake {
         match self {
             Self::Task(w) => w.wake(),
             Self::Discard(w) => drop(w),
+            Self::DiscardSleep(s) => drop(s),
             // The caller may have gone; then nobody wants the outcome.
             Self::Reply(tx, outcome) => drop(tx.send(outcome)),
             Self::Signal(tx) => drop(tx.send(())),
@@ -224,7 +229,8 @@ impl Drop for Locked<'_> {
                 panic.get_or_insert(p);
             }
         }
-        // Already unwinding (the lock was dropped by a panic): a second one would abort.
+        // Already unwinding (this guard dropped by a panic, or taken by a destructor that runs
+        // during one): a second panic would abort.
         if let Some(p) = panic
             && !std::thread::panicking()
         {
@@ -263,11 +269,29 @@ impl Inner {
         }
     }
 
-    /// Sets the driver's waker, dropping the one it replaces once the lock is released.
-    pub(crate) fn set_driver_waker(&mut self, waker: Waker) {
-        if let Some(old) = self.driver_waker.replace(waker) {
-            self.wakes.push(Wake::Discard(old));
+    /// Sets the driver's waker (unless it is the same), dropping the one it replaces once the
+    /// lock is released.
+    pub(crate) fn set_driver_waker(&mut self, waker: &Waker) {
+        if self
+            .driver_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(waker))
+        {
+            return;
         }
+        if let Some(old) = self.driver_waker.replace(waker.clone()) {
+            self.discard_waker(old);
+        }
+    }
+
+    /// Drops `waker` once the lock is released.
+    pub(crate) fn discard_waker(&mut self, waker: Waker) {
+        self.wakes.push(Wake::Discard(waker));
+    }
+
+    /// Drops the driver's `sleep` once the lock is released.
+    pub(crate) fn discard_sleep(&mut self, sleep: crate::rt::Sleep) {
+        self.wakes.push(Wake::DiscardSleep(sleep));
     }
 
     /// Wakes whoever waits for no command to be pending, if none is.
@@ -406,7 +430,7 @@ impl Inner {
     pub(crate) fn finish_driver(&mut self) {
         self.driver_done = true;
         if let Some(old) = self.driver_waker.take() {
-            self.wakes.push(Wake::Discard(old));
+            self.discard_waker(old);
         }
         self.wakes
             .extend(self.done_waiters.drain(..).map(Wake::Signal));

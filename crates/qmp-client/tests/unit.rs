@@ -1620,27 +1620,27 @@ fn the_last_client_dropped_or_a_graceful_close_inside_wake_finds_the_session_unl
         assert!(s.srv.client_closed());
 
         // A graceful close woken by the last reply, then by the driver's end.
-        let (mut s, conn) = unspawned(Builder::new());
+        let (s, conn) = unspawned(Builder::new());
         let l = log.clone();
         let driver = Inline::start(async move {
             let end = conn.await;
             note(&l, format!("driver {end:?}"));
         });
-        let mut a = s.call("a");
-        s.pool.run_until_stalled();
+        let (c, l) = (s.client.clone(), log.clone());
+        let call = Inline::start(async move {
+            let r = c.execute_raw("a", &()).await;
+            note(&l, format!("a: {}", r.unwrap().get()));
+        });
         assert_eq!(s.srv.take(), r#"{"execute":"a","id":1}"#);
         let (c, l) = (s.client.clone(), log.clone());
         let closing = Inline::start(async move {
             c.close_gracefully(Duration::from_secs(10)).await;
-            note(
-                &l,
-                format!("closed={} pending={}", c.is_closed(), c.pending()),
-            );
+            let (closed, pending) = (c.is_closed(), c.pending());
+            note(&l, format!("closed={closed} pending={pending}"));
         });
         assert!(!closing.finished());
         s.srv.send(r#"{"return": 1, "id": 1}"#);
-        assert!(closing.finished() && driver.finished());
-        assert_eq!(done(&mut s.pool, &mut a).unwrap().unwrap().get(), "1");
+        assert!(call.finished() && closing.finished() && driver.finished());
         assert!(s.srv.client_closed());
     });
     assert_eq!(
@@ -1649,8 +1649,89 @@ fn the_last_client_dropped_or_a_graceful_close_inside_wake_finds_the_session_unl
             "STOP pending=0",
             "then Some(Closed(Local))",
             "driver Ok(())",
+            // The last reply, then the close it let go on.
+            "a: 1",
             "closed=true pending=0",
             "driver Ok(())",
         ]
     );
+}
+
+/// A waker that logs, once dropped, what a `Client` method returns then; or that panics when
+/// woken.
+struct Probe {
+    log: Log,
+    client: std::sync::Mutex<Option<Client>>,
+    panics: bool,
+}
+
+impl std::task::Wake for Probe {
+    fn wake(self: std::sync::Arc<Self>) {
+        assert!(!self.panics, "a waker that panics");
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.lock().unwrap().take() {
+            note(&self.log, format!("waker dropped, pending={}", c.pending()));
+        }
+    }
+}
+
+#[test]
+fn a_waker_the_session_replaces_is_dropped_unlocked() {
+    let log = logged_on_a_thread(|log| {
+        // No timer either: only the pipe and the session keep the driver's waker.
+        let (s, mut conn) = unspawned(Builder::new().handshake_timeout(None));
+        let first = std::task::Waker::from(std::sync::Arc::new(Probe {
+            log: log.clone(),
+            client: std::sync::Mutex::new(Some(s.client.clone())),
+            panics: false,
+        }));
+        let mut cx = std::task::Context::from_waker(&first);
+        assert!(std::pin::Pin::new(&mut conn).poll(&mut cx).is_pending());
+        drop(first);
+        note(log, "polled again".into());
+        // The driver moves to another task: the session drops the first waker, its last copy.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::pin::Pin::new(&mut conn).poll(&mut cx).is_pending());
+        note(log, "moved".into());
+    });
+    assert_eq!(log, ["polled again", "waker dropped, pending=0", "moved"]);
+}
+
+#[test]
+fn a_waker_that_panics_costs_the_other_callers_nothing() {
+    let mut s = session(Builder::new());
+    let c = s.client.clone();
+    let mut a = Box::pin(async move { c.execute_raw("a", &()).await });
+    let panicky = std::task::Waker::from(std::sync::Arc::new(Probe {
+        log: Log::default(),
+        client: std::sync::Mutex::new(None),
+        panics: true,
+    }));
+    assert!(
+        a.as_mut()
+            .poll(&mut std::task::Context::from_waker(&panicky))
+            .is_pending()
+    );
+    let mut b = s.call("b");
+    s.pool.run_until_stalled();
+    assert_eq!(
+        s.srv.take(),
+        r#"{"execute":"a","id":1}{"execute":"b","id":2}"#
+    );
+    // Both replies in one read: waking `a` panics in the driver's task, after which `b` has
+    // its reply all the same, and so has `a`.
+    s.srv
+        .send("{\"return\": 1, \"id\": 1}\r\n{\"return\": 2, \"id\": 2}\r\n");
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        s.pool.run_until_stalled();
+    }));
+    let panic = run.expect_err("the waker's panic reached the driver's executor");
+    assert_eq!(panic.downcast_ref::<&str>(), Some(&"a waker that panics"));
+    assert_eq!(done(&mut s.pool, &mut b).unwrap().unwrap().get(), "2");
+    let a = a.as_mut().now_or_never().expect("answered");
+    assert_eq!(a.unwrap().get(), "1");
 }

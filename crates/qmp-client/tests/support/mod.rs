@@ -188,18 +188,22 @@ impl ManualTimer {
         let mut c = self.clock.lock().unwrap();
         c.offset += d;
         let now = c.offset;
+        let mut due = Vec::new();
         c.sleepers.retain(|(at, slot)| {
             if *at <= now {
                 let mut s = slot.lock().unwrap();
                 s.0 = true;
-                if let Some(w) = s.1.take() {
-                    w.wake();
-                }
+                due.extend(s.1.take());
                 false
             } else {
                 true
             }
         });
+        drop(c);
+        // After the unlock: a driver polled inside `wake` reads the clock at once.
+        for w in due {
+            w.wake();
+        }
     }
 }
 
