@@ -638,6 +638,35 @@ async fn vm_fd_passing_oob_and_hmp(rt: &Rt) {
     assert_eq!(sets[0].fds[0].fd, added.fd);
     assert_eq!(sets[0].fds[0].opaque.as_deref(), Some("mine"));
 
+    // Several at once, each with a file of its own. QEMU keeps only the descriptors of its
+    // last read, and its I/O thread reads ahead of the commands it runs: each must still get
+    // its own file.
+    let files: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let path = q.dir().join(format!("passed-{i}"));
+            std::fs::write(&path, b"").unwrap();
+            path
+        })
+        .collect();
+    let adds = files.iter().enumerate().map(|(i, path)| {
+        let fd: std::os::fd::OwnedFd = std::fs::File::open(path).unwrap().into();
+        let args = json!({"fdset-id": 10 + i, "opaque": format!("file {i}")});
+        let c = &c;
+        async move {
+            c.execute_with_fds::<AddFd, _>("add-fd", &args, vec![fd])
+                .await
+        }
+    });
+    let added = join_all(adds).await;
+    let mut bound = Vec::new();
+    for (i, add) in added.into_iter().enumerate() {
+        let add = add.unwrap_or_else(|e| panic!("add-fd {i}: {e}"));
+        assert_eq!(add.fdset_id, 10 + i as u64);
+        let target = std::fs::read_link(format!("/proc/{}/fd/{}", q.pid(), add.fd)).unwrap();
+        bound.push(target);
+    }
+    assert_eq!(bound, files);
+
     // The launch has one chardev, the monitor's m0.
     let yank: Vec<Value> = c.exec_oob("query-yank", &()).await.unwrap();
     assert_eq!(yank, [json!({"type": "chardev", "id": "m0"})]);

@@ -468,6 +468,11 @@ impl Client {
     /// Executes `name` with file descriptors attached (`SCM_RIGHTS`), for `getfd` and
     /// `add-fd`. The descriptors are closed on this side once sent or once the command ends.
     ///
+    /// Calls made at once from several tasks are safe: a command with descriptors is written
+    /// only after QEMU has answered the one before it (the in-band commands sent after it wait
+    /// too). QEMU keeps only the descriptors of its latest read and, with `oob`, reads ahead
+    /// of the commands it runs, so two sets on the wire together would bind the wrong file.
+    ///
     /// # Errors
     /// As for [`run`](Self::run); [`ErrorKind::Unsupported`] when the session was not started
     /// with [`Builder::handshake_with_fds`].

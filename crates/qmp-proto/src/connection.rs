@@ -236,6 +236,12 @@ impl Command {
 
     /// Marks a command that carries file descriptors. [`Connection::poll_fds`] names it when its
     /// first byte is next to go out, and the driver MUST attach the descriptors to that write.
+    ///
+    /// Such a command goes on the wire only once every earlier in-band command with
+    /// descriptors has been answered (it waits in the queue meanwhile, and so do the in-band
+    /// commands sent after it): QEMU keeps only the descriptors of its latest read, closing
+    /// those before, and with `oob` its monitor reads ahead of the commands it runs, so a
+    /// second set read early would replace the first before `getfd` or `add-fd` takes it.
     #[must_use]
     pub fn with_fds(mut self) -> Self {
         self.fds = true;
@@ -677,6 +683,9 @@ pub struct Connection {
     queued: usize,
     /// In-band requests on the wire without a reply (including tombstoned ones), in order.
     inband: VecDeque<u64>,
+    /// The last in-band request with descriptors put on the wire. While it is in `inband`, no
+    /// other request with descriptors goes out ([`Command::with_fds`]).
+    fds_on_wire: Option<u64>,
     /// Abandoned or timed-out ids whose replies may still arrive.
     tombstones: IdSet,
     tombstone_order: VecDeque<u64>,
@@ -719,6 +728,7 @@ impl Connection {
             queue: VecDeque::new(),
             queued: 0,
             inband: VecDeque::new(),
+            fds_on_wire: None,
             tombstones: IdSet::default(),
             tombstone_order: VecDeque::new(),
             deadlines: BTreeSet::new(),
@@ -935,9 +945,11 @@ impl Connection {
         let ready = self.state == State::Ready && self.syncing.is_none();
         // As `admit` decides: oob goes at once; an in-band request goes in turn, behind any
         // that wait (a no-reply `guest-shutdown` must not overtake them), and waits for a
-        // slot only if it takes one.
+        // slot only if it takes one. One with descriptors waits while an in-band one with
+        // descriptors is unanswered (see `Command::with_fds`).
         let takes_slot = !cmd.oob && cmd.expect_reply;
         let direct = ready
+            && !(cmd.fds && self.fds_busy())
             && (cmd.oob
                 || (self.queued == 0
                     && (!takes_slot || self.inband.len() < self.config.max_in_flight)));
@@ -1351,9 +1363,10 @@ impl Connection {
         self.outputs.push_back(Output::Ready(Ready {
             capabilities: self.capabilities.clone(),
         }));
-        // `exec-oob` requests queue only before this point (afterwards they skip the queue):
-        // they go out now, ahead of the in-band cap, or fail if oob was not negotiated. From
-        // here on the queue holds in-band requests only.
+        // `exec-oob` requests queue only before this point (afterwards they skip the queue,
+        // unless they carry descriptors while others are out): they go out now, ahead of the
+        // in-band cap, or fail if oob was not negotiated. From here on the queue holds in-band
+        // requests only, and those with descriptors.
         let pending = &self.pending;
         let oob: Vec<u64> = self
             .queue
@@ -1484,14 +1497,18 @@ impl Connection {
         if self.state != State::Ready || self.syncing.is_some() {
             return;
         }
-        // Runs after every reply, so it stays O(admitted): the queue holds in-band requests
-        // only once the session is ready (see `become_ready`).
+        // Runs after every reply, so it stays O(admitted): once the session is ready the
+        // queue holds in-band requests only (see `become_ready`), and `exec-oob` ones with
+        // descriptors, which wait their turn like them.
         while let Some(&id) = self.queue.front() {
+            let fds_busy = self.fds_busy();
             let Some(p) = self.pending.get_mut(&id) else {
                 self.queue.pop_front();
                 continue;
             };
-            if p.takes_slot() && self.inband.len() >= self.config.max_in_flight {
+            if (p.takes_slot() && self.inband.len() >= self.config.max_in_flight)
+                || (p.fds && fds_busy)
+            {
                 break;
             }
             let bytes = p.queued.take().unwrap_or_default();
@@ -1533,9 +1550,20 @@ impl Connection {
             end: self.out.len(),
             fds: p.is_some_and(|p| p.fds),
         });
-        if p.is_some_and(Pending::takes_slot) {
+        if let Some(p) = p
+            && p.takes_slot()
+        {
+            if p.fds {
+                self.fds_on_wire = Some(id);
+            }
             self.inband.push_back(id);
         }
+    }
+
+    /// Whether an in-band request with descriptors is on the wire without its reply (answered,
+    /// abandoned before any byte went out, or the session ended: it has left `inband`).
+    fn fds_busy(&self) -> bool {
+        self.fds_on_wire.is_some_and(|id| self.inband.contains(&id))
     }
 
     /// Removes a request's entry together with its deadline, so no stale deadline stays

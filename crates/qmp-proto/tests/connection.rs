@@ -1251,3 +1251,75 @@ fn each_close_reason_names_the_failure_of_the_requests_it_ends() {
         assert_eq!(reason.failure(), failure, "{reason:?}");
     }
 }
+
+fn getfd(name: &str) -> Command {
+    Command::new("getfd")
+        .raw_arguments(format!(r#"{{"fdname":"{name}"}}"#))
+        .unwrap()
+        .with_fds()
+}
+
+#[test]
+fn one_request_with_descriptors_at_a_time_until_it_is_answered() {
+    // QEMU keeps only the descriptors of its latest read, and reads ahead of the commands it
+    // runs: a second set on the wire before the first command ran would replace the first.
+    let (t0, mut c) = ready(Config::default());
+    let a = c.send(t0, getfd("a")).unwrap();
+    let b = c
+        .send(t0, getfd("b").timeout(Some(Duration::from_secs(1))))
+        .unwrap();
+    let plain = c.send(t0, Command::new("query-status")).unwrap();
+    let oob = c.send(t0, getfd("o").oob()).unwrap();
+    assert_eq!(c.poll_fds(), Some(a));
+    assert_eq!(
+        tx(&mut c),
+        r#"{"execute":"getfd","arguments":{"fdname":"a"},"id":1}"#,
+        "the others wait, in order"
+    );
+    assert_eq!((c.in_flight(), c.queued()), (1, 3));
+    c.handle_input(t0, b"{\"return\": {}, \"id\": 1}\r\n");
+    assert_eq!(outs(&mut c), [replied(a, "{}")]);
+    assert_eq!(c.poll_fds(), Some(b));
+    assert_eq!(
+        tx(&mut c),
+        concat!(
+            r#"{"execute":"getfd","arguments":{"fdname":"b"},"id":2}"#,
+            r#"{"execute":"query-status","id":3}"#
+        ),
+        "`b` goes, and what only waited behind it"
+    );
+    assert_eq!(c.queued(), 1);
+
+    // `b` times out unanswered: QEMU may still run it, so the next set waits for its late
+    // reply (or for a reply to a later in-band request: QEMU answers those in order).
+    let t1 = t0 + Duration::from_secs(1);
+    c.handle_timeout(t1);
+    assert_eq!(
+        outs(&mut c),
+        [Output::Completed {
+            id: b,
+            outcome: Outcome::Unknown(Failure::Timeout)
+        }]
+    );
+    assert_eq!(tx(&mut c), "");
+    c.handle_input(t1, b"{\"return\": {}, \"id\": 2}\r\n");
+    assert_eq!(c.stats().late_replies, 1);
+    assert_eq!(c.poll_fds(), Some(oob));
+    assert_eq!(
+        tx(&mut c),
+        r#"{"exec-oob":"getfd","arguments":{"fdname":"o"},"id":4}"#
+    );
+    c.handle_input(t1, b"{\"return\": {}, \"id\": 3}\r\n");
+    assert_eq!(outs(&mut c), [replied(plain, "{}")]);
+
+    // A request with descriptors dropped before any byte went out frees the way at once.
+    let (t0, mut c) = ready(Config::default());
+    let first = c.send(t0, getfd("a")).unwrap();
+    assert!(c.abandon(first));
+    let second = c.send(t0, getfd("b")).unwrap();
+    assert_eq!(c.poll_fds(), Some(second));
+    assert_eq!(
+        tx(&mut c),
+        r#"{"execute":"getfd","arguments":{"fdname":"b"},"id":2}"#
+    );
+}
