@@ -148,21 +148,21 @@ impl<R: Readiness> futures_io::AsyncRead for UnixTransport<R> {
         cx: &mut std::task::Context<'_>,
         buf: &mut [u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        use std::io::Read;
         let this = self.get_mut();
         loop {
             if this.drained {
                 std::task::ready!(this.ready.poll_readable(cx))?;
                 this.drained = false;
             }
-            match this.ready.stream().read(buf) {
+            match recv(this.ready.stream(), buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => this.drained = true,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                res => {
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+                Ok((n, more)) => {
                     // A stream socket returns all it holds, up to `buf.len()`: a short read
-                    // (or EOF) left it empty.
-                    this.drained = res.as_ref().is_ok_and(|&n| n < buf.len());
-                    return std::task::Poll::Ready(res);
+                    // (or EOF) left it empty, unless it stopped early.
+                    this.drained = n < buf.len() && !more;
+                    return std::task::Poll::Ready(Ok(n));
                 }
             }
         }
@@ -207,6 +207,20 @@ impl<R: Readiness> FdWrite for UnixTransport<R> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         self.get_mut().poll_send(cx, |s| send_with_fds(s, buf, fds))
     }
+}
+
+/// One nonblocking read into `buf`: the count, and whether the socket may hold more although
+/// the read was short. The kernel ends a read after bytes that came with descriptors (which,
+/// with no room offered for them, it closes and flags as `MSG_CTRUNC`), so such a read says
+/// nothing about what follows; taking it for an empty socket would leave the rest unread on an
+/// edge-triggered reactor.
+#[cfg(unix)]
+fn recv(sock: &std::os::unix::net::UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, bool)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvFlags, ReturnFlags};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut control = RecvAncillaryBuffer::new(&mut []);
+    let msg = rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::empty())?;
+    Ok((msg.bytes, msg.flags.contains(ReturnFlags::CTRUNC)))
 }
 
 /// One nonblocking `sendmsg` of `buf` with `fds` attached as `SCM_RIGHTS`.

@@ -1,6 +1,7 @@
 //! The tokio adapter over a socketpair with the testkit's fake QEMU: typed commands, fd
 //! passing, and the timer on tokio's paused clock.
 
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -225,4 +226,71 @@ async fn any_tokio_stream_without_fd_passing() {
 #[test]
 fn the_status_example_follows_a_real_vm() {
     qmp_testkit::example::check_status_example("tokio_status");
+}
+
+/// Sends `text` with `fd` attached, as one message.
+fn send_with_fd(sock: &UnixStream, text: &str, fd: std::os::fd::BorrowedFd<'_>) {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let fds = [fd];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+    let iov = [std::io::IoSlice::new(text.as_bytes())];
+    let n = rustix::net::sendmsg(sock, &iov, &mut control, SendFlags::empty()).unwrap();
+    assert_eq!(n, text.len());
+}
+
+#[tokio::test]
+async fn a_reply_that_came_with_descriptors_does_not_hide_the_next_one() {
+    // A peer may attach descriptors to what it sends (QEMU does not). The kernel ends a read
+    // after the bytes they came with; on tokio's edge-triggered reactor, taking that short
+    // read for an empty socket would leave the next reply unread until more data came.
+    use std::io::{Read, Write};
+    let (mine, mut theirs) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        theirs.write_all(
+            b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\r\n",
+        ).unwrap();
+        let mut buf = [0u8; 256];
+        let n = theirs.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], br#"{"execute":"qmp_capabilities","id":0}"#);
+        theirs
+            .write_all(b"{\"return\": {}, \"id\": 0}\r\n")
+            .unwrap();
+        theirs
+    });
+    let (c, conn) = qmp_tokio::from_unix_stream(mine, Builder::new())
+        .await
+        .unwrap();
+    let mut theirs = server.join().unwrap();
+    let driver = tokio::spawn(conn);
+    let calls = [("a", c.clone()), ("b", c.clone())]
+        .map(|(name, c)| tokio::spawn(async move { c.execute_raw(name, &()).await }));
+    // This runtime has one thread: the driver writes both requests while this task waits,
+    // and does not run again until this task waits again.
+    let expected = r#"{"execute":"a","id":1}{"execute":"b","id":2}"#;
+    let mut wrote = Vec::new();
+    for _ in 0..1000 {
+        if wrote.len() >= expected.len() {
+            break;
+        }
+        tokio::task::yield_now().await;
+        theirs.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 256];
+        if let Ok(n) = theirs.read(&mut buf) {
+            wrote.extend_from_slice(&buf[..n]);
+        }
+    }
+    assert_eq!(String::from_utf8(wrote).unwrap(), expected);
+    theirs.set_nonblocking(false).unwrap();
+    send_with_fd(&theirs, "{\"return\": 1, \"id\": 1}\r\n", devnull().as_fd());
+    theirs.write_all(b"{\"return\": 2, \"id\": 2}\r\n").unwrap();
+    let mut got = Vec::new();
+    for call in calls {
+        let r = tokio::time::timeout(Duration::from_secs(5), call).await;
+        got.push(r.expect("answered").unwrap().unwrap().get().to_owned());
+    }
+    assert_eq!(got, ["1", "2"]);
+    c.close().await;
+    assert!(driver.await.unwrap().is_ok());
 }
