@@ -189,7 +189,11 @@ impl Connection {
                 let now = inner.now(timer);
                 match res {
                     Ok(0) => inner.proto.handle_eof(now),
-                    Ok(n) => inner.proto.handle_input(now, &self.buf[..n]),
+                    // `min`: a transport that claims more than the buffer holds is wrong, but
+                    // not a reason to panic.
+                    Ok(n) => inner
+                        .proto
+                        .handle_input(now, &self.buf[..n.min(self.buf.len())]),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         if !is_peer_gone(&e) {
@@ -244,8 +248,21 @@ impl Connection {
                     Poll::Pending => break,
                 }
             }
-            if self.need_flush && self.io.as_mut().poll_flush(cx).is_ready() {
+            if self.need_flush
+                && let Poll::Ready(res) = self.io.as_mut().poll_flush(cx)
+            {
                 self.need_flush = false;
+                // A flush that fails ends the session as a failed write does.
+                if let Err(e) = res
+                    && e.kind() != io::ErrorKind::Interrupted
+                {
+                    if !is_peer_gone(&e) {
+                        self.io_error = Some(e);
+                    }
+                    let now = inner.now(timer);
+                    inner.proto.handle_eof(now);
+                    progress = true;
+                }
             }
 
             // 2. One timer, never later than the earliest deadline. A later or no deadline

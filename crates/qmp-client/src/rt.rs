@@ -209,6 +209,18 @@ impl<R: Readiness> FdWrite for UnixTransport<R> {
     }
 }
 
+/// Whether connecting to a unix socket that failed with `e` is worth another try while QEMU
+/// starts: the socket is not there yet, nobody listens on it yet, or its backlog is full.
+/// Used by the adapters' `connect_unix_wait`.
+pub fn worth_retrying(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound
+            | std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::WouldBlock
+    )
+}
+
 /// One nonblocking read into `buf`: the count, and whether the socket may hold more although
 /// the read was short. The kernel ends a read after bytes that came with descriptors (which,
 /// with no room offered for them, it closes and flags as `MSG_CTRUNC`), so such a read says
@@ -234,7 +246,12 @@ fn send_with_fds(
     let mut space =
         vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(fds));
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        // The space is sized for them; should it not be, nothing goes without its descriptors.
+        return Err(std::io::Error::other(
+            "no room for the descriptors in the message",
+        ));
+    }
     let iov = [std::io::IoSlice::new(buf)];
     Ok(rustix::net::sendmsg(
         sock,

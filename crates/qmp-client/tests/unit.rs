@@ -1182,6 +1182,26 @@ fn a_transport_error_ends_the_session_and_the_driver_reports_it_whole() {
 }
 
 #[test]
+fn a_failed_flush_ends_the_session_as_a_failed_write_does() {
+    let mut s = session(Builder::new());
+    s.srv
+        .fail_flushes(std::io::Error::from_raw_os_error(5 /* EIO */));
+    let mut call = s.call("x");
+    assert_eq!(
+        failed(&mut s.pool, &mut call),
+        (ErrorKind::Disconnected, Some(SendStatus::Unanswered))
+    );
+    assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
+    let e = done(&mut s.pool, &mut s.driver).unwrap().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
+    let source = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .expect("the io::Error is the source");
+    assert_eq!(source.raw_os_error(), Some(5));
+    assert!(s.client.is_closed());
+}
+
+#[test]
 fn a_full_local_queue_refuses_a_command_unsent_and_the_queue_drains_in_order() {
     let mut s = session(Builder::new().max_in_flight(1).max_queued(1));
     let mut a = s.call("a");

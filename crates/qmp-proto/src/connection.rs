@@ -40,6 +40,7 @@ pub struct Config {
     pub command_timeout: Option<Duration>,
     // --- Flow control ---
     /// Maximum in-band commands on the wire without a reply. Default 8 (QEMU's queue length).
+    /// Taken as 1 when set to 0, which would never let a command out.
     pub max_in_flight: usize,
     /// Maximum commands waiting locally for a free slot. Default 65,536.
     pub max_queued: usize,
@@ -711,7 +712,8 @@ impl fmt::Debug for Connection {
 
 impl Connection {
     /// A connection that has just been opened at `now`.
-    pub fn new(now: Instant, config: Config) -> Self {
+    pub fn new(now: Instant, mut config: Config) -> Self {
+        config.max_in_flight = config.max_in_flight.max(1);
         // A timeout too long to represent is no timeout.
         let handshake_deadline = config.handshake_timeout.and_then(|t| now.checked_add(t));
         let framer = Framer::new(config.max_message_size, config.max_depth);

@@ -1323,3 +1323,14 @@ fn one_request_with_descriptors_at_a_time_until_it_is_answered() {
         r#"{"execute":"getfd","arguments":{"fdname":"b"},"id":2}"#
     );
 }
+
+#[test]
+fn an_in_flight_cap_of_zero_set_in_the_config_counts_as_one() {
+    let mut config = Config::default();
+    config.max_in_flight = 0;
+    let (t0, mut c) = ready(config);
+    c.send(t0, Command::new("a")).unwrap();
+    c.send(t0, Command::new("b")).unwrap();
+    assert_eq!(tx(&mut c), r#"{"execute":"a","id":1}"#);
+    assert_eq!((c.in_flight(), c.queued()), (1, 1));
+}

@@ -76,7 +76,8 @@ pub async fn connect_unix(
 }
 
 /// Like [`connect_unix`], retrying every 10 ms for up to `wait` while the socket does not
-/// exist yet or refuses connections (QEMU still starting). A connection that the server
+/// exist yet or refuses connections (QEMU still starting); any other error (no permission,
+/// not a socket, a path too long) is reported at once. A connection that the server
 /// closes before the session is ready is reported at once: a QEMU 10.0 monitor that does
 /// that does not recover. `Duration::MAX` waits for ever. Start the monitor with `wait=on`
 /// when connecting this early: see [`qmp_client`]'s notes on a QEMU that has just started.
@@ -94,7 +95,9 @@ pub async fn connect_unix_wait(
     let stream = loop {
         match Async::<std::os::unix::net::UnixStream>::connect(path.as_ref()).await {
             Ok(s) => break s,
-            Err(e) if end.is_some_and(|end| Instant::now() >= end) => return Err(e.into()),
+            Err(e) if !rt::worth_retrying(&e) || end.is_some_and(|end| Instant::now() >= end) => {
+                return Err(e.into());
+            }
             Err(_) => _ = async_io::Timer::after(Duration::from_millis(10)).await,
         }
     };

@@ -118,3 +118,21 @@ fn any_futures_io_stream_without_fd_passing() {
 fn the_status_example_follows_a_real_vm() {
     qmp_testkit::example::check_status_example("smol_status");
 }
+
+#[test]
+fn waiting_for_a_socket_gives_up_at_once_on_errors_that_waiting_cannot_fix() {
+    // A path through a regular file can never become a socket: with no time limit, the old
+    // loop retried it for ever.
+    let path = std::env::current_exe().unwrap().join("qmp.sock");
+    let wait = qmp_smol::connect_unix_wait(&path, Builder::new(), Duration::MAX);
+    let give_up = async {
+        smol::Timer::after(Duration::from_secs(5)).await;
+        panic!("still retrying");
+    };
+    let e = smol::block_on(smol::future::or(wait, give_up)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
+    let io = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .expect("the io::Error is the source");
+    assert_eq!(io.kind(), std::io::ErrorKind::NotADirectory);
+}

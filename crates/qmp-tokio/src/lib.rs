@@ -36,7 +36,10 @@ pub struct TokioTimer {
 }
 
 impl TokioTimer {
-    /// A timer on the current tokio runtime.
+    /// A timer on the current tokio runtime, which must have its time driver enabled
+    /// (`enable_time` or `enable_all` on its builder; `#[tokio::main]` does it): the client
+    /// arms a timer for the handshake timeout at least, and tokio panics on a timer without
+    /// it.
     ///
     /// # Panics
     /// When called outside a tokio runtime.
@@ -149,7 +152,8 @@ pub async fn connect_unix(
 }
 
 /// Like [`connect_unix`], retrying every 10 ms for up to `wait` while the socket does not
-/// exist yet or refuses connections (QEMU still starting). A connection that the server
+/// exist yet or refuses connections (QEMU still starting); any other error (no permission,
+/// not a socket, a path too long) is reported at once. A connection that the server
 /// closes before the session is ready is reported at once: a QEMU 10.0 monitor that does
 /// that does not recover. `Duration::MAX` waits for ever. Start the monitor with `wait=on`
 /// when connecting this early: see [`qmp_client`]'s notes on a QEMU that has just started.
@@ -167,7 +171,10 @@ pub async fn connect_unix_wait(
     let stream = loop {
         match tokio::net::UnixStream::connect(path.as_ref()).await {
             Ok(s) => break s,
-            Err(e) if end.is_some_and(|end| tokio::time::Instant::now() >= end) => {
+            Err(e)
+                if !rt::worth_retrying(&e)
+                    || end.is_some_and(|end| tokio::time::Instant::now() >= end) =>
+            {
                 return Err(e.into());
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,

@@ -294,3 +294,20 @@ async fn a_reply_that_came_with_descriptors_does_not_hide_the_next_one() {
     c.close().await;
     assert!(driver.await.unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn waiting_for_a_socket_gives_up_at_once_on_errors_that_waiting_cannot_fix() {
+    // A path through a regular file can never become a socket: with no time limit, the old
+    // loop retried it for ever.
+    let path = std::env::current_exe().unwrap().join("qmp.sock");
+    let wait = qmp_tokio::connect_unix_wait(&path, Builder::new(), Duration::MAX);
+    let e = tokio::time::timeout(Duration::from_secs(5), wait)
+        .await
+        .expect("no retries")
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
+    let io = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .expect("the io::Error is the source");
+    assert_eq!(io.kind(), std::io::ErrorKind::NotADirectory);
+}

@@ -17,6 +17,8 @@ struct Half {
     closed: bool,
     /// The error the next read returns.
     error: Option<io::Error>,
+    /// The error the next flush of the writing side returns.
+    flush_error: Option<io::Error>,
     reader: Option<Waker>,
 }
 
@@ -92,6 +94,11 @@ impl Server {
         }
     }
 
+    /// Makes the client's next flush fail with `e`.
+    pub fn fail_flushes(&self, e: io::Error) {
+        self.from_client.lock().unwrap().flush_error = Some(e);
+    }
+
     /// Whether the client closed its sending side.
     pub fn client_closed(&self) -> bool {
         self.from_client.lock().unwrap().closed
@@ -144,7 +151,10 @@ impl AsyncWrite for PipeEnd {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+        match self.tx.lock().unwrap().flush_error.take() {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
