@@ -637,8 +637,8 @@ impl Client {
                         return Poll::Ready(Err(Error::new(
                             ErrorKind::Lagged,
                             format!(
-                                "{n} events were dropped while waiting (the queue was full); \
-                                 the one awaited may be among them"
+                                "{n} events were lost while waiting (dropped from the full \
+                                 queue, or unreadable); the one awaited may be among them"
                             ),
                         )));
                     }

@@ -79,7 +79,9 @@ pub enum EventItem {
     /// This many events were dropped before reaching the subscriber: its oldest, when it fell
     /// behind; or, for a stream subscribed before the connection first ran, events read
     /// during the handshake that did not fit the queue size (counted by the stream's filter,
-    /// except past 64 distinct event names, when every such stream counts them).
+    /// except past 64 distinct event names, when every such stream counts them). A message
+    /// from the server that could not be read (invalid, or over the size or depth limits) and
+    /// answered no command may have been an event: every stream counts it.
     Lagged(u64),
     /// The connection closed; this is the last item, the stream ends after it.
     Closed(CloseReason),

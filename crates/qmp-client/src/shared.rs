@@ -324,8 +324,7 @@ impl Inner {
     /// Routes every output of the machine: completions to their callers, events to the
     /// subscribers, and the close to everyone.
     pub(crate) fn dispatch(&mut self) {
-        // Any drop leaves the buffer full, so an empty one has nothing to report either.
-        if !self.handshaking && !self.early.is_empty() {
+        if !self.handshaking && (!self.early.is_empty() || self.early_dropped_other > 0) {
             self.flush_early();
         }
         while let Some(out) = self.proto.poll_output() {
@@ -346,6 +345,18 @@ impl Inner {
                     self.early.push_back(ev);
                 }
                 Output::Event(ev) => self.route(&ev),
+                // Perhaps an event, of a name nobody can know: a loss for every stream.
+                Output::Unreadable if self.handshaking => self.early_dropped_other += 1,
+                Output::Unreadable => {
+                    let wakes = &mut self.wakes;
+                    self.subscribers.retain(|w| match w.upgrade() {
+                        Some(sub) => {
+                            wakes.extend(sub.lag(1).map(Wake::Task));
+                            true
+                        }
+                        None => false,
+                    });
+                }
                 Output::Closed(reason) => {
                     #[cfg(feature = "tracing")]
                     tracing::debug!(?reason, "qmp connection closed");

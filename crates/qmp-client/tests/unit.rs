@@ -932,10 +932,67 @@ fn waiting_reports_lost_events_instead_of_missing_the_one_awaited() {
         (
             ErrorKind::Lagged,
             None,
-            "3 events were dropped while waiting (the queue was full); the one awaited may be \
-             among them"
+            "3 events were lost while waiting (dropped from the full queue, or unreadable); the \
+             one awaited may be among them"
         )
     );
+}
+
+#[test]
+fn a_message_too_large_to_read_counts_as_a_lost_event() {
+    let mut s = session(Builder::new().max_message_size(200));
+    let mut stream = s.client.subscribe("BLOCK_JOB_COMPLETED");
+    let wait = s.client.wait_event("BLOCK_JOB_COMPLETED", |_| true, None);
+    // Too large for the limit, with no id to read: for all anyone knows, the awaited event.
+    s.srv.send(&format!(
+        "{{\"event\": \"BLOCK_JOB_COMPLETED\", \"data\": {{\"pad\": \"{}\"}}}}\r\n",
+        "x".repeat(300)
+    ));
+    s.srv.send(&event("BLOCK_JOB_COMPLETED", 1));
+    s.pool.run_until_stalled();
+    let e = wait
+        .now_or_never()
+        .expect("the loss is reported")
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.to_string().as_str()),
+        (
+            ErrorKind::Lagged,
+            "1 events were lost while waiting (dropped from the full queue, or unreadable); the \
+             one awaited may be among them"
+        )
+    );
+    assert_eq!(
+        items(&mut stream),
+        ["Lagged(1)", "BLOCK_JOB_COMPLETED {\"n\": 1}"]
+    );
+    // A reply too large to read names its command, which fails: no event was lost.
+    let mut call = s.call("x");
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
+    s.srv.send(&format!(
+        "{{\"return\": \"{}\", \"id\": 1}}\r\n",
+        "x".repeat(300)
+    ));
+    assert_eq!(
+        failed(&mut s.pool, &mut call),
+        (ErrorKind::ReplyLost, Some(SendStatus::Unanswered))
+    );
+    assert_eq!(items(&mut stream), Vec::<String>::new());
+}
+
+#[test]
+fn an_unreadable_message_during_the_handshake_counts_as_a_lost_event() {
+    let (mut pool, _sp, _srv, client, conn) =
+        handshake_with_events(Builder::new(), "{\"event\": nope}\r\n", &event("STOP", 1));
+    let mut stream = client.subscribe("STOP");
+    let mut other = client.subscribe("RESUME");
+    pool.spawner()
+        .spawn_local(async move { drop(conn.await) })
+        .unwrap();
+    pool.run_until_stalled();
+    assert_eq!(items(&mut stream), ["Lagged(1)", "STOP {\"n\": 1}"]);
+    assert_eq!(items(&mut other), ["Lagged(1)"]);
 }
 
 #[test]

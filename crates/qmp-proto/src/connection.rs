@@ -513,6 +513,10 @@ pub enum Output {
     Event(Event),
     /// A protocol anomaly; the session goes on.
     Anomaly(Anomaly),
+    /// A message that could not be read (not JSON, too large or too deep; the
+    /// [`Output::Anomaly`] before this says which) in which no id could be read: if it was an
+    /// event, that event is lost. Clients report it to event subscribers as a loss.
+    Unreadable,
     /// The connection is closed; nothing follows.
     Closed(CloseReason),
 }
@@ -793,7 +797,10 @@ impl Connection {
                     let bytes = self.framer.take(range);
                     match wire::classify(bytes, ascii) {
                         Ok(msg) => self.on_message(msg),
-                        Err(bad) => self.anomaly(Anomaly::InvalidJson { len, error: bad.0 }),
+                        Err(bad) => {
+                            self.anomaly(Anomaly::InvalidJson { len, error: bad.0 });
+                            self.on_unreadable(None);
+                        }
                     }
                 }
                 // Outside a sync the 0xFF marker carries no meaning.
@@ -802,12 +809,12 @@ impl Connection {
                 Frame::Oversized { len, id } => {
                     self.stats.messages_received += 1;
                     self.anomaly(Anomaly::Oversized { len });
-                    self.on_unreadable_reply(id);
+                    self.on_unreadable(id);
                 }
                 Frame::TooDeep { len, id } => {
                     self.stats.messages_received += 1;
                     self.anomaly(Anomaly::TooDeep { len });
-                    self.on_unreadable_reply(id);
+                    self.on_unreadable(id);
                 }
             }
             if self.state == State::Closed {
@@ -1335,14 +1342,20 @@ impl Connection {
         }
     }
 
-    /// A message skipped as too large or too deep. When an id of ours could be read at its
-    /// start or end, it was that request's reply: the request resolves as
-    /// [`Failure::ReplyLost`] instead of waiting for a reply that has come and gone.
-    fn on_unreadable_reply(&mut self, id: Option<u64>) {
-        let Some(id) = id else { return };
+    /// A message skipped as unreadable (invalid, too large or too deep), with the id of ours
+    /// that could be read at its start or end, if any. With one, it was that request's reply:
+    /// the request resolves as [`Failure::ReplyLost`] instead of waiting for a reply that has
+    /// come and gone (events carry no id). Without, it may have been an event:
+    /// [`Output::Unreadable`] says so.
+    fn on_unreadable(&mut self, id: Option<u64>) {
         if self.state == State::Closed || self.syncing.is_some() {
+            // Closed: nothing listens. Syncing: stale output before the sync's answer.
             return;
         }
+        let Some(id) = id else {
+            self.outputs.push_back(Output::Unreadable);
+            return;
+        };
         match self.pending.get(&id) {
             Some(p) if p.purpose == Purpose::User && p.written == Written::All => {
                 self.retire_inband(id);
@@ -1350,7 +1363,9 @@ impl Connection {
                 self.complete(id, Outcome::Unknown(Failure::ReplyLost));
                 self.admit();
             }
+            // Ours, but not all written yet: a reply that came too early.
             Some(_) => {}
+            // Events carry no id: whatever this answered, it was no event.
             None => {
                 if self.take_late(id) {
                     self.admit();

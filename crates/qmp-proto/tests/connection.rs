@@ -385,15 +385,20 @@ fn a_reply_to_a_later_in_band_request_resolves_an_earlier_one_whose_reply_was_un
     c.handle_input(t0, big.as_bytes());
     c.handle_input(t0, b"{\"return\": nope, \"id\": 2}\n");
     let o = outs(&mut c);
-    assert_eq!(o.len(), 2, "{o:?}");
+    assert_eq!(o.len(), 4, "{o:?}");
     assert_eq!(
-        o[0],
-        Output::Anomaly(Anomaly::Oversized { len: big.len() - 1 })
+        o[..2],
+        [
+            Output::Anomaly(Anomaly::Oversized { len: big.len() - 1 }),
+            // For all the machine knows, an event was lost.
+            Output::Unreadable,
+        ]
     );
     assert!(
-        matches!(o[1], Output::Anomaly(Anomaly::InvalidJson { .. })),
+        matches!(o[2], Output::Anomaly(Anomaly::InvalidJson { .. })),
         "{o:?}"
     );
+    assert_eq!(o[3], Output::Unreadable);
     assert_eq!(c.pending(), 3);
     // QEMU answers in-band requests in order, so 1 and 2 will never be answered now.
     c.handle_input(t0, b"{\"return\": {}, \"id\": 3}\n");
@@ -419,12 +424,14 @@ fn invalid_json_non_utf8_nuls_and_garbage_are_anomalies_not_fatal() {
         matches!(&o[0], Output::Anomaly(Anomaly::InvalidJson { len: 61, .. })),
         "{o:?}"
     );
+    assert_eq!(o[1], Output::Unreadable);
     assert!(
-        matches!(&o[1], Output::Anomaly(Anomaly::InvalidJson { error, .. }) if error.starts_with("invalid UTF-8")),
+        matches!(&o[2], Output::Anomaly(Anomaly::InvalidJson { error, .. }) if error.starts_with("invalid UTF-8")),
         "{o:?}"
     );
+    assert_eq!(o[3], Output::Unreadable);
     assert_eq!(
-        o[2..],
+        o[4..],
         [
             Output::Anomaly(Anomaly::Garbage { len: 5 }),
             Output::Anomaly(Anomaly::Garbage { len: 18 }),
