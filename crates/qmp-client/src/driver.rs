@@ -137,6 +137,22 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// Ends the session after the transport failed with `e`: as the peer's doing when it went
+/// away, else as a transport failure, whose error (kept in `io_error`) the driver returns.
+fn failed(
+    io_error: &mut Option<io::Error>,
+    proto: &mut qmp_proto::Connection,
+    now: Instant,
+    e: io::Error,
+) {
+    if is_peer_gone(&e) {
+        proto.handle_eof(now);
+    } else {
+        *io_error = Some(e);
+        proto.handle_transport_error(now);
+    }
+}
+
 fn is_peer_gone(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -195,12 +211,7 @@ impl Connection {
                         .proto
                         .handle_input(now, &self.buf[..n.min(self.buf.len())]),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        if !is_peer_gone(&e) {
-                            self.io_error = Some(e);
-                        }
-                        inner.proto.handle_eof(now);
-                    }
+                    Err(e) => failed(&mut self.io_error, &mut inner.proto, now, e),
                 }
             }
 
@@ -235,13 +246,30 @@ impl Connection {
                         progress = true;
                     }
                     Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Poll::Ready(res) => {
-                        match res {
-                            Err(e) if !is_peer_gone(&e) => self.io_error = Some(e),
-                            _ => {}
-                        }
+                    // Descriptors refused (too many in flight, say): that command fails, not
+                    // sent, and the session goes on. Were the socket itself broken, the next
+                    // write or read would say so.
+                    #[cfg(unix)]
+                    Poll::Ready(Err(e))
+                        if !is_peer_gone(&e)
+                            && let Some(id) = fd_id
+                            && inner.fds.contains_key(&id) =>
+                    {
+                        #[cfg(feature = "tracing")]
+                        tracing::warn!(error = %e, "the transport refused a command's descriptors");
+                        let _ = e;
                         let now = inner.now(timer);
-                        inner.proto.handle_eof(now);
+                        inner.proto.handle_fds_refused(now);
+                        inner.fds.remove(&id);
+                        progress = true;
+                    }
+                    Poll::Ready(res) => {
+                        let now = inner.now(timer);
+                        match res {
+                            Err(e) => failed(&mut self.io_error, &mut inner.proto, now, e),
+                            // Nothing written and no error: the peer is gone.
+                            Ok(_) => inner.proto.handle_eof(now),
+                        }
                         progress = true;
                         break;
                     }
@@ -256,11 +284,8 @@ impl Connection {
                 if let Err(e) = res
                     && e.kind() != io::ErrorKind::Interrupted
                 {
-                    if !is_peer_gone(&e) {
-                        self.io_error = Some(e);
-                    }
                     let now = inner.now(timer);
-                    inner.proto.handle_eof(now);
+                    failed(&mut self.io_error, &mut inner.proto, now, e);
                     progress = true;
                 }
             }

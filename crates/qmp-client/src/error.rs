@@ -8,7 +8,8 @@ use qmp_proto::{CloseReason, CommandError, Failure, LocalError, RemoteError, Sen
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// The transport failed (read or write error other than a peer reset).
+    /// The transport failed (read or write error other than a peer reset; the driver's result
+    /// carries the I/O error), or refused a command's file descriptors.
     Io,
     /// The session never became ready: no greeting in time, negotiation refused, or the peer
     /// went away during the handshake.
@@ -31,9 +32,9 @@ pub enum ErrorKind {
     /// The session cannot do this: exec-oob without the `oob` capability, fds on a transport
     /// without fd passing, oob in guest-agent mode.
     Unsupported,
-    /// Events were dropped from a full subscriber queue while waiting for one, so the one
-    /// awaited may have been lost ([`Builder::event_queue`](crate::Builder::event_queue)
-    /// sizes the queue).
+    /// Events were dropped from a full subscriber queue while waiting for one, or a message
+    /// that could not be read came, so the one awaited may have been lost
+    /// ([`Builder::event_queue`](crate::Builder::event_queue) sizes the queue).
     Lagged,
     /// The server answered but its reply could not be read: larger than the maximum message
     /// size, nested too deep, or not JSON. The command ran; whether it succeeded is unknown.
@@ -137,6 +138,7 @@ impl Error {
             Failure::HandshakeFailed => ErrorKind::Handshake,
             Failure::OobUnavailable => ErrorKind::Unsupported,
             Failure::ReplyLost => ErrorKind::ReplyLost,
+            Failure::TransportFailed | Failure::FdsRefused => ErrorKind::Io,
             _ => ErrorKind::Closed,
         };
         let what = match (status, failure) {

@@ -1225,9 +1225,15 @@ fn a_transport_error_ends_the_session_and_the_driver_reports_it_whole() {
     assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
     s.srv
         .fail_reads(std::io::Error::from_raw_os_error(5 /* EIO */));
+    // Not the peer's doing: the callers are told the connection failed, not that QEMU left.
+    let e = done(&mut s.pool, &mut call).unwrap().unwrap_err();
     assert_eq!(
-        failed(&mut s.pool, &mut call),
-        (ErrorKind::Disconnected, Some(SendStatus::Unanswered))
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::Io,
+            Some(SendStatus::Unanswered),
+            "x: the connection failed (sent, but no reply came)"
+        )
     );
     let e = done(&mut s.pool, &mut s.driver).unwrap().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io);
@@ -1246,7 +1252,7 @@ fn a_failed_flush_ends_the_session_as_a_failed_write_does() {
     let mut call = s.call("x");
     assert_eq!(
         failed(&mut s.pool, &mut call),
-        (ErrorKind::Disconnected, Some(SendStatus::Unanswered))
+        (ErrorKind::Io, Some(SendStatus::Unanswered))
     );
     assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
     let e = done(&mut s.pool, &mut s.driver).unwrap().unwrap_err();
@@ -1811,4 +1817,137 @@ fn a_waker_that_panics_costs_the_other_callers_nothing() {
     assert_eq!(done(&mut s.pool, &mut b).unwrap().unwrap().get(), "2");
     let a = a.as_mut().now_or_never().expect("answered");
     assert_eq!(a.unwrap().get(), "1");
+}
+
+/// The test pipe with fd passing that refuses descriptors while `refuse` is set (as `sendmsg`
+/// does with `ETOOMANYREFS`), and otherwise counts those it passed.
+struct FdPipe {
+    pipe: support::PipeEnd,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    passed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl futures_io::AsyncRead for FdPipe {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.pipe).poll_read(cx, buf)
+    }
+}
+
+impl futures_io::AsyncWrite for FdPipe {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.pipe).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.pipe).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.pipe).poll_close(cx)
+    }
+}
+
+impl qmp_client::rt::FdWrite for FdPipe {
+    fn poll_write_fds(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.refuse.load(SeqCst) {
+            return std::task::Poll::Ready(Err(std::io::Error::from_raw_os_error(
+                109, /* ETOOMANYREFS */
+            )));
+        }
+        self.passed.fetch_add(fds.len(), SeqCst);
+        futures_io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.pipe), cx, buf)
+    }
+}
+
+#[test]
+fn descriptors_the_transport_refuses_fail_their_command_alone() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut pool = LocalPool::new();
+    let sp = pool.spawner();
+    let (pipe, srv) = pipe();
+    let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let passed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let io = FdPipe {
+        pipe,
+        refuse: refuse.clone(),
+        passed: passed.clone(),
+    };
+    let mut hs = spawn(
+        &sp,
+        Builder::new().handshake_with_fds(io, ManualTimer::new()),
+    );
+    srv.greet();
+    assert!(done(&mut pool, &mut hs).is_none());
+    assert_eq!(srv.take(), NEGOTIATE);
+    srv.send("{\"return\": {}, \"id\": 0}\r\n");
+    let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
+    let _driver = spawn(&sp, conn);
+    let devnull = || std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let getfd = |name: &'static str| {
+        let c = client.clone();
+        let fd = devnull();
+        spawn(&sp, async move {
+            let args = serde_json::json!({ "fdname": name });
+            c.execute_with_fds::<serde_json::Value, _>("getfd", &args, vec![fd])
+                .await
+        })
+    };
+    let mut refused = getfd("a");
+    let mut after = s_call(&sp, &client, "query-status");
+    let e = done(&mut pool, &mut refused).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::Io,
+            Some(SendStatus::NotSent),
+            "getfd: the transport refused its file descriptors (not sent)"
+        )
+    );
+    // Nothing of it went out; the command after it did, and the session goes on.
+    assert_eq!(srv.take(), r#"{"execute":"query-status","id":2}"#);
+    srv.send("{\"return\": {}, \"id\": 2}\r\n");
+    assert_eq!(done(&mut pool, &mut after).unwrap().unwrap().get(), "{}");
+    refuse.store(false, SeqCst);
+    let mut accepted = getfd("b");
+    pool.run_until_stalled();
+    assert_eq!(
+        srv.take(),
+        r#"{"execute":"getfd","arguments":{"fdname":"b"},"id":3}"#
+    );
+    assert_eq!(passed.load(SeqCst), 1);
+    srv.send("{\"return\": {}, \"id\": 3}\r\n");
+    assert_eq!(
+        done(&mut pool, &mut accepted).unwrap().unwrap(),
+        serde_json::json!({})
+    );
+    assert!(!client.is_closed());
+}
+
+fn s_call(
+    sp: &LocalSpawner,
+    client: &Client,
+    name: &'static str,
+) -> oneshot::Receiver<Result<qmp_client::RawJson, Error>> {
+    let c = client.clone();
+    spawn(sp, async move { c.execute_raw(name, &()).await })
 }

@@ -179,7 +179,10 @@ impl ExecError {
             Self::NotSent(f) | Self::Unknown(f) => {
                 matches!(
                     f,
-                    Failure::PeerClosed | Failure::LocalClose | Failure::HandshakeFailed
+                    Failure::PeerClosed
+                        | Failure::LocalClose
+                        | Failure::HandshakeFailed
+                        | Failure::TransportFailed
                 )
             }
             Self::Local(LocalError::Closed) | Self::Connect(_) => true,

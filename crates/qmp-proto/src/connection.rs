@@ -360,6 +360,8 @@ pub enum CloseReason {
     Local,
     /// The peer broke the protocol.
     Remote(RemoteError),
+    /// The transport failed on this side ([`Connection::handle_transport_error`]).
+    TransportFailed,
 }
 
 impl CloseReason {
@@ -369,6 +371,7 @@ impl CloseReason {
             Self::PeerClosed => Failure::PeerClosed,
             Self::Local => Failure::LocalClose,
             Self::Remote(_) => Failure::HandshakeFailed,
+            Self::TransportFailed => Failure::TransportFailed,
         }
     }
 }
@@ -391,6 +394,10 @@ pub enum Failure {
     /// nested too deep, or not JSON. Either its id was still legible, or a reply to a later
     /// in-band request came first (QEMU answers those in order). It ran; how is unknown.
     ReplyLost,
+    /// The transport failed on this side (an I/O error, not the peer going away).
+    TransportFailed,
+    /// The transport refused the file descriptors attached to it; nothing of it was sent.
+    FdsRefused,
 }
 
 impl fmt::Display for Failure {
@@ -402,6 +409,8 @@ impl fmt::Display for Failure {
             Self::HandshakeFailed => "the handshake failed",
             Self::OobUnavailable => "the server does not offer oob",
             Self::ReplyLost => "its reply could not be read",
+            Self::TransportFailed => "the connection failed",
+            Self::FdsRefused => "the transport refused its file descriptors",
         })
     }
 }
@@ -825,6 +834,31 @@ impl Connection {
 
     /// Reports that the peer closed the stream (EOF, reset, broken pipe).
     pub fn handle_eof(&mut self, _now: Instant) {
+        self.end_stream(CloseReason::PeerClosed);
+    }
+
+    /// Reports that reading or writing failed on this side for another reason than the peer
+    /// going away (the session cannot go on; the I/O error itself is the driver's to report).
+    pub fn handle_transport_error(&mut self, _now: Instant) {
+        self.end_stream(CloseReason::TransportFailed);
+    }
+
+    /// Reports that the transport refused the descriptors of the request
+    /// [`poll_fds`](Self::poll_fds) names, sending nothing (Linux's `sendmsg` fails so when,
+    /// for one, the process has too many descriptors in flight). The request resolves as not
+    /// sent, its bytes leave the transmit buffer, and the session goes on. Returns whether it
+    /// did: false when `poll_fds` names no request (nothing changes then).
+    pub fn handle_fds_refused(&mut self, _now: Instant) -> bool {
+        let Some(RequestId(id)) = self.poll_fds() else {
+            return false;
+        };
+        let outcome = self.forget(id, Failure::FdsRefused);
+        self.complete(id, outcome);
+        self.admit();
+        true
+    }
+
+    fn end_stream(&mut self, reason: CloseReason) {
         if self.state == State::Closed {
             return;
         }
@@ -832,7 +866,7 @@ impl Connection {
         if len > 0 {
             self.anomaly(Anomaly::Truncated { len });
         }
-        self.shut(CloseReason::PeerClosed);
+        self.shut(reason);
     }
 
     /// Expires every deadline at or before `now`. Harmless when nothing is due.

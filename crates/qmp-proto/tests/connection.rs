@@ -1341,3 +1341,53 @@ fn an_in_flight_cap_of_zero_set_in_the_config_counts_as_one() {
     assert_eq!(tx(&mut c), r#"{"execute":"a","id":1}"#);
     assert_eq!((c.in_flight(), c.queued()), (1, 1));
 }
+
+#[test]
+fn refused_descriptors_fail_their_request_alone_and_a_transport_error_closes() {
+    let (t0, mut c) = ready(Config::default());
+    assert!(
+        !c.handle_fds_refused(t0),
+        "nothing with descriptors is next"
+    );
+    let a = c.send(t0, getfd("a")).unwrap();
+    let next = c.send(t0, Command::new("query-status")).unwrap();
+    let b = c.send(t0, getfd("b")).unwrap();
+    assert_eq!(c.poll_fds(), Some(a));
+    assert!(c.handle_fds_refused(t0));
+    assert_eq!(
+        outs(&mut c),
+        [Output::Completed {
+            id: a,
+            outcome: Outcome::NotSent(Failure::FdsRefused)
+        }]
+    );
+    // Its bytes are gone and it holds no slot: the others go, `b` with its descriptors.
+    assert_eq!(
+        tx(&mut c),
+        concat!(
+            r#"{"execute":"query-status","id":2}"#,
+            r#"{"execute":"getfd","arguments":{"fdname":"b"},"id":3}"#
+        )
+    );
+    assert_eq!(c.in_flight(), 2);
+
+    c.handle_transport_error(t0);
+    assert_eq!(
+        outs(&mut c),
+        [
+            Output::Completed {
+                id: next,
+                outcome: Outcome::Unknown(Failure::TransportFailed)
+            },
+            Output::Completed {
+                id: b,
+                outcome: Outcome::Unknown(Failure::TransportFailed)
+            },
+            Output::Closed(CloseReason::TransportFailed),
+        ]
+    );
+    assert_eq!(
+        Failure::TransportFailed.to_string(),
+        "the connection failed"
+    );
+}
