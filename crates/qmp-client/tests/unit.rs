@@ -613,6 +613,28 @@ fn never_greeted_is_a_clear_handshake_error() {
 }
 
 #[test]
+fn a_greeting_over_the_size_limit_is_named_in_the_handshake_error() {
+    let Handshaking {
+        mut pool,
+        srv,
+        timer,
+        mut hs,
+        ..
+    } = handshaking(Builder::new().max_message_size(64));
+    srv.greet();
+    assert!(done(&mut pool, &mut hs).is_none());
+    timer.advance(Duration::from_secs(10));
+    let err = done(&mut pool, &mut hs).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Handshake);
+    assert_eq!(err.remote_error(), Some(&RemoteError::GreetingUnreadable));
+    assert_eq!(
+        err.to_string(),
+        "no readable greeting came in time: a message over the size or depth limits (or not \
+         JSON) came instead; are the limits too small?"
+    );
+}
+
+#[test]
 fn greeted_but_no_negotiation_reply_says_so() {
     let (err, _srv) = handshake_timed_out(true);
     assert_eq!(err.remote_error(), Some(&RemoteError::NegotiationTimeout));

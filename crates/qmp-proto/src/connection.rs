@@ -336,6 +336,14 @@ pub enum RemoteError {
          attached to this monitor?)"
     )]
     GreetingTimeout,
+    /// No greeting that could be read arrived in time, but a message that could not be read
+    /// did: most likely the greeting, over [`Config::max_message_size`] or
+    /// [`Config::max_depth`].
+    #[error(
+        "no readable greeting came in time: a message over the size or depth limits (or not \
+         JSON) came instead; are the limits too small?"
+    )]
+    GreetingUnreadable,
     /// The server greeted but did not answer `qmp_capabilities` in time.
     #[error("the server greeted but did not answer qmp_capabilities in time")]
     NegotiationTimeout,
@@ -688,6 +696,8 @@ pub struct Connection {
     next_sync: u64,
     /// The sync id being waited for, and whether its 0xFF was seen.
     syncing: Option<(u64, bool)>,
+    /// A message that could not be read came before the greeting.
+    unreadable_before_greeting: bool,
     /// Every unresolved request, by wire id.
     pending: IdMap<Pending>,
     /// Requests waiting for admission, in order.
@@ -739,6 +749,7 @@ impl Connection {
             next_id: 1,
             next_sync: 0,
             syncing: None,
+            unreadable_before_greeting: false,
             pending: IdMap::default(),
             queue: VecDeque::new(),
             queued: 0,
@@ -877,6 +888,9 @@ impl Connection {
         if self.handshake_deadline.is_some_and(|d| d <= now) {
             self.handshake_deadline = None;
             let why = match self.state {
+                State::AwaitingGreeting if self.unreadable_before_greeting => {
+                    RemoteError::GreetingUnreadable
+                }
                 State::AwaitingGreeting => RemoteError::GreetingTimeout,
                 State::Negotiating => RemoteError::NegotiationTimeout,
                 _ => RemoteError::SyncTimeout,
@@ -1382,6 +1396,9 @@ impl Connection {
     /// come and gone (events carry no id). Without, it may have been an event:
     /// [`Output::Unreadable`] says so.
     fn on_unreadable(&mut self, id: Option<u64>) {
+        if self.state == State::AwaitingGreeting {
+            self.unreadable_before_greeting = true;
+        }
         if self.state == State::Closed || self.syncing.is_some() {
             // Closed: nothing listens. Syncing: stale output before the sync's answer.
             return;

@@ -254,6 +254,30 @@ fn handshake_timeouts_say_which_step_was_missing() {
 }
 
 #[test]
+fn a_greeting_over_the_limits_is_named_when_the_handshake_times_out() {
+    let t0 = Instant::now();
+    let cfg = Config::default()
+        .handshake_timeout(Some(Duration::from_secs(1)))
+        .max_message_size(64);
+    let mut c = Connection::new(t0, cfg);
+    c.handle_input(t0, GREETING.as_bytes());
+    assert_eq!(tx(&mut c), "", "no greeting was read: nothing to answer");
+    c.handle_timeout(t0 + Duration::from_secs(1));
+    assert_eq!(
+        outs(&mut c)[1..],
+        [
+            Output::Unreadable,
+            Output::Closed(CloseReason::Remote(RemoteError::GreetingUnreadable)),
+        ]
+    );
+    assert_eq!(
+        RemoteError::GreetingUnreadable.to_string(),
+        "no readable greeting came in time: a message over the size or depth limits (or not \
+         JSON) came instead; are the limits too small?"
+    );
+}
+
+#[test]
 fn framing_does_not_depend_on_lines_or_read_boundaries() {
     // CRLF, LF, pretty-printed, two messages in one read, no separator at all.
     let stream = "{\"return\": 1, \"id\": 1}\r\n{\"return\": [2], \"id\": 2}\n{\r\n    \"return\": {\r\n        \"a\": \"}\\\"{\"\r\n    },\r\n    \"id\": 3\r\n}\r\n{\"return\": 4, \"id\": 4}{\"return\": 5, \"id\": 5}";
