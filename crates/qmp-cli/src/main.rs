@@ -624,7 +624,9 @@ async fn follow_events(
                 }
             }
             Some(qmp_tokio::EventItem::Lagged(n)) => {
-                eprintln!("qmp: {n} events were dropped before they could be shown");
+                eprintln!(
+                    "qmp: {n} events were lost (dropped, or unreadable) before they could be shown"
+                );
             }
             Some(qmp_tokio::EventItem::Closed(_)) | None => {
                 return match count {

@@ -374,7 +374,7 @@ pub(crate) fn run(
                     ev_printer.line(format!("event {}{data}", ev.name));
                 }
                 qmp_tokio::EventItem::Lagged(n) => {
-                    ev_printer.line(format!("({n} events dropped)"));
+                    ev_printer.line(format!("({n} events lost)"));
                 }
                 qmp_tokio::EventItem::Closed(_) => {
                     ev_printer.line("(the connection closed)".to_owned());

@@ -308,7 +308,7 @@ pub(crate) enum Refused {
 }
 
 /// The most descriptors one `SCM_RIGHTS` message may carry (Linux's `SCM_MAX_FD`); more make
-/// `sendmsg` fail, which would end the whole session.
+/// `sendmsg` fail, so such a command is refused before it is queued.
 #[cfg(unix)]
 const MAX_FDS: usize = 253;
 
@@ -469,9 +469,11 @@ impl Client {
     /// `add-fd`. The descriptors are closed on this side once sent or once the command ends.
     ///
     /// Calls made at once from several tasks are safe: a command with descriptors is written
-    /// only after QEMU has answered the one before it (the in-band commands sent after it wait
-    /// too). QEMU keeps only the descriptors of its latest read and, with `oob`, reads ahead
-    /// of the commands it runs, so two sets on the wire together would bind the wrong file.
+    /// only after QEMU has answered the in-band one with descriptors before it (the in-band
+    /// commands sent after it wait too, keeping their order). QEMU keeps only the descriptors
+    /// of its latest read and, with `oob`, reads ahead of the commands it runs, so two sets on
+    /// the wire together would bind the wrong file. Should the reply to such a command never
+    /// be readable, the ones queued behind it wait until their own timeouts.
     ///
     /// # Errors
     /// As for [`run`](Self::run); [`ErrorKind::Unsupported`] when the session was not started
@@ -567,8 +569,8 @@ impl Client {
     ///
     /// # Errors
     /// [`ErrorKind::Timeout`]; [`ErrorKind::Lagged`] when events were dropped from the full
-    /// queue meanwhile; [`ErrorKind::Disconnected`]/[`ErrorKind::Closed`] when the connection
-    /// ends first.
+    /// queue meanwhile, or a message that could not be read came; [`ErrorKind::Disconnected`],
+    /// [`ErrorKind::Closed`] or [`ErrorKind::Io`] when the connection ends first.
     pub fn wait_event(
         &self,
         filter: impl Into<EventFilter>,

@@ -145,12 +145,34 @@ fn failed(
     now: Instant,
     e: io::Error,
 ) {
+    // The first failure ended the session; what comes after says nothing more.
+    if proto.is_closed() {
+        return;
+    }
     if is_peer_gone(&e) {
         proto.handle_eof(now);
     } else {
         *io_error = Some(e);
         proto.handle_transport_error(now);
     }
+}
+
+/// Whether a write with descriptors attached failed because of the descriptors, leaving the
+/// socket usable: too many in flight (`ETOOMANYREFS`), too many or a bad one (`EINVAL`,
+/// `EBADF`), or no memory for them (`ENOMEM`, `ENOBUFS`). `sendmsg` then sent nothing.
+#[cfg(unix)]
+fn refuses_fds(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    Errno::from_io_error(e).is_some_and(|errno| {
+        [
+            Errno::TOOMANYREFS,
+            Errno::INVAL,
+            Errno::BADF,
+            Errno::NOMEM,
+            Errno::NOBUFS,
+        ]
+        .contains(&errno)
+    })
 }
 
 fn is_peer_gone(e: &io::Error) -> bool {
@@ -234,6 +256,9 @@ impl Connection {
                 };
                 #[cfg(not(unix))]
                 let res = self.io.as_mut().poll_write(cx, bytes);
+                // The request whose descriptors go with this write, if any.
+                #[cfg(unix)]
+                let with_fds = fd_id.filter(|id| inner.fds.get(id).is_some_and(|f| !f.is_empty()));
                 match res {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         #[cfg(unix)]
@@ -247,20 +272,17 @@ impl Connection {
                     }
                     Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                     // Descriptors refused (too many in flight, say): that command fails, not
-                    // sent, and the session goes on. Were the socket itself broken, the next
-                    // write or read would say so.
+                    // sent, and the session goes on.
                     #[cfg(unix)]
-                    Poll::Ready(Err(e))
-                        if !is_peer_gone(&e)
-                            && let Some(id) = fd_id
-                            && inner.fds.contains_key(&id) =>
-                    {
+                    Poll::Ready(Err(e)) if with_fds.is_some() && refuses_fds(&e) => {
                         #[cfg(feature = "tracing")]
                         tracing::warn!(error = %e, "the transport refused a command's descriptors");
                         let _ = e;
                         let now = inner.now(timer);
                         inner.proto.handle_fds_refused(now);
-                        inner.fds.remove(&id);
+                        if let Some(id) = with_fds {
+                            inner.fds.remove(&id);
+                        }
                         progress = true;
                     }
                     Poll::Ready(res) => {

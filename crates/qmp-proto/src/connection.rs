@@ -682,7 +682,9 @@ const MAX_TOMBSTONES: usize = 4096;
 ///   never leaves half a request on the wire, so such an error cannot answer one of ours.
 /// - At most [`Config::max_in_flight`] in-band requests are on the wire without a reply
 ///   (abandoned and timed-out ones still count until a later in-band reply shows QEMU got past
-///   them); more wait in a local queue. `exec-oob` requests skip that queue.
+///   them); more wait in a local queue. `exec-oob` requests skip that queue, unless they carry
+///   descriptors while an in-band request with descriptors awaits its reply
+///   ([`Command::with_fds`]).
 pub struct Connection {
     config: Config,
     state: State,
@@ -819,7 +821,9 @@ impl Connection {
                         Ok(msg) => self.on_message(msg),
                         Err(bad) => {
                             self.anomaly(Anomaly::InvalidJson { len, error: bad.0 });
-                            self.on_unreadable(None);
+                            // An id at either end makes it a reply (QEMU can print `inf` in
+                            // a return value, which is no JSON).
+                            self.on_unreadable(bad.1);
                         }
                     }
                 }

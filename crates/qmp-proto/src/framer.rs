@@ -22,7 +22,7 @@
 use std::ops::Range;
 
 /// How many bytes of each end of a skipped value are kept, to find its id.
-const ID_WINDOW: usize = 64;
+pub(crate) const ID_WINDOW: usize = 64;
 
 /// Values at least this long leave the framer by handing over its buffer (copying whatever
 /// follows them) instead of being copied; smaller ones are copied so the buffer is reused.

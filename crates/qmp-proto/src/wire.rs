@@ -365,7 +365,18 @@ pub(crate) enum Incoming {
 
 /// Why a complete value could not be read.
 #[derive(Debug)]
-pub(crate) struct BadMessage(pub(crate) String);
+pub(crate) struct BadMessage(pub(crate) String, pub(crate) Option<u64>);
+
+impl BadMessage {
+    /// What the parser said of `bytes`, with the id that could be read at either end of
+    /// them, if any.
+    fn new(bytes: &[u8], error: String) -> Self {
+        let window = crate::framer::ID_WINDOW;
+        let head = &bytes[..bytes.len().min(window)];
+        let tail = &bytes[bytes.len().saturating_sub(window)..];
+        Self(error, crate::framer::top_level_id(head, tail))
+    }
+}
 
 fn offset_of(text: &str, part: &str) -> Range<usize> {
     let start = part.as_ptr() as usize - text.as_ptr() as usize;
@@ -398,7 +409,8 @@ pub(crate) fn classify(bytes: Vec<u8>, ascii: bool) -> Result<Incoming, BadMessa
         // is pure ASCII, so this skips a validation pass on nearly every message.
         unsafe { String::from_utf8_unchecked(bytes) }
     } else {
-        String::from_utf8(bytes).map_err(|e| BadMessage(format!("invalid UTF-8: {e}")))?
+        String::from_utf8(bytes)
+            .map_err(|e| BadMessage::new(e.as_bytes(), format!("invalid UTF-8: {e}")))?
     };
     let parsed = if text.starts_with('{') {
         serde_json::from_str::<Envelope<'_>>(&text)
@@ -412,10 +424,10 @@ pub(crate) fn classify(bytes: Vec<u8>, ascii: bool) -> Result<Incoming, BadMessa
             // Valid JSON of the wrong shape (not an object, a member of the wrong type...).
             return match serde_json::from_str::<serde::de::IgnoredAny>(&text) {
                 Ok(_) => Ok(Incoming::Unexpected(excerpt(&text, 200))),
-                Err(e) => Err(BadMessage(e.to_string())),
+                Err(e) => Err(BadMessage::new(text.as_bytes(), e.to_string())),
             };
         }
-        Err(e) => return Err(BadMessage(e.to_string())),
+        Err(e) => return Err(BadMessage::new(text.as_bytes(), e.to_string())),
     };
     if let Some(raw) = env.qmp {
         return serde_json::from_str::<Greeting>(raw.get())

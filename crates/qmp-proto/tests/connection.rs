@@ -407,7 +407,7 @@ fn a_reply_to_a_later_in_band_request_resolves_an_earlier_one_whose_reply_was_un
         "a".repeat(300)
     );
     c.handle_input(t0, big.as_bytes());
-    c.handle_input(t0, b"{\"return\": nope, \"id\": 2}\n");
+    c.handle_input(t0, b"{\"return\": nope, \"id\": 2, \"x\": 0}\n");
     let o = outs(&mut c);
     assert_eq!(o.len(), 4, "{o:?}");
     assert_eq!(
@@ -432,6 +432,30 @@ fn a_reply_to_a_later_in_band_request_resolves_an_earlier_one_whose_reply_was_un
 }
 
 #[test]
+fn a_reply_that_is_not_json_resolves_its_request_by_the_id_at_either_end() {
+    // QEMU prints a non-finite double as `inf` or `nan`, which no JSON parser takes.
+    let (t0, mut c) = ready(Config::default());
+    let x = c.send(t0, Command::new("x")).unwrap();
+    let y = c.send(t0, Command::new("y")).unwrap();
+    let _ = tx(&mut c);
+    c.handle_input(t0, b"{\"return\": {\"ratio\": inf}, \"id\": 1}\r\n");
+    c.handle_input(t0, b"{\"id\": 2, \"return\": nan}\r\n");
+    let o = outs(&mut c);
+    assert_eq!(o.len(), 4, "{o:?}");
+    assert!(
+        matches!(o[0], Output::Anomaly(Anomaly::InvalidJson { len: 35, .. })),
+        "{o:?}"
+    );
+    assert_eq!(o[1], lost(x.get()));
+    assert!(
+        matches!(o[2], Output::Anomaly(Anomaly::InvalidJson { len: 24, .. })),
+        "{o:?}"
+    );
+    assert_eq!(o[3], lost(y.get()));
+    assert_eq!(c.pending(), 0);
+}
+
+#[test]
 fn invalid_json_non_utf8_nuls_and_garbage_are_anomalies_not_fatal() {
     let (t0, mut c) = ready(Config::default());
     c.send(t0, Command::new("x")).unwrap();
@@ -440,7 +464,7 @@ fn invalid_json_non_utf8_nuls_and_garbage_are_anomalies_not_fatal() {
         t0,
         b"{\"id\": -inf, \"error\": {\"class\": \"GenericError\", \"desc\": \"x\"}}\r\n",
     );
-    c.handle_input(t0, b"{\"return\": \"\xff\xfe\", \"id\": 1}\r\n");
+    c.handle_input(t0, b"{\"return\": \"\xff\xfe\", \"id\": 1, \"x\": 0}\r\n");
     c.handle_input(t0, b"\0\0\0\r\nthis is not json\r\n");
     c.handle_input(t0, b"{\"return\": \"ok\", \"id\": 1}\r\n");
     let o = outs(&mut c);
