@@ -1841,11 +1841,12 @@ fn a_waker_that_panics_costs_the_other_callers_nothing() {
     assert_eq!(a.unwrap().get(), "1");
 }
 
-/// The test pipe with fd passing that refuses descriptors while `refuse` is set (as `sendmsg`
-/// does with `ETOOMANYREFS`), and otherwise counts those it passed.
+/// The test pipe with fd passing that fails writes with descriptors with the OS error in
+/// `refuse` while it is not 0 (as `sendmsg` does with `ETOOMANYREFS`), and otherwise counts
+/// those it passed.
 struct FdPipe {
     pipe: support::PipeEnd,
-    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicI32>,
     passed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -1891,10 +1892,9 @@ impl qmp_client::rt::FdWrite for FdPipe {
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         use std::sync::atomic::Ordering::SeqCst;
-        if self.refuse.load(SeqCst) {
-            return std::task::Poll::Ready(Err(std::io::Error::from_raw_os_error(
-                109, /* ETOOMANYREFS */
-            )));
+        let errno = self.refuse.load(SeqCst);
+        if errno != 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::from_raw_os_error(errno)));
         }
         self.passed.fetch_add(fds.len(), SeqCst);
         futures_io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.pipe), cx, buf)
@@ -1907,7 +1907,8 @@ fn descriptors_the_transport_refuses_fail_their_command_alone() {
     let mut pool = LocalPool::new();
     let sp = pool.spawner();
     let (pipe, srv) = pipe();
-    let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let too_many = rustix::io::Errno::TOOMANYREFS.raw_os_error();
+    let refuse = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(too_many));
     let passed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let io = FdPipe {
         pipe,
@@ -1949,7 +1950,7 @@ fn descriptors_the_transport_refuses_fail_their_command_alone() {
     assert_eq!(srv.take(), r#"{"execute":"query-status","id":2}"#);
     srv.send("{\"return\": {}, \"id\": 2}\r\n");
     assert_eq!(done(&mut pool, &mut after).unwrap().unwrap().get(), "{}");
-    refuse.store(false, SeqCst);
+    refuse.store(0, SeqCst);
     let mut accepted = getfd("b");
     pool.run_until_stalled();
     assert_eq!(
@@ -1963,6 +1964,19 @@ fn descriptors_the_transport_refuses_fail_their_command_alone() {
         serde_json::json!({})
     );
     assert!(!client.is_closed());
+    // Any other error on such a write is the transport's: the session ends.
+    refuse.store(rustix::io::Errno::IO.raw_os_error(), SeqCst);
+    let mut broken = getfd("c");
+    let e = done(&mut pool, &mut broken).unwrap().unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::Io,
+            Some(SendStatus::NotSent),
+            "getfd: the connection failed (not sent)"
+        )
+    );
+    assert!(client.is_closed());
 }
 
 fn s_call(

@@ -22,7 +22,7 @@
 use std::ops::Range;
 
 /// How many bytes of each end of a skipped value are kept, to find its id.
-pub(crate) const ID_WINDOW: usize = 64;
+const ID_WINDOW: usize = 64;
 
 /// Values at least this long leave the framer by handing over its buffer (copying whatever
 /// follows them) instead of being copied; smaller ones are copied so the buffer is reused.
@@ -345,7 +345,7 @@ impl Framer {
 
 /// The first and last [`ID_WINDOW`] bytes of `value`: where a skipped value's id is looked
 /// for, whether it arrived whole or across reads.
-fn id_ends(value: &[u8]) -> (&[u8], &[u8]) {
+pub(crate) fn id_ends(value: &[u8]) -> (&[u8], &[u8]) {
     let head = &value[..value.len().min(ID_WINDOW)];
     let tail = &value[value.len().saturating_sub(ID_WINDOW)..];
     (head, tail)

@@ -371,9 +371,7 @@ impl BadMessage {
     /// What the parser said of `bytes`, with the id that could be read at either end of
     /// them, if any.
     fn new(bytes: &[u8], error: String) -> Self {
-        let window = crate::framer::ID_WINDOW;
-        let head = &bytes[..bytes.len().min(window)];
-        let tail = &bytes[bytes.len().saturating_sub(window)..];
+        let (head, tail) = crate::framer::id_ends(bytes);
         Self(error, crate::framer::top_level_id(head, tail))
     }
 }
