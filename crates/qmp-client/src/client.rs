@@ -547,14 +547,11 @@ impl Client {
             // Nobody polls the new stream yet: there is no waker.
             Some(reason) => drop(sub.close(reason)),
             None => {
-                // Drop the entries of streams already gone before growing (amortised O(1)), so
-                // subscribing and dropping in a loop without events stays bounded.
-                if inner.subscribers.len() == inner.subscribers.capacity() {
-                    inner.subscribers.retain(|w| w.strong_count() > 0);
-                    let live = inner.subscribers.len();
-                    inner.subscribers.reserve(live);
-                }
-                inner.subscribers.push(Arc::downgrade(&sub));
+                // Streams already gone leave before the list grows, so subscribing and dropping
+                // in a loop without events stays bounded.
+                crate::shared::push_pruned(&mut inner.subscribers, Arc::downgrade(&sub), |w| {
+                    w.strong_count() > 0
+                });
             }
         }
         EventStream::new(sub)

@@ -93,16 +93,21 @@ pub(crate) struct Inner {
     early_dropped_other: u64,
 }
 
-/// Adds a waiter to `list`. Those given up are dropped whenever the list is full, and the
-/// list then keeps as much room again as it holds live ones: it stays within about twice the
-/// most waiting at once, at amortised O(1) per wait.
-fn wait_on(list: &mut Vec<oneshot::Sender<()>>) -> oneshot::Receiver<()> {
+/// Pushes `item` onto a list whose entries can go stale (their other end dropped). Stale ones
+/// are dropped whenever the list is full, and it then keeps as much room again as it holds
+/// live ones: it stays within about twice the most live at once, at amortised O(1) per push.
+pub(crate) fn push_pruned<T>(list: &mut Vec<T>, item: T, live: impl FnMut(&T) -> bool) {
     if list.len() == list.capacity() {
-        list.retain(|tx| !tx.is_canceled());
+        list.retain(live);
         list.reserve(list.len());
     }
+    list.push(item);
+}
+
+/// Adds a waiter to `list` (see [`push_pruned`]).
+fn wait_on(list: &mut Vec<oneshot::Sender<()>>) -> oneshot::Receiver<()> {
     let (tx, rx) = oneshot::channel();
-    list.push(tx);
+    push_pruned(list, tx, |tx| !tx.is_canceled());
     rx
 }
 
@@ -344,19 +349,10 @@ impl Inner {
                     }
                     self.early.push_back(ev);
                 }
-                Output::Event(ev) => self.route(&ev),
+                Output::Event(ev) => self.each_subscriber(|sub| sub.offer(&ev)),
                 // Perhaps an event, of a name nobody can know: a loss for every stream.
                 Output::Unreadable if self.handshaking => self.early_dropped_other += 1,
-                Output::Unreadable => {
-                    let wakes = &mut self.wakes;
-                    self.subscribers.retain(|w| match w.upgrade() {
-                        Some(sub) => {
-                            wakes.extend(sub.lag(1).map(Wake::Task));
-                            true
-                        }
-                        None => false,
-                    });
-                }
+                Output::Unreadable => self.each_subscriber(|sub| sub.lag(1)),
                 Output::Closed(reason) => {
                     #[cfg(feature = "tracing")]
                     tracing::debug!(?reason, "qmp connection closed");
@@ -419,12 +415,13 @@ impl Inner {
         }
     }
 
-    /// Offers `ev` to every live subscriber, forgetting those gone.
-    fn route(&mut self, ev: &qmp_proto::Event) {
+    /// Gives something to every live subscriber (`f` returns the waker to wake), forgetting
+    /// those gone.
+    fn each_subscriber(&mut self, f: impl Fn(&Subscriber) -> Option<Waker>) {
         let wakes = &mut self.wakes;
         self.subscribers.retain(|w| match w.upgrade() {
             Some(sub) => {
-                wakes.extend(sub.offer(ev).map(Wake::Task));
+                wakes.extend(f(&sub).map(Wake::Task));
                 true
             }
             None => false,

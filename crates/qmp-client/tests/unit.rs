@@ -76,11 +76,19 @@ struct Handshaking {
 }
 
 fn handshaking(builder: Builder) -> Handshaking {
+    handshaking_with(|io, timer| builder.handshake(io, timer))
+}
+
+/// As [`handshaking`], with the handshake `start` makes over the pipe and the clock.
+fn handshaking_with<F>(start: impl FnOnce(support::PipeEnd, ManualTimer) -> F) -> Handshaking
+where
+    F: Future<Output = Result<(Client, qmp_client::Connection), Error>> + 'static,
+{
     let pool = LocalPool::new();
     let sp = pool.spawner();
     let (io, srv) = pipe();
     let timer = ManualTimer::new();
-    let hs = spawn(&sp, builder.handshake(io, timer.clone()));
+    let hs = spawn(&sp, start(io, timer.clone()));
     Handshaking {
         pool,
         sp,
@@ -93,13 +101,18 @@ fn handshaking(builder: Builder) -> Handshaking {
 /// A session after its handshake, with its driver handed back instead of spawned. Its
 /// `driver` receiver is already closed (it resolves as cancelled): wait on the driver itself.
 fn unspawned(builder: Builder) -> (Session, qmp_client::Connection) {
+    negotiated(handshaking(builder))
+}
+
+/// Greets and negotiates, and returns the session with its driver, not yet spawned.
+fn negotiated(h: Handshaking) -> (Session, qmp_client::Connection) {
     let Handshaking {
         mut pool,
         sp,
         srv,
         timer,
         mut hs,
-    } = handshaking(builder);
+    } = h;
     assert!(done(&mut pool, &mut hs).is_none());
     assert_eq!(srv.take(), "");
     srv.greet();
@@ -1904,26 +1917,25 @@ impl qmp_client::rt::FdWrite for FdPipe {
 #[test]
 fn descriptors_the_transport_refuses_fail_their_command_alone() {
     use std::sync::atomic::Ordering::SeqCst;
-    let mut pool = LocalPool::new();
-    let sp = pool.spawner();
-    let (pipe, srv) = pipe();
     let too_many = rustix::io::Errno::TOOMANYREFS.raw_os_error();
     let refuse = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(too_many));
     let passed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let io = FdPipe {
-        pipe,
-        refuse: refuse.clone(),
-        passed: passed.clone(),
-    };
-    let mut hs = spawn(
-        &sp,
-        Builder::new().handshake_with_fds(io, ManualTimer::new()),
-    );
-    srv.greet();
-    assert!(done(&mut pool, &mut hs).is_none());
-    assert_eq!(srv.take(), NEGOTIATE);
-    srv.send("{\"return\": {}, \"id\": 0}\r\n");
-    let (client, conn) = done(&mut pool, &mut hs).unwrap().unwrap();
+    let (r, p) = (refuse.clone(), passed.clone());
+    let (s, conn) = negotiated(handshaking_with(move |pipe, timer| {
+        let io = FdPipe {
+            pipe,
+            refuse: r,
+            passed: p,
+        };
+        Builder::new().handshake_with_fds(io, timer)
+    }));
+    let Session {
+        mut pool,
+        sp,
+        client,
+        srv,
+        ..
+    } = s;
     let _driver = spawn(&sp, conn);
     let devnull = || std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
     let getfd = |name: &'static str| {
@@ -1936,7 +1948,8 @@ fn descriptors_the_transport_refuses_fail_their_command_alone() {
         })
     };
     let mut refused = getfd("a");
-    let mut after = s_call(&sp, &client, "query-status");
+    let c = client.clone();
+    let mut after = spawn(&sp, async move { c.execute_raw("query-status", &()).await });
     let e = done(&mut pool, &mut refused).unwrap().unwrap_err();
     assert_eq!(
         (e.kind(), e.send_status(), e.to_string().as_str()),
@@ -1977,13 +1990,4 @@ fn descriptors_the_transport_refuses_fail_their_command_alone() {
         )
     );
     assert!(client.is_closed());
-}
-
-fn s_call(
-    sp: &LocalSpawner,
-    client: &Client,
-    name: &'static str,
-) -> oneshot::Receiver<Result<qmp_client::RawJson, Error>> {
-    let c = client.clone();
-    spawn(sp, async move { c.execute_raw(name, &()).await })
 }
