@@ -643,7 +643,7 @@ fn a_greeting_over_the_size_limit_is_named_in_the_handshake_error() {
     assert_eq!(
         err.to_string(),
         "no readable greeting came in time: a message over the size or depth limits (or not \
-         JSON) came instead; are the limits too small?"
+         JSON, or of no known shape) came instead; are the limits too small?"
     );
 }
 
@@ -1014,6 +1014,31 @@ fn a_message_too_large_to_read_counts_as_a_lost_event() {
         (ErrorKind::ReplyLost, Some(SendStatus::Unanswered))
     );
     assert_eq!(items(&mut stream), Vec::<String>::new());
+}
+
+#[test]
+fn a_message_of_no_known_shape_fails_the_call_it_names_or_counts_as_a_lost_event() {
+    let mut s = session(Builder::new());
+    let mut stream = s.client.subscribe("STOP");
+    let wait = s.client.wait_event("STOP", |_| true, None);
+    // Valid JSON, but no event: for all anyone knows, the awaited one.
+    s.srv
+        .send("{\"event\": \"STOP\", \"timestamp\": \"now\"}\r\n");
+    s.pool.run_until_stalled();
+    let e = wait.now_or_never().expect("the loss is reported");
+    assert_eq!(e.unwrap_err().kind(), ErrorKind::Lagged);
+    assert_eq!(items(&mut stream), ["Lagged(1)"]);
+    // Nor a reply, but it names its command, which fails at once: no event was lost.
+    let mut call = s.call("x");
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
+    s.srv.send("{\"error\": \"no\", \"id\": 1}\r\n");
+    assert_eq!(
+        failed(&mut s.pool, &mut call),
+        (ErrorKind::ReplyLost, Some(SendStatus::Unanswered))
+    );
+    assert_eq!(items(&mut stream), Vec::<String>::new());
+    assert_eq!(s.client.stats().anomalies, 2);
 }
 
 #[test]

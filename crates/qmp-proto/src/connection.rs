@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::Instant;
 use crate::framer::{Frame, Framer};
-use crate::wire::{self, CommandError, Event, Greeting, Incoming, RawJson, WireId};
+use crate::wire::{self, CommandError, Event, Greeting, Incoming, RawJson, Unread, WireId};
 
 /// Which protocol the connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -341,7 +341,7 @@ pub enum RemoteError {
     /// [`Config::max_depth`].
     #[error(
         "no readable greeting came in time: a message over the size or depth limits (or not \
-         JSON) came instead; are the limits too small?"
+         JSON, or of no known shape) came instead; are the limits too small?"
     )]
     GreetingUnreadable,
     /// The server greeted but did not answer `qmp_capabilities` in time.
@@ -530,8 +530,8 @@ pub enum Output {
     Event(Event),
     /// A protocol anomaly; the session goes on.
     Anomaly(Anomaly),
-    /// A message that could not be read (not JSON, too large or too deep; the
-    /// [`Output::Anomaly`] before this says which) in which no id could be read: if it was an
+    /// A message that could not be read (not JSON, too large, too deep or of no known shape;
+    /// the [`Output::Anomaly`] before this says which) in which no id could be read: if it was an
     /// event, that event is lost. Clients report it to event subscribers as a loss.
     Unreadable,
     /// The connection is closed; nothing follows.
@@ -823,7 +823,7 @@ impl Connection {
                             self.anomaly(Anomaly::InvalidJson { len, error: bad.0 });
                             // An id at either end makes it a reply (QEMU can print `inf` in
                             // a return value, which is no JSON).
-                            self.on_unreadable(bad.1);
+                            self.on_unreadable(Unread::from_id(bad.1));
                         }
                     }
                 }
@@ -833,12 +833,12 @@ impl Connection {
                 Frame::Oversized { len, id } => {
                     self.stats.messages_received += 1;
                     self.anomaly(Anomaly::Oversized { len });
-                    self.on_unreadable(id);
+                    self.on_unreadable(Unread::from_id(id));
                 }
                 Frame::TooDeep { len, id } => {
                     self.stats.messages_received += 1;
                     self.anomaly(Anomaly::TooDeep { len });
-                    self.on_unreadable(id);
+                    self.on_unreadable(Unread::from_id(id));
                 }
             }
             if self.state == State::Closed {
@@ -1243,7 +1243,10 @@ impl Connection {
             }
             Incoming::Return { id, value } => self.on_reply(id, Ok(value)),
             Incoming::Error { id, error } => self.on_reply(id, Err(error)),
-            Incoming::Unexpected(text) => self.anomaly(Anomaly::Unexpected(text)),
+            Incoming::Unexpected(text, unread) => {
+                self.anomaly(Anomaly::Unexpected(text));
+                self.on_unreadable(unread);
+            }
         }
     }
 
@@ -1394,12 +1397,11 @@ impl Connection {
         }
     }
 
-    /// A message skipped as unreadable (invalid, too large or too deep), with the id of ours
-    /// that could be read at its start or end, if any. With one, it was that request's reply:
-    /// the request resolves as [`Failure::ReplyLost`] instead of waiting for a reply that has
-    /// come and gone (events carry no id). Without, it may have been an event:
-    /// [`Output::Unreadable`] says so.
-    fn on_unreadable(&mut self, id: Option<u64>) {
+    /// A message skipped as unreadable (invalid, too large, too deep or of no known shape),
+    /// with what it may have been. The reply to an id of ours: the request resolves as
+    /// [`Failure::ReplyLost`] instead of waiting for a reply that has come and gone (events
+    /// carry no id). With no id, it may have been an event: [`Output::Unreadable`] says so.
+    fn on_unreadable(&mut self, unread: Unread) {
         if self.state == State::AwaitingGreeting {
             self.unreadable_before_greeting = true;
         }
@@ -1407,9 +1409,13 @@ impl Connection {
             // Closed: nothing listens. Syncing: stale output before the sync's answer.
             return;
         }
-        let Some(id) = id else {
-            self.outputs.push_back(Output::Unreadable);
-            return;
+        let id = match unread {
+            Unread::Reply(id) => id,
+            Unread::MaybeEvent => {
+                self.outputs.push_back(Output::Unreadable);
+                return;
+            }
+            Unread::Neither => return,
         };
         match self.pending.get(&id) {
             Some(p) if p.purpose == Purpose::User && p.written == Written::All => {

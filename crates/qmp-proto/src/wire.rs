@@ -359,8 +359,26 @@ pub(crate) enum Incoming {
         error: CommandError,
     },
     Event(Event),
-    /// Valid JSON that is none of the above (the text, shortened).
-    Unexpected(String),
+    /// Valid JSON that is none of the above: the text (shortened), and what it may have been.
+    Unexpected(String, Unread),
+}
+
+/// What a message that could not be read or interpreted may have been.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unread {
+    /// The reply to this id of ours.
+    Reply(u64),
+    /// No id could be read in it, so it may have been an event.
+    MaybeEvent,
+    /// Neither: a greeting, or a reply with an id this crate never sends.
+    Neither,
+}
+
+impl Unread {
+    /// From the id read at either end of a message, if any.
+    pub(crate) fn from_id(id: Option<u64>) -> Self {
+        id.map_or(Self::MaybeEvent, Self::Reply)
+    }
 }
 
 /// Why a complete value could not be read.
@@ -371,9 +389,14 @@ impl BadMessage {
     /// What the parser said of `bytes`, with the id that could be read at either end of
     /// them, if any.
     fn new(bytes: &[u8], error: String) -> Self {
-        let (head, tail) = crate::framer::id_ends(bytes);
-        Self(error, crate::framer::top_level_id(head, tail))
+        Self(error, legible_id(bytes))
     }
+}
+
+/// The id of ours at the start or end of a message that cannot be read as a whole, if any.
+fn legible_id(bytes: &[u8]) -> Option<u64> {
+    let (head, tail) = crate::framer::id_ends(bytes);
+    crate::framer::top_level_id(head, tail)
 }
 
 fn offset_of(text: &str, part: &str) -> Range<usize> {
@@ -419,9 +442,13 @@ pub(crate) fn classify(bytes: Vec<u8>, ascii: bool) -> Result<Incoming, BadMessa
     let env = match parsed {
         Ok(env) => env,
         Err(e) if e.classify() == serde_json::error::Category::Data => {
-            // Valid JSON of the wrong shape (not an object, a member of the wrong type...).
+            // Valid JSON of the wrong shape (not an object, a member of the wrong type...): an
+            // id at either end makes it a reply, as for invalid JSON.
             return match serde_json::from_str::<serde::de::IgnoredAny>(&text) {
-                Ok(_) => Ok(Incoming::Unexpected(excerpt(&text, 200))),
+                Ok(_) => {
+                    let unread = Unread::from_id(legible_id(text.as_bytes()));
+                    Ok(Incoming::Unexpected(excerpt(&text, 200), unread))
+                }
                 Err(e) => Err(BadMessage::new(text.as_bytes(), e.to_string())),
             };
         }
@@ -430,7 +457,7 @@ pub(crate) fn classify(bytes: Vec<u8>, ascii: bool) -> Result<Incoming, BadMessa
     if let Some(raw) = env.qmp {
         return serde_json::from_str::<Greeting>(raw.get())
             .map(Incoming::Greeting)
-            .or_else(|_| Ok(Incoming::Unexpected(excerpt(&text, 200))));
+            .or_else(|_| Ok(Incoming::Unexpected(excerpt(&text, 200), Unread::Neither)));
     }
     if let Some(name) = env.event {
         let name = name.into_owned();
@@ -453,7 +480,12 @@ pub(crate) fn classify(bytes: Vec<u8>, ascii: bool) -> Result<Incoming, BadMessa
     if let Some(error) = env.error {
         return Ok(Incoming::Error { id, error });
     }
-    Ok(Incoming::Unexpected(excerpt(&text, 200)))
+    let unread = match id {
+        WireId::Number(id) => Unread::Reply(id),
+        WireId::Missing => Unread::MaybeEvent,
+        WireId::Foreign => Unread::Neither,
+    };
+    Ok(Incoming::Unexpected(excerpt(&text, 200), unread))
 }
 
 /// Whether `name` can be written between quotes without escaping.
@@ -594,11 +626,27 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(
-            matches!(cls(r#"{"something": 1}"#), Incoming::Unexpected(t) if t == r#"{"something": 1}"#)
+        let unexpected = |text: &str| match cls(text) {
+            Incoming::Unexpected(excerpt, unread) => {
+                assert_eq!(excerpt, text);
+                unread
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(unexpected(r#"{"something": 1}"#), Unread::MaybeEvent);
+        assert_eq!(unexpected(r#"[1, 2]"#), Unread::MaybeEvent);
+        assert_eq!(unexpected(r#"{"event": 5}"#), Unread::MaybeEvent);
+        assert_eq!(
+            unexpected(r#"{"event": "STOP", "timestamp": 1}"#),
+            Unread::MaybeEvent
         );
-        assert!(matches!(cls(r#"[1, 2]"#), Incoming::Unexpected(_)));
-        assert!(matches!(cls(r#"{"event": 5}"#), Incoming::Unexpected(_)));
+        // A member of the wrong type: the id at either end still names the request.
+        assert_eq!(unexpected(r#"{"error": "no", "id": 4}"#), Unread::Reply(4));
+        assert_eq!(unexpected(r#"{"id": 5, "error": 1}"#), Unread::Reply(5));
+        // No member it could be: the id is read exactly, wherever it is.
+        assert_eq!(unexpected(r#"{"a": 1, "id": 6, "b": 2}"#), Unread::Reply(6));
+        assert_eq!(unexpected(r#"{"a": 1, "id": "x"}"#), Unread::Neither);
+        assert_eq!(unexpected(r#"{"QMP": 5}"#), Unread::Neither);
         assert!(classify(br#"{"id": -inf, "error": {}}"#.to_vec(), true).is_err());
         assert!(classify(b"{\"return\": \"\xff\"}".to_vec(), false).is_err());
     }

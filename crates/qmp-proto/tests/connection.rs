@@ -273,7 +273,24 @@ fn a_greeting_over_the_limits_is_named_when_the_handshake_times_out() {
     assert_eq!(
         RemoteError::GreetingUnreadable.to_string(),
         "no readable greeting came in time: a message over the size or depth limits (or not \
-         JSON) came instead; are the limits too small?"
+         JSON, or of no known shape) came instead; are the limits too small?"
+    );
+}
+
+#[test]
+fn a_greeting_of_no_known_shape_is_named_when_the_handshake_times_out() {
+    let t0 = Instant::now();
+    let cfg = Config::default().handshake_timeout(Some(Duration::from_secs(1)));
+    let mut c = Connection::new(t0, cfg);
+    c.handle_input(t0, b"{\"QMP\": {\"version\": 10}}\r\n");
+    assert_eq!(tx(&mut c), "");
+    c.handle_timeout(t0 + Duration::from_secs(1));
+    assert_eq!(
+        outs(&mut c),
+        [
+            unexpected(r#"{"QMP": {"version": 10}}"#),
+            Output::Closed(CloseReason::Remote(RemoteError::GreetingUnreadable)),
+        ]
     );
 }
 
@@ -1263,17 +1280,63 @@ fn a_second_greeting_and_a_message_of_no_known_shape_are_anomalies() {
     let (t0, mut c) = ready(Config::default());
     c.handle_input(t0, GREETING.as_bytes());
     c.handle_input(t0, b"{\"foo\": 1}\r\n");
-    let o = outs(&mut c);
-    assert_eq!(o.len(), 2, "{o:?}");
+    c.handle_input(t0, b"{\"QMP\": 1}\r\n");
+    c.handle_input(t0, b"{\"foo\": 1, \"id\": \"theirs\"}\r\n");
     assert_eq!(
-        o[0],
-        Output::Anomaly(Anomaly::Unexpected("a second greeting".to_owned()))
+        outs(&mut c),
+        [
+            unexpected("a second greeting"),
+            unexpected(r#"{"foo": 1}"#),
+            // With no id, it may have been an event.
+            Output::Unreadable,
+            // A greeting, or a reply to someone else, was no event.
+            unexpected(r#"{"QMP": 1}"#),
+            unexpected(r#"{"foo": 1, "id": "theirs"}"#),
+        ]
     );
-    assert!(
-        matches!(&o[1], Output::Anomaly(Anomaly::Unexpected(_))),
-        "{o:?}"
-    );
-    assert_eq!((c.state(), c.stats().anomalies), (State::Ready, 2));
+    assert_eq!((c.state(), c.stats().anomalies), (State::Ready, 4));
+}
+
+fn unexpected(text: &str) -> Output {
+    Output::Anomaly(Anomaly::Unexpected(text.to_owned()))
+}
+
+#[test]
+fn a_reply_of_no_known_shape_resolves_its_request_and_an_event_of_none_is_a_loss() {
+    let (t0, mut c) = ready(Config::default());
+    for _ in 0..4 {
+        c.send(t0, Command::new("x")).unwrap();
+    }
+    let _ = tx(&mut c);
+    let replies = [
+        // A member of the wrong type, with the id last (as QEMU writes it) or first.
+        r#"{"error": "no", "id": 1}"#,
+        r#"{"id": 2, "return": 1, "timestamp": 3}"#,
+        // Neither `return` nor `error`: the id is read wherever it is.
+        r#"{"ret": 1, "id": 3, "x": 0}"#,
+    ];
+    for r in replies {
+        c.handle_input(t0, format!("{r}\r\n").as_bytes());
+    }
+    let events = [
+        r#"{"event": 5}"#,
+        r#"{"event": "STOP", "timestamp": "now"}"#,
+    ];
+    for e in events {
+        c.handle_input(t0, format!("{e}\n").as_bytes());
+    }
+    let mut expect = Vec::new();
+    for (i, r) in replies.iter().enumerate() {
+        expect.extend([unexpected(r), lost(i as u64 + 1)]);
+    }
+    for e in events {
+        expect.extend([unexpected(e), Output::Unreadable]);
+    }
+    assert_eq!(outs(&mut c), expect);
+    // The fourth is still answered normally.
+    c.handle_input(t0, b"{\"return\": {}, \"id\": 4}\r\n");
+    assert_eq!(outs(&mut c), [ok(4, "{}")]);
+    assert_eq!((c.pending(), c.in_flight()), (0, 0));
 }
 
 #[test]
