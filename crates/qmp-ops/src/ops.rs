@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use std::panic::AssertUnwindSafe;
+
 use futures_util::future::{self, FutureExt, Shared, WeakShared};
 use qmp_proto::{RawJson, SendStatus};
 use serde::Serialize;
@@ -20,8 +22,11 @@ use crate::policy::{Policy, Rule};
 use crate::retry::is_retry_safe;
 use crate::time::{Clock, Sleep, SystemClock};
 
-type SharedRun = Shared<BoxFuture<'static, Result<RawJson, OpsError>>>;
-type WeakRun = WeakShared<BoxFuture<'static, Result<RawJson, OpsError>>>;
+/// What a deduplicated execution gives every caller: its result, or the message of a panic
+/// (in a hook, the sleep or the executor) that each caller then raises itself.
+type RunOutput = Result<Result<RawJson, OpsError>, Arc<str>>;
+type SharedRun = Shared<BoxFuture<'static, RunOutput>>;
+type WeakRun = WeakShared<BoxFuture<'static, RunOutput>>;
 
 /// A deduplicated execution in flight, under its call key.
 struct Inflight {
@@ -29,6 +34,8 @@ struct Inflight {
     run: WeakRun,
     /// Its lock ticket plus one once it has queued for its rule's lock group; 0 before.
     queued_as: Arc<AtomicU64>,
+    /// [`Inner::writes`] when it started: once another write is done, its reply may predate it.
+    writes: u64,
 }
 
 /// The safe executor: runs commands through a [`Policy`], a per-group lock, deduplication of
@@ -40,7 +47,9 @@ struct Inflight {
 /// 3. a call whose rule is idempotent joins an identical call already in flight (same command,
 ///    same arguments up to key order) instead of sending its own, unless another call has
 ///    queued for the rule's lock group since that one did (a `stop` made after a waiting
-///    `cont` runs after it, not as part of an earlier `stop`);
+///    `cont` runs after it, not as part of an earlier `stop`), or a call whose rule is not
+///    idempotent or has a lock group has finished since that one started (a `query-status`
+///    made after a `stop` returned never gets an answer QEMU gave before the `stop`);
 /// 4. the rule's lock group, if any, is taken (FIFO, in the order the calls first reach
 ///    this step, i.e. the order their futures are first polled);
 /// 5. attempts run, with retries only when safe ([`crate::is_retry_safe`]) and allowed by the
@@ -70,6 +79,9 @@ struct Inner<E> {
     locks: KeyedMutex<String>,
     inflight: Mutex<HashMap<String, Inflight>>,
     next_gen: AtomicU64,
+    /// Calls done (or given up) whose rule is not idempotent or has a lock group: the calls
+    /// that may change what an in-flight read would return.
+    writes: AtomicU64,
     cache: Mutex<ResultCache>,
 }
 
@@ -89,8 +101,9 @@ impl<E> fmt::Debug for Ops<E> {
     }
 }
 
-/// Builds an [`Ops`]. Defaults (which may change): system clock, no hooks, an rng seeded from
-/// the OS, result cache disabled (capacity 0).
+/// Builds an [`Ops`]. Defaults (which may change): system clock, no hooks, a jitter rng with
+/// a fresh seed from `fastrand` (not a secure one; it needs none), result cache disabled
+/// (capacity 0).
 #[must_use]
 pub struct OpsBuilder<E> {
     exec: E,
@@ -164,6 +177,7 @@ impl<E: Execute + 'static> OpsBuilder<E> {
                 locks: KeyedMutex::new(),
                 inflight: Mutex::new(HashMap::new()),
                 next_gen: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
                 cache: Mutex::new(ResultCache::new(self.cache_capacity)),
             }),
         }
@@ -299,6 +313,8 @@ impl<E: Execute + 'static> Ops<E> {
             });
         }
         let rule = allowed.rule;
+        // Counted when this call ends, however it ends (a dropped call may have reached QEMU).
+        let _write = (!rule.idempotent || rule.lock.is_some()).then(|| WriteDone(&inner.writes));
         let key = if !(rule.idempotent || rule.cache_ttl.is_some()) {
             None
         } else if let Some(k) = custom_key {
@@ -342,9 +358,10 @@ impl<E: Execute + 'static> Ops<E> {
         let inner = &self.inner;
         let (generation, shared, joined) = {
             let mut map = lock(&inner.inflight);
+            let writes = inner.writes.load(Ordering::Acquire);
             let running = map
                 .get(key)
-                .filter(|e| self.may_join(rule, &e.queued_as))
+                .filter(|e| e.writes == writes && self.may_join(rule, &e.queued_as))
                 .and_then(|e| Some((e.generation, e.run.upgrade()?)));
             match running {
                 Some((generation, shared)) => (generation, shared, true),
@@ -358,8 +375,14 @@ impl<E: Execute + 'static> Ops<E> {
                     let args = args.map(|a| a.to_owned());
                     let rule = Arc::clone(rule);
                     let queued = Arc::clone(&queued_as);
-                    let fut: BoxFuture<'static, Result<RawJson, OpsError>> = Box::pin(async move {
-                        run(&owned, &name, args.as_deref(), &rule, Some(&queued)).await
+                    let fut: BoxFuture<'static, RunOutput> = Box::pin(async move {
+                        let run = run(&owned, &name, args.as_deref(), &rule, Some(&queued));
+                        // A panic would leave the shared future poisoned, failing every later
+                        // identical call, and wake none of the callers waiting on it.
+                        AssertUnwindSafe(run)
+                            .catch_unwind()
+                            .await
+                            .map_err(|payload| panic_message(&*payload))
                     });
                     let shared = fut.shared();
                     let run = shared.downgrade().expect("not yet polled");
@@ -367,6 +390,7 @@ impl<E: Execute + 'static> Ops<E> {
                         generation,
                         run,
                         queued_as,
+                        writes,
                     };
                     map.insert(key.to_owned(), entry);
                     (generation, shared, false)
@@ -391,7 +415,34 @@ impl<E: Execute + 'static> Ops<E> {
         })
         .await;
         slot.done = true;
-        result
+        match result {
+            Ok(result) => result,
+            Err(message) => {
+                // The entry goes first, so that later calls start afresh.
+                drop(slot);
+                std::panic::resume_unwind(Box::new(message.to_string()))
+            }
+        }
+    }
+}
+
+/// The text of a panic's payload, as `panic!` makes them.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> Arc<str> {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        Arc::from(*s)
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        Arc::from(s.as_str())
+    } else {
+        Arc::from("a qmp-ops execution panicked")
+    }
+}
+
+/// Counts a call that may change QEMU's state as done when dropped.
+struct WriteDone<'a>(&'a AtomicU64);
+
+impl Drop for WriteDone<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
     }
 }
 

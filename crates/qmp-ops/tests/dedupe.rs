@@ -292,3 +292,80 @@ fn a_custom_key_shares_calls_whose_arguments_differ() {
         [("chardev-add".to_owned(), Some(x.get().to_owned()))]
     );
 }
+
+#[test]
+fn a_read_made_after_a_write_returned_never_joins_one_answered_before_it() {
+    let (exec, _, _, ops) = ops_with(Policy::vm_control(), 0);
+    let answer = exec.push_later();
+    let mut first = ops.execute("query-status", None).boxed();
+    assert!(poll_once(&mut first).is_pending());
+    // QEMU answers the query, then a `stop`; the query's caller has not looked yet.
+    let running = r#"{"status":"running","running":true}"#;
+    answer.send(Ok(raw(running))).unwrap();
+    exec.push_ok("{}");
+    block_on(ops.execute("stop", None)).unwrap();
+    let paused = r#"{"status":"paused","running":false}"#;
+    exec.push_ok(paused);
+    assert_eq!(
+        block_on(ops.execute("query-status", None)).unwrap().get(),
+        paused
+    );
+    assert_eq!(exec.names(), ["query-status", "stop", "query-status"]);
+    // The first caller still gets the answer to its own query.
+    let Poll::Ready(r) = poll_once(&mut first) else {
+        panic!("answered")
+    };
+    assert_eq!(r.unwrap().get(), running);
+    assert_eq!(ops.in_flight(), 0);
+}
+
+/// Hooks whose `on_retry` panics.
+struct PanickingRetryHook;
+
+impl qmp_ops::Hooks for PanickingRetryHook {
+    fn on_retry(&self, _: &str, _: u32, _: Duration, _: &ExecError) {
+        panic!("the retry hook failed");
+    }
+}
+
+#[test]
+fn a_panic_in_a_shared_execution_reaches_each_caller_and_poisons_nothing() {
+    let exec = FakeExec::new();
+    let clock = ManualClock::new(Instant::now());
+    let ops = Ops::builder(
+        Arc::clone(&exec),
+        Policy::read_only(),
+        RecordingSleep::new(clock.clone()),
+    )
+    .clock(clock)
+    .hooks(PanickingRetryHook)
+    .build();
+    let answer = exec.push_later();
+    let mut a = ops.execute("query-status", None).boxed();
+    let mut b = ops.execute("query-status", None).boxed();
+    assert!(poll_once(&mut a).is_pending());
+    assert!(poll_once(&mut b).is_pending());
+    assert_eq!(exec.count(), 1, "b joined a");
+    // Not sent: a retry is safe, and its hook panics.
+    answer
+        .send(Err(ExecError::NotSent(Failure::PeerClosed)))
+        .unwrap();
+    let message = |r: Result<_, Box<dyn std::any::Any + Send>>| match r {
+        Ok(_) => "no panic".to_owned(),
+        Err(p) => p.downcast_ref::<String>().cloned().unwrap_or_default(),
+    };
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| poll_once(&mut a)));
+    assert_eq!(message(caught), "the retry hook failed");
+    // A call made meanwhile starts afresh instead of joining the failed execution.
+    exec.push_ok(r#"{"status":"running"}"#);
+    assert_eq!(
+        block_on(ops.execute("query-status", None)).unwrap().get(),
+        r#"{"status":"running"}"#
+    );
+    // The other caller is not left waiting: it raises the same panic.
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| poll_once(&mut b)));
+    assert_eq!(message(caught), "the retry hook failed");
+    drop((a, b));
+    assert_eq!(ops.in_flight(), 0);
+    assert_eq!(exec.count(), 2);
+}
