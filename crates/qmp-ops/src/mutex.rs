@@ -174,21 +174,21 @@ impl<K: Eq + Hash> Inner<K> {
 
     /// Removes a waiting `ticket` that gave up; hands the lock on if it was already its turn.
     fn cancel(&self, key: &K, ticket: u64) {
-        let owner = {
-            let mut st = self.lock();
-            let Some(entry) = st.entries.get_mut(key) else {
-                return;
-            };
-            if entry.owner == ticket {
-                true
-            } else {
-                entry.queue.retain(|(t, _)| *t != ticket);
-                false
-            }
+        let mut st = self.lock();
+        let Some(entry) = st.entries.get_mut(key) else {
+            return;
         };
-        if owner {
+        if entry.owner == ticket {
+            drop(st);
             self.release(key, ticket);
+            return;
         }
+        let place = entry.queue.iter().position(|&(t, _)| t == ticket);
+        let gone = place.and_then(|i| entry.queue.remove(i));
+        drop(st);
+        // Its waker goes after the unlock: dropping the last one may drop a task whose future
+        // holds another lock of this map.
+        drop(gone);
     }
 }
 
@@ -231,12 +231,16 @@ impl<K: Eq + Hash> Future for Lock<K> {
                 .get_mut(key)
                 .expect("a queued ticket keeps its entry alive");
             if entry.owner != this.ticket {
+                let mut old = None;
                 if let Some(slot) = entry.queue.iter_mut().find(|(t, _)| *t == this.ticket) {
                     match &mut slot.1 {
                         Some(w) if w.will_wake(cx.waker()) => {}
-                        w => *w = Some(cx.waker().clone()),
+                        w => old = w.replace(cx.waker().clone()),
                     }
                 }
+                // The replaced waker goes after the unlock, as in `cancel`.
+                drop(st);
+                drop(old);
                 return Poll::Pending;
             }
         }

@@ -105,10 +105,16 @@ where
         lock(&self.state.session).is_some()
     }
 
-    /// A channel told about every reconnection from now on.
+    /// A channel told about every reconnection from now on. Dropping the receiver
+    /// unsubscribes.
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Reconnected> {
         let (tx, rx) = mpsc::unbounded();
-        lock(&self.state.subscribers).push(tx);
+        let mut subscribers = lock(&self.state.subscribers);
+        // The receivers dropped since go now, not only at the next reconnection.
+        let gone = extract_closed(&mut subscribers);
+        subscribers.push(tx);
+        drop(subscribers);
+        drop(gone);
         rx
     }
 
@@ -187,12 +193,30 @@ where
             let generation = state.generation.fetch_add(1, Ordering::AcqRel) + 1;
             *lock(&state.session) = Some((generation, Arc::clone(&session)));
             if generation > 1 {
-                lock(&state.subscribers)
-                    .retain(|tx| tx.unbounded_send(Reconnected { generation }).is_ok());
+                // Sent, and the closed ones dropped, without the lock: a send wakes the
+                // receiver's task, which an executor may poll at once (and it may subscribe).
+                let mut told = std::mem::take(&mut *lock(&state.subscribers));
+                told.retain(|tx| tx.unbounded_send(Reconnected { generation }).is_ok());
+                let mut subscribers = lock(&state.subscribers);
+                // Those who subscribed meanwhile come after.
+                told.append(&mut subscribers);
+                *subscribers = told;
             }
             Ok((generation, session))
         })
     }
+}
+
+/// Takes the senders whose receiver is gone out of `subscribers`, to be dropped after the
+/// lock is released.
+fn extract_closed(
+    subscribers: &mut Vec<mpsc::UnboundedSender<Reconnected>>,
+) -> Vec<mpsc::UnboundedSender<Reconnected>> {
+    let (open, closed) = std::mem::take(subscribers)
+        .into_iter()
+        .partition(|tx| !tx.is_closed());
+    *subscribers = open;
+    closed
 }
 
 impl<E, F, Fut, Err> Execute for Reconnecting<E, F>
@@ -241,5 +265,33 @@ where
             let result = session.execute_timeout(name, args, timeout, sleep).await;
             self.checked(generation, result)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session that is never asked anything.
+    struct Idle;
+
+    impl Execute for Idle {
+        fn execute<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a RawValue>,
+        ) -> BoxFuture<'a, Result<RawJson, ExecError>> {
+            Box::pin(async { Ok(RawJson::from_string("{}".to_owned()).expect("JSON")) })
+        }
+    }
+
+    #[test]
+    fn dropped_subscriptions_do_not_pile_up_between_reconnections() {
+        let r = Reconnecting::new(|| async { Ok::<_, String>(Idle) });
+        for _ in 0..1000 {
+            drop(r.subscribe());
+        }
+        let _kept = r.subscribe();
+        assert_eq!(lock(&r.state.subscribers).len(), 1);
     }
 }

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -75,12 +77,12 @@ fn release_wakes_exactly_the_next_waiter() {
     let mut l1 = m.lock("k");
     let mut l2 = m.lock("k");
     assert!(
-        std::pin::Pin::new(&mut l1)
+        Pin::new(&mut l1)
             .poll(&mut Context::from_waker(&w1))
             .is_pending()
     );
     assert!(
-        std::pin::Pin::new(&mut l2)
+        Pin::new(&mut l2)
             .poll(&mut Context::from_waker(&w2))
             .is_pending()
     );
@@ -91,8 +93,6 @@ fn release_wakes_exactly_the_next_waiter() {
     assert_eq!(c2.0.load(Ordering::SeqCst), 1);
     assert!(poll_once(&mut l2).is_ready());
 }
-
-use std::future::Future;
 
 #[test]
 fn a_dropped_waiter_leaves_the_queue() {
@@ -150,4 +150,54 @@ fn threads_contending_for_one_key_never_overlap() {
     }
     assert_eq!(total.load(Ordering::SeqCst), 800);
     assert_eq!(m.active_keys(), 0);
+}
+
+/// A waker that, when its last copy is dropped, runs a function: as the last waker of a task
+/// whose future holds (or asks for) a lock of the same map would.
+struct DropProbe(Box<dyn Fn() + Send + Sync>);
+
+impl ArcWake for DropProbe {
+    fn wake_by_ref(_: &Arc<Self>) {}
+}
+
+impl Drop for DropProbe {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+#[test]
+fn a_waiter_s_old_waker_is_dropped_after_the_map_is_unlocked() {
+    let (report, outcome) = std::sync::mpsc::channel();
+    // On a thread of its own: before the fix this deadlocked.
+    std::thread::spawn(move || {
+        let m = KeyedMutex::new();
+        let _held = block_on(m.lock("vm"));
+        let probed = Arc::new(AtomicUsize::new(0));
+        let probe = |m: &KeyedMutex<&'static str>| {
+            let (m, probed) = (m.clone(), Arc::clone(&probed));
+            waker(Arc::new(DropProbe(Box::new(move || {
+                // Uses the map, as a dropped task's `Lock` or guard would.
+                probed.fetch_add(m.waiters(&"vm"), Ordering::SeqCst);
+            }))))
+        };
+        // Replaced by a poll with another waker.
+        let mut replaced = m.lock("vm");
+        let w = probe(&m);
+        assert!(Future::poll(Pin::new(&mut replaced), &mut Context::from_waker(&w)).is_pending());
+        drop(w);
+        assert!(poll_once(&mut replaced).is_pending());
+        // Dropped with its waiter.
+        let mut cancelled = m.lock("vm");
+        let w = probe(&m);
+        assert!(Future::poll(Pin::new(&mut cancelled), &mut Context::from_waker(&w)).is_pending());
+        drop(w);
+        drop(cancelled);
+        report.send(probed.load(Ordering::SeqCst)).unwrap();
+    });
+    let probed = outcome
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("no deadlock");
+    // Each probe ran once and saw one waiter: `replaced` (the dropped one had left).
+    assert_eq!(probed, 1 + 1);
 }

@@ -385,3 +385,60 @@ fn a_connect_that_panics_fails_that_attempt_only() {
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
     assert_eq!(only.names(), ["y"]);
 }
+
+/// A waker that runs a function when woken, as an executor that polls the task inside
+/// `wake` would.
+struct OnWake(Box<dyn Fn() + Send + Sync>);
+
+impl futures_util::task::ArcWake for OnWake {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        (arc_self.0)();
+    }
+}
+
+#[test]
+fn a_subscriber_woken_by_a_reconnection_may_subscribe_inside_the_wake() {
+    let (report, outcome) = std::sync::mpsc::channel();
+    // On a thread of its own: before the fix this deadlocked.
+    std::thread::spawn(move || {
+        let sessions = Sessions::default();
+        for _ in 0..3 {
+            sessions.add();
+        }
+        let s = sessions.clone();
+        let exec = Arc::new(Reconnecting::new(move || s.connect()));
+        let mut first = exec.subscribe();
+        let later = Arc::new(Mutex::new(Vec::new()));
+        let (e, l) = (Arc::clone(&exec), Arc::clone(&later));
+        let waker = futures_util::task::waker(Arc::new(OnWake(Box::new(move || {
+            l.lock().unwrap().push(e.subscribe());
+        }))));
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(first.poll_next_unpin(&mut cx).is_pending());
+        for _ in 0..2 {
+            let (generation, _) = block_on(exec.session()).unwrap();
+            exec.invalidate(generation);
+        }
+        block_on(exec.session()).unwrap();
+        let firsts: Vec<u64> = std::iter::from_fn(|| first.try_recv().ok())
+            .map(|r| r.generation)
+            .collect();
+        let mut later = later.lock().unwrap();
+        let laters: Vec<Vec<u64>> = later
+            .iter_mut()
+            .map(|rx| {
+                std::iter::from_fn(|| rx.try_recv().ok())
+                    .map(|r| r.generation)
+                    .collect()
+            })
+            .collect();
+        report.send((firsts, laters)).unwrap();
+    });
+    let (firsts, laters) = outcome
+        .recv_timeout(Duration::from_secs(10))
+        .expect("no deadlock");
+    assert_eq!(firsts, [2, 3]);
+    // Subscribed inside the wake for generation 2: told of generation 3 only. (The waker is
+    // registered once, so it ran once.)
+    assert_eq!(laters, [vec![3]]);
+}
