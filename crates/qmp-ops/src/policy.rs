@@ -514,6 +514,14 @@ impl Policy {
             rule,
             reason,
         };
+        if name.is_empty() || name.chars().any(char::is_control) {
+            // No QMP command is named so (QEMU would refuse it); denying it also keeps the
+            // separators of call keys out of names, so two calls' keys never collide.
+            return Err(deny(
+                RuleRef::Default,
+                "not a QMP command name (empty, or with a control character)".to_owned(),
+            ));
+        }
         let (by, rule) = match self.find_rule(name) {
             Some((pattern, rule)) => {
                 let by = RuleRef::Command(pattern.to_owned());

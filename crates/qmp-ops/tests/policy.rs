@@ -213,6 +213,23 @@ fn a_star_in_the_value_does_not_defeat_a_wildcard() {
 }
 
 #[test]
+fn a_name_no_qmp_command_has_is_denied_even_by_a_wildcard_or_the_unrestricted_profile() {
+    let p = Policy::unrestricted_i_know_what_i_am_doing().rule("query-*", Rule::allow());
+    for name in ["", "query-x\0a", "query-x\n", "query-\u{7f}x"] {
+        let d = p.check(name, None).unwrap_err();
+        assert_eq!(
+            (d.rule, d.reason.as_str()),
+            (
+                RuleRef::Default,
+                "not a QMP command name (empty, or with a control character)"
+            ),
+            "{name:?}"
+        );
+    }
+    assert!(allowed(&p, "query-x"));
+}
+
+#[test]
 fn a_denied_command_is_never_sent_and_the_hook_sees_the_rule() {
     let exec = FakeExec::new();
     let clock = ManualClock::new(Instant::now());
