@@ -462,20 +462,28 @@ impl Schema {
                     ))
                 }
             }
-            Some(Entity::Enum { values }) => match v.as_str() {
-                Some(s) if values.iter().any(|x| x == s) => Ok(()),
-                Some(s) => {
-                    let hint = suggest(s, values.iter().map(String::as_str))
-                        .map(|x| format!(" (did you mean '{x}'?)"))
-                        .unwrap_or_default();
-                    Err(format!("invalid value '{s}' for {}{hint}", what(path)))
+            Some(Entity::Enum { values }) => {
+                // `type=null` was typed as JSON null; as an enum value it is the text typed.
+                if !v.is_string()
+                    && let Some((_, text)) = auto.iter().find(|(key, _)| key == path)
+                {
+                    *v = Value::String(text.clone());
                 }
-                None => Err(format!(
-                    "{} must be one of: {}",
-                    what(path),
-                    values.join(", ")
-                )),
-            },
+                match v.as_str() {
+                    Some(s) if values.iter().any(|x| x == s) => Ok(()),
+                    Some(s) => {
+                        let hint = suggest(s, values.iter().map(String::as_str))
+                            .map(|x| format!(" (did you mean '{x}'?)"))
+                            .unwrap_or_default();
+                        Err(format!("invalid value '{s}' for {}{hint}", what(path)))
+                    }
+                    None => Err(format!(
+                        "{} must be one of: {}",
+                        what(path),
+                        values.join(", ")
+                    )),
+                }
+            }
             Some(Entity::Array { element }) => {
                 let Value::Array(items) = v else {
                     return Err(format!(
@@ -523,7 +531,9 @@ impl Schema {
                 }
                 Err(first_err.unwrap_or_else(|| format!("{} has the wrong type", what(path))))
             }
-            Some(Entity::Object { .. }) => {
+            Some(Entity::Object {
+                members: base, tag, ..
+            }) => {
                 let Value::Object(map) = v else {
                     return Err(format!(
                         "{} must be an object, not {}",
@@ -531,6 +541,19 @@ impl Schema {
                         value_kind(v)
                     ));
                 };
+                // The tag picks the variant whose members the others are checked against, so
+                // it goes first (and `type=null` becomes the string it names).
+                if let Some(tag) = tag
+                    && let Some(m) = base.iter().find(|m| &m.name == tag)
+                    && let Some(slot) = map.get_mut(tag)
+                {
+                    let p = if path.is_empty() {
+                        tag.clone()
+                    } else {
+                        format!("{path}.{tag}")
+                    };
+                    self.check(command, &m.ty, slot, &p, auto)?;
+                }
                 let snapshot = map.clone();
                 let members = self.object_members(ty, Some(&snapshot));
                 let mut keys: Vec<String> = map.keys().cloned().collect();
@@ -799,6 +822,46 @@ mod tests {
         assert_eq!(
             run(&["n:=1e6"]).unwrap_err(),
             "argument 'n' of c must be an integer, not a decimal number"
+        );
+    }
+
+    #[test]
+    fn a_union_tag_typed_as_null_names_the_null_variant_whose_members_are_checked() {
+        // As QEMU's `ChardevBackend`: the tag `type` is an enum with a value "null", and each
+        // variant has its own `data`.
+        let schema = r#"[
+            {"name": "c", "meta-type": "command", "arg-type": "A", "ret-type": "R"},
+            {"name": "A", "meta-type": "object",
+             "members": [{"name": "id", "type": "str"}, {"name": "backend", "type": "B"}]},
+            {"name": "B", "meta-type": "object", "tag": "type",
+             "members": [{"name": "type", "type": "K"}],
+             "variants": [{"case": "file", "type": "WF"}, {"case": "null", "type": "WN"}]},
+            {"name": "K", "meta-type": "enum", "values": ["file", "null"]},
+            {"name": "WF", "meta-type": "object", "members": [{"name": "data", "type": "F"}]},
+            {"name": "F", "meta-type": "object", "members": [{"name": "out", "type": "str"}]},
+            {"name": "WN", "meta-type": "object", "members": [{"name": "data", "type": "N"}]},
+            {"name": "N", "meta-type": "object", "members": []},
+            {"name": "str", "meta-type": "builtin", "json-type": "string"},
+            {"name": "R", "meta-type": "object", "members": []}
+        ]"#;
+        let run = |words: &[&str]| validated(schema, words);
+        assert_eq!(
+            run(&["id=c0", "backend.type=null", "backend.data:={}"]).unwrap(),
+            r#"{"backend":{"data":{},"type":"null"},"id":"c0"}"#
+        );
+        assert_eq!(
+            run(&["id=c0", "backend.type=file", "backend.data.out=/tmp/x"]).unwrap(),
+            r#"{"backend":{"data":{"out":"/tmp/x"},"type":"file"},"id":"c0"}"#
+        );
+        // Given as JSON, null is no enum value.
+        assert_eq!(
+            run(&["id=c0", "backend.type:=null", "backend.data:={}"]).unwrap_err(),
+            "argument 'backend.type' of c must be one of: file, null"
+        );
+        // The variant the tag names is the one checked.
+        assert_eq!(
+            run(&["id=c0", "backend.type=file", "backend.data:={}"]).unwrap_err(),
+            "missing argument 'backend.data.out' for c"
         );
     }
 
