@@ -65,7 +65,8 @@ use crate::schema::Schema;
         "Exit codes:\n",
         "  0  success\n",
         "  1  QEMU answered with an error (its class and description are printed)\n",
-        "  2  usage error: bad options or arguments, unknown command or argument (nothing sent)\n",
+        "  2  usage error: bad options or arguments, or a command or argument QEMU's schema\n",
+        "     does not have (not checked with --no-validate or --qga); nothing is sent\n",
         "  3  connection or protocol failure: cannot connect, no greeting, disconnected, no reply\n",
         "  4  denied by the policy (--policy/--profile); the rule is named and nothing is sent\n",
         "  5  `qmp events`: --timeout passed before --count events arrived\n",
@@ -398,7 +399,22 @@ pub(crate) fn check_policy(
 
 /// Fetches and parses the live schema.
 pub(crate) async fn fetch_schema(client: &qmp_tokio::Client) -> Result<Schema, Failure> {
-    let raw = client.execute_raw("query-qmp-schema", &()).await?;
+    let raw =
+        client
+            .execute_raw("query-qmp-schema", &())
+            .await
+            .map_err(|e| match Failure::from(e) {
+                // Say which command failed, and how to do without it.
+                Failure::Qmp(mut e) => {
+                    e.desc = format!(
+                        "query-qmp-schema, which checks commands and arguments, failed: {} \
+                     (--no-validate skips the check)",
+                        e.desc
+                    );
+                    Failure::Qmp(e)
+                }
+                other => other,
+            })?;
     Schema::from_json(raw.get()).map_err(Failure::Connection)
 }
 

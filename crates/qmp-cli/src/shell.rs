@@ -314,7 +314,7 @@ pub(crate) fn run(
     let (mut session, (schema, commands, hmp_commands)) =
         rt.block_on(crate::until_one_of(&mut signals, async {
             let session = crate::conn::open(target, t).await?;
-            let described = describe(&session).await?;
+            let described = describe(&session, policy.as_ref(), no_validate).await?;
             Ok((session, described))
         }))?;
     let client = session.client.clone();
@@ -464,9 +464,13 @@ pub(crate) fn run(
     Ok(())
 }
 
-/// The commands (and, with a schema, HMP commands) completion offers, and the schema.
+/// The commands (and, with a schema, HMP commands) completion offers, and the schema. HMP
+/// commands are asked for only if `policy` allows `human-monitor-command`. With
+/// `no_validate`, a server that cannot describe its commands gets a shell without completion.
 async fn describe(
     session: &Session,
+    policy: Option<&Policy>,
+    no_validate: bool,
 ) -> Result<(Option<Schema>, Vec<String>, Vec<String>), Failure> {
     let client = &session.client;
     if session.qga {
@@ -485,17 +489,21 @@ async fn describe(
             .unwrap_or_default();
         return Ok((None, names, Vec::new()));
     }
-    let schema = crate::fetch_schema(client).await?;
+    let schema = match crate::fetch_schema(client).await {
+        Ok(schema) => schema,
+        Err(Failure::Qmp(_)) if no_validate => return Ok((None, Vec::new(), Vec::new())),
+        Err(f) => return Err(f),
+    };
     let names: Vec<String> = schema.commands().iter().map(|s| (*s).to_owned()).collect();
     let mut hmp = Vec::new();
-    if schema.has_command("human-monitor-command") {
-        let mut args = Map::new();
-        args.insert("command-line".to_owned(), Value::from("help"));
-        if let Ok(raw) = crate::send(client, "human-monitor-command", &args).await
-            && let Ok(text) = serde_json::from_str::<String>(raw.get())
-        {
-            hmp = hmp_names(&text);
-        }
+    let mut args = Map::new();
+    args.insert("command-line".to_owned(), Value::from("help"));
+    if schema.has_command("human-monitor-command")
+        && crate::check_policy(policy, "human-monitor-command", &args).is_ok()
+        && let Ok(raw) = crate::send(client, "human-monitor-command", &args).await
+        && let Ok(text) = serde_json::from_str::<String>(raw.get())
+    {
+        hmp = hmp_names(&text);
     }
     Ok((Some(schema), names, hmp))
 }

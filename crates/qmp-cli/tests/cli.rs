@@ -1367,3 +1367,91 @@ fn events_sent_with_the_negotiation_reply_are_followed_too() {
         ]
     );
 }
+
+/// Runs `qmp` with `args`, feeding it `input` on standard input.
+fn qmp_with_input(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(QMP)
+        .args(args)
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qmp");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The commands the fake received, in order.
+fn request_names(fake: &FakeQemu) -> Vec<String> {
+    fake.requests().into_iter().filter_map(|r| r.name).collect()
+}
+
+#[test]
+fn the_shell_asks_hmp_for_its_commands_only_if_the_policy_allows_hmp() {
+    use qmp_testkit::fake::Response;
+    // Two commands, `query-status` and `human-monitor-command`, both without arguments.
+    let schema = r#"[{"name": "query-status", "meta-type": "command", "arg-type": "0", "ret-type": "0"},
+        {"name": "human-monitor-command", "meta-type": "command", "arg-type": "0", "ret-type": "0"},
+        {"name": "0", "meta-type": "object", "members": []}]"#;
+    for (profile, hmp) in [(None, true), (Some("read-only"), false)] {
+        let script = Script::new()
+            .record(true)
+            .on("query-qmp-schema", Response::ok(schema))
+            .on(
+                "human-monitor-command",
+                Response::ok("\"info  -- show\\r\\n\""),
+            )
+            .on("query-status", Response::ok("{\"status\": \"running\"}"));
+        let fake = FakeQemu::unix(script).unwrap();
+        let f = fake.socket_path().unwrap().display().to_string();
+        let mut args = vec!["-s", f.as_str()];
+        args.extend(profile.iter().flat_map(|p| ["--profile", p]));
+        args.extend(["shell", "--no-history-file"]);
+        let o = qmp_with_input(&args, "query-status\n");
+        assert_eq!(
+            (o.status.code(), err(&o).as_str()),
+            (Some(0), ""),
+            "{profile:?}"
+        );
+        let mut expect = vec!["qmp_capabilities", "query-qmp-schema"];
+        if hmp {
+            expect.push("human-monitor-command");
+        }
+        expect.push("query-status");
+        assert_eq!(request_names(&fake), expect, "{profile:?}");
+    }
+}
+
+#[test]
+fn a_server_without_query_qmp_schema_says_so_and_no_validate_does_without() {
+    use qmp_testkit::fake::Response;
+    let script = Script::new().on("query-status", Response::ok("{\"status\": \"running\"}"));
+    let fake = FakeQemu::unix(script).unwrap();
+    let f = fake.socket_path().unwrap().display().to_string();
+    let hint = "qmp: error: CommandNotFound: query-qmp-schema, which checks commands and \
+                arguments, failed: The command query-qmp-schema has not been found \
+                (--no-validate skips the check)\n";
+    check(&qmp(&["-s", &f, "query-status"]), 1, "", hint);
+    let o = qmp_with_input(&["-s", &f, "shell", "--no-history-file"], "query-status\n");
+    check(&o, 1, "", hint);
+    let o = qmp(&["-s", &f, "--no-validate", "--compact", "query-status"]);
+    check(&o, 0, "{\"status\":\"running\"}\n", "");
+    let o = qmp_with_input(
+        &["-s", &f, "--no-validate", "shell", "--no-history-file"],
+        "query-status\n",
+    );
+    let text = out(&o);
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""), "{text}");
+    assert_eq!(
+        text,
+        "Connected to QEMU 10.0.2 (qmp-testkit). Type 'help' for help, Ctrl-D to leave.\n\
+         {\n  \"status\": \"running\"\n}\n"
+    );
+}
