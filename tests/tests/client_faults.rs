@@ -102,7 +102,7 @@ async fn never_greeted(connect: Connect) {
     assert_eq!(
         e.to_string(),
         "the server accepted the connection but sent no greeting in time (is another client \
-         attached to this monitor?)"
+         attached to this monitor, or is it a guest agent?)"
     );
     assert!(start.elapsed() < Duration::from_secs(2));
 }
@@ -448,7 +448,7 @@ async fn connect_wait_does_not_retry_a_silent_monitor(connect_wait: ConnectWait)
     assert_eq!(
         e.to_string(),
         "the server accepted the connection but sent no greeting in time (is another client \
-         attached to this monitor?)"
+         attached to this monitor, or is it a guest agent?)"
     );
     assert_eq!(monitor.join().unwrap(), 1);
 }

@@ -414,7 +414,7 @@ async fn second_client_never_greeted(rt: &Rt) {
     assert_eq!(
         e.to_string(),
         "the server accepted the connection but sent no greeting in time (is another client \
-         attached to this monitor?)"
+         attached to this monitor, or is it a guest agent?)"
     );
     assert!(start.elapsed() >= Duration::from_millis(300));
     assert!(start.elapsed() < Duration::from_secs(3));

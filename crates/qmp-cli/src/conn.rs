@@ -185,13 +185,17 @@ async fn greet(
         Err(e) => Err(Failure::Connection(match e.remote_error() {
             Some(RemoteError::GreetingTimeout) => format!(
                 "the monitor accepted the connection but is not greeting: is another client \
-                 attached? (no greeting within {})",
+                 attached, or is it a guest agent (--qga)? (no greeting within {})",
                 secs(t.greeting)
             ),
             Some(RemoteError::NegotiationTimeout) => format!(
                 "the monitor greeted but did not answer qmp_capabilities within {}",
                 secs(t.greeting)
             ),
+            Some(RemoteError::QmpNotQga) => {
+                "this is a QMP monitor, not a guest agent: connect to it with -s/--socket"
+                    .to_owned()
+            }
             Some(RemoteError::SyncTimeout) => format!(
                 "the guest agent accepted the connection but did not answer \
                  guest-sync-delimited within {}: is the agent running, and is no other client \

@@ -390,6 +390,17 @@ fn connection_failures_exit_3() {
         "",
         "qmp: '--compact' looks like an option: options go before the command name (qmp [OPTIONS] COMMAND [ARGS]...)\n",
     );
+    // A QMP monitor taken for a guest agent: said at once, not after the timeout.
+    let fake_qmp = FakeQemu::unix(Script::new()).unwrap();
+    let q = fake_qmp.socket_path().unwrap().display().to_string();
+    let start = Instant::now();
+    check(
+        &qmp(&["--qga", &q, "--greeting-timeout", "10", "guest-ping"]),
+        3,
+        "",
+        "qmp: this is a QMP monitor, not a guest agent: connect to it with -s/--socket\n",
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
     // A monitor that accepts but never greets (the fake, scripted).
     let fake = FakeQemu::unix(Script::new().no_greeting()).unwrap();
     let f = fake.socket_path().unwrap().display().to_string();
@@ -398,7 +409,7 @@ fn connection_failures_exit_3() {
         &qmp(&["-s", &f, "--greeting-timeout", "0.3", "query-status"]),
         3,
         "",
-        "qmp: the monitor accepted the connection but is not greeting: is another client attached? (no greeting within 0.3 s)\n",
+        "qmp: the monitor accepted the connection but is not greeting: is another client attached, or is it a guest agent (--qga)? (no greeting within 0.3 s)\n",
     );
     assert!(start.elapsed() < Duration::from_secs(5));
 }
@@ -416,7 +427,7 @@ fn second_client_on_real_qemu_is_told_why() {
         &qmp(&["-s", &s, "--greeting-timeout", "0.5", "query-version"]),
         3,
         "",
-        "qmp: the monitor accepted the connection but is not greeting: is another client attached? (no greeting within 0.5 s)\n",
+        "qmp: the monitor accepted the connection but is not greeting: is another client attached, or is it a guest agent (--qga)? (no greeting within 0.5 s)\n",
     );
     drop(holder);
 }

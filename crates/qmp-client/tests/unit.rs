@@ -620,7 +620,7 @@ fn never_greeted_is_a_clear_handshake_error() {
     assert_eq!(
         err.to_string(),
         "the server accepted the connection but sent no greeting in time (is another client \
-         attached to this monitor?)"
+         attached to this monitor, or is it a guest agent?)"
     );
     assert!(srv.client_closed());
 }
@@ -642,8 +642,9 @@ fn a_greeting_over_the_size_limit_is_named_in_the_handshake_error() {
     assert_eq!(err.remote_error(), Some(&RemoteError::GreetingUnreadable));
     assert_eq!(
         err.to_string(),
-        "no readable greeting came in time: a message over the size or depth limits (or not \
-         JSON, or of no known shape) came instead; are the limits too small?"
+        "no readable greeting came in time, but something else did: a message over the size or \
+         depth limits (are they too small?), or text that is no QMP greeting (is this an HMP \
+         monitor?)"
     );
 }
 

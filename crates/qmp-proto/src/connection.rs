@@ -333,17 +333,21 @@ pub enum RemoteError {
     /// typically because another client holds it.
     #[error(
         "the server accepted the connection but sent no greeting in time (is another client \
-         attached to this monitor?)"
+         attached to this monitor, or is it a guest agent?)"
     )]
     GreetingTimeout,
-    /// No greeting that could be read arrived in time, but a message that could not be read
-    /// did: most likely the greeting, over [`Config::max_message_size`] or
-    /// [`Config::max_depth`].
+    /// No greeting that could be read arrived in time, but something else did: the greeting
+    /// over [`Config::max_message_size`] or [`Config::max_depth`], or text from a peer that
+    /// is no QMP monitor (an HMP monitor's banner, say).
     #[error(
-        "no readable greeting came in time: a message over the size or depth limits (or not \
-         JSON, or of no known shape) came instead; are the limits too small?"
+        "no readable greeting came in time, but something else did: a message over the size or \
+         depth limits (are they too small?), or text that is no QMP greeting (is this an HMP \
+         monitor?)"
     )]
     GreetingUnreadable,
+    /// A guest agent was expected, but the peer greeted as a QMP monitor.
+    #[error("the peer greeted as a QMP monitor, not a guest agent (connect to it as QMP)")]
+    QmpNotQga,
     /// The server greeted but did not answer `qmp_capabilities` in time.
     #[error("the server greeted but did not answer qmp_capabilities in time")]
     NegotiationTimeout,
@@ -829,7 +833,13 @@ impl Connection {
                 }
                 // Outside a sync the 0xFF marker carries no meaning.
                 Frame::Delimiter => {}
-                Frame::Garbage { len } => self.anomaly(Anomaly::Garbage { len }),
+                Frame::Garbage { len } => {
+                    self.anomaly(Anomaly::Garbage { len });
+                    // Not a greeting: the handshake's timeout error says something came.
+                    if self.state == State::AwaitingGreeting {
+                        self.unreadable_before_greeting = true;
+                    }
+                }
                 Frame::Oversized { len, id } => {
                     self.stats.messages_received += 1;
                     self.anomaly(Anomaly::Oversized { len });
@@ -1237,6 +1247,10 @@ impl Connection {
             Incoming::Greeting(g) => {
                 if self.state == State::AwaitingGreeting && self.config.mode == Mode::Qmp {
                     self.on_greeting(g);
+                } else if matches!(self.config.mode, Mode::Qga { .. }) && self.state != State::Ready
+                {
+                    // A guest agent never greets: waiting for the sync would only time out.
+                    self.shut(CloseReason::Remote(RemoteError::QmpNotQga));
                 } else {
                     self.anomaly(Anomaly::Unexpected("a second greeting".to_owned()));
                 }

@@ -249,7 +249,7 @@ fn handshake_timeouts_say_which_step_was_missing() {
     assert_eq!(
         RemoteError::GreetingTimeout.to_string(),
         "the server accepted the connection but sent no greeting in time (is another client \
-         attached to this monitor?)"
+         attached to this monitor, or is it a guest agent?)"
     );
 }
 
@@ -272,8 +272,9 @@ fn a_greeting_over_the_limits_is_named_when_the_handshake_times_out() {
     );
     assert_eq!(
         RemoteError::GreetingUnreadable.to_string(),
-        "no readable greeting came in time: a message over the size or depth limits (or not \
-         JSON, or of no known shape) came instead; are the limits too small?"
+        "no readable greeting came in time, but something else did: a message over the size or \
+         depth limits (are they too small?), or text that is no QMP greeting (is this an HMP \
+         monitor?)"
     );
 }
 
@@ -291,6 +292,48 @@ fn a_greeting_of_no_known_shape_is_named_when_the_handshake_times_out() {
             unexpected(r#"{"QMP": {"version": 10}}"#),
             Output::Closed(CloseReason::Remote(RemoteError::GreetingUnreadable)),
         ]
+    );
+}
+
+#[test]
+fn an_hmp_banner_instead_of_a_greeting_is_named_when_the_handshake_times_out() {
+    let t0 = Instant::now();
+    let cfg = Config::default().handshake_timeout(Some(Duration::from_secs(1)));
+    let mut c = Connection::new(t0, cfg);
+    c.handle_input(
+        t0,
+        b"QEMU 10.0.2 monitor - type 'help' for more information\r\n(qemu) ",
+    );
+    c.handle_timeout(t0 + Duration::from_secs(1));
+    let o = outs(&mut c);
+    assert_eq!(
+        o.last(),
+        Some(&Output::Closed(CloseReason::Remote(
+            RemoteError::GreetingUnreadable
+        ))),
+        "{o:?}"
+    );
+    assert!(
+        o[..o.len() - 1]
+            .iter()
+            .all(|x| matches!(x, Output::Anomaly(Anomaly::Garbage { .. }))),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn a_qmp_greeting_to_a_guest_agent_session_ends_it_at_once() {
+    let t0 = Instant::now();
+    let mut c = Connection::new(t0, Config::qga(7));
+    let _ = tx(&mut c);
+    c.handle_input(t0, GREETING.as_bytes());
+    assert_eq!(
+        outs(&mut c),
+        [Output::Closed(CloseReason::Remote(RemoteError::QmpNotQga))]
+    );
+    assert_eq!(
+        RemoteError::QmpNotQga.to_string(),
+        "the peer greeted as a QMP monitor, not a guest agent (connect to it as QMP)"
     );
 }
 
