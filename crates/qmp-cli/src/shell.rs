@@ -299,7 +299,8 @@ impl Printer {
     }
 }
 
-/// Runs the shell until `exit`, Ctrl-D, or the connection closes.
+/// Runs the shell until `exit`, Ctrl-D, or the connection closes (an error: exit code 3; input
+/// that cannot be read is one too: exit code 2).
 pub(crate) fn run(
     rt: &tokio::runtime::Runtime,
     target: &Target,
@@ -399,6 +400,10 @@ pub(crate) fn run(
         out,
         no_validate,
     };
+    // How the shell ends: a script (or a user) can tell from the exit code that its input
+    // could not be read, or that the connection closed under it.
+    let closed = || Err(Failure::Connection("the connection closed".to_owned()));
+    let mut end = Ok(());
     loop {
         let prompt = if hmp_mode.load(Ordering::Relaxed) {
             "(hmp) "
@@ -412,7 +417,7 @@ pub(crate) fn run(
             Err(ReadlineError::Interrupted) => continue,
             Err(ReadlineError::Eof) => break,
             Err(e) => {
-                eprintln!("qmp: {e}");
+                end = Err(Failure::Usage(format!("cannot read the input: {e}")));
                 break;
             }
         };
@@ -421,6 +426,7 @@ pub(crate) fn run(
             // Enter on an empty line is how one checks on a QEMU that may have gone.
             if client.is_closed() {
                 outln!("(the connection closed)");
+                end = closed();
                 break;
             }
             continue;
@@ -448,6 +454,7 @@ pub(crate) fn run(
         if ended || client.is_closed() {
             if !ended {
                 outln!("(the connection closed)");
+                end = closed();
             }
             break;
         }
@@ -461,7 +468,7 @@ pub(crate) fn run(
     });
     drop(session);
     drop(lock(&on_signal.qemu).take());
-    Ok(())
+    end
 }
 
 /// The commands (and, with a schema, HMP commands) completion offers, and the schema. HMP

@@ -1380,7 +1380,7 @@ fn events_sent_with_the_negotiation_reply_are_followed_too() {
 }
 
 /// Runs `qmp` with `args`, feeding it `input` on standard input.
-fn qmp_with_input(args: &[&str], input: &str) -> Output {
+fn qmp_with_input(args: &[&str], input: impl AsRef<[u8]>) -> Output {
     use std::io::Write;
     let mut child = Command::new(QMP)
         .args(args)
@@ -1394,7 +1394,7 @@ fn qmp_with_input(args: &[&str], input: &str) -> Output {
         .stdin
         .take()
         .unwrap()
-        .write_all(input.as_bytes())
+        .write_all(input.as_ref())
         .unwrap();
     child.wait_with_output().unwrap()
 }
@@ -1464,5 +1464,44 @@ fn a_server_without_query_qmp_schema_says_so_and_no_validate_does_without() {
         text,
         "Connected to QEMU 10.0.2 (qmp-testkit). Type 'help' for help, Ctrl-D to leave.\n\
          {\n  \"status\": \"running\"\n}\n"
+    );
+}
+
+#[test]
+fn a_piped_shell_fails_when_its_input_cannot_be_read_or_the_connection_closes() {
+    use qmp_testkit::fake::{Action, Response};
+    let script = Script::new()
+        .record(true)
+        .on("query-status", Response::ok("{}"))
+        .on("stop", Response::actions(vec![Action::Close]));
+    let fake = FakeQemu::unix(script).unwrap();
+    let f = fake.socket_path().unwrap().display().to_string();
+    let shell = [
+        "-s",
+        f.as_str(),
+        "--no-validate",
+        "shell",
+        "--no-history-file",
+    ];
+    // Not UTF-8: the rest of the script is not run, and the exit code says so.
+    let o = qmp_with_input(&shell, b"query-status\n\xff\nquery-status\n");
+    assert_eq!(
+        (o.status.code(), err(&o).as_str()),
+        (
+            Some(2),
+            "qmp: cannot read the input: stream did not contain valid UTF-8\n"
+        )
+    );
+    assert_eq!(
+        request_names(&fake),
+        ["qmp_capabilities", "query-qmp-schema", "query-status"]
+    );
+    // The connection closes under the script: exit 3.
+    let o = qmp_with_input(&shell, "stop\nquery-status\n");
+    assert_eq!(
+        (o.status.code(), err(&o).as_str()),
+        (Some(3), "qmp: the connection closed\n"),
+        "{}",
+        out(&o)
     );
 }

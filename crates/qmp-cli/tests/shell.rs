@@ -138,8 +138,10 @@ fn completion_history_and_live_events() {
         {"run": [QMP, "--tcp", tcp, "quit"]},
         {"expect": "(the connection closed)"},
         {"send": "\r"},
+        // An error: a script can tell.
+        {"expect": "qmp: the connection closed"},
     ]);
-    let Some(t) = drive(
+    let Some(t) = drive_to_exit(
         &[
             QMP,
             "--color",
@@ -151,7 +153,9 @@ fn completion_history_and_live_events() {
             &hist_s,
         ],
         steps,
-    ) else {
+        3,
+    )
+    .map(|r| r.transcript) else {
         return;
     };
     // Each event was printed on its own line, followed by the redrawn prompt and input.
