@@ -247,12 +247,17 @@ async fn tour_steps(tour: &mut Tour, dir: &std::path::Path, dir_note: &str) -> R
         .client
         .subscribe(qmp_tokio::EventFilter::names([JOB_EVENT]));
     tour.say(&format!("(demo.raw in {dir_note})"));
-    let line = format!(
-        "blockdev-create job-id={JOB} options.driver=file options.filename={} options.size=1048576",
-        file.display()
-    );
-    tour.command_line(&line.replace(&file.display().to_string(), "demo.raw"));
-    let words: Vec<String> = line.split_whitespace().skip(1).map(str::to_owned).collect();
+    // Words, not a line split at spaces: the temporary directory may have spaces in its path.
+    let words = |filename: &str| {
+        vec![
+            format!("job-id={JOB}"),
+            "options.driver=file".to_owned(),
+            format!("options.filename={filename}"),
+            "options.size=1048576".to_owned(),
+        ]
+    };
+    tour.command_line(&format!("blockdev-create {}", words("demo.raw").join(" ")));
+    let words = words(&file.display().to_string());
     let (mut args, auto) = crate::args::parse(&words).map_err(Failure::Usage)?;
     tour.schema
         .validate("blockdev-create", &mut args, &auto)

@@ -1086,6 +1086,17 @@ fn demo_on_the_fake_says_so() {
     );
     assert_eq!(normalise_demo(&text), expected);
     assert!(text.ends_with(" s (against the FAKE QEMU).\n"), "{text}");
+    // A temporary directory with a space in its path changes nothing.
+    let tmp = tempfile::tempdir().unwrap();
+    let spaced = tmp.path().join("a b");
+    std::fs::create_dir(&spaced).unwrap();
+    let o = Command::new(QMP)
+        .args(["demo", "--fake"])
+        .env("TMPDIR", &spaced)
+        .output()
+        .unwrap();
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
+    assert_eq!(normalise_demo(&out(&o)), expected);
 }
 
 #[test]
