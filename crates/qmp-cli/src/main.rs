@@ -205,7 +205,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("qmp: cannot start the runtime: {e}");
+            complain(format_args!("cannot start the runtime: {e}"));
             return ExitCode::from(3);
         }
     };
@@ -215,10 +215,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             let _ = std::io::stdout().flush();
-            eprintln!("qmp: {}", f.message());
+            complain(format_args!("{}", f.message()));
             ExitCode::from(f.code())
         }
     }
+}
+
+/// Writes `qmp: <message>` to stderr. Unlike `eprintln!`, a closed stderr is no panic: the exit
+/// code still tells.
+fn complain(message: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "qmp: {message}");
 }
 
 fn duration(secs: f64, what: &str) -> Result<Duration, Failure> {
@@ -524,16 +530,16 @@ pub(crate) const SIGTERM: i32 = 15;
 pub(crate) struct Signals(Vec<(i32, tokio::signal::unix::Signal)>);
 
 impl Signals {
-    /// Installs handlers for `numbers`, except SIGHUP when `qmp` was started with it ignored
-    /// (`nohup`): a handler would undo that. One that cannot be installed keeps its default
-    /// action.
+    /// Installs handlers for `numbers`, except those `qmp` was started with ignored (SIGHUP
+    /// under `nohup`, SIGINT for a background job of a script): a handler would undo that. One
+    /// that cannot be installed keeps its default action.
     pub(crate) fn install(numbers: &[i32]) -> Self {
         use tokio::signal::unix::{SignalKind, signal};
-        let nohup = ignored_signals() & (1 << (SIGHUP - 1)) != 0;
+        let ignored = ignored_signals();
         Self(
             numbers
                 .iter()
-                .filter(|&&n| !(n == SIGHUP && nohup))
+                .filter(|&&n| ignored & (1 << (n - 1)) == 0)
                 .filter_map(|&n| Some((n, signal(SignalKind::from_raw(n)).ok()?)))
                 .collect(),
         )
@@ -640,9 +646,9 @@ async fn follow_events(
                 }
             }
             Some(qmp_tokio::EventItem::Lagged(n)) => {
-                eprintln!(
-                    "qmp: {n} events were lost (dropped, or unreadable) before they could be shown"
-                );
+                complain(format_args!(
+                    "{n} events were lost (dropped, or unreadable) before they could be shown"
+                ));
             }
             Some(qmp_tokio::EventItem::Closed(_)) | None => {
                 return match count {

@@ -1243,9 +1243,12 @@ fn a_signal_stops_qmp_and_the_qemu_it_spawned() {
     let direct: &[&str] = &[];
     let hup_default: &[&str] = &["python3", "-c", HUP_DEFAULT];
     let nohup: &[&str] = &["nohup"];
+    // With SIGINT ignored, as a script's background job has it.
+    const INT_IGNORED: &str = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])";
+    let int_ignored: &[&str] = &["python3", "-c", INT_IGNORED];
     // SIGKILL leaves qmp no chance to clean up: the kernel still kills the daemon (its
     // parent-death signal), but its directory stays behind. Under nohup, SIGHUP changes
-    // nothing and the SIGTERM after it ends qmp.
+    // nothing and the SIGTERM after it ends qmp; so does SIGINT when it was ignored.
     for (launcher, args, signals, code, message) in [
         (
             direct,
@@ -1267,6 +1270,13 @@ fn a_signal_stops_qmp_and_the_qemu_it_spawned() {
             nohup,
             events,
             &["-HUP", "-TERM"],
+            Some(143),
+            "qmp: stopped by signal 15\n",
+        ),
+        (
+            int_ignored,
+            events,
+            &["-INT", "-TERM"],
             Some(143),
             "qmp: stopped by signal 15\n",
         ),
@@ -1515,4 +1525,21 @@ fn a_piped_shell_fails_when_its_input_cannot_be_read_or_the_connection_closes() 
         "{}",
         out(&o)
     );
+}
+
+#[test]
+fn a_closed_stderr_changes_the_exit_code_of_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.sock").display().to_string();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = Command::new(QMP)
+        .args(["-s", &missing, "query-status"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(writer)
+        .status()
+        .unwrap();
+    // Cannot connect: 3, not a panic's 101.
+    assert_eq!(status.code(), Some(3));
 }
