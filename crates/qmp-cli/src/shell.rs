@@ -320,6 +320,10 @@ pub(crate) fn run(
         }))?;
     let client = session.client.clone();
     let stdin = std::io::stdin();
+    // Piped input is read here, a line at a time with a bound on its length (the line editor
+    // would read a line of any length into memory).
+    let mut piped =
+        (!rustix::termios::isatty(&stdin)).then(|| std::io::BufReader::new(stdin.lock()));
     let on_signal = Arc::new(OnSignal {
         qemu: Mutex::new(session.qemu.take()),
         terminal: rustix::termios::isatty(&stdin)
@@ -410,7 +414,10 @@ pub(crate) fn run(
         } else {
             "(qmp) "
         };
-        let read = rl.readline(prompt);
+        let read = match &mut piped {
+            Some(input) => read_line(input),
+            None => rl.readline(prompt),
+        };
         on_signal.yield_if_ending();
         let line = match read {
             Ok(l) => l,
@@ -469,6 +476,38 @@ pub(crate) fn run(
     drop(session);
     drop(lock(&on_signal.qemu).take());
     end
+}
+
+/// The longest line read from piped input.
+const MAX_LINE: usize = 16 << 20;
+
+/// Reads a line of piped input, without its line ending; at most [`MAX_LINE`] bytes of it.
+fn read_line(input: &mut impl std::io::BufRead) -> Result<String, ReadlineError> {
+    use std::io::{BufRead, Error, ErrorKind, Read};
+    let mut line = Vec::new();
+    // One byte over the limit tells a line that is too long.
+    let limit = u64::try_from(MAX_LINE + 2).unwrap_or(u64::MAX);
+    if input.take(limit).read_until(b'\n', &mut line)? == 0 {
+        return Err(ReadlineError::Eof);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    }
+    if line.len() > MAX_LINE {
+        return Err(ReadlineError::Io(Error::new(
+            ErrorKind::InvalidData,
+            format!("a line is longer than {} MiB", MAX_LINE >> 20),
+        )));
+    }
+    String::from_utf8(line).map_err(|_| {
+        ReadlineError::Io(Error::new(
+            ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        ))
+    })
 }
 
 /// The commands (and, with a schema, HMP commands) completion offers, and the schema. HMP
@@ -735,6 +774,48 @@ impl Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn piped_lines_are_read_without_their_endings_up_to_a_bound() {
+        let read_all = |bytes: &[u8]| {
+            let mut input = std::io::Cursor::new(bytes.to_vec());
+            let mut lines = Vec::new();
+            loop {
+                match read_line(&mut input) {
+                    Ok(line) => lines.push(line),
+                    Err(e) => return (lines, e.to_string()),
+                }
+            }
+        };
+        assert_eq!(
+            read_all(b"a b\r\n\nc\nlast"),
+            (
+                vec![
+                    "a b".to_owned(),
+                    String::new(),
+                    "c".to_owned(),
+                    "last".to_owned()
+                ],
+                ReadlineError::Eof.to_string()
+            )
+        );
+        assert_eq!(
+            read_all(b"ok\n\xff\nnever\n"),
+            (
+                vec!["ok".to_owned()],
+                "stream did not contain valid UTF-8".to_owned()
+            )
+        );
+        let mut longest = vec![b'x'; MAX_LINE];
+        longest.extend(b"\r\n");
+        assert_eq!(read_all(&longest).0[0].len(), MAX_LINE);
+        let mut too_long = vec![b'x'; MAX_LINE + 1];
+        too_long.extend(b"\nnever\n");
+        assert_eq!(
+            read_all(&too_long),
+            (Vec::new(), "a line is longer than 16 MiB".to_owned())
+        );
+    }
 
     #[test]
     fn words() {
