@@ -54,7 +54,9 @@ fn write_canonical(v: &serde_json::Value, out: &mut String) {
 }
 
 /// Successful results kept until they expire, at most `capacity` of them. When full, expired
-/// entries go first, then the oldest inserted. It reads no clock: callers pass `now`.
+/// entries go first, then the oldest inserted. It reads no clock: callers pass `now`. Each
+/// entry keeps the write count its execution started at: one taken before a later write
+/// finished is no longer served.
 #[derive(Debug)]
 pub(crate) struct ResultCache {
     capacity: usize,
@@ -67,6 +69,8 @@ struct CacheEntry {
     /// `None`: a TTL too long to represent, which never runs out.
     expires: Option<Instant>,
     seq: u64,
+    /// The count of finished writes when its execution started.
+    writes: u64,
     value: RawJson,
 }
 
@@ -79,9 +83,13 @@ impl ResultCache {
         }
     }
 
-    pub(crate) fn get(&mut self, key: &str, now: Instant) -> Option<RawJson> {
+    /// The fresh result under `key`: not expired at `now`, and from an execution that started
+    /// when `writes` writes had finished.
+    pub(crate) fn get(&mut self, key: &str, now: Instant, writes: u64) -> Option<RawJson> {
         match self.entries.get(key) {
-            Some(e) if e.expires.is_none_or(|at| at > now) => Some(e.value.clone()),
+            Some(e) if e.expires.is_none_or(|at| at > now) && e.writes == writes => {
+                Some(e.value.clone())
+            }
             Some(_) => {
                 self.entries.remove(key);
                 None
@@ -90,7 +98,15 @@ impl ResultCache {
         }
     }
 
-    pub(crate) fn insert(&mut self, key: String, value: RawJson, now: Instant, ttl: Duration) {
+    /// Keeps `value`, from an execution that started when `writes` writes had finished.
+    pub(crate) fn insert(
+        &mut self,
+        key: String,
+        value: RawJson,
+        now: Instant,
+        ttl: Duration,
+        writes: u64,
+    ) {
         if self.capacity == 0 {
             return;
         }
@@ -115,6 +131,7 @@ impl ResultCache {
             CacheEntry {
                 expires: now.checked_add(ttl),
                 seq: self.seq,
+                writes,
                 value,
             },
         );

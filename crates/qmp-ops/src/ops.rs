@@ -43,13 +43,16 @@ struct Inflight {
 ///
 /// For each call, in order:
 /// 1. the policy decides; a denial returns [`OpsError::Denied`] and nothing is sent;
-/// 2. a rule with `cache_ttl` is answered from the cache when a fresh success is there;
+/// 2. a rule with `cache_ttl` is answered from the cache when a fresh success is there: one
+///    within its TTL, from an execution that started after the latest write finished;
 /// 3. a call whose rule is idempotent joins an identical call already in flight (same command,
 ///    same arguments up to key order) instead of sending its own, unless another call has
 ///    queued for the rule's lock group since that one did (a `stop` made after a waiting
 ///    `cont` runs after it, not as part of an earlier `stop`), or a call whose rule is not
 ///    idempotent or has a lock group has finished since that one started (a `query-status`
-///    made after a `stop` returned never gets an answer QEMU gave before the `stop`);
+///    made after a `stop` returned never gets an answer QEMU gave before the `stop`).
+///    `Rule::allow()` is not idempotent until marked so: mark the reads a policy allows
+///    idempotent, or each one counts as a write;
 /// 4. the rule's lock group, if any, is taken (FIFO, in the order the calls first reach
 ///    this step, i.e. the order their futures are first polled);
 /// 5. attempts run, with retries only when safe ([`crate::is_retry_safe`]) and allowed by the
@@ -329,8 +332,11 @@ impl<E: Execute + 'static> Ops<E> {
                 })?,
             )
         };
+        // Read before the execution starts: a write that finishes after this makes the
+        // result too old to cache.
+        let writes = inner.writes.load(Ordering::Acquire);
         let cached = match (rule.cache_ttl, &key) {
-            (Some(_), Some(key)) => lock(&inner.cache).get(key, inner.clock.now()),
+            (Some(_), Some(key)) => lock(&inner.cache).get(key, inner.clock.now(), writes),
             _ => None,
         };
         if let Some(hit) = cached {
@@ -343,7 +349,7 @@ impl<E: Execute + 'static> Ops<E> {
         };
         if let (Some(ttl), Some(key), Ok(value)) = (rule.cache_ttl, key, &result) {
             let now = inner.clock.now();
-            lock(&inner.cache).insert(key, value.clone(), now, ttl);
+            lock(&inner.cache).insert(key, value.clone(), now, ttl, writes);
         }
         result
     }

@@ -369,3 +369,36 @@ fn a_panic_in_a_shared_execution_reaches_each_caller_and_poisons_nothing() {
     assert_eq!(ops.in_flight(), 0);
     assert_eq!(exec.count(), 2);
 }
+
+#[test]
+fn a_write_that_finished_makes_cached_results_from_before_it_stale() {
+    let policy = cached_policy().rule("stop", Rule::allow());
+    let (exec, _, _, ops) = ops_with(policy, 4);
+    exec.push_ok("1");
+    assert_eq!(block_on(ops.execute("query-a", None)).unwrap().get(), "1");
+    exec.push_ok("{}");
+    block_on(ops.execute("stop", None)).unwrap();
+    exec.push_ok("2");
+    assert_eq!(block_on(ops.execute("query-a", None)).unwrap().get(), "2");
+    assert_eq!(block_on(ops.execute("query-a", None)).unwrap().get(), "2");
+    // A query answered before a write finished, but looked at after it, is not cached.
+    let answer = exec.push_later();
+    let mut before = ops.execute("query-b", None).boxed();
+    assert!(poll_once(&mut before).is_pending());
+    answer.send(Ok(raw("\"old\""))).unwrap();
+    exec.push_ok("{}");
+    block_on(ops.execute("stop", None)).unwrap();
+    let Poll::Ready(old) = poll_once(&mut before) else {
+        panic!("answered")
+    };
+    assert_eq!(old.unwrap().get(), "\"old\"");
+    exec.push_ok("\"new\"");
+    assert_eq!(
+        block_on(ops.execute("query-b", None)).unwrap().get(),
+        "\"new\""
+    );
+    assert_eq!(
+        exec.names(),
+        ["query-a", "stop", "query-a", "query-b", "stop", "query-b"]
+    );
+}
