@@ -8,7 +8,8 @@ Exit codes:
   0  success
   1  QEMU answered with an error (its class and description are printed)
   2  usage error: bad options or arguments, or a command or argument QEMU's schema
-     does not have (not checked with --no-validate or --qga); nothing is sent
+     does not have (not checked with --no-validate or --qga); nothing is sent. From
+     the shell: its input could not be read (the lines before that ran)
   3  connection or protocol failure: cannot connect, no greeting, disconnected, no reply
   4  denied by the policy (--policy/--profile); the rule is named and nothing is sent
   5  `qmp events`: --timeout passed before --count events arrived";

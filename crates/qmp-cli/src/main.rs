@@ -66,7 +66,8 @@ use crate::schema::Schema;
         "  0  success\n",
         "  1  QEMU answered with an error (its class and description are printed)\n",
         "  2  usage error: bad options or arguments, or a command or argument QEMU's schema\n",
-        "     does not have (not checked with --no-validate or --qga); nothing is sent\n",
+        "     does not have (not checked with --no-validate or --qga); nothing is sent. From\n",
+        "     the shell: its input could not be read (the lines before that ran)\n",
         "  3  connection or protocol failure: cannot connect, no greeting, disconnected, no reply\n",
         "  4  denied by the policy (--policy/--profile); the rule is named and nothing is sent\n",
         "  5  `qmp events`: --timeout passed before --count events arrived\n",
@@ -405,23 +406,24 @@ pub(crate) fn check_policy(
 
 /// Fetches and parses the live schema.
 pub(crate) async fn fetch_schema(client: &qmp_tokio::Client) -> Result<Schema, Failure> {
-    let raw =
-        client
-            .execute_raw("query-qmp-schema", &())
-            .await
-            .map_err(|e| match Failure::from(e) {
-                // Say which command failed, and how to do without it.
-                Failure::Qmp(mut e) => {
-                    e.desc = format!(
-                        "query-qmp-schema, which checks commands and arguments, failed: {} \
-                     (--no-validate skips the check)",
-                        e.desc
-                    );
-                    Failure::Qmp(e)
-                }
-                other => other,
-            })?;
+    let raw = client.execute_raw("query-qmp-schema", &()).await?;
     Schema::from_json(raw.get()).map_err(Failure::Connection)
+}
+
+/// [`fetch_schema`], to check a command against: QEMU refusing it is said to be what failed,
+/// with the way round.
+pub(crate) async fn fetch_schema_to_check(client: &qmp_tokio::Client) -> Result<Schema, Failure> {
+    fetch_schema(client).await.map_err(|f| match f {
+        Failure::Qmp(mut e) => {
+            e.desc = format!(
+                "query-qmp-schema, which checks commands and arguments, failed: {} \
+                 (--no-validate skips the check)",
+                e.desc
+            );
+            Failure::Qmp(e)
+        }
+        other => other,
+    })
 }
 
 /// Sends a command, once its arguments pass the schema (unless disabled) and the policy.
@@ -436,7 +438,7 @@ async fn one_shot(
     out: Out,
 ) -> Result<(), Failure> {
     if !cli.no_validate && !session.qga {
-        let schema = fetch_schema(&session.client).await?;
+        let schema = fetch_schema_to_check(&session.client).await?;
         schema.validate(name, args, auto).map_err(Failure::Usage)?;
         check_policy(policy, name, args)?;
     }

@@ -535,7 +535,7 @@ async fn describe(
             .unwrap_or_default();
         return Ok((None, names, Vec::new()));
     }
-    let schema = match crate::fetch_schema(client).await {
+    let schema = match crate::fetch_schema_to_check(client).await {
         Ok(schema) => schema,
         Err(Failure::Qmp(_)) if no_validate => return Ok((None, Vec::new(), Vec::new())),
         Err(f) => return Err(f),
