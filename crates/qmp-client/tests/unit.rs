@@ -1326,6 +1326,29 @@ fn a_failed_flush_ends_the_session_as_a_failed_write_does() {
 }
 
 #[test]
+fn the_first_transport_error_is_the_one_the_driver_reports() {
+    let mut s = session(Builder::new());
+    s.srv.block_flushes();
+    let mut call = s.call("x");
+    s.pool.run_until_stalled();
+    assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
+    // A read fails, then (in the same turn) the flush still waiting does too.
+    s.srv
+        .fail_reads(std::io::Error::from_raw_os_error(5 /* EIO */));
+    s.srv
+        .fail_flushes(std::io::Error::from_raw_os_error(28 /* ENOSPC */));
+    assert_eq!(
+        failed(&mut s.pool, &mut call),
+        (ErrorKind::Io, Some(SendStatus::Unanswered))
+    );
+    let e = done(&mut s.pool, &mut s.driver).unwrap().unwrap_err();
+    let source = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .expect("the io::Error is the source");
+    assert_eq!(source.raw_os_error(), Some(5), "the first error ended it");
+}
+
+#[test]
 fn a_full_local_queue_refuses_a_command_unsent_and_the_queue_drains_in_order() {
     let mut s = session(Builder::new().max_in_flight(1).max_queued(1));
     let mut a = s.call("a");

@@ -19,6 +19,9 @@ struct Half {
     error: Option<io::Error>,
     /// The error the next flush of the writing side returns.
     flush_error: Option<io::Error>,
+    /// Whether flushes of the writing side wait (for `flush_error`), and who waits.
+    flush_blocked: bool,
+    flusher: Option<Waker>,
     reader: Option<Waker>,
 }
 
@@ -94,9 +97,21 @@ impl Server {
         }
     }
 
-    /// Makes the client's next flush fail with `e`.
+    /// Makes the client's next flush fail with `e` (waking a flush that waits).
     pub fn fail_flushes(&self, e: io::Error) {
-        self.from_client.lock().unwrap().flush_error = Some(e);
+        let mut h = self.from_client.lock().unwrap();
+        h.flush_error = Some(e);
+        h.flush_blocked = false;
+        let flusher = h.flusher.take();
+        drop(h);
+        if let Some(w) = flusher {
+            w.wake();
+        }
+    }
+
+    /// Makes the client's flushes wait until [`Server::fail_flushes`].
+    pub fn block_flushes(&self) {
+        self.from_client.lock().unwrap().flush_blocked = true;
     }
 
     /// Whether the client closed its sending side.
@@ -150,9 +165,14 @@ impl AsyncWrite for PipeEnd {
         Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.tx.lock().unwrap().flush_error.take() {
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut h = self.tx.lock().unwrap();
+        match h.flush_error.take() {
             Some(e) => Poll::Ready(Err(e)),
+            None if h.flush_blocked => {
+                h.flusher = Some(cx.waker().clone());
+                Poll::Pending
+            }
             None => Poll::Ready(Ok(())),
         }
     }
