@@ -236,6 +236,9 @@ pub mod faults {
     }
 }
 
+/// How long a session's last writes wait for a client that takes nothing before giving up.
+const END_WRITE_PATIENCE: Duration = Duration::from_secs(1);
+
 /// How often a blocked write checks whether the fake is being dropped.
 const STOP_CHECK: Timespec = Timespec {
     tv_sec: 0,
@@ -526,6 +529,8 @@ struct Log {
     connections: Vec<Vec<u8>>,
     requests: Vec<Request>,
     closed: usize,
+    /// The worker thread panicked (in a handler, say): the log says no more.
+    panicked: bool,
 }
 
 type Shared = Arc<(Mutex<Log>, Condvar)>;
@@ -590,8 +595,10 @@ impl Stream {
     }
 
     /// Writes everything, waiting for room, as a session ends; gives up when `stop` is set
-    /// (the fake is dropped while a client does not read).
+    /// (the fake is dropped while a client does not read) or when the client has taken
+    /// nothing for [`END_WRITE_PATIENCE`] (the rest is dropped, as a closing chardev drops it).
     fn write_all(&mut self, mut data: &[u8], stop: &AtomicBool) -> io::Result<()> {
+        let mut progress = Instant::now();
         while !data.is_empty() {
             let r = match self {
                 Self::Unix(s) => s.write(data),
@@ -599,10 +606,16 @@ impl Stream {
             };
             match r {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => data = &data[n..],
+                Ok(n) => {
+                    data = &data[n..];
+                    progress = Instant::now();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if stop.load(Ordering::Relaxed) {
                         return Err(io::ErrorKind::BrokenPipe.into());
+                    }
+                    if progress.elapsed() >= END_WRITE_PATIENCE {
+                        return Err(io::ErrorKind::TimedOut.into());
                     }
                     let mut fds = [PollFd::from_borrowed_fd(self.fd(), PollFlags::OUT)];
                     let _ = poll(&mut fds, Some(&STOP_CHECK));
@@ -723,6 +736,8 @@ impl FakeQemu {
         let (control, rx) = channel();
         let (wake, wake_rx) = UnixStream::pair()?;
         wake_rx.set_nonblocking(true)?;
+        // A full wake socket already says "look at the controls": the byte is not needed.
+        wake.set_nonblocking(true)?;
         match &listener {
             Listener::Unix(l) => l.set_nonblocking(true)?,
             Listener::Tcp(l) => l.set_nonblocking(true)?,
@@ -740,7 +755,10 @@ impl FakeQemu {
         };
         let thread = std::thread::Builder::new()
             .name("fake-qemu".to_owned())
-            .spawn(move || worker.run(listener))?;
+            .spawn(move || {
+                let _flag = PanicFlag(Arc::clone(&worker.shared));
+                worker.run(listener);
+            })?;
         Ok(Self {
             stop,
             control,
@@ -794,8 +812,17 @@ impl FakeQemu {
     }
 
     /// Every request read so far, in order (none with [`Script::record`]`(false)`).
+    ///
+    /// # Panics
+    /// This and the other methods that read the log panic once the fake's thread has
+    /// panicked (a [`Script::handler`] that failed an assertion, say), so the test fails there.
     pub fn requests(&self) -> Vec<Request> {
-        lock(&self.shared).requests.clone()
+        self.log().requests.clone()
+    }
+
+    /// The log, unless the worker thread panicked.
+    fn log(&self) -> MutexGuard<'_, Log> {
+        checked(lock(&self.shared))
     }
 
     /// Waits until at least `n` requests were read (or `timeout` passes) and returns them all.
@@ -813,31 +840,62 @@ impl FakeQemu {
 
     /// The log once `done` holds for it or `timeout` has passed.
     fn wait_until(&self, timeout: Duration, done: impl Fn(&Log) -> bool) -> MutexGuard<'_, Log> {
-        self.shared
+        let log = self
+            .shared
             .1
-            .wait_timeout_while(lock(&self.shared), timeout, |log| !done(log))
+            .wait_timeout_while(lock(&self.shared), timeout, |log| {
+                !done(log) && !log.panicked
+            })
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
+            .0;
+        checked(log)
     }
 
     /// The raw bytes received on each connection so far (index = connection; empty with
     /// [`Script::record`]`(false)`).
     pub fn received_bytes(&self) -> Vec<Vec<u8>> {
-        lock(&self.shared).connections.clone()
+        self.log().connections.clone()
     }
 
     /// How many client connections were accepted (greeted or not).
     pub fn connections(&self) -> usize {
-        lock(&self.shared).connections.len()
+        self.log().connections.len()
     }
 }
 
+/// `log`, unless the worker thread panicked: then a panic that says so (its own message was
+/// printed when it happened).
+fn checked(log: MutexGuard<'_, Log>) -> MutexGuard<'_, Log> {
+    assert!(
+        !log.panicked,
+        "the fake QEMU's thread panicked (in a script handler?); see its message above"
+    );
+    log
+}
+
 impl Drop for FakeQemu {
+    /// Stops the thread and waits for it. If it panicked, the panic goes on here (unless this
+    /// thread is already panicking), so a failed assertion in a handler fails the test.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.send(Control::Shutdown);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.thread.take()
+            && let Err(panic) = t.join()
+            && !std::thread::panicking()
+        {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Marks the log when the worker thread unwinds, and wakes whoever waits on it.
+struct PanicFlag(Shared);
+
+impl Drop for PanicFlag {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            lock(&self.0).panicked = true;
+            self.0.1.notify_all();
         }
     }
 }
@@ -1205,11 +1263,21 @@ impl Session {
     }
 }
 
+/// The instant `d` from now; a century from now when `d` is too long to represent (as
+/// `Duration::MAX`, "for ever").
+fn after(d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(CENTURY))
+        .unwrap_or(now)
+}
+
 fn run_actions(job: &mut Job, server: &mut Server, released: usize, used: &mut usize) -> Run {
     while let Some(action) = job.actions.front() {
         match action {
             Action::Delay(d) => {
-                let until = *job.until.get_or_insert_with(|| Instant::now() + *d);
+                let until = *job.until.get_or_insert_with(|| after(*d));
                 if Instant::now() < until {
                     return Run::Wait;
                 }

@@ -666,3 +666,71 @@ fn json_the_fake_cannot_parse_is_sent_as_scripted() {
     c.send(br#"{"execute":"broken"}"#);
     assert_eq!(c.line(), "{\"return\": {nope}\n");
 }
+
+#[test]
+fn a_panic_in_a_handler_fails_the_test_instead_of_vanishing() {
+    let fake = FakeQemu::unix(Script::new().handler(|req| {
+        assert_ne!(req.name, "other", "the handler's own assertion");
+        None
+    }))
+    .unwrap();
+    let mut c = ready(&fake);
+    c.send(br#"{"execute":"other","id":1}"#);
+    // The thread is gone: the connection ends, and the fake says why.
+    let mut rest = Vec::new();
+    let _ = c.s.read_to_end(&mut rest);
+    let message = |p: Box<dyn std::any::Any + Send>| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default()
+    };
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fake.wait_requests(3, T);
+    }));
+    assert_eq!(
+        message(waited.expect_err("the log accessors panic")),
+        "the fake QEMU's thread panicked (in a script handler?); see its message above"
+    );
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(fake)));
+    assert!(
+        message(dropped.expect_err("dropping it raises the handler's panic"))
+            .contains("the handler's own assertion"),
+    );
+}
+
+#[test]
+fn a_delay_of_duration_max_waits_for_ever_without_a_panic() {
+    let fake = FakeQemu::unix(
+        Script::new()
+            .on("never", Response::ok("0").delay(Duration::MAX))
+            .on("n", Response::ok("1")),
+    )
+    .unwrap();
+    let mut c = ready(&fake);
+    c.s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    c.send(br#"{"execute":"never","id":1}{"execute":"n","id":2}"#);
+    let mut b = [0u8; 1];
+    assert_eq!(
+        c.s.read(&mut b).map_err(|e| e.kind()),
+        Err(ErrorKind::WouldBlock),
+        "no reply: `never` still runs, `n` waits behind it"
+    );
+    assert_eq!(fake.wait_requests(3, T).len(), 3);
+    drop(fake); // and the thread is alive, not panicked: dropping raises nothing
+}
+
+#[test]
+fn disconnect_ends_the_session_of_a_client_that_does_not_read() {
+    let fake = FakeQemu::unix(Script::new()).unwrap();
+    let c = ready(&fake);
+    // Far more than the socket holds, never read.
+    fake.push_raw(&vec![b' '; 8 << 20]);
+    fake.disconnect();
+    assert_eq!(fake.wait_closed(1, T), 1);
+    // Served again: the next client is greeted.
+    let mut next = unix(&fake);
+    assert_eq!(next.line(), GREETING);
+    drop(c);
+}
