@@ -429,12 +429,15 @@ impl Script {
     }
 
     fn respond(&mut self, req: &ServerRequest) -> Response {
-        let response = self.decide(req);
+        // Refused out of band, a command neither runs nor uses up a one-time rule, as QEMU
+        // never runs what it refuses; a command it does not have is not found all the same.
+        let refused = req.oob && !self.oob_commands.contains(&req.name);
+        let response = self.decide(req, !refused);
         let not_found = matches!(
             response.actions.first(),
             Some(Action::Error(e)) if e.class == ErrorClass::CommandNotFound
         );
-        if req.oob && !not_found && !self.oob_commands.contains(&req.name) {
+        if refused && !not_found {
             return Response::error(
                 ErrorClass::GenericError,
                 format!("The command {} does not support OOB", req.name),
@@ -443,7 +446,8 @@ impl Script {
         response
     }
 
-    fn decide(&mut self, req: &ServerRequest) -> Response {
+    /// The response to `req`; `consume` uses up a one-time rule that matches.
+    fn decide(&mut self, req: &ServerRequest, consume: bool) -> Response {
         let args: Option<serde_json::Value> = req
             .arguments
             .as_deref()
@@ -460,7 +464,7 @@ impl Script {
                 })
         });
         if let Some(i) = hit {
-            if self.rules[i].once {
+            if self.rules[i].once && consume {
                 return self.rules.remove(i).response;
             }
             return self.rules[i].response.clone();
@@ -594,16 +598,19 @@ impl Stream {
         }
     }
 
+    /// Writes what the socket takes of `data` now. With `MSG_NOSIGNAL`: a client gone raises
+    /// no SIGPIPE, even in a process (a fuzzer, a C host) that has not ignored it.
+    fn send(&self, data: &[u8]) -> io::Result<usize> {
+        rustix::net::send(self.fd(), data, rustix::net::SendFlags::NOSIGNAL).map_err(Into::into)
+    }
+
     /// Writes everything, waiting for room, as a session ends; gives up when `stop` is set
     /// (the fake is dropped while a client does not read) or when the client has taken
     /// nothing for [`END_WRITE_PATIENCE`] (the rest is dropped, as a closing chardev drops it).
     fn write_all(&mut self, mut data: &[u8], stop: &AtomicBool) -> io::Result<()> {
         let mut progress = Instant::now();
         while !data.is_empty() {
-            let r = match self {
-                Self::Unix(s) => s.write(data),
-                Self::Tcp(s) => s.write(data),
-            };
+            let r = self.send(data);
             match r {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
@@ -630,10 +637,7 @@ impl Stream {
     /// Writes what `out` holds until the socket is full, without waiting.
     fn write_some(&mut self, out: &mut Outbox) -> io::Result<()> {
         while !out.pending().is_empty() {
-            let r = match self {
-                Self::Unix(s) => s.write(out.pending()),
-                Self::Tcp(s) => s.write(out.pending()),
-            };
+            let r = self.send(out.pending());
             match r {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => out.sent(n),

@@ -157,7 +157,10 @@ impl Launch {
             return true;
         }
         let program = self.program();
-        let reason = format!("{program} not found on PATH, /usr/sbin or /usr/bin");
+        let reason = format!(
+            "{program} not found (as an executable) on PATH or in {}",
+            SYSTEM_DIRS.join(", ")
+        );
         assert!(
             std::env::var_os("QMP_REQUIRE_QEMU").as_deref() != Some(OsStr::new("1")),
             "QMP_REQUIRE_QEMU=1 but {reason}"
@@ -199,7 +202,10 @@ impl Launch {
             .map_err(|e| LaunchError::Io("cannot create a temp dir", e))?;
         let socket = dir.path().join("qmp.sock");
         let mut cmd = Command::new(&binary);
-        let tcp_addr = (self.tcp && self.kind != Kind::GuestAgent).then(free_port);
+        let tcp_addr = (self.tcp && self.kind != Kind::GuestAgent)
+            .then(free_port)
+            .transpose()
+            .map_err(|e| LaunchError::Io("cannot find a free TCP port", e))?;
         let pretty = if self.pretty { ",pretty=on" } else { "" };
         // `wait=on`: QEMU accepts the launcher's connection before it sets up the monitor, so no
         // client ever meets the start-up race described in the module docs.
@@ -326,7 +332,10 @@ fn retry_taken_port<T>(
 #[non_exhaustive]
 pub enum LaunchError {
     /// The program is not installed.
-    #[error("{program} is not installed (not on PATH, /usr/sbin or /usr/bin)")]
+    #[error(
+        "{program} is not installed (no executable on PATH, /usr/sbin, /usr/bin, /usr/local/bin \
+         or /sbin)"
+    )]
     NotInstalled {
         /// The program's name.
         program: &'static str,
@@ -366,13 +375,24 @@ pub enum LaunchError {
     },
 }
 
-/// Looks for `program` on `PATH`, then in the usual system directories.
+/// Where [`find_binary`] looks after `PATH`.
+const SYSTEM_DIRS: [&str; 4] = ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"];
+
+/// Looks for `program` on `PATH`, then in [`SYSTEM_DIRS`]: the first executable file.
 fn find_binary(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
+    find_in(
+        std::env::split_paths(&path).chain(SYSTEM_DIRS.map(PathBuf::from)),
+        program,
+    )
+}
+
+/// The first executable file named `program` in `dirs`.
+fn find_in(dirs: impl IntoIterator<Item = PathBuf>, program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    dirs.into_iter().map(|d| d.join(program)).find(|p| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
 
 /// Whether a Unix socket is bound at `path` and listening, from `/proc/net/unix` (the
@@ -396,15 +416,17 @@ fn read_log(path: &Path) -> String {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr")
+fn free_port() -> std::io::Result<SocketAddr> {
+    TcpListener::bind(("127.0.0.1", 0))?.local_addr()
 }
 
 /// A running QEMU program, killed and reaped on drop.
 ///
 /// # Drop behavior
 /// Kills the child by PID (if still running), waits for it, and removes its temp dir.
+/// Only a drop does: a `Qemu` that is never dropped (kept in a `static`, leaked, or in a test
+/// process that aborts, exits or is killed) keeps running, and its temp dir stays, unless it
+/// was started [`tied_to_caller`](Launch::tied_to_caller) from a thread that lived on.
 #[derive(Debug)]
 pub struct Qemu {
     child: Child,
@@ -598,6 +620,25 @@ mod tests {
     use std::process::ExitStatus;
 
     use super::*;
+
+    #[test]
+    fn only_an_executable_file_counts_as_the_program() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let [plain, dir, exe] = ["plain", "dir", "exe"].map(|d| root.path().join(d));
+        for d in [&plain, &dir, &exe] {
+            std::fs::create_dir(d).unwrap();
+        }
+        // Not executable; a directory of that name; then the real one.
+        std::fs::write(plain.join("qemu-x"), "").unwrap();
+        std::fs::create_dir(dir.join("qemu-x")).unwrap();
+        std::fs::write(exe.join("qemu-x"), "").unwrap();
+        std::fs::set_permissions(exe.join("qemu-x"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let dirs = [plain.clone(), dir.clone(), exe.clone()];
+        assert_eq!(find_in(dirs, "qemu-x"), Some(exe.join("qemu-x")));
+        assert_eq!(find_in([plain, dir], "qemu-x"), None);
+    }
 
     fn exited(stderr: &str) -> LaunchError {
         LaunchError::Exited {

@@ -501,6 +501,19 @@ fn oob_support_is_per_command() {
 }
 
 #[test]
+fn a_command_refused_out_of_band_does_not_use_up_its_one_time_rule() {
+    let fake =
+        FakeQemu::unix(Script::new().on_once("query-status", Response::ok("{\"a\": 1}"))).unwrap();
+    let mut c = ready(&fake);
+    c.send(br#"{"exec-oob":"query-status","id":1}{"execute":"query-status","id":2}"#);
+    assert_eq!(
+        c.line(),
+        "{\"id\": 1, \"error\": {\"class\": \"GenericError\", \"desc\": \"The command query-status does not support OOB\"}}\r\n"
+    );
+    assert_eq!(c.line(), "{\"return\": {\"a\": 1}, \"id\": 2}\r\n");
+}
+
+#[test]
 fn golden_transcripts_round_trip() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data");
     let mut names = Vec::new();
