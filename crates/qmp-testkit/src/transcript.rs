@@ -21,6 +21,7 @@
 //! [`Replay`] serves a transcript's server bytes to a client and checks that the client sends
 //! the recorded client bytes, in the recorded order.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{self, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
@@ -301,7 +302,8 @@ fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)>
     Ok((msg.bytes, fds))
 }
 
-/// Writes all of `data`, attaching `fds` to the first write.
+/// Writes all of `data`, attaching `fds` to the first write (blocking: for tests' clients).
+#[cfg(test)]
 fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     let mut first = !borrowed.is_empty();
@@ -387,52 +389,118 @@ impl Drop for Recorder {
     }
 }
 
+/// Bytes read from one side, waiting to be written to the other; `fds` go with their first
+/// byte.
+struct Outgoing {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    sent: usize,
+}
+
+/// Writes what `to` takes of `queue` now (descriptors with the first byte of their chunk).
+/// `Ok(true)` once the queue is empty.
+fn flush(to: BorrowedFd<'_>, queue: &mut VecDeque<Outgoing>) -> io::Result<bool> {
+    while let Some(out) = queue.front_mut() {
+        let data = &out.bytes[out.sent..];
+        let sent = if out.sent == 0 && !out.fds.is_empty() {
+            let borrowed: Vec<BorrowedFd<'_>> = out.fds.iter().map(AsFd::as_fd).collect();
+            let mut space =
+                vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            control.push(SendAncillaryMessage::ScmRights(&borrowed));
+            sendmsg(to, &[IoSlice::new(data)], &mut control, SendFlags::NOSIGNAL)
+        } else {
+            rustix::net::send(to, data, SendFlags::NOSIGNAL)
+        };
+        match sent {
+            Ok(n) => {
+                out.sent += n;
+                if out.sent == out.bytes.len() {
+                    queue.pop_front();
+                }
+            }
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Forwards both ways until both sides have finished or `stop` is readable. It never blocks
+/// on a write: what a side does not take yet waits in memory (as QEMU keeps output a client
+/// has not read), so a client that writes all its requests before reading a reply cannot
+/// wedge it, and a stop is seen at once.
 fn proxy(client: &UnixStream, server: &UnixStream, stop: &UnixStream, log: &Mutex<Vec<Chunk>>) {
-    let mut open = [true, true];
+    if client.set_nonblocking(true).is_err() || server.set_nonblocking(true).is_err() {
+        return;
+    }
+    let ends = [client, server];
+    // Per direction (0: client to server, 1: server to client): still reading, what waits to
+    // be written, and whether the write side was shut down.
+    let mut reading = [true, true];
+    let mut queues: [VecDeque<Outgoing>; 2] = [VecDeque::new(), VecDeque::new()];
+    let mut shut = [false, false];
     let mut buf = vec![0u8; 65536];
-    while open[0] || open[1] {
+    while !(shut[0] && shut[1]) {
         let mut fds = vec![PollFd::new(stop, PollFlags::IN)];
-        for (i, s) in [client, server].into_iter().enumerate() {
-            let flags = if open[i] {
-                PollFlags::IN
-            } else {
-                PollFlags::empty()
-            };
-            fds.push(PollFd::new(s, flags));
+        for (i, end) in ends.into_iter().enumerate() {
+            // `end` is read for direction i and written for the other one.
+            let mut flags = PollFlags::empty();
+            if reading[i] {
+                flags |= PollFlags::IN;
+            }
+            if !queues[1 - i].is_empty() {
+                flags |= PollFlags::OUT;
+            }
+            fds.push(PollFd::new(end, flags));
         }
-        if poll(&mut fds, None).is_err() {
-            return;
-        }
-        if !fds[0].revents().is_empty() {
+        if poll(&mut fds, None).is_err() || !fds[0].revents().is_empty() {
             return;
         }
         let ready: Vec<bool> = fds[1..].iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
-        for (i, (from, to)) in [(client, server), (server, client)].into_iter().enumerate() {
-            if !open[i] || !ready[i] {
+        for i in 0..2 {
+            let (from, to) = (ends[i], ends[1 - i]);
+            if reading[i] && ready[i] {
+                match recv(from.as_fd(), &mut buf) {
+                    Ok((0, _)) => reading[i] = false,
+                    Ok((n, passed)) => {
+                        log.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(Chunk {
+                                from: if i == 0 {
+                                    Direction::Client
+                                } else {
+                                    Direction::Server
+                                },
+                                bytes: buf[..n].to_vec(),
+                                fds: passed.len(),
+                            });
+                        queues[i].push_back(Outgoing {
+                            bytes: buf[..n].to_vec(),
+                            fds: passed,
+                            sent: 0,
+                        });
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(_) => reading[i] = false,
+                }
+            }
+            if shut[i] {
                 continue;
             }
-            match recv(from.as_fd(), &mut buf) {
-                Ok((0, _)) | Err(_) => {
-                    open[i] = false;
-                    let _ = shutdown(to, Shutdown::Write);
-                }
-                Ok((n, passed)) => {
-                    log.lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(Chunk {
-                            from: if i == 0 {
-                                Direction::Client
-                            } else {
-                                Direction::Server
-                            },
-                            bytes: buf[..n].to_vec(),
-                            fds: passed.len(),
-                        });
-                    if send_all(to.as_fd(), &buf[..n], &passed).is_err() {
-                        open[i] = false;
-                    }
-                }
+            // A side that cannot be written to any more gets nothing more.
+            let drained = flush(to.as_fd(), &mut queues[i]).unwrap_or_else(|_| {
+                queues[i].clear();
+                true
+            });
+            if drained && !reading[i] {
+                let _ = shutdown(to, Shutdown::Write);
+                shut[i] = true;
             }
         }
     }

@@ -747,3 +747,44 @@ fn disconnect_ends_the_session_of_a_client_that_does_not_read() {
     assert_eq!(next.line(), GREETING);
     drop(c);
 }
+
+#[test]
+fn the_recorder_forwards_a_client_that_writes_everything_before_reading() {
+    use qmp_testkit::transcript::Recorder;
+    const N: usize = 100_000;
+    // About 2.7 MB of requests and 13 MB of replies, far more than the sockets hold. The fake
+    // answers at once, whether or not anyone reads, so replies pile up on the client's side
+    // while it still writes.
+    let reply = format!("\"{}\"", "r".repeat(100));
+    let fake = FakeQemu::unix(Script::new().on("n", Response::ok(reply)).record(false)).unwrap();
+    let path = fake.socket_path().unwrap().to_owned();
+    let (report, outcome) = std::sync::mpsc::channel();
+    // On a thread of its own: a recorder that wedges leaves it blocked.
+    std::thread::spawn(move || {
+        let (recorder, s) = Recorder::connect(&path).unwrap();
+        let mut c = Client { s };
+        assert_eq!(c.line(), GREETING);
+        let mut input = NEGOTIATE.to_vec();
+        for i in 0..N {
+            input.extend_from_slice(format!(r#"{{"execute":"n","id":{i}}}"#).as_bytes());
+        }
+        c.send(&input);
+        let mut replies = std::io::BufReader::new(&c.s);
+        let mut line = String::new();
+        let mut last = String::new();
+        for _ in 0..=N {
+            line.clear();
+            replies.read_line(&mut line).unwrap();
+            std::mem::swap(&mut line, &mut last);
+        }
+        drop(recorder); // must not hang either
+        let _ = report.send(last);
+    });
+    let last = outcome
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the recorder forwards both ways without wedging");
+    assert!(
+        last.ends_with(&format!(", \"id\": {}}}\r\n", N - 1)),
+        "{last}"
+    );
+}
