@@ -519,13 +519,16 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// Starts serving; returns the replay and the client's stream.
+    /// Starts serving; returns the replay and the client's stream. `timeout` bounds each wait
+    /// to read from the client and each wait to write to it (a client that stops reading is
+    /// then treated as gone).
     ///
     /// # Errors
     /// When the socketpair cannot be created.
-    pub fn start(transcript: Transcript, read_timeout: Duration) -> io::Result<(Self, UnixStream)> {
+    pub fn start(transcript: Transcript, timeout: Duration) -> io::Result<(Self, UnixStream)> {
         let (client, ours) = UnixStream::pair()?;
-        ours.set_read_timeout(Some(read_timeout))?;
+        ours.set_read_timeout(Some(timeout))?;
+        ours.set_write_timeout(Some(timeout))?;
         let thread = std::thread::Builder::new()
             .name("qmp-replay".to_owned())
             .spawn(move || replay(&transcript, ours))?;
@@ -576,6 +579,9 @@ fn replay(t: &Transcript, mut stream: UnixStream) -> Result<(), TranscriptError>
                             fds_got += fds.len();
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            return Err(short(index, chunk, &pending, "nothing more in time"));
+                        }
                         Err(e) => return Err(short(index, chunk, &pending, &e.to_string())),
                     }
                 }
@@ -731,6 +737,40 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "client chunk 1: expected \"abc\", got \"abd\""
+        );
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_fails_the_replay_instead_of_hanging_it() {
+        let t = Transcript {
+            header: Header::new("test", "0", "a reply larger than the socket holds"),
+            chunks: vec![
+                Chunk {
+                    from: Direction::Server,
+                    bytes: vec![b' '; 4 << 20],
+                    fds: 0,
+                },
+                Chunk {
+                    from: Direction::Client,
+                    bytes: b"x".to_vec(),
+                    fds: 0,
+                },
+            ],
+        };
+        let (report, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (replay, s) = Replay::start(t, Duration::from_millis(200)).unwrap();
+            // Neither reads nor writes, and stays open.
+            let result = replay.finish().map_err(|e| e.to_string());
+            drop(s);
+            let _ = report.send(result);
+        });
+        let result = outcome
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the replay gives up");
+        assert_eq!(
+            result,
+            Err("client chunk 1: client sent 0 of 1 bytes, then nothing more in time".to_owned())
         );
     }
 
