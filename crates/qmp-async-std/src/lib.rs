@@ -88,7 +88,8 @@ where
 /// The cost comes from async-std's pool having more than one thread (one per CPU by default):
 /// the driver and the task calling the client end up on different threads. With
 /// `ASYNC_STD_THREAD_COUNT=1` in the environment, the same `qmp-load --runtime async-std
-/// --driver spawn` runs measured as the raw client did (medians of 5 rounds, one at a time:
+/// --driver spawn` runs measured as the raw client did (one separate 5-round comparison on
+/// 2026-11-24, so its figures differ a little from the README's tables; medians, one at a time:
 /// 0.95x its commands/s and 1.12x its CPU, against 0.81x and 2.5x on the default two-thread
 /// pool; 8 in flight: 1.02x and 1.03x, against 0.99x and 1.9x).
 pub fn spawn_connection(connection: Connection) -> async_std::task::JoinHandle<Result<(), Error>> {

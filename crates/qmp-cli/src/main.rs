@@ -100,7 +100,8 @@ struct Cli {
     /// Seconds to wait for each command's reply (default: no limit).
     #[arg(long, value_name = "SECS", global = true)]
     command_timeout: Option<f64>,
-    /// Enforce a qmp-ops policy file (TOML, or JSON when named *.json).
+    /// Allow or deny commands by a qmp-ops policy file (TOML, or JSON when named *.json); its
+    /// timeouts, retries, locks and cache are for qmp_ops::Ops, not this tool.
     #[arg(long, value_name = "FILE", global = true)]
     policy: Option<PathBuf>,
     /// Enforce a built-in qmp-ops profile.
