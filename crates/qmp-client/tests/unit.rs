@@ -1296,13 +1296,22 @@ fn a_transport_error_ends_the_session_and_the_driver_reports_it_whole() {
             "x: the connection failed (sent, but no reply came)"
         )
     );
+    assert_eq!(
+        driver_os_error(&mut s),
+        Some(5),
+        "the OS error code is kept"
+    );
+    assert!(s.client.is_closed());
+}
+
+/// The OS error code of the transport error the finished driver returned.
+fn driver_os_error(s: &mut Session) -> Option<i32> {
     let e = done(&mut s.pool, &mut s.driver).unwrap().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io);
-    let source = std::error::Error::source(&e)
+    std::error::Error::source(&e)
         .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .expect("the io::Error is the source");
-    assert_eq!(source.raw_os_error(), Some(5), "the OS error code is kept");
-    assert!(s.client.is_closed());
+        .expect("the io::Error is the source")
+        .raw_os_error()
 }
 
 #[test]
@@ -1316,12 +1325,7 @@ fn a_failed_flush_ends_the_session_as_a_failed_write_does() {
         (ErrorKind::Io, Some(SendStatus::Unanswered))
     );
     assert_eq!(s.srv.take(), r#"{"execute":"x","id":1}"#);
-    let e = done(&mut s.pool, &mut s.driver).unwrap().unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Io);
-    let source = std::error::Error::source(&e)
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .expect("the io::Error is the source");
-    assert_eq!(source.raw_os_error(), Some(5));
+    assert_eq!(driver_os_error(&mut s), Some(5));
     assert!(s.client.is_closed());
 }
 
@@ -1341,11 +1345,7 @@ fn the_first_transport_error_is_the_one_the_driver_reports() {
         failed(&mut s.pool, &mut call),
         (ErrorKind::Io, Some(SendStatus::Unanswered))
     );
-    let e = done(&mut s.pool, &mut s.driver).unwrap().unwrap_err();
-    let source = std::error::Error::source(&e)
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .expect("the io::Error is the source");
-    assert_eq!(source.raw_os_error(), Some(5), "the first error ended it");
+    assert_eq!(driver_os_error(&mut s), Some(5), "the first error ended it");
 }
 
 #[test]
