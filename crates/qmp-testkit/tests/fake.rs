@@ -788,3 +788,42 @@ fn the_recorder_forwards_a_client_that_writes_everything_before_reading() {
         "{last}"
     );
 }
+
+#[test]
+fn a_client_that_stopped_reading_raises_no_sigpipe_where_it_is_not_ignored() {
+    const CHILD: &str = "QMP_TESTKIT_SIGPIPE_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        // Run this test again in a process of its own, where SIGPIPE would kill.
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_client_that_stopped_reading_raises_no_sigpipe_where_it_is_not_ignored",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{:?}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout)
+        );
+        assert!(String::from_utf8_lossy(&o.stdout).contains("1 passed"));
+        return;
+    }
+    // As a C host or a fuzzer has it: Rust's runtime ignores SIGPIPE, so restore the default.
+    // SAFETY: no other thread of this process is handling signals.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let fake = FakeQemu::unix(Script::new()).unwrap();
+    let mut c = ready(&fake);
+    // The client will read no more: writing to it fails with EPIPE (and raises SIGPIPE unless
+    // the write says not to).
+    c.s.shutdown(std::net::Shutdown::Read).unwrap();
+    c.send(br#"{"execute":"query-version","id":1}"#);
+    assert_eq!(
+        fake.wait_closed(1, T),
+        1,
+        "the session ended on the failed write"
+    );
+}
