@@ -12,6 +12,13 @@ use qmp_testkit::launch::{Launch, Qemu};
 
 const QMP: &str = env!("CARGO_BIN_EXE_qmp");
 
+/// The fake QEMU serving `script` on a Unix socket, and the socket's path.
+fn serve_fake(script: Script) -> (FakeQemu, String) {
+    let fake = FakeQemu::unix(script).unwrap();
+    let path = fake.socket_path().unwrap().display().to_string();
+    (fake, path)
+}
+
 /// Runs `qmp` with `args`; stdout and stderr are pipes (so no colour, no tty summary).
 fn qmp(args: &[&str]) -> Output {
     Command::new(QMP)
@@ -372,11 +379,8 @@ fn connection_failures_exit_3() {
         &format!("qmp: cannot connect to {m}: No such file or directory (os error 2)\n"),
     );
     // A guest agent that never answers the sync.
-    let fake_ga = FakeQemu::unix(
-        Script::qga().on("guest-sync-delimited", qmp_testkit::fake::Response::none()),
-    )
-    .unwrap();
-    let g = fake_ga.socket_path().unwrap().display().to_string();
+    let (_fake_ga, g) =
+        serve_fake(Script::qga().on("guest-sync-delimited", qmp_testkit::fake::Response::none()));
     check(
         &qmp(&["--qga", &g, "--greeting-timeout", "0.3", "guest-ping"]),
         3,
@@ -391,8 +395,7 @@ fn connection_failures_exit_3() {
         "qmp: '--compact' looks like an option: options go before the command name (qmp [OPTIONS] COMMAND [ARGS]...)\n",
     );
     // A QMP monitor taken for a guest agent: said at once, not after the timeout.
-    let fake_qmp = FakeQemu::unix(Script::new()).unwrap();
-    let q = fake_qmp.socket_path().unwrap().display().to_string();
+    let (_fake_qmp, q) = serve_fake(Script::new());
     let start = Instant::now();
     check(
         &qmp(&["--qga", &q, "--greeting-timeout", "10", "guest-ping"]),
@@ -402,8 +405,7 @@ fn connection_failures_exit_3() {
     );
     assert!(start.elapsed() < Duration::from_secs(5));
     // A monitor that accepts but never greets (the fake, scripted).
-    let fake = FakeQemu::unix(Script::new().no_greeting()).unwrap();
-    let f = fake.socket_path().unwrap().display().to_string();
+    let (_fake, f) = serve_fake(Script::new().no_greeting());
     let start = Instant::now();
     check(
         &qmp(&["-s", &f, "--greeting-timeout", "0.3", "query-status"]),
@@ -1106,8 +1108,7 @@ fn faults_from_the_fake_are_reported_not_hung() {
         .on("query-qmp-schema", Response::ok("[]"))
         .on("query-status", Response::none())
         .on("stop", Response::actions(vec![Action::Close]));
-    let fake = FakeQemu::unix(script).unwrap();
-    let f = fake.socket_path().unwrap().display().to_string();
+    let (_fake, f) = serve_fake(script);
     // No reply within --command-timeout: exit 3, and the outcome is said to be unknown.
     let start = Instant::now();
     let o = qmp(&[
@@ -1147,8 +1148,7 @@ fn faults_from_the_fake_are_reported_not_hung() {
             Action::Close,
         ]),
     );
-    let fake = FakeQemu::unix(script).unwrap();
-    let f = fake.socket_path().unwrap().display().to_string();
+    let (_fake, f) = serve_fake(script);
     // Without --count, following until QEMU goes away is the normal end: exit 0.
     for (count, code, stderr) in [
         (
@@ -1380,8 +1380,7 @@ fn events_sent_with_the_negotiation_reply_are_followed_too() {
             .event_before("BEFORE", Some(r#"{"n": 1}"#))
             .event_after("AFTER", None),
     );
-    let fake = FakeQemu::unix(script).unwrap();
-    let f = fake.socket_path().unwrap().display().to_string();
+    let (_fake, f) = serve_fake(script);
     let o = qmp(&["-s", &f, "events", "--count", "2", "--timeout", "5"]);
     assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
     let events: Vec<(String, String)> = out(&o)
@@ -1440,8 +1439,7 @@ fn the_shell_asks_hmp_for_its_commands_only_if_the_policy_allows_hmp() {
                 Response::ok("\"info  -- show\\r\\n\""),
             )
             .on("query-status", Response::ok("{\"status\": \"running\"}"));
-        let fake = FakeQemu::unix(script).unwrap();
-        let f = fake.socket_path().unwrap().display().to_string();
+        let (fake, f) = serve_fake(script);
         let mut args = vec!["-s", f.as_str()];
         args.extend(profile.iter().flat_map(|p| ["--profile", p]));
         args.extend(["shell", "--no-history-file"]);
@@ -1464,8 +1462,7 @@ fn the_shell_asks_hmp_for_its_commands_only_if_the_policy_allows_hmp() {
 fn a_server_without_query_qmp_schema_says_so_and_no_validate_does_without() {
     use qmp_testkit::fake::Response;
     let script = Script::new().on("query-status", Response::ok("{\"status\": \"running\"}"));
-    let fake = FakeQemu::unix(script).unwrap();
-    let f = fake.socket_path().unwrap().display().to_string();
+    let (_fake, f) = serve_fake(script);
     let hint = "qmp: error: CommandNotFound: query-qmp-schema, which checks commands and \
                 arguments, failed: The command query-qmp-schema has not been found \
                 (--no-validate skips the check)\n";
@@ -1501,8 +1498,7 @@ fn a_piped_shell_fails_when_its_input_cannot_be_read_or_the_connection_closes() 
         .record(true)
         .on("query-status", Response::ok("{}"))
         .on("stop", Response::actions(vec![Action::Close]));
-    let fake = FakeQemu::unix(script).unwrap();
-    let f = fake.socket_path().unwrap().display().to_string();
+    let (fake, f) = serve_fake(script);
     let shell = [
         "-s",
         f.as_str(),
