@@ -302,27 +302,6 @@ fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)>
     Ok((msg.bytes, fds))
 }
 
-/// Writes all of `data`, attaching `fds` to the first write (blocking: for tests' clients).
-#[cfg(test)]
-fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
-    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-    let mut first = !borrowed.is_empty();
-    while !data.is_empty() {
-        let n = if first {
-            let mut space =
-                vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
-            let mut control = SendAncillaryBuffer::new(&mut space);
-            control.push(SendAncillaryMessage::ScmRights(&borrowed));
-            sendmsg(fd, &[IoSlice::new(data)], &mut control, SendFlags::NOSIGNAL)?
-        } else {
-            rustix::net::send(fd, data, SendFlags::NOSIGNAL)?
-        };
-        first = false;
-        data = &data[n..];
-    }
-    Ok(())
-}
-
 /// Records the bytes between a client and a real QEMU socket.
 ///
 /// [`Recorder::connect`] connects to QEMU and returns the client's end of a socketpair; a
@@ -793,6 +772,16 @@ mod tests {
         }
     }
 
+    /// Sends `bytes` with `fds` attached, as the recorder's proxy does.
+    fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: Vec<OwnedFd>) {
+        let mut queue = VecDeque::from([Outgoing {
+            bytes: bytes.to_vec(),
+            fds,
+            sent: 0,
+        }]);
+        assert!(flush(s.as_fd(), &mut queue).unwrap(), "all sent");
+    }
+
     fn dev_null() -> OwnedFd {
         std::fs::File::open("/dev/null").unwrap().into()
     }
@@ -800,7 +789,7 @@ mod tests {
     #[test]
     fn replay_checks_the_descriptors_the_client_passes() {
         let (replay, s) = Replay::start(one_exchange(b"ab", 1), Duration::from_secs(10)).unwrap();
-        send_all(s.as_fd(), b"ab", &[dev_null()]).unwrap();
+        send_with_fds(&s, b"ab", vec![dev_null()]);
         drop(s);
         replay.finish().unwrap();
 
@@ -813,7 +802,7 @@ mod tests {
         );
 
         let (replay, s) = Replay::start(one_exchange(b"ab", 0), Duration::from_secs(10)).unwrap();
-        send_all(s.as_fd(), b"ab", &[dev_null(), dev_null()]).unwrap();
+        send_with_fds(&s, b"ab", vec![dev_null(), dev_null()]);
         assert_eq!(
             replay.finish().unwrap_err().to_string(),
             "client chunk 0: 0 file descriptors recorded up to here, 2 received"
