@@ -332,8 +332,9 @@ impl<E: Execute + 'static> Ops<E> {
                 })?,
             )
         };
-        // Read before the execution starts: a write that finishes after this makes the
-        // result too old to cache.
+        // Read once, as the call starts: the execution it runs or joins started with this
+        // count, and a write that finishes after this makes its result too old to cache or
+        // join.
         let writes = inner.writes.load(Ordering::Acquire);
         let cached = match (rule.cache_ttl, &key) {
             (Some(_), Some(key)) => lock(&inner.cache).get(key, inner.clock.now(), writes),
@@ -344,7 +345,7 @@ impl<E: Execute + 'static> Ops<E> {
             return Ok(hit);
         }
         let result = match (&key, rule.idempotent) {
-            (Some(key), true) => self.run_shared(key, name, args, &rule).await,
+            (Some(key), true) => self.run_shared(key, name, args, &rule, writes).await,
             _ => run(inner, name, args, &rule, None).await,
         };
         if let (Some(ttl), Some(key), Ok(value)) = (rule.cache_ttl, key, &result) {
@@ -354,17 +355,19 @@ impl<E: Execute + 'static> Ops<E> {
         result
     }
 
+    /// Joins the execution in flight under `key`, if one may be joined (started at the same
+    /// write count `writes`, nobody queued for the lock since), or starts one.
     async fn run_shared(
         &self,
         key: &str,
         name: &str,
         args: Option<&RawValue>,
         rule: &Arc<Rule>,
+        writes: u64,
     ) -> Result<RawJson, OpsError> {
         let inner = &self.inner;
         let (generation, shared, joined) = {
             let mut map = lock(&inner.inflight);
-            let writes = inner.writes.load(Ordering::Acquire);
             let running = map
                 .get(key)
                 .filter(|e| e.writes == writes && self.may_join(rule, &e.queued_as))
