@@ -835,10 +835,9 @@ impl Connection {
                 Frame::Delimiter => {}
                 Frame::Garbage { len } => {
                     self.anomaly(Anomaly::Garbage { len });
-                    // Not a greeting: the handshake's timeout error says something came.
-                    if self.state == State::AwaitingGreeting {
-                        self.unreadable_before_greeting = true;
-                    }
+                    // No message at all, so no lost event; but before a greeting, the
+                    // handshake's timeout error says something else came.
+                    self.on_unreadable(Unread::Neither);
                 }
                 Frame::Oversized { len, id } => {
                     self.stats.messages_received += 1;

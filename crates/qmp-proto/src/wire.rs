@@ -370,7 +370,8 @@ pub(crate) enum Unread {
     Reply(u64),
     /// No id could be read in it, so it may have been an event.
     MaybeEvent,
-    /// Neither: a greeting, or a reply with an id this crate never sends.
+    /// Neither: a greeting, a reply with an id this crate never sends, or bytes that are no
+    /// message at all.
     Neither,
 }
 
