@@ -1177,21 +1177,10 @@ fn faults_from_the_fake_are_reported_not_hung() {
 #[test]
 fn shell_reads_piped_commands() {
     let Some(q) = qsd() else { return };
-    let mut child = Command::new(QMP)
-        .args(["-s", &sock(&q), "shell", "--no-history-file"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin
-            .write_all(b"query-jobs\nblockdev-add driver=null-co nmae=1\nblockdev-add driver=null-co node-name=x0\nbogus-command\n\"unterminated\n")
-            .unwrap();
-    }
-    let o = child.wait_with_output().unwrap();
+    let o = qmp_with_input(
+        &["-s", &sock(&q), "shell", "--no-history-file"],
+        "query-jobs\nblockdev-add driver=null-co nmae=1\nblockdev-add driver=null-co node-name=x0\nbogus-command\n\"unterminated\n",
+    );
     let text = out(&o);
     let (banner, rest) = text.split_once('\n').unwrap();
     assert!(banner.starts_with("Connected to QEMU 10."), "{banner}");
