@@ -519,12 +519,7 @@ impl Lines {
         loop {
             // The tick first (once), then no timeout: the watchdog ends a wait that is too
             // long by shutting the socket down, which makes it readable.
-            let timeout = tick.take();
-            let timeout = timeout
-                .as_ref()
-                .map_or(std::ptr::null(), std::ptr::from_ref);
-            // SAFETY: one valid pollfd and an optional timespec, both live for the call.
-            match unsafe { libc::ppoll(&mut pfd, 1, timeout, std::ptr::null()) } {
+            match poll_one(&mut pfd, tick.take()) {
                 0 => {} // the tick: wait again
                 n if n > 0 => return Ok(()),
                 _ => {
@@ -536,6 +531,40 @@ impl Lines {
             }
         }
     }
+}
+
+/// One `ppoll(2)` of one descriptor, with an optional timeout.
+#[cfg(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd"
+))]
+fn poll_one(pfd: &mut libc::pollfd, timeout: Option<libc::timespec>) -> libc::c_int {
+    let timeout = timeout
+        .as_ref()
+        .map_or(std::ptr::null(), std::ptr::from_ref);
+    // SAFETY: one valid pollfd and an optional timespec, both live for the call.
+    unsafe { libc::ppoll(pfd, 1, timeout, std::ptr::null()) }
+}
+
+/// One `poll(2)` of one descriptor where there is no `ppoll` (Apple systems, illumos): a
+/// timeout is rounded up to whole milliseconds there.
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd"
+)))]
+fn poll_one(pfd: &mut libc::pollfd, timeout: Option<libc::timespec>) -> libc::c_int {
+    let ms = timeout.map_or(-1, |t| {
+        let ms = i64::from(t.tv_sec) * 1000 + (i64::from(t.tv_nsec) + 999_999) / 1_000_000;
+        libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+    });
+    // SAFETY: one valid pollfd, live for the call.
+    unsafe { libc::poll(pfd, 1, ms) }
 }
 
 /// The raw baseline's timeout, off its hot path: a thread that shuts the socket down when

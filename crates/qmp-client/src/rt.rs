@@ -105,6 +105,10 @@ pub struct UnixTransport<R> {
 impl<R: Readiness> UnixTransport<R> {
     /// Wraps a registered stream.
     pub fn new(ready: R) -> Self {
+        // Where sends have no MSG_NOSIGNAL, the socket itself must not raise SIGPIPE when the
+        // peer has gone (std sets this on the sockets it makes, not on inherited ones).
+        #[cfg(target_vendor = "apple")]
+        let _ = rustix::net::sockopt::set_socket_nosigpipe(ready.stream(), true);
         Self {
             ready,
             drained: false,
@@ -235,6 +239,13 @@ fn recv(sock: &std::os::unix::net::UnixStream, buf: &mut [u8]) -> std::io::Resul
     Ok((msg.bytes, msg.flags.contains(ReturnFlags::CTRUNC)))
 }
 
+/// The flags of a `sendmsg`: a peer gone away must be an `EPIPE` error, not a `SIGPIPE`. Apple
+/// systems have no `MSG_NOSIGNAL`; [`UnixTransport::new`] sets `SO_NOSIGPIPE` there instead.
+#[cfg(all(unix, not(target_vendor = "apple")))]
+const SEND_FLAGS: rustix::net::SendFlags = rustix::net::SendFlags::NOSIGNAL;
+#[cfg(target_vendor = "apple")]
+const SEND_FLAGS: rustix::net::SendFlags = rustix::net::SendFlags::empty();
+
 /// One nonblocking `sendmsg` of `buf` with `fds` attached as `SCM_RIGHTS`.
 #[cfg(unix)]
 fn send_with_fds(
@@ -242,7 +253,7 @@ fn send_with_fds(
     buf: &[u8],
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> std::io::Result<usize> {
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage};
     let mut space =
         vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -253,10 +264,5 @@ fn send_with_fds(
         ));
     }
     let iov = [std::io::IoSlice::new(buf)];
-    Ok(rustix::net::sendmsg(
-        sock,
-        &iov,
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?)
+    Ok(rustix::net::sendmsg(sock, &iov, &mut control, SEND_FLAGS)?)
 }

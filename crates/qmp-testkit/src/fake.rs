@@ -92,7 +92,7 @@ use qmp_proto::{
     VersionInfo,
 };
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, recvmsg};
 
 /// One step of the fake's answer to a command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -583,7 +583,7 @@ impl Stream {
                     s.as_fd(),
                     &mut [IoSliceMut::new(buf)],
                     &mut control,
-                    RecvFlags::CMSG_CLOEXEC,
+                    crate::sys::RECV,
                 )?;
                 let mut fds = 0;
                 for m in control.drain() {
@@ -598,10 +598,10 @@ impl Stream {
         }
     }
 
-    /// Writes what the socket takes of `data` now. With `MSG_NOSIGNAL`: a client gone raises
+    /// Writes what the socket takes of `data` now. With [`crate::sys::SEND`]: a client gone raises
     /// no SIGPIPE, even in a process (a fuzzer, a C host) that has not ignored it.
     fn send(&self, data: &[u8]) -> io::Result<usize> {
-        rustix::net::send(self.fd(), data, rustix::net::SendFlags::NOSIGNAL).map_err(Into::into)
+        rustix::net::send(self.fd(), data, crate::sys::SEND).map_err(Into::into)
     }
 
     /// Writes everything, waiting for room, as a session ends; gives up when `stop` is set

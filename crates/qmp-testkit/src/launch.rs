@@ -110,10 +110,11 @@ impl Launch {
 
     /// Ties the program to the caller, the form for tools: it runs in a process group of its
     /// own, so a Ctrl-C at the terminal (SIGINT to the foreground process group) reaches only
-    /// the caller, which decides what to stop; and the kernel kills it (`PR_SET_PDEATHSIG`)
-    /// when the thread that started it ends, so it never outlives a caller that was killed
-    /// outright. Start it from a thread that lives as long as the caller, such as the main
-    /// thread. Tests leave this off: their QEMU programs share the test run's process group,
+    /// the caller, which decides what to stop; and on Linux and FreeBSD the kernel kills it
+    /// (`PR_SET_PDEATHSIG`, `PROC_PDEATHSIG_CTL`) when the thread that started it ends, so it
+    /// never outlives a caller that was killed outright (other systems have no such signal:
+    /// there a caller killed outright leaves it running). Start it from a thread that lives as
+    /// long as the caller, such as the main thread. Tests leave this off: their QEMU programs share the test run's process group,
     /// and may outlive the thread that started them.
     pub fn tied_to_caller(mut self) -> Self {
         self.tied_to_caller = true;
@@ -291,6 +292,16 @@ impl Launch {
 
 /// See [`Launch::tied_to_caller`].
 fn tie_to_caller(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    die_with_caller(cmd);
+    cmd.process_group(0);
+}
+
+/// Has the kernel kill the child when the thread that started it ends (Linux's
+/// `PR_SET_PDEATHSIG`, FreeBSD's `PROC_PDEATHSIG_CTL`).
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn die_with_caller(cmd: &mut Command) {
     use rustix::process::{Signal, getpid, getppid, set_parent_process_death_signal};
     use std::os::unix::process::CommandExt;
     let caller = getpid();
@@ -306,7 +317,6 @@ fn tie_to_caller(cmd: &mut Command) {
             Ok(())
         });
     }
-    cmd.process_group(0);
 }
 
 /// Runs `spawn` up to three times while it fails because its TCP port was taken: the port

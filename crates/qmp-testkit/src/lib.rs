@@ -14,4 +14,5 @@
 pub mod example;
 pub mod fake;
 pub mod launch;
+mod sys;
 pub mod transcript;

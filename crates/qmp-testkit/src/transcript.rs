@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags, Shutdown, recvmsg, sendmsg, shutdown,
+    RecvAncillaryBuffer, RecvAncillaryMessage, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, Shutdown, recvmsg, sendmsg, shutdown,
 };
 use serde::{Deserialize, Serialize};
 
@@ -286,12 +286,12 @@ fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)>
         fd,
         &mut [IoSliceMut::new(buf)],
         &mut control,
-        RecvFlags::CMSG_CLOEXEC,
+        crate::sys::RECV,
     )?;
     let mut fds = Vec::new();
     for m in control.drain() {
         if let RecvAncillaryMessage::ScmRights(rights) = m {
-            fds.extend(rights);
+            fds.extend(rights.map(crate::sys::cloexec));
         }
     }
     if msg.flags.contains(ReturnFlags::CTRUNC) {
@@ -387,9 +387,9 @@ fn flush(to: BorrowedFd<'_>, queue: &mut VecDeque<Outgoing>) -> io::Result<bool>
                 vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
             let mut control = SendAncillaryBuffer::new(&mut space);
             control.push(SendAncillaryMessage::ScmRights(&borrowed));
-            sendmsg(to, &[IoSlice::new(data)], &mut control, SendFlags::NOSIGNAL)
+            sendmsg(to, &[IoSlice::new(data)], &mut control, crate::sys::SEND)
         } else {
-            rustix::net::send(to, data, SendFlags::NOSIGNAL)
+            rustix::net::send(to, data, crate::sys::SEND)
         };
         match sent {
             Ok(n) => {
