@@ -803,6 +803,11 @@ impl Connection {
                 Some(i) => {
                     self.framer.push(&chunk[..i]);
                     self.drain_frames();
+                    if self.state == State::Closed {
+                        // A message before the marker ended the session (a QMP greeting):
+                        // nothing after it counts, not even the sync's reply.
+                        return;
+                    }
                     self.framer.reset();
                     self.syncing = Some((sync, true));
                     chunk = &chunk[i + 1..];

@@ -338,6 +338,28 @@ fn a_qmp_greeting_to_a_guest_agent_session_ends_it_at_once() {
 }
 
 #[test]
+fn nothing_after_a_qmp_greeting_in_the_same_read_revives_a_guest_agent_session() {
+    // The greeting ends the session; a 0xFF and more messages behind it in the same read
+    // (a sync reply, an event, a second greeting) must not make it ready, deliver an event
+    // or close it twice.
+    for tail in ["{\"return\": 7}\n", "{\"event\": \"X\"}\n", GREETING] {
+        let t0 = Instant::now();
+        let mut c = Connection::new(t0, Config::qga(7));
+        let _ = tx(&mut c);
+        let mut input = GREETING.as_bytes().to_vec();
+        input.push(0xFF);
+        input.extend_from_slice(tail.as_bytes());
+        c.handle_input(t0, &input);
+        assert!(c.is_closed(), "{tail}");
+        assert_eq!(
+            outs(&mut c),
+            [Output::Closed(CloseReason::Remote(RemoteError::QmpNotQga))],
+            "{tail}"
+        );
+    }
+}
+
+#[test]
 fn framing_does_not_depend_on_lines_or_read_boundaries() {
     // CRLF, LF, pretty-printed, two messages in one read, no separator at all.
     let stream = "{\"return\": 1, \"id\": 1}\r\n{\"return\": [2], \"id\": 2}\n{\r\n    \"return\": {\r\n        \"a\": \"}\\\"{\"\r\n    },\r\n    \"id\": 3\r\n}\r\n{\"return\": 4, \"id\": 4}{\"return\": 5, \"id\": 5}";
