@@ -778,6 +778,33 @@ async fn guest_agent(rt: &Rt) {
         (e.kind(), e.send_status()),
         (ErrorKind::Unsupported, Some(SendStatus::NotSent))
     );
+
+    // An agent that blocks guest-sync-delimited answers the sync with an error (no 0xFF):
+    // the handshake ends with it at once, not at its 10 s deadline.
+    let Some(q) = Launch::guest_agent()
+        .arg("--block-rpcs=guest-sync-delimited")
+        .spawn()
+    else {
+        return;
+    };
+    let start = Instant::now();
+    let e = (rt.connect)(q.socket_path().into(), Builder::new().qga())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(5), "{e}");
+    assert_eq!(
+        (e.kind(), e.to_string().as_str()),
+        (
+            ErrorKind::Handshake,
+            "the guest agent refused guest-sync-delimited: CommandNotFound: Command \
+             guest-sync-delimited has been disabled: the command is not allowed"
+        )
+    );
+    assert!(matches!(
+        e.remote_error(),
+        Some(qmp_client::RemoteError::SyncRefused(_))
+    ));
 }
 
 /// QEMU gets one end of a socketpair as `fd=N`, and dials a socket we listen on

@@ -196,6 +196,11 @@ async fn greet(
                 "this is a QMP monitor, not a guest agent: connect to it with -s/--socket"
                     .to_owned()
             }
+            Some(RemoteError::SyncRefused(refusal)) => format!(
+                "the guest agent refused guest-sync-delimited ({}): is it blocked \
+                 (--block-rpcs) or left out of --allow-rpcs?",
+                refusal.desc
+            ),
             Some(RemoteError::SyncTimeout) => format!(
                 "the guest agent accepted the connection but did not answer \
                  guest-sync-delimited within {}: is the agent running, and is no other client \

@@ -890,6 +890,19 @@ fn guest_agent() {
     let p = sock(&ga);
     check(&qmp(&["--qga", &p, "guest-ping"]), 0, "{}\n", "");
     check(&qmp(&["--qga", &p, "-H", "guest-ping"]), 0, "OK\n", "");
+    // An agent that cannot sync is named at once, with the likely cause.
+    let Some(blocked) = Launch::guest_agent()
+        .arg("--block-rpcs=guest-sync-delimited")
+        .spawn()
+    else {
+        return;
+    };
+    check(
+        &qmp(&["--qga", &sock(&blocked), "guest-ping"]),
+        3,
+        "",
+        "qmp: the guest agent refused guest-sync-delimited (Command guest-sync-delimited has been disabled: the command is not allowed): is it blocked (--block-rpcs) or left out of --allow-rpcs?\n",
+    );
     // The agent has no out-of-band execution: a usage error, nothing sent.
     check(
         &qmp(&["--qga", &p, "--oob", "guest-ping"]),

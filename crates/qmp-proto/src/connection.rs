@@ -19,11 +19,16 @@ pub enum Mode {
     /// The guest agent protocol: no greeting; the session starts with a 0xFF byte and
     /// `guest-sync-delimited`. `sync_seed` is the first sync id (later syncs count up from it);
     /// the caller SHOULD pick it at random so replies meant for an earlier client cannot match.
+    /// The agent takes sync ids as signed 64-bit integers and refuses larger ones, so sync ids
+    /// are taken modulo 2^63: a seed above `i64::MAX` loses its top bit.
     Qga {
         /// The id sent with the first `guest-sync-delimited`.
         sync_seed: u64,
     },
 }
+
+/// Sync ids stay below 2^63: the guest agent takes them as signed 64-bit integers.
+const SYNC_ID_MASK: u64 = (1 << 63) - 1;
 
 /// Settings for a [`Connection`]. Defaults may change between releases.
 #[derive(Debug, Clone)]
@@ -351,6 +356,10 @@ pub enum RemoteError {
     /// The server greeted but did not answer `qmp_capabilities` in time.
     #[error("the server greeted but did not answer qmp_capabilities in time")]
     NegotiationTimeout,
+    /// The guest agent answered the session's first `guest-sync-delimited` with an error: the
+    /// command is disabled (`--block-rpcs`, or an allow-list without it) or unknown.
+    #[error("the guest agent refused guest-sync-delimited: {0}")]
+    SyncRefused(CommandError),
     /// The guest agent did not answer `guest-sync-delimited` in time.
     #[error(
         "the guest agent did not answer guest-sync-delimited in time (is the agent running, and \
@@ -772,7 +781,7 @@ impl Connection {
             config,
         };
         if let Mode::Qga { sync_seed } = conn.config.mode {
-            conn.next_sync = sync_seed;
+            conn.next_sync = sync_seed & SYNC_ID_MASK;
             conn.start_sync(now);
         }
         conn
@@ -1316,6 +1325,17 @@ impl Connection {
                     return;
                 }
                 if self.syncing.is_some() {
+                    // An error naming the sync while the session starts is the agent's answer
+                    // to it (the sync is our only request without an id): without the command
+                    // no sync can succeed, so say so now rather than at the deadline.
+                    if self.state == State::Syncing
+                        && let Err(e) = &result
+                        && e.desc.contains("guest-sync-delimited")
+                    {
+                        let e = e.clone();
+                        self.shut(CloseReason::Remote(RemoteError::SyncRefused(e)));
+                        return;
+                    }
                     // The parse error our 0xFF provokes, or replies meant for someone else.
                     self.stats.unknown_replies += 1;
                     return;
@@ -1502,7 +1522,7 @@ impl Connection {
         // A newer sync supersedes any earlier one (its late answer is stale).
         self.drop_syncs();
         let sync = self.next_sync;
-        self.next_sync = self.next_sync.wrapping_add(1);
+        self.next_sync = self.next_sync.wrapping_add(1) & SYNC_ID_MASK;
         self.syncing = Some((sync, false));
         if self.state != State::Ready {
             self.state = State::Syncing;

@@ -1067,6 +1067,70 @@ mod qga {
     }
 
     #[test]
+    fn an_agent_that_refuses_the_sync_ends_the_handshake_with_its_error() {
+        // qemu-ga 10.0.2 started with --block-rpcs=guest-sync-delimited answers the 0xFF and
+        // the sync with these two id-less errors (and never sends a 0xFF).
+        let t0 = Instant::now();
+        let mut c = Connection::new(t0, Config::qga(4242));
+        let id = c.send(t0, Command::new("guest-ping")).unwrap();
+        assert_eq!(tx(&mut c), SYNC);
+        c.handle_input(
+            t0,
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\uFFFD'\"}}\n"
+                .as_bytes(),
+        );
+        assert!(outs(&mut c).is_empty());
+        c.handle_input(t0, b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Command guest-sync-delimited has been disabled: the command is not allowed\"}}\n");
+        let refused = RemoteError::SyncRefused(CommandError::new(
+            ErrorClass::CommandNotFound,
+            "Command guest-sync-delimited has been disabled: the command is not allowed",
+        ));
+        assert_eq!(
+            refused.to_string(),
+            "the guest agent refused guest-sync-delimited: CommandNotFound: Command \
+             guest-sync-delimited has been disabled: the command is not allowed"
+        );
+        assert_eq!(
+            outs(&mut c),
+            vec![
+                Output::Completed {
+                    id,
+                    outcome: Outcome::NotSent(Failure::HandshakeFailed)
+                },
+                Output::Closed(CloseReason::Remote(refused))
+            ]
+        );
+    }
+
+    #[test]
+    fn id_less_errors_that_do_not_name_the_sync_leave_it_waiting() {
+        // A previous client's error, or one for a later resync: only counted.
+        let t0 = Instant::now();
+        let mut c = Connection::new(t0, Config::qga(4242));
+        assert_eq!(tx(&mut c), SYNC);
+        c.handle_input(t0, b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command guest-nope has not been found\"}}\n");
+        assert!(outs(&mut c).is_empty());
+        assert_eq!(c.state(), State::Syncing);
+        c.handle_input(t0, b"\xff{\"return\": 4242}\n");
+        assert_eq!(outs(&mut c), vec![Output::Ready(ready_caps(&[]))]);
+        assert_eq!(c.stats().unknown_replies, 1);
+    }
+
+    #[test]
+    fn sync_ids_stay_below_two_to_the_63() {
+        // The agent refuses ids above i64::MAX ("Invalid parameter type for 'id'").
+        let t0 = Instant::now();
+        let mut c = Connection::new(t0, Config::qga(u64::MAX));
+        assert_eq!(tx(&mut c), SYNC.replace("4242", &i64::MAX.to_string()));
+        let mut reply = vec![0xFF];
+        reply.extend_from_slice(format!("{{\"return\": {}}}\n", i64::MAX).as_bytes());
+        c.handle_input(t0, &reply);
+        assert_eq!(outs(&mut c), vec![Output::Ready(ready_caps(&[]))]);
+        let mut c = Connection::new(t0, Config::qga(1 << 63 | 5));
+        assert_eq!(tx(&mut c), SYNC.replace("4242", "5"));
+    }
+
+    #[test]
     fn oob_is_refused_and_no_reply_commands_resolve_when_written() {
         let (t0, mut c) = synced();
         assert_eq!(

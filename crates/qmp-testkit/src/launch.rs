@@ -130,6 +130,8 @@ impl Launch {
     /// An extra command-line argument, after the launcher's own. An extra chardev with
     /// `wait=on` holds QEMU until something connects to it; on qemu-system-x86_64 that holds
     /// back the greeting [`spawn`](Self::spawn) waits for, so connect from another thread.
+    /// For the guest agent, qemu-ga joins a second `--allow-rpcs` to the launcher's list
+    /// (widening it); `--block-rpcs` takes commands out of it.
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.args.push(arg.as_ref().to_owned());
         self
