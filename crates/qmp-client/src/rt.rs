@@ -21,7 +21,11 @@ pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// The client reads [`now`](Self::now) to feed the protocol machine and arms one
 /// [`sleep_until`](Self::sleep_until) at a time for the earliest deadline. Implementations
 /// MUST return instants that never go backwards, and the sleep MUST wake its task when it
-/// completes. Tests may implement a manually advanced clock.
+/// completes. Once a poll of the sleep has returned `Pending`, the driver polls it again only
+/// when its waker changed or the deadline has passed, so that poll MUST have arranged the
+/// wake-up at the deadline: a sleep that may return `Pending` for another reason (tokio's
+/// cooperative budget, say) must opt out of it, as `qmp-tokio`'s timer does. Tests may
+/// implement a manually advanced clock.
 pub trait Timer: Send + Sync + 'static {
     /// The current time. The default reads the monotonic system clock.
     fn now(&self) -> Instant {

@@ -70,7 +70,12 @@ impl rt::Timer for TokioTimer {
 
     fn sleep_until(&self, deadline: Instant) -> rt::Sleep {
         let _runtime = self.handle.enter();
-        Box::pin(tokio::time::sleep_until(deadline.into()))
+        // Outside tokio's cooperative budget: a sleep polled when the task's budget is used
+        // up returns Pending without arming its timer, and the driver (as rt::Timer allows)
+        // polls an armed sleep again only when it is due.
+        Box::pin(tokio::task::unconstrained(tokio::time::sleep_until(
+            deadline.into(),
+        )))
     }
 }
 

@@ -311,3 +311,62 @@ async fn waiting_for_a_socket_gives_up_at_once_on_errors_that_waiting_cannot_fix
         .expect("the io::Error is the source");
     assert_eq!(io.kind(), std::io::ErrorKind::NotADirectory);
 }
+
+/// Polls the driver after using up the task's cooperative budget once, when `starve` is set:
+/// as when the driver shares a task with other tokio work that took the budget.
+struct Starved {
+    conn: qmp_tokio::Connection,
+    starve: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Future for Starved {
+    type Output = Result<(), qmp_tokio::Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if self.starve.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            // Each budget unit is taken by a consume_budget() that completes; the first one
+            // that returns Pending found the budget empty (and woke the task).
+            loop {
+                let mut unit = std::pin::pin!(tokio::task::consume_budget());
+                if unit.as_mut().poll(cx).is_pending() {
+                    break;
+                }
+            }
+        }
+        std::pin::Pin::new(&mut self.conn).poll(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_timeout_armed_while_the_task_has_no_budget_left_still_fires() {
+    // tokio's sleep returns Pending without arming its timer when the task's budget is used
+    // up; the driver then polls it again only when it is due, which nothing would tell it.
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    let _fake = FakeQemu::from_stream(Script::new().on("hang", Response::none()), theirs).unwrap();
+    let (c, conn) = qmp_tokio::from_unix_stream(mine, Builder::new())
+        .await
+        .unwrap();
+    let starve = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(Starved {
+        conn,
+        starve: starve.clone(),
+    });
+    starve.store(true, std::sync::atomic::Ordering::SeqCst);
+    let call =
+        c.execute_timeout::<serde::de::IgnoredAny, _>("hang", &(), Duration::from_millis(100));
+    let e = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the command's 100 ms timeout never fired")
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status()),
+        (ErrorKind::Timeout, Some(SendStatus::Unanswered))
+    );
+    assert!(
+        !starve.load(std::sync::atomic::Ordering::SeqCst),
+        "the budget was used up"
+    );
+}
