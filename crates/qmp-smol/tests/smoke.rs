@@ -136,3 +136,49 @@ fn waiting_for_a_socket_gives_up_at_once_on_errors_that_waiting_cannot_fix() {
         .expect("the io::Error is the source");
     assert_eq!(io.kind(), std::io::ErrorKind::NotADirectory);
 }
+
+#[test]
+fn waiting_for_a_socket_rides_out_a_full_backlog() {
+    // A monitor's listen backlog is small, and QEMU stops accepting while a client holds it:
+    // a connect then fails with EAGAIN, which is worth waiting out like a missing socket.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qmp.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    rustix::net::listen(&listener, 0).unwrap();
+    let first = UnixStream::connect(&path).unwrap();
+    // The backlog is full now: a nonblocking connect is refused with EAGAIN.
+    let probe = rustix::net::socket(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .unwrap();
+    rustix::io::ioctl_fionbio(&probe, true).unwrap();
+    let addr = rustix::net::SocketAddrUnix::new(&path).unwrap();
+    assert_eq!(
+        rustix::net::connect(&probe, &addr),
+        Err(rustix::io::Errno::AGAIN)
+    );
+    drop(probe);
+    let server = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let (held, _) = listener.accept().unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        (held, FakeQemu::from_stream(Script::new(), ours).unwrap())
+    });
+    let (c, conn) = smol::block_on(qmp_smol::connect_unix_wait(
+        &path,
+        Builder::new(),
+        Duration::from_secs(10),
+    ))
+    .unwrap();
+    let (_held, _fake) = server.join().unwrap();
+    let version: serde_json::Value =
+        smol::block_on(smol::future::or(c.execute("query-version", &()), async {
+            conn.await.unwrap();
+            unreachable!("the connection ended first")
+        }))
+        .unwrap();
+    assert_eq!(version["qemu"]["major"], 10);
+    drop(first);
+}
