@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use qmp_client::{Builder, Client, Error, ErrorKind, SendStatus};
+use qmp_client::{Builder, Client, Error, ErrorClass, ErrorKind, SendStatus};
 use qmp_testkit::fake::{Action, FakeQemu, Response, Script, faults};
 use serde::de::IgnoredAny;
 
@@ -347,6 +347,41 @@ async fn reset_after_quit_is_a_normal_close(connect: Connect) {
     assert!(c.is_closed());
 }
 
+async fn guest_agent_commands_that_answer_only_on_failure(connect: Connect) {
+    // guest-shutdown and guest-suspend-* send no reply when they work: silence for the
+    // grace, a later reply, or the agent going away means success; an error still counts.
+    let script = Script::qga()
+        .on("guest-suspend-ram", Response::none())
+        .on(
+            "guest-suspend-disk",
+            Response::error(ErrorClass::GenericError, "suspend-to-disk not supported"),
+        )
+        .on("guest-shutdown", Response::none().then(Action::Close));
+    let fake = FakeQemu::unix(script).unwrap();
+    let builder = Builder::new().qga().quiet_grace(Duration::from_millis(200));
+    let (c, driver) = connect(Addr::of(&fake), builder).await.unwrap();
+    let start = Instant::now();
+    let () = c.execute("guest-suspend-ram", &()).await.unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    let e = c
+        .execute::<(), _>("guest-suspend-disk", &())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.to_string().as_str()),
+        (
+            ErrorKind::Command,
+            "guest-suspend-disk: GenericError: suspend-to-disk not supported"
+        )
+    );
+    // The agent closes without a word (the guest powered off), long before the grace ends.
+    let slow = Builder::new().qga().quiet_grace(Duration::from_secs(60));
+    drop((c, driver));
+    let (c, driver) = connect(Addr::of(&fake), slow).await.unwrap();
+    let () = c.execute("guest-shutdown", &()).await.unwrap();
+    assert!(matches!(driver.await, Ok(())));
+}
+
 /// `connect_unix_wait(path, builder, wait)`, the driver spawned as in [`Connect`].
 type ConnectWait =
     fn(PathBuf, Builder, Duration) -> BoxFut<Result<(Client, BoxFut<Result<(), Error>>), Error>>;
@@ -504,6 +539,12 @@ macro_rules! faults_on {
         #[test]
         fn the_event_a_command_causes_before_or_after_its_reply() {
             $block_on(super::the_event_a_command_causes_before_or_after_its_reply(
+                $connect,
+            ));
+        }
+        #[test]
+        fn guest_agent_commands_that_answer_only_on_failure() {
+            $block_on(super::guest_agent_commands_that_answer_only_on_failure(
                 $connect,
             ));
         }

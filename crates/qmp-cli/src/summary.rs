@@ -104,6 +104,12 @@ pub(crate) fn summarise(command: &str, ret: &Value) -> Option<String> {
             }
         )),
         _ if ret.as_object().is_some_and(serde_json::Map::is_empty) => Some("OK".to_owned()),
+        // Guest-agent commands that answer only when they fail.
+        "guest-shutdown" | "guest-suspend-disk" | "guest-suspend-ram" | "guest-suspend-hybrid"
+            if ret.is_null() =>
+        {
+            Some("OK (no error came back; it answers only when it fails)".to_owned())
+        }
         _ => None,
     }
 }

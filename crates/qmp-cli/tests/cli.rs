@@ -368,6 +368,27 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
+fn guest_agent_commands_without_a_success_reply_do_not_hang() {
+    // guest-shutdown answers only if it fails: the agent closing (the guest powering off)
+    // without a word is success, and so is silence for the grace (2 s).
+    let (_fake, g) = serve_fake(Script::qga().on(
+        "guest-shutdown",
+        qmp_testkit::fake::Response::none().then(qmp_testkit::fake::Action::Close),
+    ));
+    check(&qmp(&["--qga", &g, "guest-shutdown"]), 0, "null\n", "");
+    let (_fake, g) =
+        serve_fake(Script::qga().on("guest-suspend-ram", qmp_testkit::fake::Response::none()));
+    let start = Instant::now();
+    check(
+        &qmp(&["--qga", &g, "-H", "guest-suspend-ram"]),
+        0,
+        "OK (no error came back; it answers only when it fails)\n",
+        "",
+    );
+    assert!(start.elapsed() >= Duration::from_secs(2));
+}
+
+#[test]
 fn connection_failures_exit_3() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("none.sock");

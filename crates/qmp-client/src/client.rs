@@ -91,6 +91,16 @@ impl Builder {
         self
     }
 
+    /// Guest agent only: how long `guest-shutdown` and `guest-suspend-*`, which answer only
+    /// when they fail, wait for that answer once written. Silence that long (or the agent's
+    /// connection closing, or a later command's reply) means they succeeded: they return
+    /// `null` (ask for `()` or [`serde::de::IgnoredAny`]). Default: 2 s. A command marked
+    /// with [`Command::no_reply`] or [`Command::reply_optional`] keeps its own mark.
+    pub fn quiet_grace(mut self, t: Duration) -> Self {
+        self.config.quiet_grace = t;
+        self
+    }
+
     /// Budget for the greeting plus negotiation (or the QGA sync). `None`: wait forever.
     /// Default: 10 s.
     pub fn handshake_timeout(mut self, t: Option<Duration>) -> Self {

@@ -27,6 +27,15 @@ pub enum Mode {
     },
 }
 
+/// Guest-agent commands that answer only when they fail (`'success-response': false` in
+/// `qga/qapi-schema.json`): sent as [`Command::reply_optional`] unless marked otherwise.
+const QGA_QUIET: [&str; 4] = [
+    "guest-shutdown",
+    "guest-suspend-disk",
+    "guest-suspend-ram",
+    "guest-suspend-hybrid",
+];
+
 /// Sync ids stay below 2^63: the guest agent takes them as signed 64-bit integers.
 const SYNC_ID_MASK: u64 = (1 << 63) - 1;
 
@@ -43,6 +52,10 @@ pub struct Config {
     pub handshake_timeout: Option<Duration>,
     /// Default per-command timeout, counted from `send`. Default: none.
     pub command_timeout: Option<Duration>,
+    /// How long a guest-agent command that answers only when it fails (`guest-shutdown`,
+    /// `guest-suspend-*`) waits for that answer once written before it counts as done
+    /// ([`Command::reply_optional`]). Default 2 s.
+    pub quiet_grace: Duration,
     // --- Flow control ---
     /// Maximum in-band commands on the wire without a reply. Default 8 (QEMU's queue length).
     /// Taken as 1 when set to 0, which would never let a command out.
@@ -71,6 +84,7 @@ impl Default for Config {
             capabilities: vec!["oob".to_owned()],
             handshake_timeout: Some(Duration::from_secs(10)),
             command_timeout: None,
+            quiet_grace: Duration::from_secs(2),
             max_in_flight: 8,
             max_queued: 65_536,
             max_message_size: 16 << 20,
@@ -179,6 +193,7 @@ pub struct Command {
     oob: bool,
     timeout: Option<Option<Duration>>,
     expect_reply: bool,
+    quiet: Option<Duration>,
     fds: bool,
 }
 
@@ -191,6 +206,7 @@ impl Command {
             oob: false,
             timeout: None,
             expect_reply: true,
+            quiet: None,
             fds: false,
         }
     }
@@ -237,6 +253,22 @@ impl Command {
     #[must_use]
     pub fn no_reply(mut self) -> Self {
         self.expect_reply = false;
+        self.quiet = None;
+        self
+    }
+
+    /// Marks a command that answers only when it fails, as QGA's `guest-shutdown` and
+    /// `guest-suspend-*` do: a reply resolves it as usual, and so does a later request's
+    /// reply (replies come in order, so it succeeded silently: [`Outcome::Sent`]). If no
+    /// reply has come `grace` after its last byte was written, or the peer closes the
+    /// connection after that byte (the guest powered off), it resolves as [`Outcome::Sent`]
+    /// too. The grace counts from the latest instant given to the connection before the
+    /// write was reported. In guest-agent mode those four commands get this with
+    /// [`Config::quiet_grace`] unless marked otherwise.
+    #[must_use]
+    pub fn reply_optional(mut self, grace: Duration) -> Self {
+        self.expect_reply = true;
+        self.quiet = Some(grace);
         self
     }
 
@@ -617,6 +649,8 @@ struct Pending {
     /// Encoded bytes while still waiting in the local queue.
     queued: Option<Vec<u8>>,
     fds: bool,
+    /// [`Command::reply_optional`]: silence this long after the write means success.
+    quiet: Option<Duration>,
 }
 
 impl Pending {
@@ -709,6 +743,8 @@ pub struct Connection {
     next_id: u64,
     /// The next QGA sync id.
     next_sync: u64,
+    /// The latest instant given to a method: when a write reported without one happened.
+    last_now: Instant,
     /// The sync id being waited for, and whether its 0xFF was seen.
     syncing: Option<(u64, bool)>,
     /// A message that could not be read came before the greeting.
@@ -763,6 +799,7 @@ impl Connection {
             handshake_deadline,
             next_id: 1,
             next_sync: 0,
+            last_now: now,
             syncing: None,
             unreadable_before_greeting: false,
             pending: IdMap::default(),
@@ -791,10 +828,11 @@ impl Connection {
 
     /// Feeds bytes read from the transport. (`now` is part of the contract for every input;
     /// input alone never fires a deadline.)
-    pub fn handle_input(&mut self, _now: Instant, data: &[u8]) {
+    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
         if self.state == State::Closed {
             return;
         }
+        self.last_now = self.last_now.max(now);
         self.stats.bytes_received += data.len() as u64;
         for chunk in data.chunks(FEED_CHUNK) {
             self.feed(chunk);
@@ -912,6 +950,7 @@ impl Connection {
         if self.state == State::Closed {
             return;
         }
+        self.last_now = self.last_now.max(now);
         if self.handshake_deadline.is_some_and(|d| d <= now) {
             self.handshake_deadline = None;
             let why = match self.state {
@@ -945,6 +984,13 @@ impl Connection {
                 Purpose::Negotiation => continue,
             }
             let written = p.written;
+            if p.quiet.is_some() && written == Written::All {
+                // No reply since it was written: it succeeded, as such commands do.
+                let _ = self.forget(id, Failure::Timeout);
+                self.inband.retain(|&q| q != id);
+                self.complete(id, Outcome::Sent);
+                continue;
+            }
             resync |= written != Written::Nothing;
             let outcome = self.forget(id, Failure::Timeout);
             self.complete(id, outcome);
@@ -978,6 +1024,16 @@ impl Connection {
                 if done && !p.expect_reply {
                     self.take_pending(seg.id);
                     self.complete(seg.id, Outcome::Sent);
+                } else if done
+                    && let Some(grace) = p.quiet
+                    && let Some(at) = self.last_now.checked_add(grace)
+                    && p.deadline.is_none_or(|d| at < d)
+                {
+                    // Silence from here on means it succeeded.
+                    if let Some(old) = p.deadline.replace(at) {
+                        self.deadlines.remove(&(old, seg.id));
+                    }
+                    self.deadlines.insert((at, seg.id));
                 }
             }
             if !done {
@@ -999,9 +1055,17 @@ impl Connection {
     ///
     /// # Errors
     /// See [`LocalError`]; on error nothing changed.
-    pub fn send(&mut self, now: Instant, cmd: Command) -> Result<RequestId, LocalError> {
+    pub fn send(&mut self, now: Instant, mut cmd: Command) -> Result<RequestId, LocalError> {
         if self.state == State::Closed {
             return Err(LocalError::Closed);
+        }
+        self.last_now = self.last_now.max(now);
+        if matches!(self.config.mode, Mode::Qga { .. })
+            && cmd.expect_reply
+            && cmd.quiet.is_none()
+            && QGA_QUIET.contains(&cmd.name.as_str())
+        {
+            cmd.quiet = Some(self.config.quiet_grace);
         }
         if cmd.oob {
             if matches!(self.config.mode, Mode::Qga { .. }) {
@@ -1078,6 +1142,7 @@ impl Connection {
                 deadline,
                 queued,
                 fds: cmd.fds,
+                quiet: cmd.quiet,
             },
         );
         if direct {
@@ -1308,6 +1373,7 @@ impl Connection {
                 deadline: None,
                 queued: None,
                 fds: false,
+                quiet: None,
             },
         );
         self.put_on_wire(NEGOTIATION_ID, &bytes);
@@ -1424,13 +1490,19 @@ impl Connection {
             if first == id {
                 break;
             }
-            if self
-                .pending
-                .get(&first)
-                .is_some_and(|p| p.purpose == Purpose::User && p.written == Written::All)
+            if let Some(p) = self.pending.get(&first)
+                && p.purpose == Purpose::User
+                && p.written == Written::All
             {
+                // A later request's reply came first: one that answers only on failure
+                // succeeded; any other reply was lost.
+                let outcome = if p.quiet.is_some() {
+                    Outcome::Sent
+                } else {
+                    Outcome::Unknown(Failure::ReplyLost)
+                };
                 self.take_pending(first);
-                self.complete(first, Outcome::Unknown(Failure::ReplyLost));
+                self.complete(first, outcome);
             }
         }
     }
@@ -1542,6 +1614,7 @@ impl Connection {
                 deadline,
                 queued: None,
                 fds: false,
+                quiet: None,
             },
         );
         if let Some(at) = deadline {
@@ -1743,6 +1816,12 @@ impl Connection {
             let p = self.pending.remove(&id).expect("listed");
             let outcome = if p.written == Written::Nothing {
                 Outcome::NotSent(why)
+            } else if p.quiet.is_some()
+                && p.written == Written::All
+                && reason == CloseReason::PeerClosed
+            {
+                // The peer went away without a word after it: a guest powering off.
+                Outcome::Sent
             } else {
                 Outcome::Unknown(why)
             };

@@ -1188,6 +1188,103 @@ mod qga {
         assert_eq!(outs(&mut c), vec![replied(b, "{}")]);
     }
 
+    fn sent(id: RequestId) -> Output {
+        Output::Completed {
+            id,
+            outcome: Outcome::Sent,
+        }
+    }
+
+    #[test]
+    fn a_command_that_answers_only_on_failure_succeeds_after_the_grace_of_silence() {
+        let (t0, mut c) = synced();
+        let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-shutdown","id":1}"#);
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+        c.handle_timeout(t0 + Duration::from_millis(1999));
+        assert!(outs(&mut c).is_empty());
+        c.handle_timeout(t0 + Duration::from_secs(2));
+        assert_eq!(outs(&mut c), vec![sent(off)]);
+        assert_eq!(c.in_flight(), 0);
+        // No resync followed, and an error that comes later is only counted.
+        assert_eq!(tx(&mut c), "");
+        c.handle_input(
+            t0,
+            b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"late\"}, \"id\": 1}\n",
+        );
+        assert!(outs(&mut c).is_empty());
+        assert_eq!(c.stats().late_replies, 1);
+    }
+
+    #[test]
+    fn a_command_that_answers_only_on_failure_reports_its_failure() {
+        let (t0, mut c) = synced();
+        let off = c.send(t0, Command::new("guest-suspend-ram")).unwrap();
+        let _ = tx(&mut c);
+        c.handle_input(t0 + Duration::from_secs(1), b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"the host's firmware does not support S3\"}, \"id\": 1}\n");
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id: off,
+                outcome: Outcome::Replied(Err(CommandError::new(
+                    ErrorClass::GenericError,
+                    "the host's firmware does not support S3"
+                )))
+            }]
+        );
+    }
+
+    #[test]
+    fn a_later_reply_or_the_peer_leaving_means_it_succeeded() {
+        let (t0, mut c) = synced();
+        let suspend = c.send(t0, Command::new("guest-suspend-disk")).unwrap();
+        let ping = c.send(t0, Command::new("guest-ping")).unwrap();
+        let _ = tx(&mut c);
+        // Replies come in order: the ping's answer says the suspend ran without one.
+        c.handle_input(t0, b"{\"return\": {}, \"id\": 2}\n");
+        assert_eq!(outs(&mut c), vec![sent(suspend), replied(ping, "{}")]);
+
+        let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
+        let _ = tx(&mut c);
+        c.handle_eof(t0);
+        assert_eq!(
+            outs(&mut c),
+            vec![sent(off), Output::Closed(CloseReason::PeerClosed)]
+        );
+    }
+
+    #[test]
+    fn the_grace_counts_from_the_write_and_explicit_marks_are_kept() {
+        // Behind a slow freeze on a one-slot session, the shutdown is written only at 5 s.
+        let t0 = Instant::now();
+        let mut c = Connection::new(t0, Config::qga(4242).max_in_flight(1));
+        let _ = tx(&mut c);
+        c.handle_input(t0, b"\xff{\"return\": 4242}\n");
+        let _ = outs(&mut c);
+        let freeze = c.send(t0, Command::new("guest-fsfreeze-freeze")).unwrap();
+        let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-fsfreeze-freeze","id":1}"#);
+        let t5 = t0 + Duration::from_secs(5);
+        c.handle_input(t5, b"{\"return\": 2, \"id\": 1}\n");
+        assert_eq!(outs(&mut c), vec![replied(freeze, "2")]);
+        assert_eq!(tx(&mut c), r#"{"execute":"guest-shutdown","id":2}"#);
+        assert_eq!(c.poll_timeout(), Some(t5 + Duration::from_secs(2)));
+        c.handle_timeout(t5 + Duration::from_secs(2));
+        assert_eq!(outs(&mut c), vec![sent(off)]);
+
+        // no_reply keeps resolving on the write; QMP mode never guesses.
+        let (t0, mut c) = synced();
+        let off = c
+            .send(t0, Command::new("guest-shutdown").no_reply())
+            .unwrap();
+        let _ = tx(&mut c);
+        assert_eq!(outs(&mut c), vec![sent(off)]);
+        let (t0, mut c) = ready(Config::default());
+        c.send(t0, Command::new("guest-shutdown")).unwrap();
+        let _ = tx(&mut c);
+        assert_eq!(c.poll_timeout(), None);
+    }
+
     /// A synced agent with a `guest-info` written, which times out after 1 s.
     fn synced_with_a_request_out() -> (Instant, Connection, RequestId) {
         let (t0, mut c) = synced();
