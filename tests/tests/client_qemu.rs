@@ -710,8 +710,17 @@ async fn oob_overtakes_a_blocked_main_loop(rt: &Rt) {
         let r = c.execute_timeout::<Status, _>("query-status", &(), t).await;
         (r, order.fetch_add(1, Ordering::SeqCst))
     };
+    let base = c.stats().requests_sent;
     let oob = async {
-        let r: Result<Vec<Value>, _> = c.exec_oob("query-yank", &()).await;
+        // Sent only once both in-band commands are on the wire, so that it must overtake
+        // them; with a timeout, so that a broken oob fails the test (the reader below still
+        // unblocks QEMU) instead of hanging it.
+        while c.stats().requests_sent < base + 2 {
+            yield_now().await;
+        }
+        let r = c
+            .run::<Vec<Value>>(qmp_client::Command::new("query-yank").oob().timeout(Some(t)))
+            .await;
         let rank = order.fetch_add(1, Ordering::SeqCst);
         // Now unblock the main loop: read the dump to the end.
         let path = fifo.clone();
@@ -728,6 +737,21 @@ async fn oob_overtakes_a_blocked_main_loop(rt: &Rt) {
     d.unwrap();
     assert_eq!(st.unwrap().status, "prelaunch");
     assert!(reader.join().unwrap() > 64 << 20);
+}
+
+/// Lets the other tasks (the driver) run once.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await;
 }
 
 #[derive(Debug, Deserialize)]
