@@ -56,9 +56,19 @@ async fn peer_gone_mid_command(connect: Connect) {
     for r in results {
         let e = r.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Disconnected);
+        // The message says how far the command got.
         match e.send_status() {
-            Some(SendStatus::Unanswered) => unanswered += 1,
-            Some(SendStatus::NotSent) => {}
+            Some(SendStatus::Unanswered) => {
+                unanswered += 1;
+                assert_eq!(
+                    e.to_string(),
+                    "hang: the peer closed the connection (sent, but no reply came)"
+                );
+            }
+            Some(SendStatus::NotSent) => assert_eq!(
+                e.to_string(),
+                "hang: the peer closed the connection (not sent)"
+            ),
             other => panic!("{other:?}"),
         }
     }

@@ -365,11 +365,20 @@ async fn peer_killed(rt: &Rt) {
             }
             Err(e) => {
                 assert_eq!(e.kind(), ErrorKind::Disconnected, "{e}");
-                match e.send_status() {
-                    Some(SendStatus::NotSent) => not_sent += 1,
-                    Some(SendStatus::Unanswered) => unanswered += 1,
+                let what = match e.send_status() {
+                    Some(SendStatus::NotSent) => {
+                        not_sent += 1;
+                        "not sent"
+                    }
+                    Some(SendStatus::Unanswered) => {
+                        unanswered += 1;
+                        "sent, but no reply came"
+                    }
                     other => panic!("{other:?}"),
-                }
+                };
+                // A kill gives EOF or a reset: both read as the peer closing.
+                let eof = format!("query-version: the peer closed the connection ({what})");
+                assert_eq!(e.to_string(), eof);
             }
         }
     }
@@ -466,7 +475,7 @@ async fn run_state_step(c: &Client, cmd: &str, event: &str, status: &str, runnin
         .execute_then_wait(cmd, &(), event, |_| true, T)
         .await
         .unwrap();
-    assert_eq!(ev.name, event);
+    assert_eq!((ev.name.as_str(), ev.data), (event, None));
     let st: Status = c.execute("query-status", &()).await.unwrap();
     assert_eq!(
         st,
@@ -494,6 +503,25 @@ async fn vm_stop_cont_reset_quit(rt: &Rt) {
 
     run_state_step(&c, "cont", "RESUME", "running", true).await;
     run_state_step(&c, "stop", "STOP", "paused", false).await;
+
+    // A subscriber that reads nothing while ten run-state events come keeps the last two and
+    // says how many it lost; one that keeps up loses none.
+    let mut slow = c.subscribe_with_capacity(["STOP", "RESUME"], 2);
+    let all = c.subscribe(["STOP", "RESUME"]);
+    for _ in 0..5 {
+        run_state_step(&c, "cont", "RESUME", "running", true).await;
+        run_state_step(&c, "stop", "STOP", "paused", false).await;
+    }
+    let mut items = Vec::new();
+    for _ in 0..3 {
+        items.push(match slow.recv().await.unwrap() {
+            EventItem::Event(ev) => ev.name,
+            EventItem::Lagged(n) => format!("lagged {n}"),
+            other => panic!("{other:?}"),
+        });
+    }
+    assert_eq!(items, ["lagged 8", "RESUME", "STOP"]);
+    assert_eq!((slow.len(), all.len()), (0, 10));
 
     let (_, ev): (IgnoredAny, _) = c
         .execute_then_wait("system_reset", &(), "RESET", |_| true, T)
@@ -719,7 +747,11 @@ async fn oob_overtakes_a_blocked_main_loop(rt: &Rt) {
             yield_now().await;
         }
         let r = c
-            .run::<Vec<Value>>(qmp_client::Command::new("query-yank").oob().timeout(Some(t)))
+            .run::<Vec<Value>>(
+                qmp_client::Command::new("query-yank")
+                    .oob()
+                    .timeout(Some(t)),
+            )
             .await;
         let rank = order.fetch_add(1, Ordering::SeqCst);
         // Now unblock the main loop: read the dump to the end.
