@@ -1136,6 +1136,62 @@ fn demo_on_the_fake_says_so() {
 }
 
 #[test]
+fn demo_falls_back_to_the_fake_only_without_qemu_storage_daemon() {
+    // QMP_QEMU_DIR points the launcher at one directory: empty, there is no QEMU to use.
+    let empty = tempfile::tempdir().unwrap();
+    let o = Command::new(QMP)
+        .arg("demo")
+        .env("QMP_QEMU_DIR", empty.path())
+        .output()
+        .unwrap();
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
+    let expected = format!(
+        "qmp demo: NOTE: qemu-storage-daemon is not installed, so this tour talks to the testkit's FAKE QEMU (scripted replies), NOT a real QEMU.\n{}   the fake QEMU closed the connection\n\nTour finished in <time>",
+        DEMO_BODY.replace("DIR", "a scratch dir")
+    );
+    assert_eq!(normalise_demo(&out(&o)), expected);
+    let o = Command::new(QMP)
+        .args(["--spawn", "qsd", "query-version"])
+        .env("QMP_QEMU_DIR", empty.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        (o.status.code(), out(&o).as_str(), err(&o)),
+        (
+            Some(3),
+            "",
+            format!(
+                "qmp: --spawn qsd: qemu-storage-daemon is not installed (no executable in \
+                 QMP_QEMU_DIR={})\n",
+                empty.path().display()
+            )
+        )
+    );
+    // With the real program in that directory, the tour is on it.
+    let Some(real) = ["/usr/bin", "/usr/local/bin", "/usr/sbin"]
+        .iter()
+        .map(|d| std::path::Path::new(d).join("qemu-storage-daemon"))
+        .find(|p| p.exists())
+    else {
+        assert!(!Launch::storage_daemon().available());
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(real, dir.path().join("qemu-storage-daemon")).unwrap();
+    let o = Command::new(QMP)
+        .arg("demo")
+        .env("QMP_QEMU_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!((o.status.code(), err(&o).as_str()), (Some(0), ""));
+    assert!(
+        out(&o).starts_with("qmp demo: a guided tour on a real qemu-storage-daemon"),
+        "{}",
+        out(&o)
+    );
+}
+
+#[test]
 fn faults_from_the_fake_are_reported_not_hung() {
     use qmp_testkit::fake::{Action, Response};
     let script = Script::new()

@@ -24,6 +24,9 @@
 //! A missing binary makes [`Launch::spawn`] print `SKIP: <reason>` and return `None`, unless the
 //! environment sets `QMP_REQUIRE_QEMU=1` (as CI does): then it panics.
 //!
+//! The programs are looked for on `PATH`, then in the usual system directories; with
+//! `QMP_QEMU_DIR=DIR` set (a QEMU build directory, say), in `DIR` alone.
+//!
 //! # Example
 //! ```no_run
 //! use qmp_testkit::launch::Launch;
@@ -145,7 +148,8 @@ impl Launch {
         }
     }
 
-    /// Whether the program is installed (on `PATH` or in the usual system directories).
+    /// Whether the program is installed (on `PATH` or in the usual system directories; in
+    /// `$QMP_QEMU_DIR` alone when that is set).
     pub fn is_installed(&self) -> bool {
         find_binary(self.program()).is_some()
     }
@@ -160,10 +164,7 @@ impl Launch {
             return true;
         }
         let program = self.program();
-        let reason = format!(
-            "{program} not found (as an executable) on PATH or in {}",
-            SYSTEM_DIRS.join(", ")
-        );
+        let reason = format!("{program} not found (as an executable) {}", looked_in());
         assert!(
             std::env::var_os("QMP_REQUIRE_QEMU").as_deref() != Some(OsStr::new("1")),
             "QMP_REQUIRE_QEMU=1 but {reason}"
@@ -198,7 +199,10 @@ impl Launch {
 
     fn spawn_once(&self) -> Result<Qemu, LaunchError> {
         let program = self.program();
-        let binary = find_binary(program).ok_or(LaunchError::NotInstalled { program })?;
+        let binary = find_binary(program).ok_or_else(|| LaunchError::NotInstalled {
+            program,
+            looked_in: looked_in(),
+        })?;
         let dir = tempfile::Builder::new()
             .prefix("qmp-testkit-")
             .tempdir()
@@ -344,13 +348,12 @@ fn retry_taken_port<T>(
 #[non_exhaustive]
 pub enum LaunchError {
     /// The program is not installed.
-    #[error(
-        "{program} is not installed (no executable on PATH, /usr/sbin, /usr/bin, /usr/local/bin \
-         or /sbin)"
-    )]
+    #[error("{program} is not installed (no executable {looked_in})")]
     NotInstalled {
         /// The program's name.
         program: &'static str,
+        /// Where it was looked for: `on PATH, /usr/sbin, ...`, or `in QMP_QEMU_DIR=DIR`.
+        looked_in: String,
     },
     /// A system call failed.
     #[error("{0}: {1}")]
@@ -390,8 +393,27 @@ pub enum LaunchError {
 /// Where [`find_binary`] looks after `PATH`.
 const SYSTEM_DIRS: [&str; 4] = ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"];
 
-/// Looks for `program` on `PATH`, then in [`SYSTEM_DIRS`]: the first executable file.
+/// Where [`find_binary`] looks, in words.
+fn looked_in() -> String {
+    match qemu_dir() {
+        Some(dir) => format!("in QMP_QEMU_DIR={}", dir.display()),
+        None => format!("on PATH or in {}", SYSTEM_DIRS.join(", ")),
+    }
+}
+
+/// The directory `QMP_QEMU_DIR` names, when it is set and not empty.
+fn qemu_dir() -> Option<PathBuf> {
+    std::env::var_os("QMP_QEMU_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Looks for `program` in `$QMP_QEMU_DIR` when that is set; otherwise on `PATH`, then in
+/// [`SYSTEM_DIRS`]: the first executable file.
 fn find_binary(program: &str) -> Option<PathBuf> {
+    if let Some(dir) = qemu_dir() {
+        return find_in([dir], program);
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     find_in(
         std::env::split_paths(&path).chain(SYSTEM_DIRS.map(PathBuf::from)),
