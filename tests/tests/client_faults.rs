@@ -392,6 +392,35 @@ async fn guest_agent_commands_that_answer_only_on_failure(connect: Connect) {
     assert!(matches!(driver.await, Ok(())));
 }
 
+async fn a_tcp_connect_nobody_answers_gives_up_at_the_connect_timeout(connect: Connect) {
+    // A listener whose accept queue is full drops further SYNs, as a host behind a firewall
+    // that drops packets: the system would retry for about two minutes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    rustix::net::listen(&listener, 0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _held: Vec<_> = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })
+        .collect();
+    let start = Instant::now();
+    let builder = Builder::new().connect_timeout(Some(Duration::from_millis(300)));
+    let e = connect(Addr::Tcp(addr), builder)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(
+        (e.kind(), e.to_string().as_str()),
+        (
+            ErrorKind::Io,
+            "cannot open the transport: no connection within 300ms"
+        )
+    );
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
 /// `connect_unix_wait(path, builder, wait)`, the driver spawned as in [`Connect`].
 type ConnectWait =
     fn(PathBuf, Builder, Duration) -> BoxFut<Result<(Client, BoxFut<Result<(), Error>>), Error>>;
@@ -557,6 +586,12 @@ macro_rules! faults_on {
             $block_on(super::guest_agent_commands_that_answer_only_on_failure(
                 $connect,
             ));
+        }
+        #[test]
+        fn a_tcp_connect_nobody_answers_gives_up_at_the_connect_timeout() {
+            $block_on(
+                super::a_tcp_connect_nobody_answers_gives_up_at_the_connect_timeout($connect),
+            );
         }
         #[test]
         fn greeted_twice_at_start_up() {

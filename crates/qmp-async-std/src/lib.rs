@@ -51,7 +51,8 @@ pub async fn accept_tcp(
     from_stream(stream, builder).await
 }
 
-/// Connects to a QMP TCP socket with async-std's `TcpStream` and performs the handshake.
+/// Connects to a QMP TCP socket with async-std's `TcpStream` within the builder's
+/// [`connect_timeout`](Builder::connect_timeout) and performs the handshake.
 ///
 /// # Errors
 /// [`ErrorKind::Io`] when the socket cannot be opened, else as for [`Builder::handshake`].
@@ -59,7 +60,8 @@ pub async fn connect_tcp(
     addr: impl async_std::net::ToSocketAddrs,
     builder: Builder,
 ) -> Result<(Client, Connection), Error> {
-    let stream = async_std::net::TcpStream::connect(addr).await?;
+    let connect = async_std::net::TcpStream::connect(addr);
+    let stream = builder.connect_within(&AsyncStdTimer, connect).await?;
     stream.set_nodelay(true)?;
     from_stream(stream, builder).await
 }

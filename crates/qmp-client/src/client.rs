@@ -42,6 +42,7 @@ const DEFAULT_EVENT_QUEUE: usize = 1024;
 pub struct Builder {
     config: Config,
     event_queue: usize,
+    connect_timeout: Option<Duration>,
 }
 
 impl Default for Builder {
@@ -51,13 +52,58 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// QMP with the defaults: `oob` enabled when offered, 10 s handshake timeout, no command
-    /// timeout, 8 in-band commands in flight, 16 MiB message limit, 1024 events per subscriber.
+    /// QMP with the defaults: `oob` enabled when offered, 10 s connect and handshake
+    /// timeouts, no command timeout, 8 in-band commands in flight, 16 MiB message limit, 1024
+    /// events per subscriber.
     pub fn new() -> Self {
         Self {
             config: Config::qmp(),
             event_queue: DEFAULT_EVENT_QUEUE,
+            connect_timeout: Some(Duration::from_secs(10)),
         }
+    }
+
+    /// How long an adapter's `connect_tcp` waits for the connection itself, before the
+    /// handshake timeout starts (`None`: as long as the system tries, about two minutes on
+    /// Linux for a host that drops packets). Default: 10 s.
+    pub fn connect_timeout(mut self, t: Option<Duration>) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// Runs `connect`, an adapter's connect future, within the
+    /// [`connect_timeout`](Self::connect_timeout) on `timer`.
+    ///
+    /// # Errors
+    /// `connect`'s error, or [`ErrorKind::Io`] with an [`std::io::ErrorKind::TimedOut`]
+    /// source when the time runs out.
+    pub async fn connect_within<S>(
+        &self,
+        timer: &dyn Timer,
+        connect: impl Future<Output = std::io::Result<S>>,
+    ) -> Result<S, Error> {
+        let Some(limit) = self.connect_timeout else {
+            return Ok(connect.await?);
+        };
+        let Some(deadline) = timer.now().checked_add(limit) else {
+            return Ok(connect.await?);
+        };
+        let mut connect = std::pin::pin!(connect);
+        let mut sleep = timer.sleep_until(deadline);
+        futures_util::future::poll_fn(|cx| {
+            if let Poll::Ready(res) = connect.as_mut().poll(cx) {
+                return Poll::Ready(res.map_err(Error::from));
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {limit:?}"),
+                );
+                return Poll::Ready(Err(Error::from(e)));
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// The protocol configuration this builder holds.
@@ -69,7 +115,7 @@ impl Builder {
     pub fn with_config(config: Config) -> Self {
         Self {
             config,
-            event_queue: DEFAULT_EVENT_QUEUE,
+            ..Self::new()
         }
     }
 

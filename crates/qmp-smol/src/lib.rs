@@ -152,7 +152,8 @@ pub async fn accept_tcp(
     from_stream(stream, builder).await
 }
 
-/// Connects to a QMP TCP socket and performs the handshake.
+/// Connects to a QMP TCP socket within the builder's
+/// [`connect_timeout`](Builder::connect_timeout) and performs the handshake.
 ///
 /// # Errors
 /// As for [`connect_unix`].
@@ -160,7 +161,8 @@ pub async fn connect_tcp(
     addr: impl smol::net::AsyncToSocketAddrs,
     builder: Builder,
 ) -> Result<(Client, Connection), Error> {
-    let stream = smol::net::TcpStream::connect(addr).await?;
+    let connect = smol::net::TcpStream::connect(addr);
+    let stream = builder.connect_within(&SmolTimer, connect).await?;
     stream.set_nodelay(true)?;
     from_stream(stream, builder).await
 }

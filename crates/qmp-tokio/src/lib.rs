@@ -230,7 +230,8 @@ pub async fn accept_tcp(
     from_stream(stream, builder).await
 }
 
-/// Connects to a QMP TCP socket and performs the handshake.
+/// Connects to a QMP TCP socket within the builder's
+/// [`connect_timeout`](Builder::connect_timeout) and performs the handshake.
 ///
 /// # Errors
 /// As for [`connect_unix`].
@@ -238,7 +239,8 @@ pub async fn connect_tcp(
     addr: impl tokio::net::ToSocketAddrs,
     builder: Builder,
 ) -> Result<(Client, Connection), Error> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let connect = tokio::net::TcpStream::connect(addr);
+    let stream = builder.connect_within(&TokioTimer::new(), connect).await?;
     stream.set_nodelay(true)?;
     from_stream(stream, builder).await
 }
