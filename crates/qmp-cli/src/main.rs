@@ -3,6 +3,7 @@
 //! One-shot commands with `key=value` arguments checked against the live schema, event
 //! following, an interactive shell with completion, schema look-ups, policy enforcement
 //! (`qmp-ops`), and a guided demo. Built on `qmp-tokio`; see `qmp --help`.
+#![cfg_attr(not(fuzzing), warn(missing_docs))]
 
 /// `println!` that ignores a closed stdout (`qmp events | head -1`) instead of panicking.
 macro_rules! outln {

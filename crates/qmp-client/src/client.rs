@@ -291,16 +291,16 @@ where
 /// with an [`Error`] whose [`send_status`](Error::send_status) says whether it was sent. It
 /// does no I/O itself; the [`Connection`] future does, and MUST be running.
 ///
+/// # Cancel safety
+/// Dropping a command's future abandons it: if it was not written it never will be, and if it
+/// was, its late reply is discarded, never given to another command.
+///
 /// # Drop behavior
 /// The session stays open while any clone of the client is alive. Dropping the last one
 /// closes it as [`close`](Self::close) does, without waiting for the driver: event streams
 /// end with [`EventItem::Closed`], and the driver shuts the transport down and completes with
 /// `Ok(())`, so the monitor (which QEMU serves to one client at a time) is free for the next
 /// connection.
-///
-/// # Cancel safety
-/// Dropping a command's future abandons it: if it was not written it never will be, and if it
-/// was, its late reply is discarded, never given to another command.
 #[derive(Clone)]
 pub struct Client {
     shared: Handle,
