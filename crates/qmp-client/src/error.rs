@@ -43,10 +43,15 @@ pub enum ErrorKind {
 
 /// An error from the client: its [`kind`](Self::kind), the command it concerns, the server's
 /// class and description for [`ErrorKind::Command`], and the [`SendStatus`].
+#[derive(thiserror::Error)]
+#[error(transparent)]
 pub struct Error {
     inner: Box<Inner>,
 }
 
+/// Boxed, so that `Result<T, Error>` stays one pointer wide.
+#[derive(thiserror::Error)]
+#[error("{}{message}", command_prefix(.command.as_deref()))]
 struct Inner {
     kind: ErrorKind,
     command: Option<String>,
@@ -54,7 +59,19 @@ struct Inner {
     server: Option<CommandError>,
     remote: Option<RemoteError>,
     message: String,
+    #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// `name: ` before the message of an error about a command.
+fn command_prefix(command: Option<&str>) -> String {
+    command.map(|name| format!("{name}: ")).unwrap_or_default()
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inner").finish_non_exhaustive()
+    }
 }
 
 impl Error {
@@ -216,24 +233,6 @@ impl fmt::Debug for Error {
             .field("remote", &self.inner.remote)
             .field("message", &self.inner.message)
             .finish()
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(name) = &self.inner.command {
-            write!(f, "{name}: ")?;
-        }
-        f.write_str(&self.inner.message)
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.inner
-            .source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
