@@ -89,13 +89,35 @@ async fn closed_mid_reply(connect: Connect) {
     );
     let fake = FakeQemu::unix(script).unwrap();
     let (c, driver) = connect(Addr::of(&fake), Builder::new()).await.unwrap();
+    let mut events = c.subscribe(qmp_client::EventFilter::all());
     let e = c.execute_raw("x", &()).await.unwrap_err();
     assert_eq!(
-        (e.kind(), e.send_status()),
-        (ErrorKind::Disconnected, Some(SendStatus::Unanswered))
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::Disconnected,
+            Some(SendStatus::Unanswered),
+            "x: the peer closed the connection (sent, but no reply came)"
+        )
     );
-    assert!(driver.await.is_ok());
-    assert_eq!(c.stats().anomalies, 1);
+    assert!(matches!(driver.await, Ok(())));
+    assert_eq!(c.stats().anomalies, 1, "the truncated reply");
+    // The session is over, as QEMU's would be.
+    assert_eq!(
+        events.recv().await,
+        Some(qmp_client::EventItem::Closed(
+            qmp_client::CloseReason::PeerClosed
+        ))
+    );
+    assert_eq!(events.recv().await, None);
+    let e = c.execute_raw("x", &()).await.unwrap_err();
+    assert_eq!(
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::Disconnected,
+            Some(SendStatus::NotSent),
+            "x: the peer closed the connection (not sent)"
+        )
+    );
 }
 
 async fn never_greeted(connect: Connect) {
@@ -352,9 +374,16 @@ async fn reset_after_quit_is_a_normal_close(connect: Connect) {
     let script = Script::new().on("quit", Response::ok("{}").then(Action::Reset));
     let fake = FakeQemu::tcp(script).unwrap();
     let (c, driver) = connect(Addr::of(&fake), Builder::new()).await.unwrap();
+    let mut events = c.subscribe(qmp_client::EventFilter::all());
     let _: IgnoredAny = c.execute("quit", &()).await.unwrap();
-    assert!(driver.await.is_ok());
+    assert!(matches!(driver.await, Ok(())));
     assert!(c.is_closed());
+    assert_eq!(
+        events.recv().await,
+        Some(qmp_client::EventItem::Closed(
+            qmp_client::CloseReason::PeerClosed
+        ))
+    );
 }
 
 async fn guest_agent_commands_that_answer_only_on_failure(connect: Connect) {

@@ -118,7 +118,15 @@ async fn handshake_typed_raw_and_errors(rt: &Rt) {
         .execute::<Version, _>("query-block-jobs", &())
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Decode);
+    assert_eq!(
+        (e.kind(), e.send_status(), e.to_string().as_str()),
+        (
+            ErrorKind::Decode,
+            Some(SendStatus::Answered),
+            "query-block-jobs: the reply does not match the expected type: invalid length 0, \
+             expected struct Version with 1 element at line 1 column 2"
+        )
+    );
     assert_eq!(c.pending(), 0);
 }
 
@@ -590,7 +598,11 @@ async fn vm_hotplug_device_deleted(rt: &Rt) {
         .execute_raw("device_del", &json!({"id": "tab"}))
         .await
         .unwrap_err();
-    assert_eq!(e.server_error().unwrap().class, ErrorClass::DeviceNotFound);
+    let se = e.server_error().unwrap();
+    assert_eq!(
+        (&se.class, se.desc.as_str()),
+        (&ErrorClass::DeviceNotFound, "Device 'tab' not found")
+    );
 }
 
 #[derive(Debug, Deserialize)]
@@ -910,7 +922,14 @@ async fn socketpair_and_accept(rt: &Rt) {
             .execute_raw("blockdev-del", &json!({"node-name": "x"}))
             .await
             .unwrap_err();
-        assert_eq!(e.server_error().unwrap().class, ErrorClass::GenericError);
+        let se = e.server_error().unwrap();
+        assert_eq!(
+            (&se.class, se.desc.as_str()),
+            (
+                &ErrorClass::GenericError,
+                "Failed to find node with node-name='x'"
+            )
+        );
     }
     drop(q);
     let _ = std::fs::remove_dir_all(&dir);

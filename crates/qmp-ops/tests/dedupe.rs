@@ -231,7 +231,12 @@ fn errors_are_not_cached() {
         qmp_proto::ErrorClass::GenericError,
         "no",
     )));
-    assert!(block_on(ops.execute("query-a", None)).is_err());
+    assert_eq!(
+        block_on(ops.execute("query-a", None))
+            .unwrap_err()
+            .to_string(),
+        "query-a failed after 1 attempt(s): qemu error: GenericError: no"
+    );
     assert_eq!(ops.cached(), 0);
     assert_eq!(block_on(ops.execute("query-a", None)).unwrap().get(), "{}");
     assert_eq!(exec.count(), 2);

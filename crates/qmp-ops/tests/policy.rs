@@ -321,9 +321,12 @@ fn a_full_toml_policy_loads() {
     assert_eq!(d.rule.lock.as_deref(), Some("hotplug"));
     assert_eq!(d.rule.retry_classes, vec![ErrorClass::DeviceNotActive]);
     assert_eq!(p.retry_for(&d.rule), want_default.max_attempts(2));
-    assert!(
+    assert_eq!(
         p.check("device_add", Some(&args(r#"{"driver":"e1000"}"#)))
-            .is_err()
+            .unwrap_err()
+            .to_string(),
+        "device_add denied by rule commands.\"device_add\": argument /driver = \"e1000\" is not \
+         allowed (allowed: usb-tablet)"
     );
     assert_eq!(
         p.check("quit", None).unwrap_err().rule,
@@ -347,7 +350,10 @@ fn the_same_policy_loads_from_json() {
         p.check("device_add", Some(&args(r#"{"driver":"usb-tablet"}"#)))
             .is_ok()
     );
-    assert!(p.check("quit", None).is_err());
+    assert_eq!(
+        p.check("quit", None).unwrap_err().rule,
+        RuleRef::Command("quit".into())
+    );
 }
 
 fn toml_err(text: &str) -> PolicyError {

@@ -169,7 +169,10 @@ fn a_healthy_session_is_reused_and_command_errors_keep_it() {
     )));
     let s = sessions.clone();
     let exec = Reconnecting::new(move || s.connect());
-    assert!(block_on(exec.execute("a", None)).is_err());
+    assert_eq!(
+        block_on(exec.execute("a", None)).unwrap_err().to_string(),
+        "qemu error: GenericError: nope"
+    );
     assert!(block_on(exec.execute("b", None)).is_ok());
     assert_eq!(only.names(), ["a", "b"]);
     assert_eq!(sessions.connects.load(Ordering::SeqCst), 1);
