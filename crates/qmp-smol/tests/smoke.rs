@@ -182,3 +182,65 @@ fn waiting_for_a_socket_rides_out_a_full_backlog() {
     assert_eq!(version["qemu"]["major"], 10);
     drop(first);
 }
+
+#[test]
+fn a_reply_that_came_with_descriptors_does_not_hide_the_next_one() {
+    // A peer may attach descriptors to what it sends (QEMU does not). The kernel ends a read
+    // after the bytes they came with (and closes the descriptors, as no room was offered for
+    // them); both replies must still arrive. async-io's readiness is level-triggered, so here
+    // (unlike on tokio) taking the short read for an empty socket would not lose the second.
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let (mine, mut theirs) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        theirs.write_all(
+            b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\r\n",
+        ).unwrap();
+        let mut buf = [0u8; 256];
+        let n = theirs.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], br#"{"execute":"qmp_capabilities","id":0}"#);
+        theirs
+            .write_all(b"{\"return\": {}, \"id\": 0}\r\n")
+            .unwrap();
+        let expected = br#"{"execute":"a","id":1}{"execute":"b","id":2}"#;
+        let mut wrote = Vec::new();
+        while wrote.len() < expected.len() {
+            let n = theirs.read(&mut buf).unwrap();
+            assert_ne!(n, 0, "the client closed early");
+            wrote.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(wrote, expected);
+        // The first reply carries a descriptor, the second follows at once.
+        let fd = devnull();
+        let text = "{\"return\": 1, \"id\": 1}\r\n";
+        let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let fds = [fd.as_fd()];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+        let iov = [std::io::IoSlice::new(text.as_bytes())];
+        let n = rustix::net::sendmsg(&theirs, &iov, &mut control, rustix::net::SendFlags::empty())
+            .unwrap();
+        assert_eq!(n, text.len());
+        theirs.write_all(b"{\"return\": 2, \"id\": 2}\r\n").unwrap();
+        theirs
+    });
+    smol::block_on(async {
+        let (c, conn) = qmp_smol::from_unix_stream(mine, Builder::new())
+            .await
+            .unwrap();
+        let driver = smol::spawn(conn);
+        let (a, b) = (c.clone(), c.clone());
+        let calls = smol::future::zip(async move { a.execute_raw("a", &()).await }, async move {
+            b.execute_raw("b", &()).await
+        });
+        let give_up = async {
+            smol::Timer::after(Duration::from_secs(5)).await;
+            panic!("a reply was left unread");
+        };
+        let (one, two) = smol::future::or(calls, give_up).await;
+        assert_eq!((one.unwrap().get(), two.unwrap().get()), ("1", "2"));
+        c.close().await;
+        assert!(matches!(driver.await, Ok(())));
+    });
+    drop(server.join().unwrap());
+}
