@@ -224,8 +224,10 @@ struct Job {
 }
 
 /// A mirror slowed down by `speed` is paused, resumed and cancelled. A step's
-/// JOB_STATUS_CHANGE can come before the step's reply (it did for the first three here) or
-/// after it; `execute_then_wait` must see it either way.
+/// JOB_STATUS_CHANGE can come before the step's reply or after it; `execute_then_wait` must
+/// see it either way. QEMU 10.0.2 reports `created` and `running` while it handles
+/// `blockdev-mirror` (checked below) and `paused` before `job-pause`'s reply, but a cancelled
+/// job reaches `null` only after `job-cancel`'s reply, in a later main-loop turn.
 async fn block_job_pause_resume_cancel(rt: &Rt) {
     let Some(q) = qsd() else { return };
     let c = rt
@@ -252,7 +254,17 @@ async fn block_job_pause_resume_cancel(rt: &Rt) {
     };
     let mirror = json!({"job-id": "m1", "device": "src", "target": "dst", "sync": "full",
         "speed": 1 << 20});
-    step("blockdev-mirror", mirror, "running").await;
+    let mut early = c.subscribe("JOB_STATUS_CHANGE");
+    let _: IgnoredAny = c.execute("blockdev-mirror", &mirror).await.unwrap();
+    // Both events came before the reply: they were queued when the call returned.
+    assert_eq!(early.len(), 2);
+    for want in ["created", "running"] {
+        match early.recv().await.unwrap() {
+            EventItem::Event(ev) => assert_eq!(ev.data::<JobStatus>().unwrap().status, want),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(early);
     step("job-pause", json!({"id": "m1"}), "paused").await;
     let paused = Job {
         id: "m1".into(),
