@@ -722,6 +722,17 @@ async fn vm_fd_passing_oob_and_hmp(rt: &Rt) {
     // The launch has one chardev, the monitor's m0.
     let yank: Vec<Value> = c.exec_oob("query-yank", &()).await.unwrap();
     assert_eq!(yank, [json!({"type": "chardev", "id": "m0"})]);
+    // `yank` itself, out of band, on nothing: accepted; on an unknown instance: refused.
+    let none: Value = c.exec_oob("yank", &json!({"instances": []})).await.unwrap();
+    assert_eq!(none, json!({}));
+    let e = c
+        .exec_oob::<Value, _>(
+            "yank",
+            &json!({"instances": [{"type": "chardev", "id": "nope"}]}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "yank: DeviceNotFound: Instance not found");
 
     let out: String = c
         .execute(
