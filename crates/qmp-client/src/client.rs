@@ -63,9 +63,9 @@ impl Builder {
         }
     }
 
-    /// How long an adapter's `connect_tcp` waits for the connection itself, before the
-    /// handshake timeout starts (`None`: as long as the system tries, about two minutes on
-    /// Linux for a host that drops packets). Default: 10 s.
+    /// How long an adapter's `connect_tcp` waits for the connection (name resolution
+    /// included), before the handshake timeout starts (`None`: as long as the system tries,
+    /// about two minutes on Linux for a host that drops packets). Default: 10 s.
     pub fn connect_timeout(mut self, t: Option<Duration>) -> Self {
         self.connect_timeout = t;
         self
@@ -140,8 +140,9 @@ impl Builder {
     /// Guest agent only: how long `guest-shutdown` and `guest-suspend-*`, which answer only
     /// when they fail, wait for that answer once written. Silence that long (or the agent's
     /// connection closing, or a later command's reply) means they succeeded: they return
-    /// `null` (ask for `()` or [`serde::de::IgnoredAny`]). Default: 2 s. A command marked
-    /// with [`Command::no_reply`] or [`Command::reply_optional`] keeps its own mark.
+    /// `null` (ask for `()` or [`serde::de::IgnoredAny`]). A command timeout shorter than
+    /// this still fails them as unanswered. Default: 2 s. A command marked with
+    /// [`Command::no_reply`] or [`Command::reply_optional`] keeps its own mark.
     pub fn quiet_grace(mut self, t: Duration) -> Self {
         self.config.quiet_grace = t;
         self

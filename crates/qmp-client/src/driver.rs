@@ -266,7 +266,8 @@ impl Connection {
                             // Sent with these bytes; our copies can go.
                             inner.fds.remove(&id);
                         }
-                        inner.proto.handle_transmitted(n);
+                        let now = inner.now(timer);
+                        inner.proto.handle_transmitted(now, n);
                         self.need_flush = true;
                         progress = true;
                     }

@@ -31,15 +31,15 @@ fn ready() -> Connection {
     let t0 = Instant::now();
     let mut c = Connection::new(t0, Config::default());
     c.handle_input(t0, GREETING);
-    drain_tx(&mut c);
+    drain_tx(&mut c, t0);
     c.handle_input(t0, b"{\"return\": {}, \"id\": 0}\r\n");
     while c.poll_output().is_some() {}
     c
 }
 
-fn drain_tx(c: &mut Connection) {
+fn drain_tx(c: &mut Connection, now: Instant) {
     while let Some(n) = c.poll_transmit().map(<[u8]>::len) {
-        c.handle_transmitted(n);
+        c.handle_transmitted(now, n);
     }
 }
 
@@ -76,7 +76,7 @@ fn time_proto(iters: u64, bytes: &[u8], is_event: bool) -> Duration {
                 }
             })
             .collect();
-        drain_tx(&mut conn);
+        drain_tx(&mut conn, Instant::now());
         // A driver reads the clock once per wake-up, not per message.
         let now = Instant::now();
         let start = Instant::now();

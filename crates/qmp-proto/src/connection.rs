@@ -8,7 +8,9 @@ use serde::Serialize;
 
 use crate::Instant;
 use crate::framer::{Frame, Framer};
-use crate::wire::{self, CommandError, Event, Greeting, Incoming, RawJson, Unread, WireId};
+use crate::wire::{
+    self, CommandError, ErrorClass, Event, Greeting, Incoming, RawJson, Unread, WireId,
+};
 
 /// Which protocol the connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,12 +261,13 @@ impl Command {
 
     /// Marks a command that answers only when it fails, as QGA's `guest-shutdown` and
     /// `guest-suspend-*` do: a reply resolves it as usual, and so does a later request's
-    /// reply (replies come in order, so it succeeded silently: [`Outcome::Sent`]). If no
-    /// reply has come `grace` after its last byte was written, or the peer closes the
-    /// connection after that byte (the guest powered off), it resolves as [`Outcome::Sent`]
-    /// too. The grace counts from the latest instant given to the connection before the
-    /// write was reported. In guest-agent mode those four commands get this with
-    /// [`Config::quiet_grace`] unless marked otherwise.
+    /// reply or a completed resync (replies come in order, so it succeeded silently:
+    /// [`Outcome::Sent`]). If no reply has come `grace` after its last byte was written
+    /// ([`Connection::handle_transmitted`]'s instant), or the peer closes the connection after
+    /// that byte (the guest powered off), it resolves as [`Outcome::Sent`] too. Its own
+    /// timeout, if that comes first, fails it as usual ([`Outcome::Unknown`]). In guest-agent
+    /// mode those four commands get this with [`Config::quiet_grace`] unless marked
+    /// [`no_reply`](Self::no_reply) or given their own grace here.
     #[must_use]
     pub fn reply_optional(mut self, grace: Duration) -> Self {
         self.expect_reply = true;
@@ -474,7 +477,8 @@ impl fmt::Display for Failure {
 pub enum Outcome {
     /// The server answered: the raw `return` value, or the error.
     Replied(Result<RawJson, CommandError>),
-    /// A [`Command::no_reply`] command was written in full.
+    /// A [`Command::no_reply`] command was written in full, or a
+    /// [`Command::reply_optional`] one was and no failure came back.
     Sent,
     /// No byte of it reached the transport: retrying is always safe.
     NotSent(Failure),
@@ -651,6 +655,8 @@ struct Pending {
     fds: bool,
     /// [`Command::reply_optional`]: silence this long after the write means success.
     quiet: Option<Duration>,
+    /// When that silence is long enough: set once the last byte is written.
+    quiet_at: Option<Instant>,
 }
 
 impl Pending {
@@ -743,7 +749,7 @@ pub struct Connection {
     next_id: u64,
     /// The next QGA sync id.
     next_sync: u64,
-    /// The latest instant given to a method: when a write reported without one happened.
+    /// The latest instant given to a method (time never goes back for the machine).
     last_now: Instant,
     /// The sync id being waited for, and whether its 0xFF was seen.
     syncing: Option<(u64, bool)>,
@@ -909,13 +915,15 @@ impl Connection {
     }
 
     /// Reports that the peer closed the stream (EOF, reset, broken pipe).
-    pub fn handle_eof(&mut self, _now: Instant) {
+    pub fn handle_eof(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
         self.end_stream(CloseReason::PeerClosed);
     }
 
     /// Reports that reading or writing failed on this side for another reason than the peer
     /// going away (the session cannot go on; the I/O error itself is the driver's to report).
-    pub fn handle_transport_error(&mut self, _now: Instant) {
+    pub fn handle_transport_error(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
         self.end_stream(CloseReason::TransportFailed);
     }
 
@@ -924,7 +932,8 @@ impl Connection {
     /// for one, the process has too many descriptors in flight). The request resolves as not
     /// sent, its bytes leave the transmit buffer, and the session goes on. Returns whether it
     /// did: false when `poll_fds` names no request (nothing changes then).
-    pub fn handle_fds_refused(&mut self, _now: Instant) -> bool {
+    pub fn handle_fds_refused(&mut self, now: Instant) -> bool {
+        self.last_now = self.last_now.max(now);
         let Some(RequestId(id)) = self.poll_fds() else {
             return false;
         };
@@ -984,7 +993,7 @@ impl Connection {
                 Purpose::Negotiation => continue,
             }
             let written = p.written;
-            if p.quiet.is_some() && written == Written::All {
+            if p.quiet_at.is_some_and(|at| at <= now) {
                 // No reply since it was written: it succeeded, as such commands do.
                 let _ = self.forget(id, Failure::Timeout);
                 self.inband.retain(|&q| q != id);
@@ -1003,8 +1012,9 @@ impl Connection {
     }
 
     /// Reports that the first `n` bytes shown by [`poll_transmit`](Self::poll_transmit) were
-    /// written.
-    pub fn handle_transmitted(&mut self, n: usize) {
+    /// written at `now` (the grace of a [`Command::reply_optional`] command counts from it).
+    pub fn handle_transmitted(&mut self, now: Instant, n: usize) {
+        self.last_now = self.last_now.max(now);
         let n = n.min(self.out.len() - self.out_pos);
         if n == 0 {
             return;
@@ -1027,13 +1037,16 @@ impl Connection {
                 } else if done
                     && let Some(grace) = p.quiet
                     && let Some(at) = self.last_now.checked_add(grace)
-                    && p.deadline.is_none_or(|d| at < d)
                 {
-                    // Silence from here on means it succeeded.
-                    if let Some(old) = p.deadline.replace(at) {
-                        self.deadlines.remove(&(old, seg.id));
+                    // Silence from here on, until `at`, means it succeeded; its own timeout,
+                    // if earlier, still fails it.
+                    p.quiet_at = Some(at);
+                    if p.deadline.is_none_or(|d| at < d) {
+                        if let Some(old) = p.deadline.replace(at) {
+                            self.deadlines.remove(&(old, seg.id));
+                        }
+                        self.deadlines.insert((at, seg.id));
                     }
-                    self.deadlines.insert((at, seg.id));
                 }
             }
             if !done {
@@ -1143,6 +1156,7 @@ impl Connection {
                 queued,
                 fds: cmd.fds,
                 quiet: cmd.quiet,
+                quiet_at: None,
             },
         );
         if direct {
@@ -1173,6 +1187,7 @@ impl Connection {
     /// reconnect of the transport or an anomaly. New commands wait until it completes. Has no
     /// effect in QMP mode or when closed.
     pub fn resync(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
         if matches!(self.config.mode, Mode::Qga { .. }) && self.state != State::Closed {
             self.start_sync(now);
         }
@@ -1180,7 +1195,8 @@ impl Connection {
 
     /// Closes the connection: every pending request resolves now, unsent bytes are dropped, and
     /// [`Output::Closed`] follows. The driver SHOULD then shut the transport down.
-    pub fn close(&mut self, _now: Instant) {
+    pub fn close(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
         if self.state != State::Closed {
             self.shut(CloseReason::Local);
         }
@@ -1374,6 +1390,7 @@ impl Connection {
                 queued: None,
                 fds: false,
                 quiet: None,
+                quiet_at: None,
             },
         );
         self.put_on_wire(NEGOTIATION_ID, &bytes);
@@ -1396,6 +1413,7 @@ impl Connection {
                     // no sync can succeed, so say so now rather than at the deadline.
                     if self.state == State::Syncing
                         && let Err(e) = &result
+                        && e.class == ErrorClass::CommandNotFound
                         && e.desc.contains("guest-sync-delimited")
                     {
                         let e = e.clone();
@@ -1615,6 +1633,7 @@ impl Connection {
                 queued: None,
                 fds: false,
                 quiet: None,
+                quiet_at: None,
             },
         );
         if let Some(at) = deadline {
@@ -1665,13 +1684,17 @@ impl Connection {
         // forget their tombstones, and free their slots.
         while let Some(id) = self.inband.pop_front() {
             self.tombstones.remove(&id);
-            if self
-                .pending
-                .get(&id)
-                .is_some_and(|p| p.written != Written::Nothing)
+            if let Some(p) = self.pending.get(&id)
+                && p.written != Written::Nothing
             {
+                // One that answers only on failure and was written whole did not fail.
+                let outcome = if p.quiet.is_some() && p.written == Written::All {
+                    Outcome::Sent
+                } else {
+                    Outcome::Unknown(Failure::ReplyLost)
+                };
                 self.take_pending(id);
-                self.complete(id, Outcome::Unknown(Failure::ReplyLost));
+                self.complete(id, outcome);
             }
         }
         if self.state != State::Ready {

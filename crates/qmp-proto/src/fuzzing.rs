@@ -117,7 +117,7 @@ fn outputs_of(config: &Config, greet: bool, input: &[u8], sizes: &[u8]) -> Vec<S
     }
     if let crate::Mode::Qga { sync_seed } = config.mode {
         while let Some(n) = c.poll_transmit().map(<[u8]>::len) {
-            c.handle_transmitted(n);
+            c.handle_transmitted(t0, n);
         }
         let mut sync = vec![0xFF];
         sync.extend_from_slice(format!("{{\"return\": {sync_seed}}}\n").as_bytes());
@@ -130,7 +130,7 @@ fn outputs_of(config: &Config, greet: bool, input: &[u8], sizes: &[u8]) -> Vec<S
     }
     let flush = |c: &mut Connection, log: &mut Vec<String>| {
         while let Some(n) = c.poll_transmit().map(<[u8]>::len) {
-            c.handle_transmitted(n);
+            c.handle_transmitted(t0, n);
         }
         log.extend(std::iter::from_fn(|| c.poll_output()).map(|o| format!("{o:?}")));
     };
@@ -210,7 +210,7 @@ pub fn roundtrip(data: &[u8]) {
     c.handle_input(t0, b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\n{\"return\": {}, \"id\": 0}\n");
     let id = c.send(t0, Command::new("x")).expect("ready");
     while let Some(n) = c.poll_transmit().map(<[u8]>::len) {
-        c.handle_transmitted(n);
+        c.handle_transmitted(t0, n);
     }
     while c.poll_output().is_some() {}
     let msg = serde_json::json!({ "return": value, "id": id.get() });
@@ -327,7 +327,7 @@ pub fn op_sequence(data: &[u8]) {
                 if let Some(bytes) = c.poll_transmit() {
                     let part = usize::from(b.byte()) % (bytes.len() + 1);
                     wire.extend_from_slice(&bytes[..part]);
-                    c.handle_transmitted(part);
+                    c.handle_transmitted(now, part);
                     check_wire(&wire);
                 }
             }

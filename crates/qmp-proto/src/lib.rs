@@ -21,13 +21,13 @@
 //! conn.handle_input(t0, b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": [\"oob\"]}}\r\n");
 //! let out = conn.poll_transmit().unwrap().to_vec();
 //! assert_eq!(out, br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":0}"#);
-//! conn.handle_transmitted(out.len());
+//! conn.handle_transmitted(t0, out.len());
 //!
 //! // Negotiation done: the queued command goes out.
 //! conn.handle_input(t0, b"{\"return\": {}, \"id\": 0}\r\n");
 //! let out = conn.poll_transmit().unwrap().to_vec();
 //! assert_eq!(out, br#"{"execute":"query-status","id":1}"#);
-//! conn.handle_transmitted(out.len());
+//! conn.handle_transmitted(t0, out.len());
 //!
 //! conn.handle_input(t0 + Duration::from_millis(1), b"{\"return\": {\"status\": \"running\", \"running\": true}, \"id\": 1}\r\n");
 //! let mut reply = None;

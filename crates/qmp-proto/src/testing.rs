@@ -320,7 +320,7 @@ impl Pair {
         let mut progress = false;
         while let Some(bytes) = self.client.poll_transmit() {
             let bytes = bytes.to_vec();
-            self.client.handle_transmitted(bytes.len());
+            self.client.handle_transmitted(self.now, bytes.len());
             if !self.eof {
                 self.fake.handle_input(self.now, &bytes);
             }

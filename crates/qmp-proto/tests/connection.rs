@@ -20,10 +20,15 @@ const OK0: &str = "{\"return\": {}, \"id\": 0}\r\n";
 
 /// Writes everything the machine wants to send and returns it as text (lossy for 0xFF).
 fn tx(c: &mut Connection) -> String {
+    tx_at(c, Instant::now())
+}
+
+/// [`tx`], reporting the writes at `now`.
+fn tx_at(c: &mut Connection, now: Instant) -> String {
     let mut all = Vec::new();
     while let Some(bytes) = c.poll_transmit() {
         let bytes = bytes.to_vec();
-        c.handle_transmitted(bytes.len());
+        c.handle_transmitted(now, bytes.len());
         all.extend_from_slice(&bytes);
     }
     String::from_utf8_lossy(&all).into_owned()
@@ -741,7 +746,7 @@ fn eof_resolves_everything_with_the_right_outcome() {
     let _ = tx(&mut c);
     let partial = c.send(t0, Command::new("b").oob()).unwrap();
     let n = c.poll_transmit().unwrap().len();
-    c.handle_transmitted(n - 3);
+    c.handle_transmitted(t0, n - 3);
     let queued = c.send(t0, Command::new("c")).unwrap();
     c.handle_input(t0, b"{\"return\": {}, \"i");
     c.handle_eof(t0);
@@ -801,7 +806,7 @@ fn abandoning_never_leaves_half_a_request_on_the_wire() {
     let a = c.send(t0, Command::new("first")).unwrap();
     let b = c.send(t0, Command::new("second")).unwrap();
     let cc = c.send(t0, Command::new("third")).unwrap();
-    c.handle_transmitted(5);
+    c.handle_transmitted(t0, 5);
     // `a` is partly written: the rest still goes. `b` has no byte out: it vanishes.
     assert!(c.abandon(a));
     assert!(c.abandon(b));
@@ -883,13 +888,13 @@ fn file_descriptor_requests_start_their_own_write() {
     assert_eq!(c.poll_fds(), None);
     let first = c.poll_transmit().unwrap().to_vec();
     assert_eq!(first, br#"{"execute":"a","id":1}"#);
-    c.handle_transmitted(first.len());
+    c.handle_transmitted(t0, first.len());
     assert_eq!(c.poll_fds(), Some(fd));
     assert_eq!(
         c.poll_transmit().unwrap(),
         br#"{"execute":"getfd","arguments":{"fdname":"f"},"id":2}"#
     );
-    c.handle_transmitted(1);
+    c.handle_transmitted(t0, 1);
     assert_eq!(c.poll_fds(), None, "fds go with the first byte only");
 }
 
@@ -1050,7 +1055,7 @@ mod qga {
         let t0 = Instant::now();
         let mut c = Connection::new(t0, Config::qga(4242));
         assert_eq!(c.state(), State::Syncing);
-        assert_eq!(tx(&mut c), SYNC);
+        assert_eq!(tx_at(&mut c, t0), SYNC);
         c.handle_input(t0, b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error\"}}\n\xff{\"return\": 4242}\n");
         assert_eq!(outs(&mut c), vec![Output::Ready(ready_caps(&[]))]);
         (t0, c)
@@ -1205,7 +1210,7 @@ mod qga {
     fn a_command_that_answers_only_on_failure_succeeds_after_the_grace_of_silence() {
         let (t0, mut c) = synced();
         let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
-        assert_eq!(tx(&mut c), r#"{"execute":"guest-shutdown","id":1}"#);
+        assert_eq!(tx_at(&mut c, t0), r#"{"execute":"guest-shutdown","id":1}"#);
         assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(2)));
         c.handle_timeout(t0 + Duration::from_millis(1999));
         assert!(outs(&mut c).is_empty());
@@ -1215,7 +1220,7 @@ mod qga {
         // No resync followed, and an error that comes later is only counted.
         assert_eq!(tx(&mut c), "");
         c.handle_input(
-            t0,
+            t0 + Duration::from_secs(3),
             b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"late\"}, \"id\": 1}\n",
         );
         assert!(outs(&mut c).is_empty());
@@ -1264,16 +1269,19 @@ mod qga {
         // Behind a slow freeze on a one-slot session, the shutdown is written only at 5 s.
         let t0 = Instant::now();
         let mut c = Connection::new(t0, Config::qga(4242).max_in_flight(1));
-        let _ = tx(&mut c);
+        let _ = tx_at(&mut c, t0);
         c.handle_input(t0, b"\xff{\"return\": 4242}\n");
         let _ = outs(&mut c);
         let freeze = c.send(t0, Command::new("guest-fsfreeze-freeze")).unwrap();
         let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
-        assert_eq!(tx(&mut c), r#"{"execute":"guest-fsfreeze-freeze","id":1}"#);
+        assert_eq!(
+            tx_at(&mut c, t0),
+            r#"{"execute":"guest-fsfreeze-freeze","id":1}"#
+        );
         let t5 = t0 + Duration::from_secs(5);
         c.handle_input(t5, b"{\"return\": 2, \"id\": 1}\n");
         assert_eq!(outs(&mut c), vec![replied(freeze, "2")]);
-        assert_eq!(tx(&mut c), r#"{"execute":"guest-shutdown","id":2}"#);
+        assert_eq!(tx_at(&mut c, t5), r#"{"execute":"guest-shutdown","id":2}"#);
         assert_eq!(c.poll_timeout(), Some(t5 + Duration::from_secs(2)));
         c.handle_timeout(t5 + Duration::from_secs(2));
         assert_eq!(outs(&mut c), vec![sent(off)]);
@@ -1289,6 +1297,86 @@ mod qga {
         c.send(t0, Command::new("guest-shutdown")).unwrap();
         let _ = tx(&mut c);
         assert_eq!(c.poll_timeout(), None);
+    }
+
+    #[test]
+    fn its_own_shorter_timeout_still_fails_it_as_unanswered() {
+        // Silence for 0.5 s is not the 2 s grace: the caller's timeout wins, with no
+        // claim that it worked.
+        let (t0, mut c) = synced();
+        let half = Duration::from_millis(500);
+        let off = c
+            .send(t0, Command::new("guest-shutdown").timeout(Some(half)))
+            .unwrap();
+        let _ = tx_at(&mut c, t0);
+        assert_eq!(c.poll_timeout(), Some(t0 + half));
+        c.handle_timeout(t0 + half);
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id: off,
+                outcome: Outcome::Unknown(Failure::Timeout)
+            }]
+        );
+        // A timeout longer than the grace leaves the grace in charge.
+        let (t0, mut c) = synced();
+        let long = c
+            .send(
+                t0,
+                Command::new("guest-suspend-ram").timeout(Some(Duration::from_secs(60))),
+            )
+            .unwrap();
+        let t1 = t0 + Duration::from_secs(1);
+        let _ = tx_at(&mut c, t1);
+        c.handle_timeout(t1 + Duration::from_secs(2));
+        let out = outs(&mut c);
+        assert_eq!(out.last(), Some(&sent(long)), "{out:?}");
+    }
+
+    #[test]
+    fn a_resync_or_a_transport_failure_after_it_was_written() {
+        // A resync answered in order: the quiet command written before it did not fail.
+        let (t0, mut c, info) = synced_with_a_request_out();
+        let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
+        let _ = tx_at(&mut c, t0);
+        c.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id: info,
+                outcome: Outcome::Unknown(Failure::Timeout)
+            }]
+        );
+        assert_eq!(tx_at(&mut c, t0), SYNC.replace("4242", "4243"));
+        c.handle_input(t0, b"\xff{\"return\": 4243}\n");
+        assert_eq!(outs(&mut c), vec![sent(off)]);
+
+        // This side failing says nothing about the command: unknown.
+        let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
+        let _ = tx_at(&mut c, t0);
+        c.handle_transport_error(t0);
+        assert_eq!(
+            outs(&mut c),
+            vec![
+                Output::Completed {
+                    id: off,
+                    outcome: Outcome::Unknown(Failure::TransportFailed)
+                },
+                Output::Closed(CloseReason::TransportFailed)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_parse_error_that_quotes_the_sync_does_not_end_the_handshake() {
+        // A previous client cut off inside "guest-sync-delimited": our 0xFF makes the agent
+        // report that token, naming the command, as a GenericError.
+        let t0 = Instant::now();
+        let mut c = Connection::new(t0, Config::qga(4242));
+        let _ = tx_at(&mut c, t0);
+        c.handle_input(t0, b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\\"guest-sync-delimited'\"}}\n");
+        assert!(outs(&mut c).is_empty());
+        assert_eq!(c.state(), State::Syncing);
     }
 
     /// A synced agent with a `guest-info` written, which times out after 1 s.

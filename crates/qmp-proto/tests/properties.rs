@@ -18,17 +18,17 @@ fn ready(max_in_flight: usize) -> (Instant, Connection) {
     let t0 = Instant::now();
     let mut c = Connection::new(t0, Config::default().max_in_flight(max_in_flight));
     c.handle_input(t0, GREETING);
-    drain_tx(&mut c);
+    drain_tx(&mut c, t0);
     c.handle_input(t0, b"{\"return\": {}, \"id\": 0}\r\n");
     while c.poll_output().is_some() {}
     (t0, c)
 }
 
-fn drain_tx(c: &mut Connection) -> Vec<u8> {
+fn drain_tx(c: &mut Connection, now: Instant) -> Vec<u8> {
     let mut all = Vec::new();
     while let Some(b) = c.poll_transmit() {
         let b = b.to_vec();
-        c.handle_transmitted(b.len());
+        c.handle_transmitted(now, b.len());
         all.extend(b);
     }
     all
@@ -96,7 +96,7 @@ proptest! {
             stream.extend_from_slice(render(&msg, *style).as_bytes());
             expected.push((id, v.clone()));
         }
-        drain_tx(&mut c);
+        drain_tx(&mut c, t0);
         feed_in_chunks(&mut c, t0, &stream, &cuts);
         let mut got = Vec::new();
         while let Some(o) = c.poll_output() {
@@ -140,7 +140,7 @@ proptest! {
             rounds += 1;
             prop_assert!(rounds < 1000, "livelock");
             // Everything the machine wrote is now "at the server".
-            let wire = drain_tx(&mut c);
+            let wire = drain_tx(&mut c, t0);
             for req in serde_json::Deserializer::from_slice(&wire).into_iter::<serde_json::Value>() {
                 let req = req.unwrap();
                 let id = req["id"].as_u64().unwrap();

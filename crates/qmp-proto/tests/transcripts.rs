@@ -149,7 +149,7 @@ fn replay(steps: &[Step], cut: Cut<'_>) -> (Vec<u8>, Vec<Output>) {
     let flush = |c: &mut Connection, written: &mut Vec<u8>, outputs: &mut Vec<Output>| {
         while let Some(bytes) = c.poll_transmit() {
             let bytes = bytes.to_vec();
-            c.handle_transmitted(bytes.len());
+            c.handle_transmitted(t0, bytes.len());
             written.extend_from_slice(&bytes);
         }
         outputs.extend(std::iter::from_fn(|| c.poll_output()));

@@ -71,7 +71,7 @@ impl Driver {
                     Err(e) => panic!("write: {e}"),
                 }
             };
-            self.conn.handle_transmitted(n);
+            self.conn.handle_transmitted(Instant::now(), n);
         }
         self.drain();
     }
