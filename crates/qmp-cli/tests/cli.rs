@@ -1168,11 +1168,7 @@ fn demo_falls_back_to_the_fake_only_without_qemu_storage_daemon() {
         )
     );
     // With the real program in that directory, the tour is on it.
-    let Some(real) = ["/usr/bin", "/usr/local/bin", "/usr/sbin"]
-        .iter()
-        .map(|d| std::path::Path::new(d).join("qemu-storage-daemon"))
-        .find(|p| p.exists())
-    else {
+    let Some(real) = Launch::storage_daemon().program_path() else {
         assert!(!Launch::storage_daemon().available());
         return;
     };

@@ -25,7 +25,8 @@
 //! environment sets `QMP_REQUIRE_QEMU=1` (as CI does): then it panics.
 //!
 //! The programs are looked for on `PATH`, then in the usual system directories; with
-//! `QMP_QEMU_DIR=DIR` set (a QEMU build directory, say), in `DIR` alone.
+//! `QMP_QEMU_DIR=DIR` set, in `DIR` alone (and its `storage-daemon/` and `qga/`
+//! subdirectories, where a QEMU build directory keeps those two programs).
 //!
 //! # Example
 //! ```no_run
@@ -113,12 +114,13 @@ impl Launch {
 
     /// Ties the program to the caller, the form for tools: it runs in a process group of its
     /// own, so a Ctrl-C at the terminal (SIGINT to the foreground process group) reaches only
-    /// the caller, which decides what to stop; and on Linux and FreeBSD the kernel kills it
-    /// (`PR_SET_PDEATHSIG`, `PROC_PDEATHSIG_CTL`) when the thread that started it ends, so it
-    /// never outlives a caller that was killed outright (other systems have no such signal:
-    /// there a caller killed outright leaves it running). Start it from a thread that lives as
-    /// long as the caller, such as the main thread. Tests leave this off: their QEMU programs share the test run's process group,
-    /// and may outlive the thread that started them.
+    /// the caller, which decides what to stop; and the kernel kills it when the caller goes,
+    /// so it never outlives a caller that was killed outright: on Linux when the thread that
+    /// started it ends (`PR_SET_PDEATHSIG`), on FreeBSD when the caller's process does
+    /// (`PROC_PDEATHSIG_CTL`). Other systems have no such signal: there a caller killed
+    /// outright leaves it running. Start it from a thread that lives as long as the caller,
+    /// such as the main thread. Tests leave this off: their QEMU programs share the test
+    /// run's process group, and may outlive the thread that started them.
     pub fn tied_to_caller(mut self) -> Self {
         self.tied_to_caller = true;
         self
@@ -151,7 +153,12 @@ impl Launch {
     /// Whether the program is installed (on `PATH` or in the usual system directories; in
     /// `$QMP_QEMU_DIR` alone when that is set).
     pub fn is_installed(&self) -> bool {
-        find_binary(self.program()).is_some()
+        self.program_path().is_some()
+    }
+
+    /// Where the program is, looked for as [`is_installed`](Self::is_installed) says.
+    pub fn program_path(&self) -> Option<PathBuf> {
+        find_binary(self.program())
     }
 
     /// Whether the program can be used by a test: `true` when it is installed; otherwise
@@ -304,8 +311,8 @@ fn tie_to_caller(cmd: &mut Command) {
     cmd.process_group(0);
 }
 
-/// Has the kernel kill the child when the thread that started it ends (Linux's
-/// `PR_SET_PDEATHSIG`, FreeBSD's `PROC_PDEATHSIG_CTL`).
+/// Has the kernel kill the child when its parent goes (Linux's `PR_SET_PDEATHSIG`: the thread
+/// that started it; FreeBSD's `PROC_PDEATHSIG_CTL`: the process).
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
 fn die_with_caller(cmd: &mut Command) {
     use rustix::process::{Signal, getpid, getppid, set_parent_process_death_signal};
@@ -408,17 +415,24 @@ fn qemu_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// Looks for `program` in `$QMP_QEMU_DIR` when that is set; otherwise on `PATH`, then in
-/// [`SYSTEM_DIRS`]: the first executable file.
+/// Looks for `program` in `$QMP_QEMU_DIR` (and its `storage-daemon/` and `qga/`) when that is
+/// set; otherwise on `PATH`, then in [`SYSTEM_DIRS`]: the first executable file.
 fn find_binary(program: &str) -> Option<PathBuf> {
     if let Some(dir) = qemu_dir() {
-        return find_in([dir], program);
+        return find_in(build_dirs(dir), program);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     find_in(
         std::env::split_paths(&path).chain(SYSTEM_DIRS.map(PathBuf::from)),
         program,
     )
+}
+
+/// Where `QMP_QEMU_DIR=dir` has the programs looked for: `dir`, then the subdirectories where
+/// a QEMU build directory keeps qemu-storage-daemon and qemu-ga.
+fn build_dirs(dir: PathBuf) -> [PathBuf; 3] {
+    let (daemon, agent) = (dir.join("storage-daemon"), dir.join("qga"));
+    [dir, daemon, agent]
 }
 
 /// The first executable file named `program` in `dirs`.
@@ -672,6 +686,25 @@ mod tests {
         let dirs = [plain.clone(), dir.clone(), exe.clone()];
         assert_eq!(find_in(dirs, "qemu-x"), Some(exe.join("qemu-x")));
         assert_eq!(find_in([plain, dir], "qemu-x"), None);
+    }
+
+    #[test]
+    fn a_qemu_build_directory_is_searched_where_meson_puts_the_programs() {
+        use std::os::unix::fs::PermissionsExt;
+        let build = tempfile::tempdir().unwrap();
+        let exe = std::fs::Permissions::from_mode(0o755);
+        for (sub, name) in [
+            ("", "qemu-system-x86_64"),
+            ("storage-daemon", "qemu-storage-daemon"),
+            ("qga", "qemu-ga"),
+        ] {
+            let dir = build.path().join(sub);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), "").unwrap();
+            std::fs::set_permissions(dir.join(name), exe.clone()).unwrap();
+            let dirs = build_dirs(build.path().to_owned());
+            assert_eq!(find_in(dirs, name), Some(dir.join(name)));
+        }
     }
 
     fn exited(stderr: &str) -> LaunchError {
