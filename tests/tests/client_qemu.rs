@@ -778,7 +778,12 @@ async fn oob_overtakes_a_blocked_main_loop(rt: &Rt) {
         // Sent only once both in-band commands are on the wire, so that it must overtake
         // them; with a timeout, so that a broken oob fails the test (the reader below still
         // unblocks QEMU) instead of hanging it.
+        let give_up = Instant::now() + t;
         while c.stats().requests_sent < base + 2 {
+            assert!(
+                !c.is_closed() && Instant::now() < give_up,
+                "the in-band commands never went out"
+            );
             yield_now().await;
         }
         let r = c

@@ -76,7 +76,8 @@ pub async fn connect_unix(
 }
 
 /// Like [`connect_unix`], retrying every 10 ms for up to `wait` while the socket does not
-/// exist yet or refuses connections (QEMU still starting); any other error (no permission,
+/// exist yet, refuses connections (QEMU still starting) or has a full listen backlog (QEMU
+/// not accepting while another client holds the monitor); any other error (no permission,
 /// not a socket, a path too long) is reported at once. A connection that the server
 /// closes before the session is ready is reported at once: a QEMU 10.0 monitor that does
 /// that does not recover. `Duration::MAX` waits for ever. Start the monitor with `wait=on`
