@@ -312,12 +312,16 @@ pub fn op_sequence(data: &[u8]) {
         }
         match b.byte() % 9 {
             0 | 1 => {
-                let cmd = match b.byte() % 4 {
+                let cmd = match b.byte() % 6 {
                     0 => Command::new("a"),
                     1 => Command::new("b").oob(),
                     2 => Command::new("c")
                         .timeout(Some(Duration::from_millis(u64::from(b.byte()) * 10))),
-                    _ => Command::new("d").no_reply(),
+                    3 => Command::new("d").no_reply(),
+                    // Answers only on failure: by name on the guest agent, by mark anywhere.
+                    4 => Command::new("guest-shutdown"),
+                    _ => Command::new("e")
+                        .reply_optional(Duration::from_millis(u64::from(b.byte()) * 10)),
                 };
                 if let Ok(id) = c.send(now, cmd) {
                     assert!(issued.insert(id.get(), "open").is_none(), "id reused");
