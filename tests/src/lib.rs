@@ -1,2 +1,17 @@
-//! Cross-crate tests live in `tests/`; this library is empty.
+//! Cross-crate tests live in `tests/`; this library holds what several of them share.
 #![cfg_attr(not(fuzzing), warn(missing_docs))]
+
+/// Lets the other tasks of the executor run once, whatever the runtime.
+pub async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use qmp_client::{Builder, Client, Error, ErrorClass, ErrorKind, EventItem, SendStatus};
 use qmp_testkit::launch::{Launch, Qemu};
+use qmp_tests::yield_now;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
@@ -809,21 +810,6 @@ async fn oob_overtakes_a_blocked_main_loop(rt: &Rt) {
     d.unwrap();
     assert_eq!(st.unwrap().status, "prelaunch");
     assert!(reader.join().unwrap() > 64 << 20);
-}
-
-/// Lets the other tasks (the driver) run once.
-async fn yield_now() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            std::task::Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
-        }
-    })
-    .await;
 }
 
 #[derive(Debug, Deserialize)]

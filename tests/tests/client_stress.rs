@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::{Either, select};
 use qmp_client::{Builder, Client};
 use qmp_testkit::launch::Launch;
+use qmp_tests::yield_now;
 use serde::de::IgnoredAny;
 use serde_json::json;
 
@@ -31,21 +32,6 @@ struct Rt {
     spawn: fn(BoxFut<u64>) -> BoxFut<u64>,
     /// The runtime's timer.
     sleep: fn(Duration) -> BoxFut<()>,
-}
-
-/// Lets the other tasks run once.
-async fn yield_now() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            std::task::Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
-        }
-    })
-    .await;
 }
 
 const TASKS: usize = 64;
