@@ -81,15 +81,29 @@ pub enum EventItem {
     /// during the handshake that did not fit the queue size (counted by the stream's filter,
     /// except past 64 distinct event names, when every such stream counts them). A message
     /// from the server that could not be read (invalid, or over the size or depth limits) and
-    /// answered no command may have been an event: every stream counts it.
+    /// answered no command may have been an event: every stream counts it, in its place
+    /// (after the events that came before it).
     Lagged(u64),
     /// The connection closed; this is the last item, the stream ends after it.
     Closed(CloseReason),
 }
 
+/// What a stream's queue holds: events, and where events may have been lost between them.
+#[derive(Debug)]
+enum Slot {
+    Event(Event),
+    /// Events that may have been lost at this point of the stream (a message that could not
+    /// be read, say): reported as [`EventItem::Lagged`] in its place, after the events that
+    /// came before it.
+    Lost(u64),
+}
+
 #[derive(Debug)]
 struct State {
-    queue: VecDeque<Event>,
+    queue: VecDeque<Slot>,
+    /// How many of `queue`'s slots are events (what the capacity bounds).
+    events: usize,
+    /// Events dropped from the front of a full queue, reported before everything queued.
     lagged: u64,
     closed: Option<CloseReason>,
     finished: bool,
@@ -115,6 +129,7 @@ impl Subscriber {
             backlog,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
+                events: 0,
                 lagged: 0,
                 closed: None,
                 finished: false,
@@ -140,11 +155,26 @@ impl Subscriber {
         if st.closed.is_some() {
             return None;
         }
-        if st.queue.len() >= self.capacity {
-            st.queue.pop_front();
-            st.lagged += 1;
+        if st.events >= self.capacity {
+            // Drop the oldest event, and fold the losses noted around it into the count
+            // reported first: nothing queued comes before them any more.
+            let mut dropped = false;
+            loop {
+                let lost = match st.queue.front() {
+                    Some(Slot::Lost(n)) => *n,
+                    Some(Slot::Event(_)) if !dropped => {
+                        dropped = true;
+                        st.events -= 1;
+                        1
+                    }
+                    _ => break,
+                };
+                st.lagged += lost;
+                st.queue.pop_front();
+            }
         }
-        st.queue.push_back(ev.clone());
+        st.queue.push_back(Slot::Event(ev.clone()));
+        st.events += 1;
         st.waker.take()
     }
 
@@ -153,16 +183,23 @@ impl Subscriber {
         self.filter.matches(name)
     }
 
-    /// Counts `n` events dropped before reaching this subscriber (reported as
-    /// [`EventItem::Lagged`] before the next event). Returns the waker to wake, as
-    /// [`offer`](Self::offer) does.
+    /// Counts `n` events lost on their way to this subscriber, after the events it holds:
+    /// reported as [`EventItem::Lagged`] once those are read, before the events offered
+    /// next. Returns the waker to wake, as [`offer`](Self::offer) does.
     #[must_use = "the stream's waker is to be woken"]
     pub(crate) fn lag(&self, n: u64) -> Option<Waker> {
         if n == 0 {
             return None;
         }
         let mut st = self.lock();
-        st.lagged += n;
+        if st.closed.is_some() {
+            return None;
+        }
+        match st.queue.back_mut() {
+            Some(Slot::Lost(m)) => *m += n,
+            Some(Slot::Event(_)) => st.queue.push_back(Slot::Lost(n)),
+            None => st.lagged += n,
+        }
         st.waker.take()
     }
 
@@ -183,7 +220,9 @@ impl Subscriber {
 ///
 /// It has its own bounded queue. When the queue is full the oldest event is dropped and the
 /// stream yields [`EventItem::Lagged`] with the count before the events that follow, so a slow
-/// reader never delays command replies or other subscribers. When the connection closes, the
+/// reader never delays command replies or other subscribers. A message that could not be
+/// read, and so may have been an event, is reported as `Lagged(1)` where it came, between the
+/// events before and after it. When the connection closes, the
 /// remaining events are yielded, then [`EventItem::Closed`], then the stream ends.
 ///
 /// # Drop behavior
@@ -222,7 +261,7 @@ impl EventStream {
 
     /// Events queued and not yet read.
     pub fn len(&self) -> usize {
-        self.sub.lock().queue.len()
+        self.sub.lock().events
     }
 
     /// Whether no event is queued.
@@ -236,8 +275,13 @@ impl EventStream {
             let n = std::mem::take(&mut st.lagged);
             return Poll::Ready(Some(EventItem::Lagged(n)));
         }
-        if let Some(ev) = st.queue.pop_front() {
-            return Poll::Ready(Some(EventItem::Event(ev)));
+        match st.queue.pop_front() {
+            Some(Slot::Event(ev)) => {
+                st.events -= 1;
+                return Poll::Ready(Some(EventItem::Event(ev)));
+            }
+            Some(Slot::Lost(n)) => return Poll::Ready(Some(EventItem::Lagged(n))),
+            None => {}
         }
         if st.finished {
             return Poll::Ready(None);

@@ -1043,6 +1043,31 @@ fn a_message_of_no_known_shape_fails_the_call_it_names_or_counts_as_a_lost_event
 }
 
 #[test]
+fn a_lost_event_is_reported_where_it_was_lost() {
+    // An unreadable message between two events may have been an event: a subscriber that
+    // rebuilds its state on Lagged must see it after the first event, not before.
+    let mut s = session(Builder::new());
+    let mut stream = s.client.subscribe("STOP");
+    let mut small = s.client.subscribe_with_capacity("STOP", 2);
+    s.srv.send(&event("STOP", 1));
+    s.srv.send("{\"event\": nope}\r\n");
+    s.srv.send(&event("STOP", 2));
+    s.pool.run_until_stalled();
+    assert_eq!(
+        items(&mut stream),
+        ["STOP {\"n\": 1}", "Lagged(1)", "STOP {\"n\": 2}"]
+    );
+    assert_eq!(small.len(), 2);
+    // A full queue drops its oldest event; a loss noted before that event moves up with it.
+    s.srv.send(&event("STOP", 3));
+    s.pool.run_until_stalled();
+    assert_eq!(
+        items(&mut small),
+        ["Lagged(2)", "STOP {\"n\": 2}", "STOP {\"n\": 3}"]
+    );
+}
+
+#[test]
 fn an_unreadable_message_during_the_handshake_counts_as_a_lost_event() {
     let (mut pool, _sp, _srv, client, conn) =
         handshake_with_events(Builder::new(), "{\"event\": nope}\r\n", &event("STOP", 1));
