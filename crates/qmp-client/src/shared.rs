@@ -84,7 +84,7 @@ pub(crate) struct Inner {
     /// meanwhile (QEMU may send some before or with the negotiation reply) wait here, up to
     /// `event_queue` of them, for the driver's first turn after the handshake.
     pub(crate) handshaking: bool,
-    early: std::collections::VecDeque<qmp_proto::Event>,
+    early: std::collections::VecDeque<Early>,
     /// The builder's queue size: of each subscriber's queue, and of `early`.
     pub(crate) event_queue: usize,
     /// Names of the early events dropped for want of room, with how many of each (at most
@@ -109,6 +109,14 @@ fn wait_on(list: &mut Vec<oneshot::Sender<()>>) -> oneshot::Receiver<()> {
     let (tx, rx) = oneshot::channel();
     push_pruned(list, tx, |tx| !tx.is_canceled());
     rx
+}
+
+/// What the handshake read for the first subscribers: an event, or a message that could not
+/// be read and may have been one.
+#[derive(Debug)]
+pub(crate) enum Early {
+    Event(qmp_proto::Event),
+    Unreadable,
 }
 
 /// How many distinct names of dropped early events are remembered, and how long a name may
@@ -342,16 +350,11 @@ impl Inner {
                     self.check_idle();
                 }
                 Output::Event(ev) if self.handshaking => {
-                    if self.early.len() == self.event_queue
-                        && let Some(old) = self.early.pop_front()
-                    {
-                        self.count_dropped(old.name);
-                    }
-                    self.early.push_back(ev);
+                    self.keep_early(Early::Event(ev));
                 }
                 Output::Event(ev) => self.each_subscriber(|sub| sub.offer(&ev)),
                 // Perhaps an event, of a name nobody can know: a loss for every stream.
-                Output::Unreadable if self.handshaking => self.early_dropped_other += 1,
+                Output::Unreadable if self.handshaking => self.keep_early(Early::Unreadable),
                 Output::Unreadable => self.each_subscriber(|sub| sub.lag(1)),
                 Output::Closed(reason) => {
                     #[cfg(feature = "tracing")]
@@ -379,6 +382,19 @@ impl Inner {
                 _ => {}
             }
         }
+    }
+
+    /// Keeps what the handshake read for the first subscribers, dropping the oldest (counted)
+    /// when the buffer is full.
+    fn keep_early(&mut self, item: Early) {
+        if self.early.len() == self.event_queue {
+            match self.early.pop_front() {
+                Some(Early::Event(old)) => self.count_dropped(old.name),
+                Some(Early::Unreadable) => self.early_dropped_other += 1,
+                None => {}
+            }
+        }
+        self.early.push_back(item);
     }
 
     fn count_dropped(&mut self, name: String) {
@@ -409,8 +425,13 @@ impl Inner {
                 .map(|(_, n)| n)
                 .sum();
             wakes.extend(sub.lag(lost + other).map(Wake::Task));
-            for ev in &early {
-                wakes.extend(sub.offer(ev).map(Wake::Task));
+            for item in &early {
+                let wake = match item {
+                    Early::Event(ev) => sub.offer(ev),
+                    // In its place among the events, as after the handshake.
+                    Early::Unreadable => sub.lag(1),
+                };
+                wakes.extend(wake.map(Wake::Task));
             }
         }
     }

@@ -1068,6 +1068,22 @@ fn a_lost_event_is_reported_where_it_was_lost() {
 }
 
 #[test]
+fn a_loss_during_the_handshake_is_reported_in_its_place_too() {
+    let before = format!("{}{{\"event\": nope}}\r\n", event("STOP", 1));
+    let (mut pool, _sp, _srv, client, conn) =
+        handshake_with_events(Builder::new(), &before, &event("STOP", 2));
+    let mut stream = client.subscribe("STOP");
+    pool.spawner()
+        .spawn_local(async move { drop(conn.await) })
+        .unwrap();
+    pool.run_until_stalled();
+    assert_eq!(
+        items(&mut stream),
+        ["STOP {\"n\": 1}", "Lagged(1)", "STOP {\"n\": 2}"]
+    );
+}
+
+#[test]
 fn an_unreadable_message_during_the_handshake_counts_as_a_lost_event() {
     let (mut pool, _sp, _srv, client, conn) =
         handshake_with_events(Builder::new(), "{\"event\": nope}\r\n", &event("STOP", 1));
