@@ -994,9 +994,9 @@ impl Connection {
             }
             let written = p.written;
             if p.quiet_at.is_some_and(|at| at <= now) {
-                // No reply since it was written: it succeeded, as such commands do.
+                // No reply for the grace since its turn came: it succeeded, as such commands
+                // do (`forget` frees its slot).
                 let _ = self.forget(id, Failure::Timeout);
-                self.inband.retain(|&q| q != id);
                 self.complete(id, Outcome::Sent);
                 continue;
             }
@@ -1034,19 +1034,6 @@ impl Connection {
                 if done && !p.expect_reply {
                     self.take_pending(seg.id);
                     self.complete(seg.id, Outcome::Sent);
-                } else if done
-                    && let Some(grace) = p.quiet
-                    && let Some(at) = self.last_now.checked_add(grace)
-                {
-                    // Silence from here on, until `at`, means it succeeded; its own timeout,
-                    // if earlier, still fails it.
-                    p.quiet_at = Some(at);
-                    if p.deadline.is_none_or(|d| at < d) {
-                        if let Some(old) = p.deadline.replace(at) {
-                            self.deadlines.remove(&(old, seg.id));
-                        }
-                        self.deadlines.insert((at, seg.id));
-                    }
                 }
             }
             if !done {
@@ -1054,6 +1041,7 @@ impl Connection {
             }
             self.segments.pop_front();
         }
+        self.start_front_grace();
         if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
@@ -1499,6 +1487,7 @@ impl Connection {
         if self.inband.front() == Some(&id) {
             // The usual case: replies arrive in the order the requests went out.
             self.inband.pop_front();
+            self.start_front_grace();
             return;
         }
         if !self.inband.contains(&id) {
@@ -1523,6 +1512,32 @@ impl Connection {
                 self.complete(first, outcome);
             }
         }
+        self.start_front_grace();
+    }
+
+    /// Starts the grace of the [`Command::reply_optional`] request at the front of the
+    /// in-band line once it is written whole: requests run in turn, so its silence counts only
+    /// from when those before it were answered. Its own timeout, if earlier, still fails it.
+    fn start_front_grace(&mut self) {
+        let Some(&id) = self.inband.front() else {
+            return;
+        };
+        let Some(p) = self.pending.get_mut(&id) else {
+            return;
+        };
+        if p.written != Written::All || p.quiet_at.is_some() {
+            return;
+        }
+        let Some(at) = p.quiet.and_then(|grace| self.last_now.checked_add(grace)) else {
+            return;
+        };
+        p.quiet_at = Some(at);
+        if p.deadline.is_none_or(|d| at < d) {
+            if let Some(old) = p.deadline.replace(at) {
+                self.deadlines.remove(&(old, id));
+            }
+            self.deadlines.insert((at, id));
+        }
     }
 
     /// A message skipped as unreadable (invalid, too large, too deep or of no known shape),
@@ -1533,8 +1548,14 @@ impl Connection {
         if self.state == State::AwaitingGreeting {
             self.unreadable_before_greeting = true;
         }
-        if self.state == State::Closed || self.syncing.is_some() {
-            // Closed: nothing listens. Syncing: stale output before the sync's answer.
+        if self.state == State::Closed {
+            return;
+        }
+        if self.syncing.is_some()
+            && !(self.state == State::Ready && matches!(unread, Unread::Reply(_)))
+        {
+            // Stale output before the sync's answer; only a reply to a request of ours, on
+            // a session that was ready, still counts.
             return;
         }
         let id = match unread {
@@ -1821,6 +1842,12 @@ impl Connection {
             {
                 self.tombstones.remove(&old);
             }
+        }
+        if p.quiet.is_some() {
+            // It may never answer (that is how it succeeds): no later reply would free its
+            // slot, so it goes now; a late error is still known by its tombstone.
+            self.inband.retain(|&q| q != id);
+            self.start_front_grace();
         }
         Outcome::Unknown(why)
     }

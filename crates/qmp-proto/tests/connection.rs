@@ -1379,6 +1379,96 @@ mod qga {
         assert_eq!(c.state(), State::Syncing);
     }
 
+    #[test]
+    fn the_grace_starts_when_the_requests_before_it_are_answered() {
+        // The agent runs requests in turn: written behind a slow freeze, the shutdown's
+        // silence counts only from the freeze's reply.
+        let (t0, mut c) = synced();
+        let freeze = c.send(t0, Command::new("guest-fsfreeze-freeze")).unwrap();
+        let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
+        let _ = tx_at(&mut c, t0);
+        assert_eq!(c.poll_timeout(), None);
+        c.handle_timeout(t0 + Duration::from_secs(3));
+        assert!(outs(&mut c).is_empty());
+        let t5 = t0 + Duration::from_secs(5);
+        c.handle_input(t5, b"{\"return\": 2, \"id\": 1}\n");
+        assert_eq!(outs(&mut c), vec![replied(freeze, "2")]);
+        assert_eq!(c.poll_timeout(), Some(t5 + Duration::from_secs(2)));
+        c.handle_timeout(t5 + Duration::from_secs(2));
+        assert_eq!(outs(&mut c), vec![sent(off)]);
+    }
+
+    #[test]
+    fn one_that_times_out_or_is_abandoned_gives_its_slot_back() {
+        // It may never answer, so no later reply would free its slot.
+        let t0 = Instant::now();
+        let mut c = Connection::new(t0, Config::qga(4242).max_in_flight(1));
+        let _ = tx_at(&mut c, t0);
+        c.handle_input(t0, b"\xff{\"return\": 4242}\n");
+        let _ = outs(&mut c);
+        let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
+        let ping = c.send(t0, Command::new("guest-ping")).unwrap();
+        assert_eq!(tx_at(&mut c, t0), r#"{"execute":"guest-shutdown","id":1}"#);
+        assert!(c.abandon(off));
+        assert_eq!(tx_at(&mut c, t0), r#"{"execute":"guest-ping","id":2}"#);
+        c.handle_input(t0, b"{\"return\": {}, \"id\": 2}\n");
+        assert_eq!(outs(&mut c), vec![replied(ping, "{}")]);
+
+        // On QMP, marked by hand, with its own shorter timeout.
+        let (t0, mut c) = ready(Config::default().max_in_flight(1));
+        let half = Duration::from_millis(500);
+        let quiet = Command::new("x")
+            .reply_optional(Duration::from_secs(2))
+            .timeout(Some(half));
+        let x = c.send(t0, quiet).unwrap();
+        let y = c.send(t0, Command::new("y")).unwrap();
+        assert_eq!(tx_at(&mut c, t0), r#"{"execute":"x","id":1}"#);
+        c.handle_timeout(t0 + half);
+        assert_eq!(
+            outs(&mut c),
+            vec![Output::Completed {
+                id: x,
+                outcome: Outcome::Unknown(Failure::Timeout)
+            }]
+        );
+        assert_eq!(tx_at(&mut c, t0 + half), r#"{"execute":"y","id":2}"#);
+        c.handle_input(t0 + half, b"{\"return\": 1, \"id\": 2}\r\n");
+        assert_eq!(outs(&mut c), vec![replied(y, "1")]);
+    }
+
+    #[test]
+    fn an_unreadable_answer_during_a_resync_is_still_its_answer() {
+        let t0 = Instant::now();
+        let mut c = Connection::new(t0, Config::qga(4242).max_message_size(200));
+        let _ = tx_at(&mut c, t0);
+        c.handle_input(t0, b"\xff{\"return\": 4242}\n");
+        let _ = outs(&mut c);
+        let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
+        let _ = tx_at(&mut c, t0);
+        c.resync(t0);
+        assert_eq!(tx_at(&mut c, t0), SYNC.replace("4242", "4243"));
+        // Its error, too large to read, comes before the sync's marker.
+        let big = format!(
+            "{{\"error\": {{\"class\": \"GenericError\", \"desc\": \"{}\"}}, \"id\": 1}}\n",
+            "x".repeat(300)
+        );
+        c.handle_input(t0, big.as_bytes());
+        let out = outs(&mut c);
+        assert!(
+            out.contains(&Output::Completed {
+                id: off,
+                outcome: Outcome::Unknown(Failure::ReplyLost)
+            }),
+            "{out:?}"
+        );
+        c.handle_input(t0, b"\xff{\"return\": 4243}\n");
+        assert!(
+            !outs(&mut c)
+                .iter()
+                .any(|o| matches!(o, Output::Completed { .. }))
+        );
+    }
+
     /// A synced agent with a `guest-info` written, which times out after 1 s.
     fn synced_with_a_request_out() -> (Instant, Connection, RequestId) {
         let (t0, mut c) = synced();
