@@ -623,7 +623,8 @@ impl Client {
     ///
     /// # Errors
     /// [`ErrorKind::Timeout`]; [`ErrorKind::Lagged`] when events were dropped from the full
-    /// queue meanwhile, or a message that could not be read came; [`ErrorKind::Disconnected`],
+    /// queue meanwhile, or a message that could not be read came before the awaited event;
+    /// [`ErrorKind::Disconnected`],
     /// [`ErrorKind::Closed`] or [`ErrorKind::Io`] when the connection ends first.
     pub fn wait_event(
         &self,

@@ -103,7 +103,8 @@ struct State {
     queue: VecDeque<Slot>,
     /// How many of `queue`'s slots are events (what the capacity bounds).
     events: usize,
-    /// Events dropped from the front of a full queue, reported before everything queued.
+    /// Events lost before everything queued: dropped from the front of a full queue, or
+    /// noted while the queue was empty. Reported first.
     lagged: u64,
     closed: Option<CloseReason>,
     finished: bool,

@@ -7,8 +7,8 @@
 //! clonable handle usable from many tasks: typed and raw commands, exec-oob, fd passing,
 //! per-call timeouts, and event subscriptions with bounded, drop-oldest queues. A stream
 //! subscribed before the connection is spawned also gets the events read during the
-//! handshake (as many as the event queue holds; `Lagged` counts the rest). Dropping the last
-//! client closes the session.
+//! handshake (as many as the event queue holds; `Lagged` counts the rest, and messages that
+//! could not be read, in their place). Dropping the last client closes the session.
 //!
 //! This crate does no I/O of its own, spawns nothing, and depends on no runtime. The protocol
 //! logic lives in the sans-IO [`qmp_proto`] machine. It wakes (and drops) your tasks' wakers

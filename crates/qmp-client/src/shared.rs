@@ -85,6 +85,8 @@ pub(crate) struct Inner {
     /// `event_queue` of them, for the driver's first turn after the handshake.
     pub(crate) handshaking: bool,
     early: std::collections::VecDeque<Early>,
+    /// How many of `early`'s items are events (what `event_queue` bounds).
+    early_events: usize,
     /// The builder's queue size: of each subscriber's queue, and of `early`.
     pub(crate) event_queue: usize,
     /// Names of the early events dropped for want of room, with how many of each (at most
@@ -116,7 +118,8 @@ fn wait_on(list: &mut Vec<oneshot::Sender<()>>) -> oneshot::Receiver<()> {
 #[derive(Debug)]
 pub(crate) enum Early {
     Event(qmp_proto::Event),
-    Unreadable,
+    /// This many messages in a row that could not be read.
+    Unreadable(u64),
 }
 
 /// How many distinct names of dropped early events are remembered, and how long a name may
@@ -149,6 +152,7 @@ impl Shared {
                 wakes: Vec::new(),
                 handshaking: true,
                 early: std::collections::VecDeque::new(),
+                early_events: 0,
                 event_queue: event_queue.max(1),
                 early_dropped: Vec::new(),
                 early_dropped_other: 0,
@@ -354,7 +358,7 @@ impl Inner {
                 }
                 Output::Event(ev) => self.each_subscriber(|sub| sub.offer(&ev)),
                 // Perhaps an event, of a name nobody can know: a loss for every stream.
-                Output::Unreadable if self.handshaking => self.keep_early(Early::Unreadable),
+                Output::Unreadable if self.handshaking => self.keep_early(Early::Unreadable(1)),
                 Output::Unreadable => self.each_subscriber(|sub| sub.lag(1)),
                 Output::Closed(reason) => {
                     #[cfg(feature = "tracing")]
@@ -387,14 +391,30 @@ impl Inner {
     /// Keeps what the handshake read for the first subscribers, dropping the oldest (counted)
     /// when the buffer is full.
     fn keep_early(&mut self, item: Early) {
-        if self.early.len() == self.event_queue {
-            match self.early.pop_front() {
-                Some(Early::Event(old)) => self.count_dropped(old.name),
-                Some(Early::Unreadable) => self.early_dropped_other += 1,
-                None => {}
+        match item {
+            Early::Unreadable(n) => match self.early.back_mut() {
+                // Merged, so markers never outnumber the events they sit between.
+                Some(Early::Unreadable(m)) => *m += n,
+                _ => self.early.push_back(Early::Unreadable(n)),
+            },
+            Early::Event(ev) => {
+                if self.early_events == self.event_queue {
+                    // Drop the oldest event, with the markers before it (counted for all).
+                    while let Some(old) = self.early.pop_front() {
+                        match old {
+                            Early::Unreadable(m) => self.early_dropped_other += m,
+                            Early::Event(old) => {
+                                self.early_events -= 1;
+                                self.count_dropped(old.name);
+                                break;
+                            }
+                        }
+                    }
+                }
+                self.early_events += 1;
+                self.early.push_back(Early::Event(ev));
             }
         }
-        self.early.push_back(item);
     }
 
     fn count_dropped(&mut self, name: String) {
@@ -411,6 +431,7 @@ impl Inner {
     /// first how many it lost to the full buffer.
     fn flush_early(&mut self) {
         let early = std::mem::take(&mut self.early);
+        self.early_events = 0;
         let dropped = std::mem::take(&mut self.early_dropped);
         let other = std::mem::take(&mut self.early_dropped_other);
         self.subscribers.retain(|w| w.strong_count() > 0);
@@ -429,7 +450,7 @@ impl Inner {
                 let wake = match item {
                     Early::Event(ev) => sub.offer(ev),
                     // In its place among the events, as after the handshake.
-                    Early::Unreadable => sub.lag(1),
+                    Early::Unreadable(n) => sub.lag(*n),
                 };
                 wakes.extend(wake.map(Wake::Task));
             }

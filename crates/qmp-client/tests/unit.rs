@@ -1084,6 +1084,23 @@ fn a_loss_during_the_handshake_is_reported_in_its_place_too() {
 }
 
 #[test]
+fn unreadable_messages_during_the_handshake_do_not_push_events_out() {
+    // Kept as one count between the events, not as room taken from them.
+    let before = format!("{}{}", event("STOP", 1), "{\"event\": nope}\r\n".repeat(5));
+    let (mut pool, _sp, _srv, client, conn) =
+        handshake_with_events(Builder::new().event_queue(2), &before, &event("STOP", 2));
+    let mut stream = client.subscribe("STOP");
+    pool.spawner()
+        .spawn_local(async move { drop(conn.await) })
+        .unwrap();
+    pool.run_until_stalled();
+    assert_eq!(
+        items(&mut stream),
+        ["STOP {\"n\": 1}", "Lagged(5)", "STOP {\"n\": 2}"]
+    );
+}
+
+#[test]
 fn an_unreadable_message_during_the_handshake_counts_as_a_lost_event() {
     let (mut pool, _sp, _srv, client, conn) =
         handshake_with_events(Builder::new(), "{\"event\": nope}\r\n", &event("STOP", 1));

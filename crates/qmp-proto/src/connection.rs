@@ -55,8 +55,9 @@ pub struct Config {
     /// Default per-command timeout, counted from `send`. Default: none.
     pub command_timeout: Option<Duration>,
     /// How long a guest-agent command that answers only when it fails (`guest-shutdown`,
-    /// `guest-suspend-*`) waits for that answer once written before it counts as done
-    /// ([`Command::reply_optional`]). Default 2 s.
+    /// `guest-suspend-*`) waits for that answer, once written and once the requests before it
+    /// are answered, before it counts as done ([`Command::reply_optional`]); its own timeout,
+    /// if shorter, still fails it. Default 2 s.
     pub quiet_grace: Duration,
     // --- Flow control ---
     /// Maximum in-band commands on the wire without a reply. Default 8 (QEMU's queue length).
