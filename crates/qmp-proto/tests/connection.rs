@@ -1052,8 +1052,13 @@ mod qga {
     const SYNC: &str = "\u{FFFD}{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":4242}}";
 
     fn synced() -> (Instant, Connection) {
+        synced_with(Config::qga(4242))
+    }
+
+    /// [`synced`] with `config` (whose sync seed must be 4242).
+    fn synced_with(config: Config) -> (Instant, Connection) {
         let t0 = Instant::now();
-        let mut c = Connection::new(t0, Config::qga(4242));
+        let mut c = Connection::new(t0, config);
         assert_eq!(c.state(), State::Syncing);
         assert_eq!(tx_at(&mut c, t0), SYNC);
         c.handle_input(t0, b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error\"}}\n\xff{\"return\": 4242}\n");
@@ -1267,11 +1272,7 @@ mod qga {
     #[test]
     fn the_grace_counts_from_the_write_and_explicit_marks_are_kept() {
         // Behind a slow freeze on a one-slot session, the shutdown is written only at 5 s.
-        let t0 = Instant::now();
-        let mut c = Connection::new(t0, Config::qga(4242).max_in_flight(1));
-        let _ = tx_at(&mut c, t0);
-        c.handle_input(t0, b"\xff{\"return\": 4242}\n");
-        let _ = outs(&mut c);
+        let (t0, mut c) = synced_with(Config::qga(4242).max_in_flight(1));
         let freeze = c.send(t0, Command::new("guest-fsfreeze-freeze")).unwrap();
         let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
         assert_eq!(
@@ -1401,11 +1402,7 @@ mod qga {
     #[test]
     fn one_that_times_out_or_is_abandoned_gives_its_slot_back() {
         // It may never answer, so no later reply would free its slot.
-        let t0 = Instant::now();
-        let mut c = Connection::new(t0, Config::qga(4242).max_in_flight(1));
-        let _ = tx_at(&mut c, t0);
-        c.handle_input(t0, b"\xff{\"return\": 4242}\n");
-        let _ = outs(&mut c);
+        let (t0, mut c) = synced_with(Config::qga(4242).max_in_flight(1));
         let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
         let ping = c.send(t0, Command::new("guest-ping")).unwrap();
         assert_eq!(tx_at(&mut c, t0), r#"{"execute":"guest-shutdown","id":1}"#);
@@ -1438,11 +1435,7 @@ mod qga {
 
     #[test]
     fn an_unreadable_answer_during_a_resync_is_still_its_answer() {
-        let t0 = Instant::now();
-        let mut c = Connection::new(t0, Config::qga(4242).max_message_size(200));
-        let _ = tx_at(&mut c, t0);
-        c.handle_input(t0, b"\xff{\"return\": 4242}\n");
-        let _ = outs(&mut c);
+        let (t0, mut c) = synced_with(Config::qga(4242).max_message_size(200));
         let off = c.send(t0, Command::new("guest-shutdown")).unwrap();
         let _ = tx_at(&mut c, t0);
         c.resync(t0);
