@@ -1068,6 +1068,89 @@ fn a_lost_event_is_reported_where_it_was_lost() {
 }
 
 #[test]
+fn random_mixes_of_events_losses_and_reads_keep_order_count_and_place() {
+    // Seeded runs of: an event, a message that cannot be read, or a read of a few items,
+    // against queues of 1 to 4 events. Whatever is dropped, the stream must say so.
+    for seed in 0..300 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let cap = rng.usize(1..5);
+        let mut s = session(Builder::new());
+        let mut stream = s.client.subscribe_with_capacity("STOP", cap);
+        let (mut events, mut unreadable) = (0u64, 0u64);
+        // For each unreadable message, how many events went before it.
+        let mut marks = Vec::new();
+        let mut got = Vec::new();
+        for _ in 0..rng.usize(1..60) {
+            match rng.u8(0..3) {
+                0 => {
+                    events += 1;
+                    s.srv.send(&event("STOP", u32::try_from(events).unwrap()));
+                }
+                1 => {
+                    unreadable += 1;
+                    marks.push(events);
+                    s.srv.send("{\"event\": nope}\r\n");
+                }
+                _ => {
+                    s.pool.run_until_stalled();
+                    assert!(stream.len() <= cap, "seed {seed}");
+                    for _ in 0..rng.usize(0..3) {
+                        match stream.recv().now_or_never().flatten() {
+                            Some(item) => got.push(item),
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+        s.pool.run_until_stalled();
+        got.extend(std::iter::from_fn(|| {
+            stream.recv().now_or_never().flatten()
+        }));
+        // Each item as (event number, 0) or (0, lost count).
+        let seen: Vec<(u64, u64)> = got
+            .iter()
+            .map(|item| match item {
+                EventItem::Event(ev) => {
+                    let data: serde_json::Value = ev.data().unwrap();
+                    (data["n"].as_u64().unwrap(), 0)
+                }
+                EventItem::Lagged(k) => (0, *k),
+                other => panic!("seed {seed}: {other:?}"),
+            })
+            .collect();
+        let delivered: Vec<u64> = seen.iter().map(|s| s.0).filter(|&n| n > 0).collect();
+        assert!(
+            delivered.windows(2).all(|w| w[0] < w[1]),
+            "seed {seed}: {seen:?}"
+        );
+        let lost: u64 = seen.iter().map(|s| s.1).sum();
+        assert_eq!(
+            lost + delivered.len() as u64,
+            events + unreadable,
+            "seed {seed}: {seen:?}"
+        );
+        // A loss between two events that both arrived is reported between them.
+        for &m in &marks {
+            let at = |n: u64| seen.iter().position(|s| s.0 == n);
+            // Before any event, the stream's start stands for event 0.
+            let after = if m == 0 {
+                Some(0)
+            } else {
+                at(m).map(|a| a + 1)
+            };
+            if let (Some(a), Some(b)) = (after, at(m + 1)) {
+                assert!(
+                    seen[a..b].iter().any(|s| s.1 > 0),
+                    "seed {seed}: loss after event {m} not reported before {}: {seen:?}",
+                    m + 1
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn a_loss_during_the_handshake_is_reported_in_its_place_too() {
     let before = format!("{}{{\"event\": nope}}\r\n", event("STOP", 1));
     let (mut pool, _sp, _srv, client, conn) =
