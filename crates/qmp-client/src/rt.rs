@@ -218,14 +218,16 @@ impl<R: Readiness> FdWrite for UnixTransport<R> {
 }
 
 /// Whether connecting to a unix socket that failed with `e` is worth another try while QEMU
-/// starts: the socket is not there yet, nobody listens on it yet, or its backlog is full.
-/// Used by the adapters' `connect_unix_wait`.
+/// starts: the socket is not there yet, nobody listens on it yet, or its backlog is full
+/// (`WouldBlock`; async-io, which takes that for a connect in progress, reports
+/// `NotConnected` instead). Used by the adapters' `connect_unix_wait`.
 pub fn worth_retrying(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::NotFound
             | std::io::ErrorKind::ConnectionRefused
             | std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::NotConnected
     )
 }
 

@@ -96,12 +96,7 @@ pub async fn connect_unix_wait(
     let stream = loop {
         match Async::<std::os::unix::net::UnixStream>::connect(path.as_ref()).await {
             Ok(s) => break s,
-            // async-io takes a full backlog's EAGAIN for a connect in progress, then finds the
-            // socket unconnected: NotConnected here is a full backlog, worth waiting out.
-            Err(e)
-                if !(rt::worth_retrying(&e) || e.kind() == io::ErrorKind::NotConnected)
-                    || end.is_some_and(|end| Instant::now() >= end) =>
-            {
+            Err(e) if !rt::worth_retrying(&e) || end.is_some_and(|end| Instant::now() >= end) => {
                 return Err(e.into());
             }
             Err(_) => _ = async_io::Timer::after(Duration::from_millis(10)).await,
