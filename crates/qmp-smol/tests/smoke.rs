@@ -211,16 +211,9 @@ fn a_reply_that_came_with_descriptors_does_not_hide_the_next_one() {
         }
         assert_eq!(wrote, expected);
         // The first reply carries a descriptor, the second follows at once.
-        let fd = devnull();
         let text = "{\"return\": 1, \"id\": 1}\r\n";
-        let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let fds = [fd.as_fd()];
-        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
-        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
-        let iov = [std::io::IoSlice::new(text.as_bytes())];
-        let n = rustix::net::sendmsg(&theirs, &iov, &mut control, rustix::net::SendFlags::empty())
-            .unwrap();
-        assert_eq!(n, text.len());
+        let sent = qmp_testkit::fake::send_with_fds(&theirs, text.as_bytes(), &[devnull().as_fd()]);
+        assert_eq!(sent.unwrap(), text.len());
         theirs.write_all(b"{\"return\": 2, \"id\": 2}\r\n").unwrap();
         theirs
     });

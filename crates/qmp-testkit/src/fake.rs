@@ -1362,6 +1362,28 @@ fn now_stamp() -> Timestamp {
     }
 }
 
+/// Sends `data` on a unix socket with `fds` attached (`SCM_RIGHTS`), in one `sendmsg`; returns
+/// how many bytes went (the descriptors go with the first of them). For tests of code that
+/// receives descriptors; the transcript recorder uses it too.
+///
+/// # Errors
+/// The `sendmsg` error; `fds` too many for one message.
+pub fn send_with_fds(sock: impl AsFd, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage};
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("too many descriptors for one message"));
+    }
+    let iov = [io::IoSlice::new(data)];
+    Ok(rustix::net::sendmsg(
+        sock,
+        &iov,
+        &mut control,
+        crate::sys::SEND,
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

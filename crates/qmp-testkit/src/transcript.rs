@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::io::{self, IoSlice, IoSliceMut, Write};
+use std::io::{self, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -34,8 +34,7 @@ use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, ReturnFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, Shutdown, recvmsg, sendmsg, shutdown,
+    RecvAncillaryBuffer, RecvAncillaryMessage, ReturnFlags, Shutdown, recvmsg, shutdown,
 };
 use serde::{Deserialize, Serialize};
 
@@ -383,13 +382,9 @@ fn flush(to: BorrowedFd<'_>, queue: &mut VecDeque<Outgoing>) -> io::Result<bool>
         let data = &out.bytes[out.sent..];
         let sent = if out.sent == 0 && !out.fds.is_empty() {
             let borrowed: Vec<BorrowedFd<'_>> = out.fds.iter().map(AsFd::as_fd).collect();
-            let mut space =
-                vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
-            let mut control = SendAncillaryBuffer::new(&mut space);
-            control.push(SendAncillaryMessage::ScmRights(&borrowed));
-            sendmsg(to, &[IoSlice::new(data)], &mut control, crate::sys::SEND)
+            crate::fake::send_with_fds(to, data, &borrowed)
         } else {
-            rustix::net::send(to, data, crate::sys::SEND)
+            rustix::net::send(to, data, crate::sys::SEND).map_err(io::Error::from)
         };
         match sent {
             Ok(n) => {
@@ -398,8 +393,15 @@ fn flush(to: BorrowedFd<'_>, queue: &mut VecDeque<Outgoing>) -> io::Result<bool>
                     queue.pop_front();
                 }
             }
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => return Ok(false),
-            Err(e) => return Err(e.into()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(true)

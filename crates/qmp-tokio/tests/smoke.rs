@@ -228,18 +228,6 @@ fn the_status_example_follows_a_real_vm() {
     qmp_testkit::example::check_status_example("tokio_status");
 }
 
-/// Sends `text` with `fd` attached, as one message.
-fn send_with_fd(sock: &UnixStream, text: &str, fd: std::os::fd::BorrowedFd<'_>) {
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let fds = [fd];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
-    let iov = [std::io::IoSlice::new(text.as_bytes())];
-    let n = rustix::net::sendmsg(sock, &iov, &mut control, SendFlags::empty()).unwrap();
-    assert_eq!(n, text.len());
-}
-
 #[tokio::test]
 async fn a_reply_that_came_with_descriptors_does_not_hide_the_next_one() {
     // A peer may attach descriptors to what it sends (QEMU does not). The kernel ends a read
@@ -283,7 +271,9 @@ async fn a_reply_that_came_with_descriptors_does_not_hide_the_next_one() {
     }
     assert_eq!(String::from_utf8(wrote).unwrap(), expected);
     theirs.set_nonblocking(false).unwrap();
-    send_with_fd(&theirs, "{\"return\": 1, \"id\": 1}\r\n", devnull().as_fd());
+    let text = "{\"return\": 1, \"id\": 1}\r\n";
+    let sent = qmp_testkit::fake::send_with_fds(&theirs, text.as_bytes(), &[devnull().as_fd()]);
+    assert_eq!(sent.unwrap(), text.len());
     theirs.write_all(b"{\"return\": 2, \"id\": 2}\r\n").unwrap();
     let mut got = Vec::new();
     for call in calls {
