@@ -15,3 +15,16 @@ pub async fn yield_now() {
     })
     .await;
 }
+
+/// Runs `f` on a fresh tokio runtime with two workers, as the scenario tests do on tokio.
+///
+/// # Panics
+/// When the runtime cannot be built.
+pub fn tokio_block_on<F: Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(f)
+}

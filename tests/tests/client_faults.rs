@@ -642,17 +642,6 @@ macro_rules! faults_on {
 }
 
 mod tokio_rt {
-    use std::future::Future;
-
-    fn block_on<F: Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
-
     faults_on!(
         |p, b| Box::pin(async move {
             let (c, conn) = match p {
@@ -673,7 +662,7 @@ mod tokio_rt {
                 Box::pin(async move { h.await.unwrap() }) as super::BoxFut<_>,
             ))
         }),
-        block_on
+        qmp_tests::tokio_block_on
     );
 }
 

@@ -1058,15 +1058,6 @@ macro_rules! scenarios {
 mod tokio_rt {
     use super::*;
 
-    fn block_on<F: Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
-
     const RT: Rt = Rt {
         connect: |p, b| Box::pin(qmp_tokio::connect_unix(p, b)),
         connect_tcp: |a, b| Box::pin(qmp_tokio::connect_tcp(a, b)),
@@ -1093,7 +1084,7 @@ mod tokio_rt {
         },
     };
 
-    scenarios!(RT, block_on);
+    scenarios!(RT, qmp_tests::tokio_block_on);
 }
 
 mod smol_rt {

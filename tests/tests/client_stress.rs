@@ -258,15 +258,6 @@ macro_rules! stress_on {
 mod tokio_rt {
     use super::*;
 
-    fn block_on<F: Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
-
     const RT: Rt = Rt {
         connect: |p| {
             Box::pin(async move {
@@ -282,7 +273,7 @@ mod tokio_rt {
         sleep: |d| Box::pin(tokio::time::sleep(d)),
     };
 
-    stress_on!(RT, block_on);
+    stress_on!(RT, qmp_tests::tokio_block_on);
 }
 
 mod smol_rt {
